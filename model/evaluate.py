@@ -1,0 +1,145 @@
+"""`translator-eval`: BLEU, chrF and exact match on any split, and how well cross-attention aligns words (AER)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sacrebleu
+import torch
+
+from model.data import Example, read_tsv, toy_split
+from model.decoding import translate_ids
+from model.transformer import Transformer
+from service.search import Hypothesis
+from service.vocabulary import Vocabulary
+
+
+@dataclass
+class TextTranslation:
+    text: str
+    hypothesis: Hypothesis
+
+
+def translate_texts(model: Transformer, vocabulary: Vocabulary, texts: list[str], *, beam_size: int = 1,
+                    length_penalty: float = 1.0, batch_size: int = 64) -> list[TextTranslation]:
+    """Translate with the shared search; sentences are sorted by length so batches carry little padding."""
+    sources = [vocabulary.encode_source(text).ids for text in texts]
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    results: list[TextTranslation | None] = [None] * len(sources)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        max_length = 2 * max(len(sources[i]) for i in chunk) + 10
+        hypotheses = translate_ids(model, [sources[i] for i in chunk], beam_size=beam_size,
+                                   max_length=max_length, length_penalty=length_penalty)
+        for i, hypothesis in zip(chunk, hypotheses, strict=True):
+            results[i] = TextTranslation(vocabulary.decode(hypothesis.tokens), hypothesis)
+    return [r for r in results if r is not None]
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    return {
+        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
+        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
+        "exact_match": round(sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(references), 4),
+    }
+
+
+@torch.inference_mode()
+def forced_cross_attention(model: Transformer, vocabulary: Vocabulary, example: Example) -> np.ndarray:
+    """Cross-attention [L, H, T, S] while the decoder reads the reference; row j is the step that predicts word j."""
+    src = torch.tensor([vocabulary.encode_source(example.source).ids])
+    target = vocabulary.encode_target(example.target)
+    memory, _ = model.encode(src)
+    cross_key, cross_value = model.cross_keys_values(memory)
+    n_layers, _, n_heads, _, head_dim = cross_key.shape
+    self_key = torch.zeros(n_layers, 1, n_heads, 0, head_dim)
+    self_value = torch.zeros_like(self_key)
+    padding = src == vocabulary.pad_id
+    rows = []
+    for token in target[:-2]:  # steps that predict the words, not the final </s>
+        _, self_key, self_value, cross, _ = model.decode_step(
+            torch.tensor([token]), self_key, self_value, cross_key, cross_value, padding)
+        rows.append(cross[:, 0, :, 0, :])
+    return torch.stack(rows, dim=2).numpy()
+
+
+def alignment_error_rate(predicted: list[set[tuple[int, int]]], gold: list[set[tuple[int, int]]]) -> float:
+    """AER with every gold link counted as sure: 1 - 2|A & S| / (|A| + |S|)."""
+    hits = sum(len(a & s) for a, s in zip(predicted, gold, strict=True))
+    total = sum(len(a) + len(s) for a, s in zip(predicted, gold, strict=True))
+    return 1.0 - 2.0 * hits / total
+
+
+def links_from_attention(attention: np.ndarray) -> set[tuple[int, int]]:
+    """Each target word links to the source word it attends to most (the source </s> is not a word)."""
+    words = attention[:, :-1]
+    return {(int(i), j) for j, i in enumerate(words.argmax(axis=1))}
+
+
+def attention_alignment(model: Transformer, vocabulary: Vocabulary, examples: list[Example]) -> dict:
+    """AER of every layer/head and of the average of all heads, against the gold alignments."""
+    gold = [{(i, j) for j, sources in enumerate(e.alignment or ()) for i in sources} for e in examples]
+    maps = [forced_cross_attention(model, vocabulary, e) for e in examples]
+    n_layers, n_heads = maps[0].shape[:2]
+    per_head = np.array([[alignment_error_rate([links_from_attention(m[layer, head]) for m in maps], gold)
+                          for head in range(n_heads)] for layer in range(n_layers)])
+    best_layer, best_head = np.unravel_index(per_head.argmin(), per_head.shape)
+    average = alignment_error_rate([links_from_attention(m.mean(axis=(0, 1))) for m in maps], gold)
+    return {"aer_best_head": round(float(per_head.min()), 4), "best_layer": int(best_layer),
+            "best_head": int(best_head), "aer_all_heads_average": round(float(average), 4),
+            "aer_per_layer_head": per_head.round(4).tolist()}
+
+
+def load_examples(split: str, tsv: str | None, seed: int | None, limit: int | None) -> list[Example]:
+    examples = read_tsv(tsv) if tsv else toy_split(split, size=limit, seed=seed)
+    return examples[:limit] if limit else examples
+
+
+def main(argv: list[str] | None = None) -> None:
+    from model.train import load_model
+
+    parser = argparse.ArgumentParser(prog="translator-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/default", help="checkpoint folder from translator-train")
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test", "long"])
+    parser.add_argument("--seed", type=int, help="sample the split from this seed instead of its own")
+    parser.add_argument("--tsv", help="evaluate on this `source<TAB>target` file instead of a toy split")
+    parser.add_argument("--limit", type=int, help="evaluate on the first N pairs only")
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--aer-limit", type=int, default=300, help="pairs used for the alignment error rate")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, vocabulary, meta = load_model(args.checkpoint)
+    examples = load_examples(args.split, args.tsv, args.seed, args.limit)
+    started = time.time()
+    translations = translate_texts(model, vocabulary, [e.source for e in examples], beam_size=args.beam_size,
+                                   length_penalty=args.length_penalty)
+    results: dict = {"checkpoint": args.checkpoint, "split": "tsv:" + args.tsv if args.tsv else args.split,
+                     "seed": args.seed, "pairs": len(examples), "beam_size": args.beam_size,
+                     **corpus_scores([t.text for t in translations], [e.target for e in examples]),
+                     "translate_seconds": round(time.time() - started, 2)}
+    unknown = sum(len(vocabulary.encode_source(e.source).unknown_words) for e in examples)
+    results["unknown_source_words"] = unknown
+    if examples and examples[0].alignment is not None:
+        results.update(attention_alignment(model, vocabulary, examples[: args.aer_limit]))
+    for key in ("pairs", "bleu", "chrf", "exact_match", "aer_best_head", "best_layer", "best_head",
+                "aer_all_heads_average", "translate_seconds"):
+        if key in results:
+            print(f"{key:>24}: {results[key]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

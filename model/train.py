@@ -1,0 +1,258 @@
+"""`translator-train`: train the Transformer on the toy language or a user's TSV corpus.
+
+Checkpoints are a folder: `model.safetensors` (best weights by validation BLEU), `config.json` (model and
+training configuration, vocabulary, metrics) and `tokenizer.json`; `last.*` files hold what `--resume` needs.
+No pickle anywhere: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model.data import Example, encode_examples, read_tsv, token_batches, toy_split
+from model.evaluate import corpus_scores, translate_texts
+from model.tokenizer import build_bpe, build_word_level
+from model.transformer import Transformer, TransformerConfig
+from service.vocabulary import Vocabulary
+
+
+@dataclass
+class TrainConfig:
+    # Data: the toy language unless `train_tsv` names a corpus of `source<TAB>target` lines.
+    train_tsv: str | None = None
+    valid_tsv: str | None = None
+    train_size: int = 200_000
+    valid_size: int = 500
+    bpe_vocab_size: int = 8000
+    # Model.
+    d_model: int = 256
+    n_heads: int = 4
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+    d_ff: int = 1024
+    dropout: float = 0.1
+    # Optimisation.
+    max_tokens: int = 6000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 400
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    epochs: int = 4
+    max_minutes: float | None = None  # stop (after saving) once this much training time has passed
+    seed: int = 1234
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    out_dir: str = "runs/default"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        values = json.loads(Path(path).read_text())
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """Defaults come from the dataclass, then `--config FILE`, then flags, so a flag always wins."""
+    parser = argparse.ArgumentParser(prog="translator-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="JSON file with TrainConfig fields")
+    parser.add_argument("--resume", action="store_true", help="continue from out_dir/last.*")
+    for f in dataclasses.fields(TrainConfig):
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+        if f.name == "betas":
+            parser.add_argument("--betas", type=float, nargs=2)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    if "betas" in overrides:
+        overrides["betas"] = tuple(overrides["betas"])
+    return dataclasses.replace(config, **overrides), args.resume
+
+
+def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    if config.train_tsv:
+        train = read_tsv(config.train_tsv)
+        if config.valid_tsv:
+            valid = read_tsv(config.valid_tsv)
+        else:  # hold out a deterministic slice when no validation file is given
+            shuffled = random.Random(config.seed).sample(train, len(train))
+            held = min(config.valid_size, max(1, len(train) // 20))
+            valid, train = shuffled[:held], shuffled[held:]
+        return train, valid
+    return toy_split("train", config.train_size), toy_split("valid", config.valid_size)
+
+
+def inverse_sqrt_schedule(step: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then decay proportional to 1/sqrt(step)."""
+    step = max(step, 1)
+    return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def save_checkpoint(out_dir: Path, prefix: str, model: Transformer, meta: dict) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / f"{prefix}.safetensors")
+    (out_dir / ("config.json" if prefix == "model" else f"{prefix}.json")).write_text(json.dumps(meta, indent=2))
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value for index, entry in state["state"].items() for key, value in entry.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return {"param_groups": state["param_groups"]}
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, param_groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(path).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def load_model(checkpoint: str | Path) -> tuple[Transformer, Vocabulary, dict]:
+    """Best weights of a checkpoint folder, in eval mode."""
+    folder = Path(checkpoint)
+    meta = json.loads((folder / "config.json").read_text())
+    model = Transformer(TransformerConfig.from_dict(meta["model"]))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.eval()
+    return model, Vocabulary.from_file(folder / "tokenizer.json"), meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, resume = parse_config(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.set_num_threads(max(1, config.threads // world))
+    torch.manual_seed(config.seed)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    started = time.time()
+    train_examples, valid_examples = load_data(config)
+    if resume:
+        vocabulary = Vocabulary.from_file(out_dir / "tokenizer.json")
+    elif config.train_tsv:
+        vocabulary = build_bpe((t for e in train_examples for t in (e.source, e.target)), config.bpe_vocab_size)
+    else:
+        vocabulary = build_word_level(t for e in train_examples for t in (e.source, e.target))
+    if rank == 0:
+        vocabulary.save(out_dir / "tokenizer.json")
+    train_pairs = encode_examples(vocabulary, train_examples)
+    n_target = sum(len(p.target) - 1 for p in train_pairs)
+    log(f"data: {len(train_pairs)} training pairs ({n_target} target tokens), {len(valid_examples)} validation "
+        f"pairs, vocabulary {vocabulary.size}, prepared in {time.time() - started:.1f}s")
+
+    model_config = TransformerConfig(
+        src_vocab_size=vocabulary.size, tgt_vocab_size=vocabulary.size, d_model=config.d_model,
+        n_heads=config.n_heads, n_encoder_layers=config.n_encoder_layers, n_decoder_layers=config.n_decoder_layers,
+        d_ff=config.d_ff, dropout=config.dropout, pad_id=vocabulary.pad_id, bos_id=vocabulary.bos_id,
+        eos_id=vocabulary.eos_id, unk_id=vocabulary.unk_id)
+    model = Transformer(model_config)
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+
+    progress = {"epoch": 0, "step": 0, "best_bleu": -1.0, "train_seconds": 0.0, "history": []}
+    if resume:
+        state = json.loads((out_dir / "last.json").read_text())
+        model.load_state_dict(load_file(out_dir / "last.safetensors"))
+        load_optimizer(out_dir / "last_optimizer.safetensors", optimizer, state["optimizer"]["param_groups"])
+        progress = state["progress"]
+        log(f"resumed at epoch {progress['epoch']}, step {progress['step']}, best BLEU {progress['best_bleu']:.2f}")
+    trainable = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    meta_base = {"model": model_config.to_dict(), "train": dataclasses.asdict(config),
+                 "data": {"kind": "tsv" if config.train_tsv else "toy",
+                          "train_pairs": len(train_pairs), "valid_pairs": len(valid_examples),
+                          "split_seeds": None if config.train_tsv else dict(_toy_seeds())},
+                 "vocabulary_size": vocabulary.size}
+    budget = config.max_minutes * 60 if config.max_minutes else math.inf
+    while progress["epoch"] < config.epochs and progress["train_seconds"] < budget:
+        epoch = progress["epoch"]
+        model.train()
+        batches = token_batches(train_pairs, config.max_tokens, vocabulary.pad_id, config.seed, epoch, rank, world)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, mininterval=2,
+                   file=sys.stdout, dynamic_ncols=True)
+        epoch_start, tokens_seen, loss_sum = time.time(), 0, 0.0
+        for batch in bar:
+            src = torch.from_numpy(batch.src_ids)
+            tgt = torch.from_numpy(batch.tgt_ids)
+            logits = trainable(src, tgt[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1),
+                                   ignore_index=vocabulary.pad_id, label_smoothing=config.label_smoothing)
+            learning_rate = config.learning_rate * inverse_sqrt_schedule(progress["step"] + 1, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            progress["step"] += 1
+            tokens_seen += batch.n_target_tokens
+            loss_sum += loss.item() * batch.n_target_tokens
+            elapsed = time.time() - epoch_start
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen * world / max(elapsed, 1e-9):.0f}",
+                            lr=f"{learning_rate:.2e}", refresh=False)
+            if progress["train_seconds"] + elapsed >= budget:
+                break
+        bar.close()
+        progress["train_seconds"] += time.time() - epoch_start
+        progress["epoch"] += 1
+        if rank == 0:
+            model.eval()
+            hypotheses = [t.text for t in translate_texts(model, vocabulary, [e.source for e in valid_examples])]
+            scores = corpus_scores(hypotheses, [e.target for e in valid_examples])
+            record = {"epoch": progress["epoch"], "step": progress["step"], "train_loss": loss_sum / max(tokens_seen, 1),
+                      "train_seconds": round(progress["train_seconds"], 1), **scores}
+            progress["history"].append(record)
+            improved = scores["bleu"] > progress["best_bleu"]
+            log(f"epoch {progress['epoch']}: train loss {record['train_loss']:.4f}, valid BLEU {scores['bleu']:.2f}, "
+                f"chrF {scores['chrf']:.2f}, exact {scores['exact_match']:.1%}"
+                f"{' (best, saved)' if improved else ''}, {progress['train_seconds'] / 60:.1f} min so far")
+            if improved:
+                progress["best_bleu"] = scores["bleu"]
+                save_checkpoint(out_dir, "model", model, {**meta_base, "metrics": {"valid": record}})
+            optimizer_meta = save_optimizer(out_dir / "last_optimizer.safetensors", optimizer)
+            save_checkpoint(out_dir, "last", model, {"progress": progress, "optimizer": optimizer_meta})
+        if distributed:
+            dist.barrier()
+    log(f"done: best valid BLEU {progress['best_bleu']:.2f} after {progress['train_seconds'] / 60:.1f} min of "
+        f"training; checkpoint in {out_dir}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def _toy_seeds() -> dict[str, int]:
+    from model.toy_language import SPLIT_SEEDS
+
+    return dict(SPLIT_SEEDS)
+
+
+if __name__ == "__main__":
+    main()

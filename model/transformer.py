@@ -1,0 +1,402 @@
+"""A small encoder-decoder Transformer ("Attention Is All You Need"), written out in one file.
+
+Pre-norm variant (LayerNorm before every sublayer, one final LayerNorm after each stack) because it trains
+stably without warm-up tricks at this size. Names follow the paper: query, key, value, memory, src_mask,
+tgt_mask.
+
+Three ways to run the decoder, all computing the same function (tests/test_transformer.py checks it):
+
+* ``forward(src_ids, tgt_in_ids)``: training, teacher forcing, logits for every target position.
+* ``decode_full(tgt_in_ids, memory, src_padding_mask)``: the whole target prefix at once, without a cache,
+  returning log-probs and attention maps; this is the "PyTorch eager without cache" baseline and the
+  reference for the cached path.
+* ``encode`` + ``cross_keys_values`` once per source, then ``decode_step`` once per generated token with a
+  growing self-attention key/value cache. These are the calls the ONNX encoder and decoder-step graphs
+  wrap, so they take and return plain tensors, branch only on shapes, and never modify their inputs.
+
+Shape letters: B batch, S source length, T target length, t cache length (tokens decoded so far), D d_model,
+H heads, Dh = D / H, L layers, V target vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 256
+    n_heads: int = 4
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+    d_ff: int = 1024
+    dropout: float = 0.1
+    max_positions: int = 512
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.d_model % 2:
+            raise ValueError("d_model must be even for the sin/cos position table")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
+        return cls(**data)
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
+    """[T, T] boolean, True above the diagonal: position i may not look at positions j > i."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over ``n_heads`` subspaces.
+
+    Split into ``project_query`` / ``project_key_value`` / ``attend`` so that incremental decoding can
+    project keys and values once (the source for cross-attention, one new token for self-attention) and
+    hand them back through ``cache``. Key/value tensors in head layout are ``[B, H, Tk, Dh]``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert d_model % n_heads == 0
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.output = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """[B, T, D] -> [B, H, T, Dh]"""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_query(self, query: Tensor) -> Tensor:
+        return self.split_heads(self.query(query))
+
+    def project_key_value(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.key(key)), self.split_heads(self.value(value))
+
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Attention on projected heads: ([B,H,Tq,Dh], [B,H,Tk,Dh] x2) -> ([B,Tq,D], weights [B,H,Tq,Tk])."""
+        scores = query @ key.transpose(-2, -1) / math.sqrt(self.head_dim)
+        mask = self._combine_masks(key_padding_mask, attn_mask)
+        if mask is not None:
+            # The most negative finite value rather than -inf: a fully masked row then stays finite (no
+            # NaN in the forward or the backward pass) and is zeroed below like every masked entry.
+            scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=-1)
+        if mask is not None:
+            weights = weights.masked_fill(mask, 0.0)
+        context = self.dropout(weights) @ value
+        batch, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return self.output(context), weights
+
+    @staticmethod
+    def _combine_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+        """Broadcastable [B|1, 1, Tq|1, Tk] boolean mask, True = may not attend."""
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :]
+        if attn_mask is not None:
+            # [Tq, Tk] is shared by the batch, [B, Tq, Tk] is per sentence; both are shared by the heads.
+            extra = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]
+            mask = extra if mask is None else mask | extra
+        return mask
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """query [B,Tq,D], key/value [B,Tk,D] -> (output [B,Tq,D], weights [B,H,Tq,Tk]).
+
+        ``cache``: already projected (key, value) in head layout [B,H,Tk,Dh], used instead of projecting
+        ``key`` and ``value`` (which may then be None).
+        """
+        if cache is None:
+            assert key is not None and value is not None
+            cache = self.project_key_value(key, value)
+        return self.attend(self.project_query(query), *cache, key_padding_mask, attn_mask)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B,S,D], src_mask [B,S] (True = padding) -> (x, self-attention weights [B,H,S,S])."""
+        h = self.norm1(x)
+        attended, weights = self.self_attn(h, h, h, key_padding_mask=src_mask)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, weights
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.cross_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.norm3 = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Whole prefix: x [B,T,D], memory [B,S,D], src_mask [B,S], tgt_mask [T,T] or [B,T,T]
+        -> (x, self weights [B,H,T,T], cross weights [B,H,T,S])."""
+        h = self.norm1(x)
+        attended, self_weights = self.self_attn(h, h, h, attn_mask=tgt_mask)
+        x = x + self.dropout(attended)
+        attended, cross_weights = self.cross_attn(self.norm2(x), memory, memory, key_padding_mask=src_mask)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        return x, self_weights, cross_weights
+
+    def step(
+        self,
+        x: Tensor,
+        self_key: Tensor,
+        self_value: Tensor,
+        cross_key: Tensor,
+        cross_value: Tensor,
+        src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One new position: x [B,1,D], self cache [B,H,t,Dh], cross keys/values [B,H,S,Dh]
+        -> (x, self_key [B,H,t+1,Dh], self_value, self weights [B,H,1,t+1], cross weights [B,H,1,S])."""
+        h = self.norm1(x)
+        new_key, new_value = self.self_attn.project_key_value(h, h)
+        self_key = torch.cat([self_key, new_key], dim=2)
+        self_value = torch.cat([self_value, new_value], dim=2)
+        # No causal mask needed: the cache holds only this and earlier positions.
+        attended, self_weights = self.self_attn(h, None, None, cache=(self_key, self_value))
+        x = x + self.dropout(attended)
+        attended, cross_weights = self.cross_attn(
+            self.norm2(x), None, None, key_padding_mask=src_mask, cache=(cross_key, cross_value)
+        )
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        return x, self_key, self_value, self_weights, cross_weights
+
+
+class SinusoidalPositions(nn.Module):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(pos / 10000^(2i/D))."""
+
+    def __init__(self, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        position = torch.arange(max_positions, dtype=torch.float32)[:, None]
+        even = torch.arange(0, d_model, 2, dtype=torch.float32)
+        frequency = torch.exp(even * -(math.log(10000.0) / d_model))  # 1 / 10000^(2i/D)
+        table = torch.zeros(max_positions, d_model)
+        table[:, 0::2] = torch.sin(position * frequency)
+        table[:, 1::2] = torch.cos(position * frequency)
+        # Not persistent: it is a pure function of the config, so checkpoints need not carry it.
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        """[length, D] encodings of positions offset .. offset+length-1."""
+        return self.table[offset : offset + length]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.src_embed = nn.Embedding(config.src_vocab_size, config.d_model)
+        self.tgt_embed = nn.Embedding(config.tgt_vocab_size, config.d_model)
+        self.positions = SinusoidalPositions(config.d_model, config.max_positions)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
+        self.encoder_norm = nn.LayerNorm(config.d_model)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
+        self.decoder_norm = nn.LayerNorm(config.d_model)
+        self.embed_scale = math.sqrt(config.d_model)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                # std D^-1/2: after the sqrt(D) scale, embeddings have unit-size entries like the positions,
+                # and the tied output starts with logits of order 1.
+                nn.init.normal_(module.weight, std=self.config.d_model**-0.5)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def generator(self, hidden: Tensor) -> Tensor:
+        """Output projection tied to the target embedding, no bias: [..., D] -> logits [..., V].
+
+        F.linear on the embedding matrix rather than a second nn.Linear sharing it, so that state_dict()
+        holds no aliased tensors (safetensors refuses to save those).
+        """
+        return F.linear(hidden, self.tgt_embed.weight)
+
+    def padding_mask(self, ids: Tensor) -> Tensor:
+        return ids == self.config.pad_id
+
+    def _embed(self, embedding: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+        x = embedding(ids) * self.embed_scale + self.positions(ids.shape[1], offset)
+        return self.embed_dropout(x)
+
+    # -- encoder ---------------------------------------------------------------------------------------
+
+    def _encode(self, src_ids: Tensor, src_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x = self._embed(self.src_embed, src_ids)
+        weights = []
+        for layer in self.encoder_layers:
+            x, layer_weights = layer(x, src_mask)
+            weights.append(layer_weights)
+        return self.encoder_norm(x), weights
+
+    def encode(self, src_ids: Tensor, src_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """src_ids [B,S] -> (memory [B,S,D], encoder self-attention [L,B,H,S,S]).
+
+        ``src_padding_mask`` [B,S] (True = padding) defaults to ``src_ids == pad_id``; the ONNX encoder graph
+        takes it as an input so that callers own it, as in the decoder-step graph.
+        """
+        if src_padding_mask is None:
+            src_padding_mask = self.padding_mask(src_ids)
+        memory, weights = self._encode(src_ids, src_padding_mask)
+        return memory, torch.stack(weights)
+
+    def cross_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """memory [B,S,D] -> (cross_key, cross_value) each [L,B,H,S,Dh]: the source side of every
+        decoder layer's cross-attention, projected once per source instead of once per step."""
+        projected = [layer.cross_attn.project_key_value(memory, memory) for layer in self.decoder_layers]
+        return torch.stack([key for key, _ in projected]), torch.stack([value for _, value in projected])
+
+    # -- decoder ---------------------------------------------------------------------------------------
+
+    def _decode(
+        self, tgt_in_ids: Tensor, memory: Tensor, src_mask: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Whole prefix without cache -> (hidden [B,T,D], self weights, cross weights) per layer."""
+        x = self._embed(self.tgt_embed, tgt_in_ids)
+        # Causal mask only: target padding is on the right, so a real position never sees a pad anyway,
+        # and the pad positions' outputs are ignored by the loss.
+        tgt_mask = causal_mask(tgt_in_ids.shape[1], tgt_in_ids.device)
+        self_weights, cross_weights = [], []
+        for layer in self.decoder_layers:
+            x, layer_self, layer_cross = layer(x, memory, src_mask, tgt_mask)
+            self_weights.append(layer_self)
+            cross_weights.append(layer_cross)
+        return self.decoder_norm(x), self_weights, cross_weights
+
+    def forward(self, src_ids: Tensor, tgt_in_ids: Tensor) -> Tensor:
+        """Training: src_ids [B,S], tgt_in_ids [B,T] (starting with <s>) -> logits [B,T,V]."""
+        src_mask = self.padding_mask(src_ids)
+        memory, _ = self._encode(src_ids, src_mask)
+        hidden, _, _ = self._decode(tgt_in_ids, memory, src_mask)
+        return self.generator(hidden)
+
+    def decode_full(
+        self, tgt_in_ids: Tensor, memory: Tensor, src_padding_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Decoder over a whole prefix, no cache (the eager no-cache baseline; also the test reference).
+
+        tgt_in_ids [B,T], memory [B,S,D], src_padding_mask [B,S]
+        -> (log_probs [B,T,V], cross_attention [L,B,H,T,S], self_attention [L,B,H,T,T]).
+        Generating with it means calling it again on the prefix grown by one token every step.
+        """
+        hidden, self_weights, cross_weights = self._decode(tgt_in_ids, memory, src_padding_mask)
+        log_probs = F.log_softmax(self.generator(hidden), dim=-1)
+        return log_probs, torch.stack(cross_weights), torch.stack(self_weights)
+
+    def decode_step(
+        self,
+        tokens: Tensor,
+        self_key: Tensor,
+        self_value: Tensor,
+        cross_key: Tensor,
+        cross_value: Tensor,
+        src_padding_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One decoding step with a key/value cache.
+
+        tokens [B] (the previous output, <s> first), self_key/self_value [L,B,H,t,Dh] (t may be 0),
+        cross_key/cross_value [L,B,H,S,Dh], src_padding_mask [B,S]
+        -> (log_probs [B,V], self_key [L,B,H,t+1,Dh], self_value, cross_attention [L,B,H,1,S],
+            self_attention [L,B,H,1,t+1]). The position of ``tokens`` is t.
+        """
+        x = self._embed(self.tgt_embed, tokens[:, None], offset=self_key.shape[3])
+        keys, values, self_weights, cross_weights = [], [], [], []
+        for i, layer in enumerate(self.decoder_layers):
+            x, key, value, layer_self, layer_cross = layer.step(
+                x, self_key[i], self_value[i], cross_key[i], cross_value[i], src_padding_mask
+            )
+            keys.append(key)
+            values.append(value)
+            self_weights.append(layer_self)
+            cross_weights.append(layer_cross)
+        log_probs = F.log_softmax(self.generator(self.decoder_norm(x[:, 0])), dim=-1)
+        return (
+            log_probs,
+            torch.stack(keys),
+            torch.stack(values),
+            torch.stack(cross_weights),
+            torch.stack(self_weights),
+        )
+
+    def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """The (self_key, self_value) cache before the first step: [L,B,H,0,Dh] each."""
+        config = self.config
+        shape = (config.n_decoder_layers, batch_size, config.n_heads, 0, config.head_dim)
+        empty = torch.zeros(shape, dtype=self.tgt_embed.weight.dtype, device=device)
+        return empty, empty

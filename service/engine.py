@@ -1,0 +1,277 @@
+"""The inference engine: a model version run by onnxruntime (CUDA when present, else CPU), numpy glue, no torch.
+
+The encoder runs once per padded batch; the decoder-step graph runs once per generated position over the rows
+that are still unfinished, with the key/value cache passed from one step to the next.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.repository import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    ModelLoadError,
+    ModelVersion,
+    resolve,
+)
+from service.search import Hypothesis, search
+from service.vocabulary import EncodedText, Vocabulary
+
+ATTENTION_KINDS = ("cross", "decoder_self", "encoder_self")
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    beam_size: int = 1
+    max_length: int | None = None  # generated tokens; None: 2 x source length + 10, capped by the engine
+    length_penalty: float = 1.0
+    replace_unknowns: bool = False
+    attention: frozenset[str] = frozenset()  # any of ATTENTION_KINDS
+
+    def __post_init__(self) -> None:
+        unknown = set(self.attention) - set(ATTENTION_KINDS)
+        if unknown:
+            raise ValueError(f"unknown attention kinds {sorted(unknown)}; expected some of {list(ATTENTION_KINDS)}")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.attention) or self.replace_unknowns
+
+    def search_key(self) -> tuple:
+        """Options that must be equal for sentences to share a batch."""
+        return (self.beam_size, self.length_penalty, self.needs_attention)
+
+
+@dataclass
+class Translation:
+    text: str
+    token_ids: list[int]  # generated ids, no <s>/</s>
+    target_tokens: list[str]  # decoder tokens, one per attention row (</s> included when produced)
+    source_tokens: list[str]  # encoder tokens, one per attention column (</s> included)
+    score: float
+    log_prob: float
+    unknown_words: list[str]
+    cross_attention: np.ndarray | None = None  # [L, H, T, S]
+    decoder_self_attention: np.ndarray | None = None  # [L, H, T, T]
+    encoder_attention: np.ndarray | None = None  # [L, H, S, S]
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class DecoderState:
+    self_key: np.ndarray  # [L, N, H, t, Dh]
+    self_value: np.ndarray
+    cross_key: np.ndarray  # [L, N, H, S, Dh]
+    cross_value: np.ndarray
+    src_padding_mask: np.ndarray  # [N, S] bool, True = padding
+
+
+def available_providers() -> list[str]:
+    return ort.get_available_providers()
+
+
+def choose_providers(device: str) -> list[str]:
+    """`auto` takes CUDA when onnxruntime-gpu sees a GPU; `cuda` insists on it; `cpu` never uses it."""
+    available = available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ModelLoadError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, providers: list[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it ({error})") from error
+
+
+def check_signature(session: ort.InferenceSession, path: Path, inputs: Iterable[str], outputs: Iterable[str],
+                    described: dict) -> None:
+    """The graph must have the inputs/outputs the engine feeds and model.json promises."""
+    actual_inputs = [i.name for i in session.get_inputs()]
+    actual_outputs = [o.name for o in session.get_outputs()]
+    if actual_inputs != list(inputs) or actual_outputs != list(outputs):
+        raise ModelLoadError(f"{path}: graph has inputs {actual_inputs} and outputs {actual_outputs}, "
+                             f"expected {list(inputs)} and {list(outputs)}")
+    if described.get("inputs") != actual_inputs or described.get("outputs") != actual_outputs:
+        raise ModelLoadError(f"{path}: its inputs/outputs do not match those listed in model.json")
+
+
+class OnnxBackend:
+    """The `StepBackend` of service.search over the two exported graphs."""
+
+    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, n_layers: int, n_heads: int,
+                 head_dim: int, pad_id: int) -> None:
+        self.encoder = encoder
+        self.pad_id = pad_id
+        self.decoder = decoder
+        self.cache_shape = (n_layers, 0, n_heads, 0, head_dim)
+        self.step_outputs = list(DECODER_OUTPUTS[:3])
+        self.step_outputs_with_attention = list(DECODER_OUTPUTS)
+
+    def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[DecoderState, np.ndarray | None]:
+        padding = src_ids == self.pad_id
+        wanted = ["cross_key", "cross_value"] + (["encoder_attention"] if with_attention else [])
+        outputs = self.encoder.run(wanted, {"src_ids": src_ids, "src_padding_mask": padding})
+        layers, _, heads, _, head_dim = self.cache_shape
+        empty = np.zeros((layers, len(src_ids), heads, 0, head_dim), dtype=np.float32)
+        state = DecoderState(empty, empty, outputs[0], outputs[1], padding)
+        encoder_attention = outputs[2].transpose(1, 0, 2, 3, 4) if with_attention else None
+        return state, encoder_attention
+
+    def step(self, state: DecoderState, tokens: np.ndarray, with_attention: bool
+             ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        feeds = {"tokens": tokens, "past_self_key": state.self_key, "past_self_value": state.self_value,
+                 "cross_key": state.cross_key, "cross_value": state.cross_value,
+                 "src_padding_mask": state.src_padding_mask}
+        if with_attention:
+            log_probs, key, value, cross, self_attention = self.decoder.run(self.step_outputs_with_attention, feeds)
+            # [L, N, H, 1, *] -> [N, L, H, *]
+            cross, self_attention = cross[:, :, :, 0].transpose(1, 0, 2, 3), self_attention[:, :, :, 0].transpose(
+                1, 0, 2, 3)
+        else:
+            log_probs, key, value = self.decoder.run(self.step_outputs, feeds)
+            cross = self_attention = None
+        state.self_key, state.self_value = key, value
+        return state, log_probs, cross, self_attention
+
+    def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
+        mask = state.src_padding_mask[rows]
+        # Rows of one batch share its padded length; trimming columns every row pads spares the cross-attention.
+        width = int((~mask).sum(axis=1).max()) if len(rows) else mask.shape[1]
+        return DecoderState(state.self_key[:, rows], state.self_value[:, rows],
+                            state.cross_key[:, rows, :, :width], state.cross_value[:, rows, :, :width],
+                            mask[:, :width])
+
+
+class Engine:
+    """Translate texts with a model version: batches, search options, attention maps, unknown-word replacement."""
+
+    def __init__(self, model: ModelVersion, device: str = "auto", threads: int | None = None,
+                 max_length_limit: int = 256) -> None:
+        self.model = model
+        self.providers = choose_providers(device)
+        self.vocabulary = Vocabulary.from_file(model.file("tokenizer.json"))
+        architecture = model.architecture
+        if self.vocabulary.size != architecture.tgt_vocab_size:
+            raise ModelLoadError(f"{model.file('tokenizer.json')}: {self.vocabulary.size} tokens, but model.json "
+                                 f"says the model has {architecture.tgt_vocab_size}")
+        special = model.special_ids
+        ours = {"pad": self.vocabulary.pad_id, "bos": self.vocabulary.bos_id, "eos": self.vocabulary.eos_id,
+                "unk": self.vocabulary.unk_id}
+        if special != ours:
+            raise ModelLoadError(f"{model.file('model.json')}: special ids {special} differ from tokenizer.json's "
+                                 f"{ours}")
+        graphs = model.description["graphs"]
+        encoder = make_session(model.file("encoder.onnx"), self.providers, threads)
+        decoder = make_session(model.file("decoder.onnx"), self.providers, threads)
+        check_signature(encoder, model.file("encoder.onnx"), ENCODER_INPUTS, ENCODER_OUTPUTS, graphs["encoder"])
+        check_signature(decoder, model.file("decoder.onnx"), DECODER_INPUTS, DECODER_OUTPUTS, graphs["decoder"])
+        self.backend = OnnxBackend(encoder, decoder, architecture.n_decoder_layers, architecture.n_heads,
+                                   architecture.head_dim, self.vocabulary.pad_id)
+        self.provider = encoder.get_providers()[0]
+        self.max_length_limit = max_length_limit
+        self._check_shapes()
+
+    @classmethod
+    def load(cls, repository: str | Path, name: str, version: int | None = None, device: str = "auto",
+             threads: int | None = None) -> Engine:
+        return cls(resolve(repository, name, version), device=device, threads=threads)
+
+    def _check_shapes(self) -> None:
+        """One tiny run proves the graphs agree with model.json (vocabulary, layers, heads)."""
+        architecture = self.model.architecture
+        try:
+            state, _ = self.backend.encode(np.array([[4, self.vocabulary.eos_id]], dtype=np.int64), False)
+            _, log_probs, cross, _ = self.backend.step(state, np.array([self.vocabulary.bos_id]), True)
+        except Exception as error:
+            raise ModelLoadError(f"{self.model.path}: the graphs fail on a test input ({error})") from error
+        expected_cross = (1, architecture.n_decoder_layers, architecture.n_heads, 2)
+        if log_probs.shape != (1, architecture.tgt_vocab_size) or cross is None or cross.shape != expected_cross:
+            raise ModelLoadError(f"{self.model.file('decoder.onnx')}: outputs log-probs {log_probs.shape} and cross "
+                                 f"attention {None if cross is None else cross.shape}, but model.json describes "
+                                 f"vocabulary {architecture.tgt_vocab_size}, {architecture.n_decoder_layers} layers "
+                                 f"and {architecture.n_heads} heads")
+
+    def encode_texts(self, texts: list[str]) -> list[EncodedText]:
+        return [self.vocabulary.encode_source(text) for text in texts]
+
+    def max_length_for(self, source_length: int, options: TranslateOptions) -> int:
+        automatic = 2 * source_length + 10
+        return min(options.max_length or automatic, self.max_length_limit)
+
+    def search_ids(self, sources: list[list[int]], options: TranslateOptions,
+                   on_token: Callable[[int, int], None] | None = None,
+                   is_abandoned: Callable[[int], bool] | None = None) -> list[Hypothesis | None]:
+        """Run the shared search over one padded batch of source ids."""
+        width = max(len(s) for s in sources)
+        src_ids = np.full((len(sources), width), self.vocabulary.pad_id, dtype=np.int64)
+        for row, source in enumerate(sources):
+            src_ids[row, : len(source)] = source
+        return search(self.backend, src_ids, pad_id=self.vocabulary.pad_id, bos_id=self.vocabulary.bos_id,
+                      eos_id=self.vocabulary.eos_id, beam_size=options.beam_size,
+                      max_length=self.max_length_for(width, options), length_penalty=options.length_penalty,
+                      with_attention=options.needs_attention, on_token=on_token, is_abandoned=is_abandoned)
+
+    def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
+        """Text, tokens and the attention maps the caller asked for, trimmed to the real lengths."""
+        ids = list(hypothesis.tokens)
+        target_tokens = self.vocabulary.tokens(ids) + (["</s>"] if hypothesis.finished else [])
+        text = self.vocabulary.decode(ids)
+        if options.replace_unknowns and self.vocabulary.unk_id in ids and hypothesis.cross_attention is not None:
+            text = self.replace_unknowns(ids, source, hypothesis.cross_attention)
+        wanted = options.attention
+        return Translation(
+            text=text, token_ids=ids, target_tokens=target_tokens, source_tokens=list(source.tokens),
+            score=hypothesis.score, log_prob=hypothesis.log_prob, unknown_words=list(source.unknown_words),
+            cross_attention=hypothesis.cross_attention if "cross" in wanted else None,
+            decoder_self_attention=hypothesis.self_attention if "decoder_self" in wanted else None,
+            encoder_attention=hypothesis.encoder_attention if "encoder_self" in wanted else None)
+
+    def replace_unknowns(self, ids: list[int], source: EncodedText, cross_attention: np.ndarray) -> str:
+        """Each generated <unk> becomes the source word its cross-attention (all layers and heads) points to most."""
+        mean = cross_attention.mean(axis=(0, 1))[:, :-1]  # the source </s> is not a word to copy
+        words = []
+        for position, token_id in enumerate(ids):
+            if token_id == self.vocabulary.unk_id and mean.shape[1]:
+                words.append(source.pieces[int(mean[position].argmax())])
+            else:
+                words.append(self.vocabulary.decode([token_id]))
+        return " ".join(w for w in words if w)
+
+    def translate(self, texts: list[str], options: TranslateOptions | None = None,
+                  batch_size: int = 64) -> list[Translation]:
+        """Translate a list of texts; similar lengths share a batch, results come back in input order."""
+        options = options or TranslateOptions()
+        sources = self.encode_texts(texts)
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i].ids))
+        results: list[Translation | None] = [None] * len(sources)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            hypotheses = self.search_ids([sources[i].ids for i in chunk], options)
+            for i, hypothesis in zip(chunk, hypotheses, strict=True):
+                assert hypothesis is not None  # nothing is abandoned without is_abandoned
+                results[i] = self.finish(sources[i], hypothesis, options)
+        return [r for r in results if r is not None]

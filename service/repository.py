@@ -1,0 +1,117 @@
+"""The model repository: `<repository>/<model-name>/<version>/{encoder.onnx, decoder.onnx, tokenizer.json, model.json}`.
+
+Loading checks everything it can before a request arrives, and every error names the file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_FORMAT = "translator-onnx-v1"
+ENCODER_INPUTS = ("src_ids", "src_padding_mask")
+ENCODER_OUTPUTS = ("memory", "cross_key", "cross_value", "encoder_attention")
+DECODER_INPUTS = ("tokens", "past_self_key", "past_self_value", "cross_key", "cross_value", "src_padding_mask")
+DECODER_OUTPUTS = ("log_probs", "present_self_key", "present_self_value", "cross_attention", "self_attention")
+REQUIRED_FILES = ("model.json", "encoder.onnx", "decoder.onnx", "tokenizer.json")
+
+
+class ModelLoadError(RuntimeError):
+    """A model version that cannot be served; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    d_model: int
+    n_heads: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    d_ff: int
+    src_vocab_size: int
+    tgt_vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    description: dict[str, Any]
+    architecture: Architecture
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self.description["special_ids"])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.description.get("training", {}).get("metrics", {}))
+
+
+def available_versions(repository: Path, name: str) -> list[int]:
+    folder = repository / name
+    if not folder.is_dir():
+        known = sorted(p.name for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
+        raise ModelLoadError(f"{folder}: no such model in repository {repository} (models there: {known or 'none'})")
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(repository: str | Path, name: str, version: int | None = None, verify_checksums: bool = True
+            ) -> ModelVersion:
+    """Find a model version (the newest when none is named) and check its description and files."""
+    repository = Path(repository)
+    versions = available_versions(repository, name)
+    if version is None:
+        if not versions:
+            raise ModelLoadError(f"{repository / name}: no numbered version folders")
+        version = versions[-1]
+    path = repository / name / str(version)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: version {version} does not exist (versions: {versions})")
+    for file in REQUIRED_FILES:
+        if not (path / file).is_file():
+            raise ModelLoadError(f"{path / file}: missing (a model version needs {', '.join(REQUIRED_FILES)})")
+    description = read_description(path / "model.json")
+    if verify_checksums:
+        for file, expected in description["checksums"].items():
+            if (path / file).is_file() and sha256(path / file) != expected:
+                raise ModelLoadError(f"{path / file}: checksum does not match model.json (corrupt or replaced)")
+    architecture_fields = {k: description["architecture"][k] for k in Architecture.__dataclass_fields__}
+    return ModelVersion(name, version, path, description, Architecture(**architecture_fields))
+
+
+def read_description(path: Path) -> dict[str, Any]:
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(description, dict) or description.get("format") != MODEL_FORMAT:
+        raise ModelLoadError(f"{path}: not a {MODEL_FORMAT} model description")
+    for key in ("architecture", "special_ids", "vocabulary_size", "graphs", "checksums"):
+        if not isinstance(description.get(key), dict):
+            raise ModelLoadError(f"{path}: missing or malformed '{key}'")
+    missing = [k for k in Architecture.__dataclass_fields__ if not isinstance(description["architecture"].get(k), int)]
+    if missing:
+        raise ModelLoadError(f"{path}: architecture lacks integer fields {missing}")
+    for key in ("pad", "bos", "eos", "unk"):
+        if not isinstance(description["special_ids"].get(key), int):
+            raise ModelLoadError(f"{path}: special_ids lacks '{key}'")
+    return description

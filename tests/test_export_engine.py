@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from model.decoding import translate_ids
+from model.train import load_model
+from service.engine import Engine, TranslateOptions
+from service.repository import ModelLoadError, resolve
+from tests.conftest import ROOT, WORDS
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))) for _ in range(count)]
+
+
+def test_repository_layout_and_checker(tiny_repository: Path) -> None:
+    folder = tiny_repository / "tiny" / "1"
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json",
+                                                         "tokenizer.json"]
+    for graph in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(onnx.load(str(folder / graph)), full_check=True)
+    description = json.loads((folder / "model.json").read_text())
+    assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
+    assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "tokenizer.json"}
+
+
+def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_repository: Path) -> None:
+    model, vocabulary, _ = load_model(tiny_checkpoint)
+    folder = tiny_repository / "tiny" / "1"
+    encoder = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    src = rng.integers(4, vocabulary.size, (3, 9))
+    src[1, 6:] = vocabulary.pad_id
+    src_t = torch.from_numpy(src)
+    with torch.inference_mode():
+        memory, encoder_attention = model.encode(src_t)
+        cross_key, cross_value = model.cross_keys_values(memory)
+        onnx_out = encoder.run(None, {"src_ids": src, "src_padding_mask": src == vocabulary.pad_id})
+        np.testing.assert_allclose(onnx_out[0], memory.numpy(), atol=1e-4)
+        np.testing.assert_allclose(onnx_out[1], cross_key.numpy(), atol=1e-4)
+        np.testing.assert_allclose(onnx_out[3], encoder_attention.numpy(), atol=1e-5)
+        key, value = model.empty_cache(3)
+        onnx_key, onnx_value = key.numpy(), value.numpy()
+        padding = src_t == vocabulary.pad_id
+        for step in range(6):  # past lengths 0..5: the empty past of the first step included
+            tokens = rng.integers(4, vocabulary.size, 3)
+            log_probs, key, value, cross, self_attention = model.decode_step(
+                torch.from_numpy(tokens), key, value, cross_key, cross_value, padding)
+            out = decoder.run(None, {"tokens": tokens, "past_self_key": onnx_key, "past_self_value": onnx_value,
+                                     "cross_key": onnx_out[1], "cross_value": onnx_out[2],
+                                     "src_padding_mask": padding.numpy()})
+            np.testing.assert_allclose(out[0], log_probs.numpy(), atol=1e-4, err_msg=f"step {step}")
+            np.testing.assert_allclose(out[3], cross.numpy(), atol=1e-5)
+            np.testing.assert_allclose(out[4], self_attention.numpy(), atol=1e-5)
+            assert out[1].shape[3] == step + 1
+            onnx_key, onnx_value = out[1], out[2]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_engine_translates_like_pytorch(tiny_checkpoint: Path, tiny_repository: Path, beam_size: int) -> None:
+    model, vocabulary, _ = load_model(tiny_checkpoint)
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    texts = sentences(40)
+    options = TranslateOptions(beam_size=beam_size, max_length=12, attention=frozenset({"cross", "decoder_self"}))
+    ours = engine.translate(texts, options, batch_size=16)
+    reference = translate_ids(model, [vocabulary.encode_source(t).ids for t in texts], beam_size=beam_size,
+                              max_length=12, with_attention=True)
+    for translation, hypothesis in zip(ours, reference, strict=True):
+        assert hypothesis is not None
+        assert translation.token_ids == hypothesis.tokens
+        assert translation.score == pytest.approx(hypothesis.score, abs=1e-4)
+        np.testing.assert_allclose(translation.cross_attention, hypothesis.cross_attention, atol=1e-5)
+        np.testing.assert_allclose(translation.decoder_self_attention, hypothesis.self_attention, atol=1e-5)
+
+
+def test_alone_equals_inside_a_mixed_batch(tiny_repository: Path) -> None:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    texts = sentences(64, seed=3)
+    options = TranslateOptions(max_length=15, attention=frozenset({"cross", "decoder_self", "encoder_self"}))
+    batch = engine.translate(texts, options, batch_size=64)
+    for index in (0, 17, 63):
+        alone = engine.translate([texts[index]], options)[0]
+        inside = batch[index]
+        assert alone.token_ids == inside.token_ids
+        S, T = len(alone.source_tokens), alone.cross_attention.shape[2]
+        assert alone.cross_attention.shape[3] == S and alone.encoder_attention.shape[2:] == (S, S)
+        assert alone.decoder_self_attention.shape[2:] == (T, T)
+        for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
+            np.testing.assert_allclose(getattr(alone, name), getattr(inside, name), atol=1e-5)
+
+
+def test_attention_is_returned_only_when_asked(tiny_repository: Path) -> None:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    plain = engine.translate(sentences(3))
+    assert all(t.cross_attention is None and t.encoder_attention is None for t in plain)
+    cross_only = engine.translate(sentences(3), TranslateOptions(attention=frozenset({"cross"})))
+    assert all(t.cross_attention is not None and t.decoder_self_attention is None for t in cross_only)
+
+
+def test_replace_unknowns_copies_the_attended_source_word(tiny_repository: Path) -> None:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    unk = engine.vocabulary.unk_id
+    source = engine.vocabulary.encode_source("the Zorblax dog")
+    attention = np.zeros((2, 4, 2, len(source.ids)), dtype=np.float32)
+    attention[:, :, 0, 1] = 1.0  # target 0 looks at "Zorblax"
+    attention[:, :, 1, 2] = 1.0
+    dog = engine.vocabulary.tokenizer.token_to_id("perro")
+    assert engine.replace_unknowns([unk, dog], source, attention) == "Zorblax perro"
+
+
+def test_engine_imports_no_torch() -> None:
+    code = ("import sys, service.engine, service.search, service.repository, service.vocabulary; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert not any(m == 'model' or m.startswith('model.') for m in sys.modules), 'model/ was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def copy_version(tiny_repository: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_repository / "tiny", tmp_path / "tiny")
+    return tmp_path / "tiny" / "1"
+
+
+def test_missing_file_is_named(tiny_repository: Path, tmp_path: Path) -> None:
+    folder = copy_version(tiny_repository, tmp_path)
+    (folder / "decoder.onnx").unlink()
+    with pytest.raises(ModelLoadError, match=r"decoder\.onnx: missing"):
+        Engine.load(tmp_path, "tiny")
+
+
+def test_corrupt_graph_is_named(tiny_repository: Path, tmp_path: Path) -> None:
+    folder = copy_version(tiny_repository, tmp_path)
+    (folder / "encoder.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ModelLoadError, match=r"encoder\.onnx: checksum"):
+        Engine.load(tmp_path, "tiny")
+    with pytest.raises(ModelLoadError, match=r"encoder\.onnx: onnxruntime cannot load"):
+        Engine(resolve(tmp_path, "tiny", verify_checksums=False))
+
+
+def test_model_json_that_does_not_match_the_graphs(tiny_repository: Path, tmp_path: Path) -> None:
+    folder = copy_version(tiny_repository, tmp_path)
+    description = json.loads((folder / "model.json").read_text())
+    description["architecture"]["n_heads"] = 8
+    (folder / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ModelLoadError, match=r"decoder\.onnx: outputs"):
+        Engine.load(tmp_path, "tiny")
+    description["vocabulary_size"]["target"] = description["architecture"]["tgt_vocab_size"] = 5
+    (folder / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
+        Engine.load(tmp_path, "tiny")
+    (folder / "model.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match=r"model\.json: not valid JSON"):
+        Engine.load(tmp_path, "tiny")
+
+
+def test_unknown_model_and_version_are_named(tiny_repository: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such model"):
+        Engine.load(tiny_repository, "nope")
+    with pytest.raises(ModelLoadError, match="version 7 does not exist"):
+        Engine.load(tiny_repository, "tiny", version=7)

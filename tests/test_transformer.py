@@ -1,0 +1,334 @@
+"""The hand-written Transformer: attention against torch's reference, masking, padding invariance, cached
+incremental decoding against full recomputation, and translation through the shared numpy search."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.transformer import MultiHeadAttention, Transformer, TransformerConfig, causal_mask
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 16
+WORDS = range(4, VOCAB)  # ids 0-3 are special
+ATOL = 1e-5
+
+torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
+
+
+def tiny_config(**overrides: object) -> TransformerConfig:
+    values: dict = dict(
+        src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=32, n_heads=4, n_encoder_layers=2,
+        n_decoder_layers=2, d_ff=64, dropout=0.1, max_positions=64,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config()).eval()
+
+
+def source(rng: random.Random, length: int) -> list[int]:
+    return [rng.choice(WORDS) for _ in range(length)] + [EOS]
+
+
+def padded(rows: list[list[int]]) -> torch.Tensor:
+    batch = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)] = torch.tensor(row)
+    return batch
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_defaults() -> None:
+    config = TransformerConfig(src_vocab_size=100, tgt_vocab_size=100)
+    assert TransformerConfig.from_dict(config.to_dict()) == config
+    assert (config.d_model, config.n_heads, config.n_encoder_layers, config.d_ff) == (256, 4, 3, 1024)
+    assert (config.pad_id, config.bos_id, config.eos_id, config.unk_id) == (0, 1, 2, 3)
+
+
+def test_state_dict_has_no_aliased_tensors_and_output_is_tied(model: Transformer) -> None:
+    state = model.state_dict()
+    pointers = [t.data_ptr() for t in state.values()]
+    assert len(pointers) == len(set(pointers))  # safetensors can save it
+    hidden = torch.randn(3, model.config.d_model)
+    assert torch.equal(model.generator(hidden), hidden @ model.tgt_embed.weight.T)
+
+
+def test_model_code_uses_its_own_attention() -> None:
+    code = Path(__file__).parents[1].joinpath("model", "transformer.py").read_text()
+    for name in ("nn.MultiheadAttention", "nn.Transformer", "scaled_dot_product_attention"):
+        assert name not in code
+
+
+# -- MultiHeadAttention against nn.MultiheadAttention --------------------------------------------------
+
+
+def reference_attention(mha: MultiHeadAttention) -> nn.MultiheadAttention:
+    d_model = mha.query.in_features
+    reference = nn.MultiheadAttention(d_model, mha.n_heads, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([mha.query.weight, mha.key.weight, mha.value.weight]))
+        reference.in_proj_bias.copy_(torch.cat([mha.query.bias, mha.key.bias, mha.value.bias]))
+        reference.out_proj.weight.copy_(mha.output.weight)
+        reference.out_proj.bias.copy_(mha.output.bias)
+    return reference.eval()
+
+
+@pytest.mark.parametrize("case", ["self_causal_padding", "cross_padding", "per_sentence_mask", "no_mask"])
+def test_attention_matches_torch_reference(case: str) -> None:
+    torch.manual_seed(1)
+    d_model, n_heads, batch = 32, 4, 3
+    mha = MultiHeadAttention(d_model, n_heads).eval()
+    reference = reference_attention(mha)
+    tq, tk = (5, 5) if case in ("self_causal_padding", "no_mask") else (4, 7)
+    query = torch.randn(batch, tq, d_model)
+    key = query if tq == tk else torch.randn(batch, tk, d_model)
+    value = key if tq == tk else torch.randn(batch, tk, d_model)
+    lengths = torch.tensor([tk, tk - 2, 2])
+    key_padding_mask = torch.arange(tk)[None, :] >= lengths[:, None]
+    attn_mask = None
+    if case == "self_causal_padding":
+        attn_mask = causal_mask(tq)
+    elif case == "per_sentence_mask":
+        attn_mask = torch.rand(batch, tq, tk) < 0.3
+        attn_mask[..., 0] = False  # keep every row attendable so the reference has no NaN
+    if case == "no_mask":
+        key_padding_mask = None
+
+    output, weights = mha(query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+    # nn.MultiheadAttention wants a per-sentence mask repeated for every head: [B*H, Tq, Tk].
+    reference_mask = attn_mask.repeat_interleave(n_heads, 0) if case == "per_sentence_mask" else attn_mask
+    with torch.no_grad():
+        expected, expected_weights = reference(
+            query, key, value, key_padding_mask=key_padding_mask, attn_mask=reference_mask,
+            need_weights=True, average_attn_weights=False,
+        )
+    assert weights.shape == (batch, n_heads, tq, tk)
+    torch.testing.assert_close(output, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(weights, expected_weights, atol=ATOL, rtol=0)
+
+
+def test_fully_masked_row_is_zero_not_nan() -> None:
+    torch.manual_seed(2)
+    mha = MultiHeadAttention(16, 2)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    key_padding_mask = torch.tensor([[False, False, True], [True, True, True]])
+    output, weights = mha(x, x, x, key_padding_mask=key_padding_mask)
+    output.sum().backward()
+    assert torch.isfinite(output).all() and torch.isfinite(x.grad).all()
+    assert (weights[1] == 0).all()
+    assert (weights[0, :, :, 2] == 0).all()
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(2, 3))
+
+
+# -- the model: masks, padding, attention rows ---------------------------------------------------------
+
+
+def test_causal_mask_hides_later_target_tokens(model: Transformer) -> None:
+    rng = random.Random(3)
+    src = padded([source(rng, 6), source(rng, 3)])
+    tgt = torch.tensor([[BOS, 5, 6, 7, 8, 9], [BOS, 9, 8, 7, 6, 5]])
+    changed = tgt.clone()
+    changed[:, 3:] = torch.tensor([11, 12, 13])
+    with torch.no_grad():
+        logits, changed_logits = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(changed_logits[:, :3], logits[:, :3], atol=1e-6, rtol=0)
+    assert not torch.allclose(changed_logits[:, 4:], logits[:, 4:])
+
+
+def test_padding_changes_no_real_position(model: Transformer) -> None:
+    rng = random.Random(4)
+    short_src, long_src = source(rng, 3), source(rng, 9)
+    short_tgt, long_tgt = [BOS, 5, 6], [BOS, 7, 8, 9, 10, 11, 12]
+    with torch.no_grad():
+        memory_alone, encoder_alone = model.encode(torch.tensor([short_src]))
+        logits_alone = model(torch.tensor([short_src]), torch.tensor([short_tgt]))
+        src_batch, tgt_batch = padded([long_src, short_src]), padded([long_tgt, short_tgt])
+        memory_batch, encoder_batch = model.encode(src_batch)
+        explicit_mask, _ = model.encode(src_batch, src_batch == PAD)
+        logits_batch = model(src_batch, tgt_batch)
+    s, t = len(short_src), len(short_tgt)
+    assert torch.equal(explicit_mask, memory_batch)
+    torch.testing.assert_close(memory_batch[1, :s], memory_alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(encoder_batch[:, 1, :, :s, :s], encoder_alone[:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits_batch[1, :t], logits_alone[0], atol=ATOL, rtol=0)
+
+
+def test_attention_rows_sum_to_one_and_padding_gets_zero(model: Transformer) -> None:
+    rng = random.Random(5)
+    src = padded([source(rng, 7), source(rng, 2), source(rng, 4)])
+    tgt = torch.tensor([[BOS, 4, 5, 6, 7]] * 3)
+    padding = src == PAD
+    with torch.no_grad():
+        memory, encoder = model.encode(src)
+        _, cross, self_attention = model.decode_full(tgt, memory, padding)
+    L, H = model.config.n_decoder_layers, model.config.n_heads  # noqa: N806
+    assert encoder.shape == (model.config.n_encoder_layers, 3, H, 8, 8)
+    assert cross.shape == (L, 3, H, 5, 8) and self_attention.shape == (L, 3, H, 5, 5)
+    for weights in (encoder, cross, self_attention):
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    key_padding = padding[None, :, None, None, :]
+    assert (encoder.masked_select(key_padding) == 0).all()
+    assert (cross.masked_select(key_padding) == 0).all()
+    assert (self_attention.masked_select(causal_mask(5)) == 0).all()
+
+
+# -- incremental decoding ------------------------------------------------------------------------------
+
+
+def test_cached_steps_equal_full_recomputation(model: Transformer) -> None:
+    rng = random.Random(6)
+    src = padded([source(rng, 5), source(rng, 2), source(rng, 8)])
+    tgt = torch.tensor([[BOS, *rng.choices(WORDS, k=6)] for _ in range(3)])
+    padding = src == PAD
+    config = model.config
+    with torch.no_grad():
+        memory, _ = model.encode(src)
+        full_log_probs, full_cross, full_self = model.decode_full(tgt, memory, padding)
+        torch.testing.assert_close(full_log_probs, F.log_softmax(model(src, tgt), -1), atol=ATOL, rtol=0)
+        cross_key, cross_value = model.cross_keys_values(memory)
+        assert cross_key.shape == (config.n_decoder_layers, 3, config.n_heads, src.shape[1], config.head_dim)
+        self_key, self_value = model.empty_cache(3)
+        for t in range(tgt.shape[1]):
+            inputs = (tgt[:, t], self_key, self_value, cross_key, cross_value, padding)
+            before = [x.clone() for x in inputs]
+            log_probs, self_key, self_value, cross, self_attention = model.decode_step(*inputs)
+            assert all(torch.equal(x, y) for x, y in zip(inputs, before, strict=True))  # inputs untouched
+            assert self_key.shape[3] == self_value.shape[3] == t + 1
+            assert self_attention.shape == (config.n_decoder_layers, 3, config.n_heads, 1, t + 1)
+            torch.testing.assert_close(log_probs, full_log_probs[:, t], atol=ATOL, rtol=0)
+            torch.testing.assert_close(cross[:, :, :, 0], full_cross[:, :, :, t], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                self_attention[:, :, :, 0], full_self[:, :, :, t, : t + 1], atol=ATOL, rtol=0
+            )
+
+
+# -- translation through TorchBackend and the shared search --------------------------------------------
+
+
+def reverse_task(rng: random.Random, n: int) -> tuple[list[list[int]], list[list[int]]]:
+    sources = [source(rng, rng.randint(2, 7)) for _ in range(n)]
+    return sources, [list(reversed(s[:-1])) + [EOS] for s in sources]
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    """A tiny model trained for a few seconds to reverse its input: peaked, mostly finished outputs,
+    so greedy and beam results are not decided by near-ties."""
+    torch.manual_seed(7)
+    rng = random.Random(7)
+    model = Transformer(tiny_config(dropout=0.0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        sources, targets = reverse_task(rng, 48)
+        tgt = padded(targets)
+        tgt_in = torch.cat([torch.full((len(targets), 1), BOS), tgt[:, :-1]], dim=1)
+        logits = model(padded(sources), tgt_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=PAD)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def eval_sources() -> list[list[int]]:
+    return reverse_task(random.Random(8), 6)[0]
+
+
+def greedy_reference(model: Transformer, src: list[int], max_length: int) -> tuple[list[int], float, bool]:
+    """Greedy decoding by full recomputation of the prefix every step (no cache, no search code).
+    -> (tokens without <s>/</s>, summed log-prob, finished)."""
+    with torch.no_grad():
+        memory, _ = model.encode(torch.tensor([src]))
+        padding = torch.zeros(1, len(src), dtype=torch.bool)
+        prefix, log_prob = [BOS], 0.0
+        for _ in range(max_length):
+            log_probs, _, _ = model.decode_full(torch.tensor([prefix]), memory, padding)
+            candidates = log_probs[0, -1].clone()
+            candidates[[PAD, BOS]] = -torch.inf  # the search never produces these
+            token = int(candidates.argmax())
+            log_prob += float(log_probs[0, -1, token])
+            prefix.append(token)
+            if token == EOS:
+                return prefix[1:-1], log_prob, True
+    return prefix[1:], log_prob, False
+
+
+@pytest.mark.parametrize("max_length", [12, 3])  # 3: the longer sentences stop unfinished
+def test_beam_one_is_greedy_and_beam_scores_no_worse(trained: Transformer, max_length: int) -> None:
+    from model.decoding import translate_ids
+
+    sources = eval_sources()
+    greedy = translate_ids(trained, sources, beam_size=1, max_length=max_length)
+    beam = translate_ids(trained, sources, beam_size=4, max_length=max_length)
+    assert len(greedy) == len(beam) == len(sources)
+    assert any(h.finished for h in greedy) == (max_length == 12)
+    for src, hyp, beam_hyp in zip(sources, greedy, beam, strict=True):
+        tokens, log_prob, finished = greedy_reference(trained, src, max_length)
+        assert (hyp.tokens, hyp.finished) == (tokens, finished)
+        assert hyp.log_prob == pytest.approx(log_prob, abs=1e-4)
+        n_steps = len(tokens) + finished
+        assert hyp.score == pytest.approx(log_prob / n_steps, abs=1e-4)  # length_penalty=1.0
+        assert beam_hyp.score >= hyp.score - 1e-5
+
+
+@pytest.mark.parametrize("max_length", [12, 3])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_attention_maps_of_chosen_hypothesis_match_recomputation(
+    trained: Transformer, beam_size: int, max_length: int
+) -> None:
+    from model.decoding import translate_ids
+
+    sources = eval_sources()
+    config = trained.config
+    L, H = config.n_decoder_layers, config.n_heads  # noqa: N806
+    hypotheses = translate_ids(
+        trained, sources, beam_size=beam_size, max_length=max_length, with_attention=True
+    )
+    for src, hyp in zip(sources, hypotheses, strict=True):
+        S, T = len(src), len(hyp.tokens) + hyp.finished  # noqa: N806
+        assert hyp.cross_attention is not None and hyp.self_attention is not None
+        assert hyp.encoder_attention is not None
+        assert hyp.cross_attention.shape == (L, H, T, S)
+        assert hyp.self_attention.shape == (L, H, T, T)
+        assert hyp.encoder_attention.shape == (config.n_encoder_layers, H, S, S)
+        with torch.no_grad():
+            memory, encoder = trained.encode(torch.tensor([src]))
+            decoder_input = torch.tensor([([BOS] + hyp.tokens)[:T]])
+            log_probs, cross, self_attention = trained.decode_full(
+                decoder_input, memory, torch.zeros(1, S, dtype=torch.bool)
+            )
+        np.testing.assert_allclose(hyp.encoder_attention, encoder[:, 0].numpy(), atol=ATOL)
+        np.testing.assert_allclose(hyp.cross_attention, cross[:, 0].numpy(), atol=ATOL)
+        np.testing.assert_allclose(hyp.self_attention, self_attention[:, 0].numpy(), atol=ATOL)
+        produced = torch.tensor(hyp.tokens + [EOS] * hyp.finished)
+        recomputed = log_probs[0, torch.arange(T), produced].sum()
+        assert hyp.log_prob == pytest.approx(float(recomputed), abs=1e-4)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_same_translation_alone_and_in_padded_batch(trained: Transformer, beam_size: int) -> None:
+    from model.decoding import translate_ids
+
+    sources = eval_sources()
+    assert len({len(s) for s in sources}) > 1  # mixed lengths, so the batch is padded
+    trained.train()
+    batched = translate_ids(trained, sources, beam_size=beam_size, max_length=12)
+    assert trained.training  # translate_ids restores the mode it found
+    trained.eval()
+    for src, in_batch in zip(sources, batched, strict=True):
+        (alone,) = translate_ids(trained, [src], beam_size=beam_size, max_length=12)
+        assert alone.tokens == in_batch.tokens
+        assert alone.score == pytest.approx(in_batch.score, abs=1e-4)
