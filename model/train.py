@@ -41,22 +41,22 @@ class TrainConfig:
     valid_size: int = 500
     bpe_vocab_size: int = 8000
     # Model.
-    d_model: int = 256
+    d_model: int = 128
     n_heads: int = 4
     n_encoder_layers: int = 3
     n_decoder_layers: int = 3
-    d_ff: int = 1024
+    d_ff: int = 512
     dropout: float = 0.1
     # Optimisation.
-    max_tokens: int = 6000
-    learning_rate: float = 1e-3
+    max_tokens: int = 4096
+    learning_rate: float = 1.5e-3
     warmup_steps: int = 400
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
-    epochs: int = 4
-    max_minutes: float | None = None  # stop (after saving) once this much training time has passed
+    epochs: int = 3
+    max_minutes: float | None = 13.0  # stop (after saving) once this much training time has passed
     seed: int = 1234
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     out_dir: str = "runs/default"

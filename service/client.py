@@ -1,4 +1,4 @@
-"""A small client for the translator's gRPC API: `TranslatorClient` for programs, `translator-client` for people.
+"""A client for the translator's gRPC API: `TranslatorClient` for programs, `translator-client` for people.
 
     with TranslatorClient("localhost:8001") as client:
         [result] = client.translate(["the big dog sees the cat"], attention=["cross"])
@@ -215,9 +215,9 @@ class TranslatorClient:
         return TranslatorError(code, details)
 
     def translate(self, texts: str | Sequence[str], *, beam_size: int | None = None,
-                  max_length: int | None = None, length_penalty: float | None = None, replace_unknowns: bool = False,
-                  attention: Iterable[str | int] = (), layers: Iterable[int] = (),
-                  heads: Iterable[int] = ()) -> list[ClientTranslation]:
+                  max_length: int | None = None, length_penalty: float | None = None,
+                  replace_unknowns: bool = False, attention: Iterable[str | int] = (),
+                  layers: Iterable[int] = (), heads: Iterable[int] = ()) -> list[ClientTranslation]:
         """Translate texts in one request; one result per text, in order. `attention` names the maps to return
         ("cross", "decoder_self", "encoder_self"), restricted to `layers` and `heads` (empty: all)."""
         if isinstance(texts, str):  # a lone string would otherwise be sent as one text per character

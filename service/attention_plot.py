@@ -1,0 +1,175 @@
+"""Cross-attention heatmaps as a PNG, for a person reading which source word each target word looks at.
+
+One figure per text. On top, a large panel with the average over every layer and head shown (the quickest way
+to read the alignment; the most attended source token of each row is outlined), with that alignment spelled
+out beside it. Below, a grid with one panel per layer (rows) and head (columns), titled "layer i · head j"
+with the model's 0-based indices. Every panel shares one colour scale (square-root, so diffuse heads stay
+visible) and one colorbar. For several texts write one file per text: `png_paths(path, n)` names them
+`stem-1.png`, `stem-2.png`, ... in input order (just `path` for a single text).
+
+matplotlib's Agg canvas is used directly (no pyplot), so nothing needs a display and no global figure state is
+shared between threads.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+COLORMAP = "viridis"
+DPI = 150
+MAX_LABEL_CHARS = 16
+
+
+def png_paths(path: str | Path, count: int) -> list[Path]:
+    """The file for each of `count` texts: `path` itself for one text, else stem-1.png, stem-2.png, ..."""
+    path = Path(path)
+    if count == 1:
+        return [path]
+    suffix = path.suffix or ".png"
+    return [path.with_name(f"{path.stem}-{i}{suffix}") for i in range(1, count + 1)]
+
+
+def _label(token: str) -> str:
+    # Long tokens (unknown words keep their surface form) would squeeze the panels; the HTML view shows them.
+    return token if len(token) <= MAX_LABEL_CHARS else token[: MAX_LABEL_CHARS - 1] + "…"
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    return float(min(max(value, low), high))
+
+
+def _heatmap(ax: Axes, weights: np.ndarray, norm: PowerNorm, source: Sequence[str] | None,
+             target: Sequence[str] | None, fontsize: float) -> object:
+    image = ax.imshow(weights, cmap=COLORMAP, norm=norm, aspect="equal", interpolation="nearest")
+    rows, cols = weights.shape
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    # Thin gaps between cells make it easy to follow a row or a column by eye.
+    ax.set_xticks(np.arange(-0.5, cols, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, rows, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.4, alpha=0.35)
+    ax.tick_params(which="minor", length=0)
+    ax.tick_params(which="major", length=2, pad=1.5, labelsize=fontsize)
+    if source is not None:
+        ax.set_xticklabels([_label(t) for t in source], rotation=90)
+    else:
+        ax.set_xticklabels([])
+    if target is not None:
+        ax.set_yticklabels([_label(t) for t in target])
+    else:
+        ax.set_yticklabels([])
+    for spine in ax.spines.values():
+        spine.set_linewidth(0.5)
+    return image
+
+
+def _alignment_list(ax: Axes, average: np.ndarray, source: Sequence[str], target: Sequence[str],
+                    fontsize: float) -> None:
+    """The alignment spelled out, one line per target token: "perro  ←  dog  0.62"."""
+    ax.set_axis_off()
+    rows = len(target)
+    if not rows or not len(source):
+        return
+    ax.set_xlim(0, 1)
+    ax.set_ylim(rows - 0.5, -1.5)  # one line per heatmap row, aligned with it when the heights agree
+    ax.text(0.0, -1.2, "target  ←  most attended source", fontsize=fontsize, fontweight="bold", va="center")
+    repeated = {t for t in source if list(source).count(t) > 1}
+    for row in range(rows):
+        col = int(average[row].argmax())
+        # "the" may occur three times; its position says which one.
+        where = f" (#{col})" if source[col] in repeated else ""
+        ax.text(0.0, row, f"{_label(target[row])}  ←  {_label(source[col])}{where}   {average[row, col]:.2f}",
+                fontsize=fontsize, va="center")
+
+
+def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], target_tokens: Sequence[str],
+                               weights: np.ndarray, layers: Sequence[int], heads: Sequence[int],
+                               title: str | None = None) -> Path:
+    """Write the cross-attention of one translation to `path` as a PNG and return the path.
+
+    `weights` is [layers, heads, target, source], rows labelled by `target_tokens` and columns by
+    `source_tokens`; `layers` and `heads` are the model indices of its first two dimensions.
+    """
+    weights = np.asarray(weights, dtype=np.float32)
+    if weights.ndim != 4:
+        raise ValueError(f"weights must be [layers, heads, target, source], got shape {weights.shape}")
+    n_layers, n_heads, rows, cols = weights.shape
+    if (rows, cols) != (len(target_tokens), len(source_tokens)):
+        raise ValueError(f"weights have {rows} rows x {cols} columns but there are {len(target_tokens)} "
+                         f"target and {len(source_tokens)} source tokens")
+    layers = list(layers) or list(range(n_layers))  # empty: all layers, as in the API
+    heads = list(heads) or list(range(n_heads))
+    if (n_layers, n_heads) != (len(layers), len(heads)):
+        raise ValueError(f"weights have {n_layers} layers x {n_heads} heads, but {len(layers)} layer and "
+                         f"{len(heads)} head indices were given")
+    average = weights.mean(axis=(0, 1)) if n_layers and n_heads else np.zeros((rows, cols), np.float32)
+    longest = max(rows, cols, 1)
+
+    # Sizes in inches, chosen so that a cell stays legible from 5 to ~50 tokens; fonts follow the cell size.
+    big_cell = _clip(7.5 / longest, 0.17, 0.42)
+    big_font = _clip(big_cell * 72 * 0.62, 6.5, 11)
+    small_cell = _clip(3.0 / longest, 0.085, 0.2)
+    small_font = _clip(small_cell * 72 * 0.68, 5.0, 8.5)
+    longest_label = max([len(_label(t)) for t in [*source_tokens, *target_tokens]] or [1])
+    big_label = longest_label * big_font * 0.62 / 72 + 0.3  # room for tick labels beside the panel
+    small_label = longest_label * small_font * 0.62 / 72 + 0.2
+
+    big_w, big_h = cols * big_cell, rows * big_cell
+    panel_w, panel_h = cols * small_cell, rows * small_cell
+    grid_w = n_heads * (panel_w + 0.25) + small_label + 1.0
+    grid_h = n_layers * (panel_h + 0.35) + small_label + 0.2
+    top_h = big_h + big_label + 0.8
+    legend_w = (longest_label * 2 + 12) * big_font * 0.6 / 72
+    width = max(big_w + big_label + legend_w + 1.6, grid_w, 6.0)
+    title_lines = len(textwrap.wrap(title, width=max(40, int(width * 72 / (12 * 0.6))))) if title else 0
+    height = top_h + grid_h + 0.25 * title_lines + 0.2
+
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+    # Tokens are data, not markup: "$" in a token must not switch matplotlib into mathtext.
+    with rc_context({"text.parse_math": False, "font.family": "DejaVu Sans"}):
+        figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(figure)
+        if title:
+            # Wrapped by hand: suptitle's own wrapping lets a long line run off the left edge.
+            figure.suptitle(textwrap.fill(title, width=max(40, int(width * 72 / (12 * 0.6)))), fontsize=12)
+        top, bottom = figure.subfigures(2, 1, height_ratios=[top_h, grid_h])
+
+        ax, legend = top.subplots(1, 2, width_ratios=[big_w + big_label, legend_w])
+        image = _heatmap(ax, average, norm, source_tokens, target_tokens, big_font)
+        _alignment_list(legend, average, source_tokens, target_tokens, big_font)
+        ax.xaxis.tick_top()  # source words above the big panel, where the eye starts reading
+        ax.xaxis.set_label_position("top")
+        for row in range(rows):
+            col = int(average[row].argmax())
+            ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="#ff3b30",
+                                   linewidth=1.4))
+        ax.set_title(f"average over {n_layers} layer{'s' * (n_layers != 1)} × {n_heads} head"
+                     f"{'s' * (n_heads != 1)}  (red box: most attended source token)", fontsize=big_font + 1,
+                     pad=8)
+        ax.set_xlabel("source", fontsize=big_font)
+        ax.set_ylabel("target", fontsize=big_font)
+        colorbar = top.colorbar(image, ax=ax, shrink=0.8, aspect=30, ticks=[0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0])
+        colorbar.set_label("attention weight, every panel (square-root scale)", fontsize=big_font)
+        colorbar.ax.tick_params(labelsize=big_font - 1)
+
+        if n_layers and n_heads:
+            # Not sharex/sharey: shared axes share tick formatters, so blanking inner labels would blank all.
+            axes = bottom.subplots(n_layers, n_heads, squeeze=False)
+            for i, layer in enumerate(layers):
+                for j, head in enumerate(heads):
+                    panel = axes[i][j]
+                    _heatmap(panel, weights[i, j], norm, source_tokens if i == n_layers - 1 else None,
+                             target_tokens if j == 0 else None, small_font)
+                    panel.set_title(f"layer {layer} · head {head}", fontsize=small_font + 1.5, pad=3)
+        figure.savefig(path, dpi=DPI, facecolor="white")
+    return Path(path)

@@ -1,0 +1,424 @@
+"""Dynamic batching: one queue for every client and RPC kind, one worker thread that owns the engine.
+
+The engine is not thread-safe (onnxruntime parallelises inside each run), so exactly one thread runs it. RPC
+threads put a `Job` (one request's texts) in the queue and wait for it; the worker forms batches:
+
+- A batch starts from the oldest waiting sentence and is filled with the queued sentences that may share its
+  search (equal `TranslateOptions.search_key()` and `max_length`), closest in length first, which keeps
+  padding low, up to `max_batch_size` sentences and `max_batch_tokens` padded source tokens.
+- It starts as soon as it is full, or `max_queue_delay` after the oldest sentence arrived.
+- A request's texts may travel in several batches; results are put back in request order.
+
+Every accepted job is answered exactly once: completed, or failed by the first of deadline, cancellation,
+engine error or shutdown (`abandon`). Abandoning frees the job's queued sentences at once and its running
+rows at the next decoding step (`is_abandoned`), so nobody computes for a caller who left.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service.engine import Engine, TranslateOptions, Translation
+from service.errors import RequestFailed
+from service.metrics import ServerMetrics
+from service.search import Hypothesis
+from service.vocabulary import EncodedText
+
+log = logging.getLogger("translator.batcher")
+
+STREAM_END = None  # last item of a streaming job's event queue; token ids are ints
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 4096  # 0: no token limit
+    max_queue_delay_s: float = 0.005
+    max_queue_size: int = 1024
+    quality_sample_rate: float = 0.0  # fraction of attention-free batches run with attention for the metrics
+
+
+@dataclass
+class TextResult:
+    translation: Translation
+    queue_ms: float  # request arrival -> start of the batch that carried this text
+    compute_ms: float  # that batch's engine time
+    done_at: float  # time.monotonic() when the translation was ready
+
+
+class Job:
+    """One request's texts on their way through the batcher; read its outcome once `wait` returns True."""
+
+    def __init__(
+        self,
+        sources: list[EncodedText],
+        options: TranslateOptions,
+        *,
+        arrival: float | None = None,
+        deadline: float | None = None,
+        stream: bool = False,
+    ) -> None:
+        if not sources:
+            raise ValueError("a job needs at least one text")
+        self.sources = sources
+        self.options = options
+        self.arrival = time.monotonic() if arrival is None else arrival  # time.monotonic() clock
+        self.deadline = deadline  # time.monotonic() clock; None: no deadline
+        self.results: list[TextResult | None] = [None] * len(sources)
+        self.error: RequestFailed | None = None
+        self.finished = False  # completed or failed; guarded by the batcher's lock
+        # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC thread.
+        self.events: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if stream else None
+        self._remaining = len(sources)
+        self._done = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def outcome(self) -> list[TextResult]:
+        """The results in text order, or the error the job failed with."""
+        if self.error is not None:
+            raise self.error
+        assert self.finished and all(r is not None for r in self.results)
+        return [r for r in self.results if r is not None]
+
+    def _close(self) -> None:
+        self.finished = True
+        self._done.set()
+        if self.events is not None:
+            self.events.put(STREAM_END)
+
+
+@dataclass
+class _Item:
+    job: Job
+    index: int  # position of the text in its request
+    length: int  # source tokens, </s> included
+    seq: int  # arrival order over all sentences
+
+
+class TimedBackend:
+    """Wraps the engine's StepBackend to time the encoder and the decode loop of each batch separately."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.encode_s = 0.0
+        self.decode_s = 0.0
+
+    def reset(self) -> None:
+        self.encode_s = self.decode_s = 0.0
+
+    def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[object, np.ndarray | None]:
+        start = time.perf_counter()
+        try:
+            return self.inner.encode(src_ids, with_attention)
+        finally:
+            self.encode_s += time.perf_counter() - start
+
+    def step(self, state: object, tokens: np.ndarray, with_attention: bool) -> tuple[Any, ...]:
+        start = time.perf_counter()
+        try:
+            return self.inner.step(state, tokens, with_attention)
+        finally:
+            self.decode_s += time.perf_counter() - start
+
+    def select(self, state: object, rows: np.ndarray) -> object:
+        start = time.perf_counter()
+        try:
+            return self.inner.select(state, rows)
+        finally:
+            self.decode_s += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:  # anything else the engine reads from its backend
+        return getattr(self.inner, name)
+
+
+def batch_key(options: TranslateOptions) -> tuple:
+    """Sentences share a batch only when one search serves them all: search_ids takes one max_length."""
+    return (options.search_key(), options.max_length)
+
+
+class Batcher:
+    """The queue and its worker thread. Takes over `engine` (its backend gets wrapped for timing)."""
+
+    def __init__(
+        self, engine: Engine, settings: BatchingSettings, metrics: ServerMetrics, seed: int | None = None
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self._timed = TimedBackend(engine.backend)
+        engine.backend = self._timed
+        self._cond = threading.Condition()
+        self._pending: dict[tuple, list[_Item]] = {}  # by batch_key, each in arrival order
+        self._depth = 0  # queued sentences
+        self._running: set[Job] = set()
+        self._busy = False
+        self._closed = False  # no new jobs
+        self._stopping = False  # worker exits
+        self._seq = itertools.count()
+        self._random = random.Random(seed)
+        self._thread = threading.Thread(target=self._work, name="translator-batcher", daemon=True)
+
+    # ----------------------------------------------------------------------------------------------------
+    # RPC side
+    # ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise RESOURCE_EXHAUSTED (queue full) / UNAVAILABLE (shutting down) at once."""
+        count = len(job.sources)
+        with self._cond:
+            if self._closed:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            if self._depth + count > self.settings.max_queue_size:
+                raise RequestFailed(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"queue full: {self._depth} sentences waiting, max_queue_size="
+                    f"{self.settings.max_queue_size}, this request has {count}; retry later",
+                )
+            waiting = self._pending.setdefault(batch_key(job.options), [])
+            for index, source in enumerate(job.sources):
+                waiting.append(_Item(job, index, len(source.ids), next(self._seq)))
+            self._set_depth(self._depth + count)
+            self._cond.notify_all()
+
+    def run(self, job: Job) -> list[TextResult]:
+        """Submit and wait for the job (until its deadline); returns the results or raises RequestFailed."""
+        self.submit(job)
+        self.wait(job)
+        return job.outcome()
+
+    def wait(self, job: Job) -> None:
+        """Block until the job is answered; at its deadline, abandon it with DEADLINE_EXCEEDED."""
+        while not job.finished:
+            timeout = None if job.deadline is None else max(job.deadline - time.monotonic(), 0.0)
+            if job.wait(timeout):
+                return
+            self.expire(job)
+
+    def expire(self, job: Job) -> bool:
+        waited_ms = (time.monotonic() - job.arrival) * 1000
+        return self.abandon(
+            job,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"deadline exceeded after {waited_ms:.0f} ms",
+            reason="deadline_exceeded",
+        )
+
+    def abandon(self, job: Job, code: grpc.StatusCode, message: str, reason: str) -> bool:
+        """Fail the job unless it is already answered: its queued sentences leave the queue now, its running
+        rows at the next decoding step. Returns whether this call answered it."""
+        with self._cond:
+            if job.finished:
+                return False
+            queued = self._remove_queued(job)
+            running = job._remaining - queued
+            job.error = RequestFailed(code, message)
+            job._close()
+        self.metrics.drop(reason, "queued", queued)
+        self.metrics.drop(reason, "decoding", running)
+        return True
+
+    def close(self, timeout: float) -> None:
+        """Refuse new jobs, let the queued and running ones finish for up to `timeout` s, fail the rest with
+        UNAVAILABLE, stop the worker."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            while (self._depth or self._busy) and time.monotonic() < end:
+                self._cond.wait(end - time.monotonic())
+            leftovers = {item.job for items in self._pending.values() for item in items} | set(self._running)
+        for job in leftovers:
+            self.abandon(
+                job,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server shut down before this request completed",
+                reason="shutdown",
+            )
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Worker side
+    # ----------------------------------------------------------------------------------------------------
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        self.metrics.queue_depth.set(depth)
+
+    def _remove_queued(self, job: Job) -> int:
+        key = batch_key(job.options)
+        items = self._pending.get(key, [])
+        kept = [item for item in items if item.job is not job]
+        removed = len(items) - len(kept)
+        if removed:
+            if kept:
+                self._pending[key] = kept
+            else:
+                del self._pending[key]
+            self._set_depth(self._depth - removed)
+        return removed
+
+    def _work(self) -> None:
+        while True:
+            try:
+                items = self._next_batch()
+                if items is None:
+                    return
+                self._run_batch(items)
+            except Exception:  # a bug here must not kill the only worker: log it and go on
+                log.exception("batcher worker error")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._running.clear()
+                    self._cond.notify_all()
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Wait for a batch worth starting and take its sentences out of the queue (None: stop)."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                waiting = min(self._pending.values(), key=lambda items: items[0].seq)
+                chosen, full = self._select(waiting)
+                start_at = waiting[0].job.arrival + self.settings.max_queue_delay_s
+                now = time.monotonic()
+                if full or now >= start_at or self._closed:
+                    key = batch_key(chosen[0].job.options)
+                    taken = {id(item) for item in chosen}
+                    rest = [item for item in waiting if id(item) not in taken]
+                    if rest:
+                        self._pending[key] = rest
+                    else:
+                        del self._pending[key]
+                    self._set_depth(self._depth - len(chosen))
+                    self._busy = True
+                    self._running = {item.job for item in chosen}
+                    return chosen
+                self._cond.wait(start_at - now)
+
+    def _select(self, waiting: list[_Item]) -> tuple[list[_Item], bool]:
+        """The oldest sentence plus the compatible ones closest in length; whether the batch is full."""
+        settings = self.settings
+        first = waiting[0]
+        chosen, longest, limited = [first], first.length, False
+        for item in sorted(waiting[1:], key=lambda i: (abs(i.length - first.length), i.seq)):
+            if len(chosen) >= settings.max_batch_size:
+                limited = True
+                break
+            widest = max(longest, item.length)
+            if settings.max_batch_tokens and (len(chosen) + 1) * widest > settings.max_batch_tokens:
+                limited = True  # a shorter one further down may still fit
+                continue
+            chosen.append(item)
+            longest = widest
+        return chosen, limited or len(chosen) >= settings.max_batch_size
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        options = items[0].job.options
+        if not options.needs_attention and self._random.random() < self.settings.quality_sample_rate:
+            # Attention outputs do not change the search; finish() drops the maps nobody asked for.
+            options = replace(options, attention=frozenset({"cross"}))
+        start = time.monotonic()
+        for item in items:
+            self.metrics.queue_wait.observe(start - item.job.arrival)
+        self.metrics.batch_sentences.observe(len(items))
+        self.metrics.batch_tokens.observe(len(items) * max(item.length for item in items))
+        self._timed.reset()
+        try:
+            hypotheses = self.engine.search_ids(
+                [item.job.sources[item.index].ids for item in items],
+                options,
+                on_token=self._token_sink(items),
+                is_abandoned=self._abandoned_check(items),
+            )
+        except Exception as error:
+            log.exception("engine failed on a batch of %d sentences", len(items))
+            for job in {item.job for item in items}:
+                self.abandon(
+                    job,
+                    grpc.StatusCode.INTERNAL,
+                    f"the engine failed on this request's batch: {error}",
+                    reason="error",
+                )
+            return
+        compute_s = time.monotonic() - start
+        self.metrics.compute_duration.labels(stage="encode").observe(self._timed.encode_s)
+        self.metrics.compute_duration.labels(stage="decode").observe(self._timed.decode_s)
+        for item, hypothesis in zip(items, hypotheses, strict=True):
+            if hypothesis is not None:
+                self._deliver(item, hypothesis, (start - item.job.arrival) * 1000, compute_s * 1000)
+
+    def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
+        job = item.job
+        if job.finished:
+            return
+        try:
+            translation = self.engine.finish(job.sources[item.index], hypothesis, job.options)
+        except Exception as error:
+            log.exception("finishing a translation failed")
+            self.abandon(
+                job,
+                grpc.StatusCode.INTERNAL,
+                f"post-processing the translation failed: {error}",
+                reason="error",
+            )
+            return
+        with self._cond:
+            if job.finished:
+                return
+            job.results[item.index] = TextResult(translation, queue_ms, compute_ms, time.monotonic())
+            job._remaining -= 1
+            if job._remaining == 0:
+                job._close()
+        self.metrics.observe_translation(
+            hypothesis.log_prob, len(translation.target_tokens), hypothesis.cross_attention
+        )
+
+    def _token_sink(self, items: list[_Item]) -> Any:
+        if all(item.job.events is None for item in items):
+            return None
+
+        def on_token(row: int, token_id: int) -> None:
+            events = items[row].job.events
+            if events is not None and not items[row].job.finished:
+                events.put(int(token_id))
+
+        return on_token
+
+    def _abandoned_check(self, items: list[_Item]) -> Any:
+        def is_abandoned(row: int) -> bool:
+            job = items[row].job
+            if job.finished:  # only a failed job can be finished while one of its rows still runs
+                return True
+            if job.deadline is not None and time.monotonic() >= job.deadline:
+                self.expire(job)
+                return True
+            return False
+
+        return is_abandoned

@@ -1,0 +1,237 @@
+"""Server settings: one dataclass, each field a `--flag` and a `TRANSLATOR_*` environment variable.
+
+A flag given on the command line wins over the environment variable, which wins over the default.
+
+The parser is derived from the dataclass so a setting, its default and its help text live in one place, and
+`translator-serve --help` always documents what the code does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "TRANSLATOR_"
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A setting out of range; the message names the flag and the value."""
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "newest", "auto") else int(text)
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text.strip() else None
+
+
+def _setting(
+    default: Any,
+    help: str,
+    type: Callable[[str], Any],
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+    shown: str | None = None,
+) -> Any:
+    """A field with what the parser needs; `shown` is the default as --help tells it (when not the value)."""
+    shown = shown if shown is not None else ("unset" if default is None else str(default))
+    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar, "shown": shown}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # Network.
+    host: str = _setting("0.0.0.0", "address the gRPC server binds", str)
+    port: int = _setting(8001, "gRPC port (Triton's convention); 0 picks a free port", int)
+    metrics_port: int = _setting(
+        8002, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it", int
+    )
+    grpc_threads: int = _setting(
+        64,
+        "gRPC worker threads: each in-flight call holds one while it waits for its "
+        "batch, so this bounds the concurrent calls",
+        int,
+    )
+    max_message_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "largest gRPC message received or sent, in bytes (attention maps make answers large)",
+        int,
+    )
+    tls_cert: Path | None = _setting(
+        None, "PEM server certificate chain; enables TLS (with --tls-key)", _optional_path, metavar="PATH"
+    )
+    tls_key: Path | None = _setting(None, "PEM private key of --tls-cert", _optional_path, metavar="PATH")
+    tls_client_ca: Path | None = _setting(
+        None,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
+        _optional_path,
+        metavar="PATH",
+    )
+    # Model.
+    model_repository: Path = _setting(
+        ROOT / "model_repository",
+        "model repository folder (<repository>/<model>/<version>/)",
+        Path,
+        metavar="PATH",
+    )
+    model: str = _setting("toy-en-es", "model name: its folder in the repository", str)
+    model_version: int | None = _setting(
+        None, "model version folder to serve", _optional_int, metavar="N", shown="the newest"
+    )
+    device: str = _setting(
+        "auto", "where onnxruntime runs the model: auto takes CUDA when available", str, choices=DEVICES
+    )
+    threads: int | None = _setting(
+        None, "onnxruntime intra-op threads", _optional_int, metavar="N", shown="one per core"
+    )
+    # Dynamic batching.
+    max_batch_size: int = _setting(64, "most sentences computed together in one batch", int)
+    max_batch_tokens: int = _setting(
+        4096, "most padded source tokens (sentences x longest) in one batch; 0: no token limit", int
+    )
+    max_queue_delay_ms: float = _setting(
+        5.0,
+        "longest wait, from the oldest queued sentence's arrival, for more sentences before a batch starts",
+        float,
+    )
+    max_queue_size: int = _setting(
+        1024,
+        "most sentences waiting in the queue; a request that does not fit "
+        "fails at once with RESOURCE_EXHAUSTED",
+        int,
+    )
+    quality_sample_rate: float = _setting(
+        0.1,
+        "fraction of attention-free batches that also compute "
+        "cross-attention, only to observe its entropy metric",
+        float,
+    )
+    # Request limits.
+    max_texts_per_request: int = _setting(128, "most texts in one request", int)
+    max_tokens_per_text: int = _setting(256, "most source tokens in one text (</s> not counted)", int)
+    max_beam_size: int = _setting(8, "largest accepted beam size", int)
+    default_beam_size: int = _setting(1, "beam size of requests that leave it unset (1: greedy)", int)
+    max_length_limit: int = _setting(
+        256, "largest accepted max_length (decoding steps); also caps the automatic 2 x source + 10", int
+    )
+    # Lifecycle.
+    grace_period_s: float = _setting(30.0, "on SIGTERM/SIGINT, how long in-flight calls may still run", float)
+    log_level: str = _setting("INFO", "logging level", str.upper, choices=LOG_LEVELS)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting out of range."""
+
+        def need(condition: bool, name: str, rule: str) -> None:
+            if not condition:
+                raise ConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)!r}")
+
+        need(0 <= self.port <= 65535, "port", "must be a TCP port (0-65535)")
+        need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port, 0 or -1")
+        for name in (
+            "grpc_threads",
+            "max_batch_size",
+            "max_queue_size",
+            "max_texts_per_request",
+            "max_tokens_per_text",
+            "max_beam_size",
+            "max_length_limit",
+            "max_message_bytes",
+        ):
+            need(getattr(self, name) >= 1, name, "must be at least 1")
+        need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
+        need(self.max_batch_tokens >= 0, "max_batch_tokens", "must be >= 0")
+        need(
+            math.isfinite(self.max_queue_delay_ms) and self.max_queue_delay_ms >= 0,
+            "max_queue_delay_ms",
+            "must be >= 0",
+        )
+        need(0.0 <= self.quality_sample_rate <= 1.0, "quality_sample_rate", "must be between 0 and 1")
+        need(
+            math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "grace_period_s", "must be >= 0"
+        )
+        need(
+            1 <= self.default_beam_size <= self.max_beam_size,
+            "default_beam_size",
+            f"must be between 1 and --max-beam-size ({self.max_beam_size})",
+        )
+        # A request bigger than the whole queue could never be accepted.
+        need(
+            self.max_texts_per_request <= self.max_queue_size,
+            "max_texts_per_request",
+            f"must not exceed --max-queue-size ({self.max_queue_size})",
+        )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+
+    def as_log_fields(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="translator-serve",
+        description="Serve a translator model over gRPC: translator.v1.Translator, KServe v2 "
+        "inference.GRPCInferenceService, grpc.health.v1 and server reflection on one port, "
+        "Prometheus metrics on another.",
+        epilog=f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> (upper case, "
+        f"'-' as '_', e.g. {env_name('max_batch_size')}); a flag given on the command line wins.",
+    )
+    for setting in fields(ServerConfig):
+        meta = setting.metadata
+        parser.add_argument(
+            f"--{setting.name.replace('_', '-')}",
+            dest=setting.name,
+            type=meta["type"],
+            choices=meta["choices"],
+            metavar=meta["metavar"],
+            default=None,
+            help=f"{meta['help']} (default: {meta['shown']}; env {env_name(setting.name)})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Settings from the command line, then the environment, then the defaults; exits with usage on errors."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for setting in fields(ServerConfig):
+        given = getattr(args, setting.name)
+        if given is not None:
+            values[setting.name] = given
+            continue
+        raw = environ.get(env_name(setting.name))
+        if raw is None or raw == "":
+            continue
+        meta = setting.metadata
+        try:
+            value = meta["type"](raw)
+        except ValueError:
+            flag = setting.name.replace("_", "-")
+            parser.error(f"{env_name(setting.name)}={raw!r} is not a valid value for --{flag}")
+        if meta["choices"] is not None and value not in meta["choices"]:
+            parser.error(f"{env_name(setting.name)}={raw!r}: choose from {', '.join(meta['choices'])}")
+        values[setting.name] = value
+    config = ServerConfig(**values)
+    try:
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    return config

@@ -1,0 +1,315 @@
+"""KServe v2 / Open Inference Protocol: inference.GRPCInferenceService over the same engine and batcher.
+
+The model is `<name>` (its folder in the repository) at version `<version>` (the version folder):
+
+- input `TEXT`, BYTES, shape [N] or [N, 1]: the source texts;
+- output `TRANSLATION`, BYTES, same shape as TEXT;
+- outputs only sent when listed in `outputs` (they cost attention computation or are seldom wanted):
+  `CROSS_ATTENTION` FP32 [N, L, H, T, S] (decoder layers, heads, target steps, source tokens; zero-padded to
+  the longest T and S of the request), `SOURCE_LENGTH` / `TARGET_LENGTH` INT32 [N] (the real T and S).
+- request parameters: `beam_size` (int), `max_length` (int), `length_penalty` (double or int),
+  `replace_unknowns` (bool); Triton's `timeout` (int, microseconds) adds a deadline, `priority` is accepted
+  and ignored.
+
+Answers always use raw_output_contents, as Triton does: tritonclient's `InferResult.as_numpy` reads outputs
+from there (typed contents only for BYTES), so raw is what every client understands.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from service.api.inference import grpc_service_pb2 as pb
+from service.api.inference import grpc_service_pb2_grpc as pb_grpc
+from service.batcher import Job, TextResult
+from service.engine import Engine
+from service.errors import RequestFailed, invalid
+from service.requests import encode_texts, make_options
+from service.rpc import Runtime, deadline_of, tracked, watch
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "translator"
+PLATFORM = "onnxruntime_onnx"
+
+INPUT_TEXT = "TEXT"
+OUTPUT_TRANSLATION = "TRANSLATION"
+OUTPUT_CROSS_ATTENTION = "CROSS_ATTENTION"
+OUTPUT_SOURCE_LENGTH = "SOURCE_LENGTH"
+OUTPUT_TARGET_LENGTH = "TARGET_LENGTH"
+OUTPUT_DATATYPES = {
+    OUTPUT_TRANSLATION: "BYTES",
+    OUTPUT_CROSS_ATTENTION: "FP32",
+    OUTPUT_SOURCE_LENGTH: "INT32",
+    OUTPUT_TARGET_LENGTH: "INT32",
+}
+PARAMETERS = ("beam_size", "max_length", "length_penalty", "replace_unknowns", "timeout", "priority")
+_LENGTH = struct.Struct("<I")
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("translator")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """The raw form of a BYTES tensor: each element as a 4-byte little-endian length and its bytes."""
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
+def deserialize_bytes(buffer: bytes, where: str) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise invalid(
+                f"{where}: malformed BYTES raw contents: {len(buffer) - offset} trailing bytes at offset "
+                f"{offset} cannot hold a 4-byte length"
+            )
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > len(buffer):
+            raise invalid(
+                f"{where}: malformed BYTES raw contents: element {len(elements)} claims {length} bytes "
+                f"but only {len(buffer) - offset} remain"
+            )
+        elements.append(bytes(buffer[offset : offset + length]))
+        offset += length
+    return elements
+
+
+def _tensor_metadata(name: str, datatype: str, shape: list[int]) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+
+
+def _parameter(name: str, value: pb.InferParameter, kind: type) -> int | float | bool:
+    which = value.WhichOneof("parameter_choice")
+    got = getattr(value, which) if which else None
+    if kind is bool and which == "bool_param":
+        return bool(got)
+    if kind is int and which in ("int64_param", "uint64_param"):
+        return int(got)  # type: ignore[arg-type]
+    if kind is float and which in ("double_param", "int64_param", "uint64_param"):
+        return float(got)  # type: ignore[arg-type]
+    expected = {bool: "bool_param", int: "int64_param", float: "double_param"}[kind]
+    raise invalid(
+        f"parameter {name} must be a {expected}, got {which or 'no value'}" + (f" ({got!r})" if which else "")
+    )
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    # ----------------------------------------------------------------------------------------------------
+    # Health and metadata
+    # ----------------------------------------------------------------------------------------------------
+
+    @tracked("ServerLive")
+    def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @tracked("ServerReady")
+    def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+
+    @tracked("ModelReady")
+    def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._model(request.name, request.version)
+        except RequestFailed:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @tracked("ServerMetadata")
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+
+    @tracked("ModelMetadata")
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        engine = self._model(request.name, request.version)
+        architecture = engine.model.architecture
+        return pb.ModelMetadataResponse(
+            name=engine.model.name,
+            versions=[str(engine.model.version)],
+            platform=PLATFORM,
+            inputs=[_tensor_metadata(INPUT_TEXT, "BYTES", [-1])],
+            outputs=[
+                _tensor_metadata(OUTPUT_TRANSLATION, "BYTES", [-1]),
+                _tensor_metadata(
+                    OUTPUT_CROSS_ATTENTION,
+                    "FP32",
+                    [-1, architecture.n_decoder_layers, architecture.n_heads, -1, -1],
+                ),
+                _tensor_metadata(OUTPUT_SOURCE_LENGTH, "INT32", [-1]),
+                _tensor_metadata(OUTPUT_TARGET_LENGTH, "INT32", [-1]),
+            ],
+        )
+
+    def _model(self, name: str, version: str) -> Engine:
+        """The engine when name/version designate the served model (NOT_FOUND otherwise)."""
+        engine, _, _ = self.runtime.serving()
+        model = engine.model
+        if name != model.name:
+            raise RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {name!r}: this server serves {model.name!r} (version {model.version})",
+            )
+        if version not in ("", str(model.version)):
+            raise RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} has no version {version!r} here: this server serves version {model.version}",
+            )
+        return engine
+
+    # ----------------------------------------------------------------------------------------------------
+    # Inference
+    # ----------------------------------------------------------------------------------------------------
+
+    @tracked("ModelInfer")
+    def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> pb.ModelInferResponse:
+        arrival = time.monotonic()
+        engine = self._model(request.model_name, request.model_version)
+        _, batcher, limits = self.runtime.serving()
+        wanted = self._requested_outputs(request)
+        values = {}
+        for name, value in request.parameters.items():
+            if name not in PARAMETERS:
+                raise invalid(f"unknown parameter {name!r}; this model takes {', '.join(PARAMETERS)}")
+            kind = {"replace_unknowns": bool, "length_penalty": float}.get(name, int)
+            values[name] = _parameter(name, value, kind)
+        timeout_us = values.pop("timeout", None)
+        values.pop("priority", None)
+        if timeout_us is not None and timeout_us <= 0:
+            raise invalid(f"parameter timeout must be > 0 microseconds, got {timeout_us}")
+        options = make_options(
+            limits,
+            attention=["cross"] if OUTPUT_CROSS_ATTENTION in wanted else [],
+            where="parameters",
+            **values,
+        )  # type: ignore[arg-type]
+        texts, shape = self._texts(request)
+        job = Job(
+            encode_texts(engine, texts, limits, field=INPUT_TEXT),
+            options,
+            arrival=arrival,
+            deadline=deadline_of(context, None if timeout_us is None else timeout_us / 1e6),
+        )
+        watch(job, batcher, context)
+        results = batcher.run(job)
+        response = pb.ModelInferResponse(
+            model_name=engine.model.name, model_version=str(engine.model.version), id=request.id
+        )
+        for name in wanted:
+            data, dims = self._output(name, results, shape)
+            response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=dims)
+            response.raw_output_contents.append(data)
+        self.runtime.check_size(response)
+        return response
+
+    def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
+        names = [output.name for output in request.outputs] or [OUTPUT_TRANSLATION]
+        for output in request.outputs:
+            if output.name not in OUTPUT_DATATYPES:
+                raise invalid(
+                    f"unknown output {output.name!r}; the model's outputs are {', '.join(OUTPUT_DATATYPES)}"
+                )
+            if output.parameters:
+                raise invalid(
+                    f"output {output.name}: output parameters are not supported (got "
+                    f"{', '.join(sorted(output.parameters))})"
+                )
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise invalid(f"outputs {repeated} requested more than once")
+        return names
+
+    def _texts(self, request: pb.ModelInferRequest) -> tuple[list[str], list[int]]:
+        if len(request.inputs) != 1:
+            raise invalid(
+                f"expected exactly one input, {INPUT_TEXT} (BYTES, shape [N] or [N, 1]); got "
+                f"{len(request.inputs)}: {[i.name for i in request.inputs]}"
+            )
+        tensor = request.inputs[0]
+        if tensor.name != INPUT_TEXT:
+            raise invalid(f"unknown input {tensor.name!r}: the model's only input is {INPUT_TEXT}")
+        if tensor.datatype != "BYTES":
+            raise invalid(f"input {INPUT_TEXT} must have datatype BYTES, got {tensor.datatype!r}")
+        shape = list(tensor.shape)
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+            raise invalid(f"input {INPUT_TEXT} must have shape [N] or [N, 1], got {shape}")
+        typed = tensor.contents
+        has_typed = typed.ByteSize() > 0
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != len(request.inputs):
+                raise invalid(
+                    f"raw_input_contents has {len(request.raw_input_contents)} entries for "
+                    f"{len(request.inputs)} input(s): there must be one per input"
+                )
+            if has_typed:
+                raise invalid(
+                    f"input {INPUT_TEXT} sets contents although the request uses raw_input_contents: use "
+                    "one form or the other"
+                )
+            elements = deserialize_bytes(request.raw_input_contents[0], f"input {INPUT_TEXT}")
+        else:
+            other = [f.name for f, _ in typed.ListFields() if f.name != "bytes_contents"]
+            if other:
+                raise invalid(
+                    f"input {INPUT_TEXT} is BYTES: its elements go in contents.bytes_contents, not "
+                    f"{', '.join(other)}"
+                )
+            elements = list(typed.bytes_contents)
+        if len(elements) != shape[0]:
+            raise invalid(
+                f"input {INPUT_TEXT} has shape {shape} ({shape[0]} elements) but {len(elements)} elements"
+            )
+        texts = []
+        for index, element in enumerate(elements):
+            try:
+                texts.append(element.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise invalid(
+                    f"{INPUT_TEXT}[{index}] is not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from error
+        return texts, shape
+
+    def _output(self, name: str, results: list[TextResult], shape: list[int]) -> tuple[bytes, list[int]]:
+        translations = [result.translation for result in results]
+        if name == OUTPUT_TRANSLATION:
+            return serialize_bytes([t.text.encode("utf-8") for t in translations]), shape
+        if name == OUTPUT_SOURCE_LENGTH:
+            return np.array([len(t.source_tokens) for t in translations], dtype="<i4").tobytes(), [
+                len(results)
+            ]
+        if name == OUTPUT_TARGET_LENGTH:
+            return np.array([len(t.target_tokens) for t in translations], dtype="<i4").tobytes(), [
+                len(results)
+            ]
+        maps = [t.cross_attention for t in translations]
+        assert all(m is not None for m in maps), "CROSS_ATTENTION requested but not computed"
+        layers, heads = maps[0].shape[:2]  # type: ignore[union-attr]
+        steps = max(m.shape[2] for m in maps)  # type: ignore[union-attr]
+        width = max(m.shape[3] for m in maps)  # type: ignore[union-attr]
+        padded = np.zeros((len(maps), layers, heads, steps, width), dtype="<f4")
+        for row, weights in enumerate(maps):
+            assert weights is not None
+            padded[row, :, :, : weights.shape[2], : weights.shape[3]] = weights
+        return padded.tobytes(), list(padded.shape)

@@ -1,0 +1,123 @@
+"""Request checks shared by both APIs: texts, decoding options and attention selections against the limits.
+
+Every violation is INVALID_ARGUMENT with a message that names the field, the limit and the offending value,
+so a client can fix its request without reading server logs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.errors import invalid
+from service.repository import Architecture
+from service.vocabulary import EmptyTextError, EncodedText
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int
+    max_tokens_per_text: int
+    max_beam_size: int
+    max_length: int  # decoding steps; also what the engine caps the automatic length at
+    default_beam_size: int = 1
+    default_length_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class AttentionSelection:
+    kinds: tuple[str, ...] = ()  # engine kind names (ATTENTION_KINDS), in the order they were asked for
+    layers: tuple[int, ...] = ()  # empty: all layers
+    heads: tuple[int, ...] = ()  # empty: all heads
+
+
+def encode_texts(
+    engine: Engine, texts: Sequence[str], limits: Limits, field: str = "texts"
+) -> list[EncodedText]:
+    if not texts:
+        raise invalid(f"{field} is empty: give at least one text to translate")
+    if len(texts) > limits.max_texts_per_request:
+        raise invalid(
+            f"{field} has {len(texts)} texts, more than max_texts_per_request={limits.max_texts_per_request}"
+        )
+    sources = []
+    for index, text in enumerate(texts):
+        name = f"{field}[{index}]" if len(texts) > 1 or field.endswith("s") else field
+        try:
+            source = engine.vocabulary.encode_source(text)
+        except EmptyTextError as error:
+            raise invalid(f"{name}: {error}") from error
+        tokens = len(source.ids) - 1  # </s> does not count against the limit
+        if tokens > limits.max_tokens_per_text:
+            raise invalid(
+                f"{name} has {tokens} tokens, more than max_tokens_per_text={limits.max_tokens_per_text}"
+            )
+        sources.append(source)
+    return sources
+
+
+def make_options(
+    limits: Limits,
+    *,
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    length_penalty: float | None = None,
+    replace_unknowns: bool = False,
+    attention: Sequence[str] = (),
+    where: str = "options",
+) -> TranslateOptions:
+    """TranslateOptions from optional request values; None takes the server default."""
+    beam = limits.default_beam_size if beam_size is None else beam_size
+    if not 1 <= beam <= limits.max_beam_size:
+        raise invalid(
+            f"{where}.beam_size must be between 1 and max_beam_size={limits.max_beam_size}, got {beam}"
+        )
+    if max_length is not None and not 1 <= max_length <= limits.max_length:
+        raise invalid(
+            f"{where}.max_length must be between 1 and max_length={limits.max_length}, got {max_length}"
+        )
+    penalty = limits.default_length_penalty if length_penalty is None else float(length_penalty)
+    if not math.isfinite(penalty) or penalty < 0:
+        raise invalid(f"{where}.length_penalty must be a finite number >= 0, got {penalty}")
+    return TranslateOptions(
+        beam_size=beam,
+        max_length=max_length,
+        length_penalty=penalty,
+        replace_unknowns=bool(replace_unknowns),
+        attention=frozenset(attention),
+    )
+
+
+def check_selection(
+    selection: AttentionSelection, architecture: Architecture, where: str = "attention"
+) -> None:
+    """Kinds once each; layer and head indices within the model (encoder layers for encoder_self)."""
+    for kind in selection.kinds:
+        if kind not in ATTENTION_KINDS:
+            raise invalid(f"{where}.kinds: {kind!r} is not an attention kind")
+    repeated = sorted({k for k in selection.kinds if selection.kinds.count(k) > 1})
+    if repeated:
+        raise invalid(f"{where}.kinds: each kind may be asked for once, got {repeated} more than once")
+    for name, values in (("layers", selection.layers), ("heads", selection.heads)):
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        if duplicates:
+            raise invalid(f"{where}.{name}: indices {duplicates} appear more than once")
+        if values and not selection.kinds:
+            raise invalid(f"{where}.{name} given without any attention kind")
+    for kind in selection.kinds:
+        layers = architecture.n_encoder_layers if kind == "encoder_self" else architecture.n_decoder_layers
+        which = "encoder" if kind == "encoder_self" else "decoder"
+        bad = [layer for layer in selection.layers if not 0 <= layer < layers]
+        if bad:
+            raise invalid(
+                f"{where}.layers {bad} out of range: the model has {layers} {which} layers "
+                f"(0-{layers - 1}), needed by {kind}"
+            )
+    bad = [head for head in selection.heads if not 0 <= head < architecture.n_heads]
+    if bad:
+        raise invalid(
+            f"{where}.heads {bad} out of range: the model has {architecture.n_heads} heads "
+            f"(0-{architecture.n_heads - 1})"
+        )

@@ -1,0 +1,298 @@
+"""`translator-serve`: the gRPC server process.
+
+One port serves translator.v1.Translator, KServe v2 inference.GRPCInferenceService, grpc.health.v1 and server
+reflection; Prometheus metrics have their own HTTP port. Lifecycle:
+
+1. bind the ports with health NOT_SERVING (orchestrators can probe while the model loads);
+2. load the model and run real translations through the batcher (warm-up), then health SERVING;
+3. on SIGTERM/SIGINT: health NOT_SERVING, stop accepting calls (new ones get UNAVAILABLE), let the in-flight
+   ones finish within --grace-period-s, exit 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import kserve, translator_api
+from service.api.inference import grpc_service_pb2_grpc
+from service.api.translator.v1 import translator_pb2_grpc
+from service.batcher import Batcher, BatchingSettings, Job
+from service.config import ServerConfig, load_config
+from service.engine import Engine, TranslateOptions
+from service.metrics import ServerMetrics
+from service.repository import ModelLoadError, resolve
+from service.requests import Limits
+from service.rpc import Runtime
+
+log = logging.getLogger("translator.server")
+
+SERVICE_NAMES = (translator_api.SERVICE_NAME, kserve.SERVICE_NAME)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra={"fields": {...}}` adds structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _fields(**fields: Any) -> dict[str, Any]:
+    return {"fields": fields}
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class TranslatorServer:
+    """The server of one process (or of one test): `start()`, `load()`, then `stop(grace)`.
+
+    `engine` lets a caller serve an engine it built (tests wrap its backend); by default `load()` builds it
+    from the configured repository.
+    """
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None, seed: int | None = None) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.runtime = Runtime(config, self.metrics)
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._engine = engine
+        self._seed = seed
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Bind and start serving: health and metadata answer at once, inference once `load()` is done."""
+        config = self.config
+        size = config.max_message_bytes
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        translator_pb2_grpc.add_TranslatorServicer_to_server(
+            translator_api.TranslatorService(self.runtime), server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            kserve.InferenceService(self.runtime), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+        address = f"{host}:{config.port}"
+        credentials = server_credentials(config)
+        self.port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+        server.start()
+        self._server = server
+        if config.metrics_port >= 0:
+            self.metrics_port = self.metrics.start_http(config.host, config.metrics_port)
+        log.info(
+            "listening",
+            extra=_fields(
+                port=self.port,
+                metrics_port=self.metrics_port,
+                host=config.host,
+                tls=credentials is not None,
+                mutual_tls=config.tls_client_ca is not None,
+            ),
+        )
+
+    def load(self) -> None:
+        """Load and warm up the model, then report SERVING."""
+        config = self.config
+        started = time.monotonic()
+        engine = self._engine or Engine(
+            resolve(config.model_repository, config.model, config.model_version),
+            device=config.device,
+            threads=config.threads,
+            max_length_limit=config.max_length_limit,
+        )
+        limits = self._limits(engine)
+        engine.max_length_limit = limits.max_length
+        settings = BatchingSettings(
+            max_batch_size=config.max_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000,
+            max_queue_size=config.max_queue_size,
+            quality_sample_rate=config.quality_sample_rate,
+        )
+        batcher = Batcher(engine, settings, self.metrics, seed=self._seed)
+        batcher.start()
+        self.runtime.engine, self.runtime.batcher, self.runtime.limits = engine, batcher, limits
+        model = engine.model
+        log.info(
+            "model loaded",
+            extra=_fields(
+                model=model.name,
+                version=model.version,
+                path=str(model.path),
+                provider=engine.provider,
+                load_s=round(time.monotonic() - started, 3),
+                limits=limits.__dict__,
+            ),
+        )
+        warm_up_ms = self._warm_up(engine, batcher)
+        self.metrics.model_info.labels(
+            model=model.name, version=str(model.version), provider=engine.provider
+        ).set(1)
+        self.runtime.ready = True
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "ready",
+            extra=_fields(
+                model=model.name,
+                version=model.version,
+                provider=engine.provider,
+                port=self.port,
+                metrics_port=self.metrics_port,
+                warm_up_ms=warm_up_ms,
+            ),
+        )
+
+    def _limits(self, engine: Engine) -> Limits:
+        """The configured limits, lowered where the model's positions cannot follow."""
+        config = self.config
+        positions = engine.model.description["architecture"].get("max_positions")
+        max_tokens, max_length = config.max_tokens_per_text, config.max_length_limit
+        if isinstance(positions, int):
+            if max_tokens + 1 > positions:  # the source gets </s> appended
+                log.warning(
+                    "max_tokens_per_text lowered to the model's positions",
+                    extra=_fields(configured=max_tokens, used=positions - 1),
+                )
+                max_tokens = positions - 1
+            if max_length > positions:
+                log.warning(
+                    "max_length_limit lowered to the model's positions",
+                    extra=_fields(configured=max_length, used=positions),
+                )
+                max_length = positions
+        return Limits(
+            max_texts_per_request=config.max_texts_per_request,
+            max_tokens_per_text=max_tokens,
+            max_beam_size=config.max_beam_size,
+            max_length=max_length,
+            default_beam_size=config.default_beam_size,
+        )
+
+    def _warm_up(self, engine: Engine, batcher: Batcher) -> float:
+        """Real translations through the whole path, plain and with every attention output, before SERVING."""
+        started = time.monotonic()
+        words = [engine.vocabulary.id_to_token(i) for i in range(4, min(engine.vocabulary.size, 8))]
+        sources = engine.encode_texts([" ".join(words) or "hello"])
+        length = min(4, engine.max_length_limit)
+        for options in (
+            TranslateOptions(max_length=length),
+            TranslateOptions(
+                max_length=length, attention=frozenset({"cross", "decoder_self", "encoder_self"})
+            ),
+        ):
+            batcher.run(Job(sources, options))
+        return round((time.monotonic() - started) * 1000, 1)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, finish in-flight ones within `grace` seconds."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_period_s if grace is None else grace
+        started = time.monotonic()
+        log.info(
+            "shutting down",
+            extra=_fields(
+                grace_period_s=grace, queued=self.runtime.batcher.depth if self.runtime.batcher else 0
+            ),
+        )
+        self.runtime.draining = True
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self.runtime.batcher is not None:
+            self.runtime.batcher.close(timeout=1.0)
+        self.metrics.stop_http()
+        log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    configure_logging(config.log_level)
+    log.info("starting", extra=_fields(pid=os.getpid(), settings=config.as_log_fields()))
+    server = TranslatorServer(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without waiting", extra=_fields(signal=signum))
+            os._exit(1)
+        log.info("signal received", extra=_fields(signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        server.load()
+    except (ModelLoadError, OSError, RuntimeError, ValueError) as error:
+        log.error("cannot serve", extra=_fields(error=str(error)))
+        server.stop(0)
+        return 1
+    while not stop.wait(1.0):
+        pass
+    server.stop(config.grace_period_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

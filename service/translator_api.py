@@ -1,0 +1,208 @@
+"""The translator.v1.Translator service: requests to batcher jobs, engine translations to messages."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.batcher import STREAM_END, Job, TextResult
+from service.engine import Engine, TranslateOptions, Translation
+from service.errors import invalid
+from service.requests import AttentionSelection, Limits, check_selection, encode_texts, make_options
+from service.rpc import Runtime, deadline_of, tracked, tracked_stream, watch
+from service.vocabulary import BOS
+
+KIND_NAMES = {pb.CROSS: "cross", pb.DECODER_SELF: "decoder_self", pb.ENCODER_SELF: "encoder_self"}
+KIND_ENUMS = {name: kind for kind, name in KIND_NAMES.items()}
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+
+
+def parse_options(
+    options: pb.TranslateOptions, limits: Limits, engine: Engine
+) -> tuple[TranslateOptions, AttentionSelection]:
+    attention = options.attention
+    kinds = []
+    for kind in attention.kinds:
+        if kind not in KIND_NAMES:
+            name = pb.AttentionKind.Name(kind) if kind in pb.AttentionKind.values() else str(kind)
+            raise invalid(
+                f"options.attention.kinds: {name} is not a kind to ask for; use CROSS, DECODER_SELF or "
+                "ENCODER_SELF"
+            )
+        kinds.append(KIND_NAMES[kind])
+    selection = AttentionSelection(tuple(kinds), tuple(attention.layers), tuple(attention.heads))
+    check_selection(selection, engine.model.architecture, where="options.attention")
+    translate_options = make_options(
+        limits,
+        beam_size=options.beam_size if options.HasField("beam_size") else None,
+        max_length=options.max_length if options.HasField("max_length") else None,
+        length_penalty=options.length_penalty if options.HasField("length_penalty") else None,
+        replace_unknowns=options.replace_unknowns,
+        attention=kinds,
+    )
+    return translate_options, selection
+
+
+def attention_maps(translation: Translation, selection: AttentionSelection) -> list[pb.AttentionMap]:
+    maps = []
+    target, source = list(translation.target_tokens), list(translation.source_tokens)
+    for kind in selection.kinds:
+        if kind == "cross":
+            weights, rows, columns = translation.cross_attention, target, source
+        elif kind == "decoder_self":
+            weights, rows, columns = translation.decoder_self_attention, target, [BOS, *target[:-1]]
+        else:
+            weights, rows, columns = translation.encoder_attention, source, source
+        assert weights is not None, f"the engine computed no {kind} attention"
+        layers = list(selection.layers) or list(range(weights.shape[0]))
+        heads = list(selection.heads) or list(range(weights.shape[1]))
+        chosen = np.ascontiguousarray(weights[np.ix_(layers, heads)], dtype=np.float32)
+        maps.append(
+            pb.AttentionMap(
+                kind=KIND_ENUMS[kind],
+                layers=layers,
+                heads=heads,
+                row_tokens=rows,
+                column_tokens=columns,
+                weights=pb.Tensor(shape=list(chosen.shape), data=chosen.ravel().tolist()),
+            )
+        )
+    return maps
+
+
+def translation_message(result: TextResult, selection: AttentionSelection, arrival: float) -> pb.Translation:
+    translation = result.translation
+    return pb.Translation(
+        text=translation.text,
+        source_tokens=translation.source_tokens,
+        target_tokens=translation.target_tokens,
+        score=translation.score,
+        log_prob=translation.log_prob,
+        unknown_words=translation.unknown_words,
+        attention=attention_maps(translation, selection),
+        timings=pb.Timings(
+            queue_ms=result.queue_ms,
+            compute_ms=result.compute_ms,
+            total_ms=(time.monotonic() - arrival) * 1000,
+        ),
+    )
+
+
+def model_info(runtime: Runtime) -> pb.ModelInfo:
+    engine, _, limits = runtime.serving()
+    model, config = engine.model, runtime.config
+    architecture = model.architecture
+    metrics = {
+        name: float(value)
+        for name, value in model.metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    return pb.ModelInfo(
+        name=model.name,
+        version=str(model.version),
+        architecture=pb.Architecture(
+            d_model=architecture.d_model,
+            n_heads=architecture.n_heads,
+            n_encoder_layers=architecture.n_encoder_layers,
+            n_decoder_layers=architecture.n_decoder_layers,
+            d_ff=architecture.d_ff,
+        ),
+        source_vocab_size=architecture.src_vocab_size,
+        target_vocab_size=architecture.tgt_vocab_size,
+        execution_provider=engine.provider,
+        batching=pb.BatchingSettings(
+            max_batch_size=config.max_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            max_queue_delay_ms=config.max_queue_delay_ms,
+            max_queue_size=config.max_queue_size,
+        ),
+        limits=pb.Limits(
+            max_texts_per_request=limits.max_texts_per_request,
+            max_tokens_per_text=limits.max_tokens_per_text,
+            max_beam_size=limits.max_beam_size,
+            max_length=limits.max_length,
+        ),
+        training_metrics=metrics,
+    )
+
+
+class TranslatorService(pb_grpc.TranslatorServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @tracked("Translate")
+    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
+        arrival = time.monotonic()
+        engine, batcher, limits = self.runtime.serving()
+        options, selection = parse_options(request.options, limits, engine)
+        job = Job(
+            encode_texts(engine, list(request.texts), limits),
+            options,
+            arrival=arrival,
+            deadline=deadline_of(context),
+        )
+        watch(job, batcher, context)
+        results = batcher.run(job)
+        response = pb.TranslateResponse(
+            translations=[translation_message(r, selection, arrival) for r in results]
+        )
+        self.runtime.check_size(response)
+        return response
+
+    @tracked_stream("TranslateStream")
+    def TranslateStream(
+        self, request: pb.TranslateStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TranslateStreamResponse]:
+        arrival = time.monotonic()
+        engine, batcher, limits = self.runtime.serving()
+        options, selection = parse_options(request.options, limits, engine)
+        job = Job(
+            encode_texts(engine, [request.text], limits, field="text"),
+            options,
+            arrival=arrival,
+            deadline=deadline_of(context),
+            stream=True,
+        )
+        watch(job, batcher, context)
+        batcher.submit(job)
+        assert job.events is not None
+        vocabulary = engine.vocabulary
+        sent = 0
+        while True:
+            timeout = None if job.deadline is None else max(job.deadline - time.monotonic(), 0.0)
+            try:
+                token_id = job.events.get(timeout=timeout)
+            except queue.Empty:  # the deadline passed; expiring the job ends the stream
+                batcher.expire(job)
+                continue
+            if token_id is STREAM_END:
+                break
+            yield pb.TranslateStreamResponse(
+                token=pb.TokenEvent(index=sent, token_id=token_id, token=vocabulary.id_to_token(token_id))
+            )
+            sent += 1
+        (result,) = job.outcome()
+        translation = result.translation
+        # The search never streams "</s>"; the events still cover every target token, like target_tokens.
+        ids = list(translation.token_ids)
+        if len(translation.target_tokens) > len(ids):
+            ids.append(vocabulary.eos_id)
+        for index in range(sent, len(ids)):
+            yield pb.TranslateStreamResponse(
+                token=pb.TokenEvent(
+                    index=index, token_id=ids[index], token=vocabulary.id_to_token(ids[index])
+                )
+            )
+        message = pb.TranslateStreamResponse(translation=translation_message(result, selection, arrival))
+        self.runtime.check_size(message)
+        yield message
+
+    @tracked("GetModelInfo")
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        return model_info(self.runtime)

@@ -1,0 +1,225 @@
+"""The dynamic batcher against a fake engine: batch formation, limits, failures, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from service.batcher import STREAM_END, Batcher, BatchingSettings, Job
+from service.engine import TranslateOptions, Translation
+from service.errors import RequestFailed
+from service.metrics import ServerMetrics
+from service.search import Hypothesis
+from service.vocabulary import EncodedText
+
+FAIL = 99  # a source starting with this id makes the fake engine raise
+EOS = 2
+
+
+def source(length: int, first: int = 5) -> EncodedText:
+    """`length` tokens, </s> included."""
+    ids = [first] + [5] * (length - 2) + [EOS]
+    return EncodedText(ids=ids, tokens=[str(i) for i in ids], pieces=[str(i) for i in ids])
+
+
+class FakeEngine:
+    """Echoes each source as its translation, one token per step (so streaming and abandoning are visible)."""
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.backend = SimpleNamespace()
+        self.step_s = step_s
+        self.batches: list[list[int]] = []  # lengths of the sentences of each batch
+        self.steps = 0
+
+    def search_ids(self, sources, options, on_token=None, is_abandoned=None):  # noqa: ANN001, ANN201
+        self.batches.append([len(s) for s in sources])
+        if any(s[0] == FAIL for s in sources):
+            raise RuntimeError("boom")
+        alive = [True] * len(sources)
+        for step in range(max(len(s) for s in sources) - 1):
+            if not any(alive):
+                break
+            for row, ids in enumerate(sources):
+                if alive[row] and is_abandoned is not None and is_abandoned(row):
+                    alive[row] = False
+                if alive[row] and step < len(ids) - 1 and on_token is not None:
+                    on_token(row, ids[step])
+            self.steps += 1
+            time.sleep(self.step_s)
+        return [Hypothesis(tokens=list(ids[:-1]), log_prob=-1.0, score=-0.5, finished=True) if ok else None
+                for ids, ok in zip(sources, alive, strict=True)]
+
+    def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
+        return Translation(text=" ".join(map(str, hypothesis.tokens)), token_ids=hypothesis.tokens,
+                           target_tokens=[*map(str, hypothesis.tokens), "</s>"], source_tokens=source.tokens,
+                           score=hypothesis.score, log_prob=hypothesis.log_prob, unknown_words=[])
+
+
+def make(step_s: float = 0.0, **settings: float) -> tuple[Batcher, FakeEngine, ServerMetrics]:
+    engine, metrics = FakeEngine(step_s), ServerMetrics()
+    values = {"max_batch_size": 4, "max_batch_tokens": 0, "max_queue_delay_s": 0.02, "max_queue_size": 64}
+    values.update(settings)
+    return Batcher(engine, BatchingSettings(**values), metrics), engine, metrics  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def stop_batchers():
+    made: list[Batcher] = []
+    yield made
+    for batcher in made:
+        batcher.close(timeout=1.0)
+
+
+def test_groups_similar_lengths_up_to_max_batch_size(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, metrics = make(max_batch_size=4)
+    stop_batchers.append(batcher)
+    jobs = [Job([source(n)], TranslateOptions()) for n in (3, 10, 4, 9, 3, 10, 4, 9)]
+    for job in jobs:  # all queued before the worker starts: the grouping is deterministic
+        batcher.submit(job)
+    assert batcher.depth == 8
+    batcher.start()
+    for job in jobs:
+        assert job.wait(5)
+        assert job.outcome()[0].translation.text == " ".join(["5"] * (len(job.sources[0].ids) - 1))
+    assert [sorted(b) for b in engine.batches] == [[3, 3, 4, 4], [9, 9, 10, 10]]
+    assert batcher.depth == 0 and metrics.queue_depth._value.get() == 0
+
+
+def test_token_budget_limits_padded_tokens(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(max_batch_size=64, max_batch_tokens=20)
+    stop_batchers.append(batcher)
+    job = Job([source(5) for _ in range(6)] + [source(12)], TranslateOptions())
+    batcher.submit(job)
+    batcher.start()
+    assert job.wait(5)
+    assert len(job.outcome()) == 7
+    assert all(len(b) * max(b) <= 20 or len(b) == 1 for b in engine.batches)
+    assert sorted(len(b) for b in engine.batches if 5 in b) == [2, 4]
+
+
+def test_request_split_across_batches_comes_back_in_order(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(max_batch_size=2)
+    stop_batchers.append(batcher)
+    batcher.start()
+    lengths = [7, 3, 5, 3, 7, 4]
+    results = batcher.run(Job([source(n, first=10 + i) for i, n in enumerate(lengths)], TranslateOptions()))
+    assert [r.translation.text.split()[0] for r in results] == [str(10 + i) for i in range(len(lengths))]
+    assert len(engine.batches) == 3
+
+
+def test_only_compatible_options_share_a_batch(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(max_batch_size=8)
+    stop_batchers.append(batcher)
+    jobs = [Job([source(4)], TranslateOptions(beam_size=1 + i % 2)) for i in range(4)]
+    jobs.append(Job([source(4)], TranslateOptions(max_length=7)))
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    for job in jobs:
+        assert job.wait(5) and job.error is None
+    assert sorted(len(b) for b in engine.batches) == [1, 2, 2]
+
+
+def test_waits_for_max_queue_delay_then_runs_alone(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(max_queue_delay_s=0.05)
+    stop_batchers.append(batcher)
+    batcher.start()
+    (result,) = batcher.run(Job([source(4)], TranslateOptions()))
+    assert 45 <= result.queue_ms < 1000
+    assert engine.batches == [[4]]
+
+
+def test_engine_error_fails_only_that_batch_and_the_worker_goes_on(stop_batchers: list[Batcher]) -> None:
+    batcher, _, metrics = make(max_batch_size=8)
+    stop_batchers.append(batcher)
+    bad = Job([source(4, first=FAIL)], TranslateOptions(beam_size=2))
+    good = Job([source(4)], TranslateOptions())
+    batcher.submit(bad)
+    batcher.submit(good)
+    batcher.start()
+    assert bad.wait(5) and good.wait(5)
+    with pytest.raises(RequestFailed) as failure:
+        bad.outcome()
+    assert failure.value.code == grpc.StatusCode.INTERNAL and "boom" in failure.value.message
+    assert good.outcome()[0].translation.text == "5 5"
+    assert batcher.run(Job([source(3)], TranslateOptions()))[0].translation.text == "5"
+    assert metrics.dropped_sentences.labels(reason="error", stage="decoding")._value.get() == 1
+
+
+def test_full_queue_is_refused_at_once_and_abandoning_frees_it(stop_batchers: list[Batcher]) -> None:
+    batcher, _, metrics = make(max_queue_size=4)
+    stop_batchers.append(batcher)
+    first = Job([source(4)] * 3, TranslateOptions())
+    batcher.submit(first)
+    with pytest.raises(RequestFailed) as failure:
+        batcher.submit(Job([source(4)] * 2, TranslateOptions()))
+    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queue_size=4" in failure.value.message
+    assert batcher.abandon(first, grpc.StatusCode.CANCELLED, "gone", reason="cancelled")
+    assert not batcher.abandon(first, grpc.StatusCode.CANCELLED, "again", reason="cancelled")  # answered once
+    assert batcher.depth == 0
+    assert metrics.dropped_sentences.labels(reason="cancelled", stage="queued")._value.get() == 3
+    batcher.submit(Job([source(4)] * 4, TranslateOptions()))
+
+
+def test_deadline_drops_queued_and_running_work(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, metrics = make(step_s=0.01, max_batch_size=1)
+    stop_batchers.append(batcher)
+    batcher.start()
+    long = Job([source(60)], TranslateOptions(), deadline=time.monotonic() + 0.1)  # runs, dropped mid-decoding
+    queued = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.05)  # waits behind it
+    batcher.submit(long)
+    batcher.submit(queued)
+    for job in (queued, long):
+        batcher.wait(job)
+        with pytest.raises(RequestFailed) as failure:
+            job.outcome()
+        assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert batcher.depth == 0
+    time.sleep(0.05)
+    steps = engine.steps
+    time.sleep(0.1)
+    assert engine.steps == steps < 59  # decoding stopped well before the 59 steps of the long source
+    assert metrics.dropped_sentences.labels(reason="deadline_exceeded", stage="queued")._value.get() == 1
+    assert metrics.dropped_sentences.labels(reason="deadline_exceeded", stage="decoding")._value.get() == 1
+
+
+def test_stream_events_then_end_and_cancel_stops_rows(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(step_s=0.01)
+    stop_batchers.append(batcher)
+    batcher.start()
+    job = Job([source(5, first=7)], TranslateOptions(), stream=True)
+    batcher.submit(job)
+    assert job.events is not None
+    events = []
+    while (event := job.events.get(timeout=5)) is not STREAM_END:
+        events.append(event)
+    assert events == [7, 5, 5, 5]
+    cancelled = Job([source(80)], TranslateOptions(), stream=True)
+    batcher.submit(cancelled)
+    assert cancelled.events is not None
+    cancelled.events.get(timeout=5)
+    batcher.abandon(cancelled, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    time.sleep(0.05)
+    steps = engine.steps
+    time.sleep(0.1)
+    assert engine.steps == steps
+
+
+def test_close_refuses_new_work_and_answers_everything(stop_batchers: list[Batcher]) -> None:
+    batcher, _, _ = make(max_queue_delay_s=10.0)
+    jobs = [Job([source(4)], TranslateOptions()) for _ in range(3)]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    closer = threading.Thread(target=batcher.close, args=(2.0,))
+    closer.start()
+    closer.join(5)
+    assert all(job.wait(0) and job.error is None for job in jobs)  # closing flushes without the long delay
+    with pytest.raises(RequestFailed) as failure:
+        batcher.submit(Job([source(4)], TranslateOptions()))
+    assert failure.value.code == grpc.StatusCode.UNAVAILABLE
