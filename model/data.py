@@ -20,7 +20,7 @@ class Example:
 
 
 def read_tsv(path: str | Path) -> list[Example]:
-    """`source<TAB>target` lines; blank lines are skipped, anything else malformed is an error naming the line."""
+    """`source<TAB>target` lines; blank lines are skipped, malformed lines are errors naming the line."""
     examples = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
@@ -48,8 +48,13 @@ class EncodedPair:
 
 
 def encode_examples(vocabulary: Vocabulary, examples: list[Example]) -> list[EncodedPair]:
-    return [EncodedPair(np.asarray(vocabulary.encode_source(e.source).ids, dtype=np.int64),
-                        np.asarray(vocabulary.encode_target(e.target), dtype=np.int64)) for e in examples]
+    return [
+        EncodedPair(
+            np.asarray(vocabulary.encode_source(e.source).ids, dtype=np.int64),
+            np.asarray(vocabulary.encode_target(e.target), dtype=np.int64),
+        )
+        for e in examples
+    ]
 
 
 @dataclass
@@ -66,8 +71,15 @@ def pad(rows: list[np.ndarray], pad_id: int) -> np.ndarray:
     return out
 
 
-def token_batches(pairs: list[EncodedPair], max_tokens: int, pad_id: int, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1) -> list[Batch]:
+def token_batches(
+    pairs: list[EncodedPair],
+    max_tokens: int,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Batch]:
     """Batches holding at most `max_tokens` padded tokens per side, of sentences of similar length.
 
     Sorting within large shuffled pools keeps padding low while the epoch order stays random; the batch
@@ -80,7 +92,9 @@ def token_batches(pairs: list[EncodedPair], max_tokens: int, pad_id: int, seed: 
     pool = max_tokens * 4
     batches: list[list[int]] = []
     for start in range(0, len(order), pool):
-        chunk = sorted(order[start:start + pool], key=lambda i: (len(pairs[i].source), len(pairs[i].target)))
+        chunk = sorted(
+            order[start : start + pool], key=lambda i: (len(pairs[i].source), len(pairs[i].target))
+        )
         current: list[int] = []
         longest = 0
         for i in chunk:
@@ -95,5 +109,11 @@ def token_batches(pairs: list[EncodedPair], max_tokens: int, pad_id: int, seed: 
     rng.shuffle(batches)
     per_rank = len(batches) // world_size if world_size > 1 else len(batches)
     mine = batches[rank::world_size][:per_rank]
-    return [Batch(pad([pairs[i].source for i in b], pad_id), pad([pairs[i].target for i in b], pad_id),
-                  sum(len(pairs[i].target) - 1 for i in b)) for b in mine]
+    return [
+        Batch(
+            pad([pairs[i].source for i in b], pad_id),
+            pad([pairs[i].target for i in b], pad_id),
+            sum(len(pairs[i].target) - 1 for i in b),
+        )
+        for b in mine
+    ]

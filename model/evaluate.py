@@ -1,4 +1,4 @@
-"""`translator-eval`: BLEU, chrF and exact match on any split, and how well cross-attention aligns words (AER)."""
+"""`translator-eval`: BLEU, chrF and exact match on any split, and cross-attention alignment error (AER)."""
 
 from __future__ import annotations
 
@@ -26,17 +26,29 @@ class TextTranslation:
     hypothesis: Hypothesis
 
 
-def translate_texts(model: Transformer, vocabulary: Vocabulary, texts: list[str], *, beam_size: int = 1,
-                    length_penalty: float = 1.0, batch_size: int = 64) -> list[TextTranslation]:
+def translate_texts(
+    model: Transformer,
+    vocabulary: Vocabulary,
+    texts: list[str],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    batch_size: int = 64,
+) -> list[TextTranslation]:
     """Translate with the shared search; sentences are sorted by length so batches carry little padding."""
     sources = [vocabulary.encode_source(text).ids for text in texts]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     results: list[TextTranslation | None] = [None] * len(sources)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         max_length = 2 * max(len(sources[i]) for i in chunk) + 10
-        hypotheses = translate_ids(model, [sources[i] for i in chunk], beam_size=beam_size,
-                                   max_length=max_length, length_penalty=length_penalty)
+        hypotheses = translate_ids(
+            model,
+            [sources[i] for i in chunk],
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+        )
         for i, hypothesis in zip(chunk, hypotheses, strict=True):
             results[i] = TextTranslation(vocabulary.decode(hypothesis.tokens), hypothesis)
     return [r for r in results if r is not None]
@@ -46,13 +58,15 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, flo
     return {
         "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
         "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
-        "exact_match": round(sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(references), 4),
+        "exact_match": round(
+            sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(references), 4
+        ),
     }
 
 
 @torch.inference_mode()
 def forced_cross_attention(model: Transformer, vocabulary: Vocabulary, example: Example) -> np.ndarray:
-    """Cross-attention [L, H, T, S] while the decoder reads the reference; row j is the step that predicts word j."""
+    """Cross-attention [L, H, T, S] while the decoder reads the reference; row j predicts word j."""
     src = torch.tensor([vocabulary.encode_source(example.source).ids])
     target = vocabulary.encode_target(example.target)
     memory, _ = model.encode(src)
@@ -64,7 +78,8 @@ def forced_cross_attention(model: Transformer, vocabulary: Vocabulary, example: 
     rows = []
     for token in target[:-2]:  # steps that predict the words, not the final </s>
         _, self_key, self_value, cross, _ = model.decode_step(
-            torch.tensor([token]), self_key, self_value, cross_key, cross_value, padding)
+            torch.tensor([token]), self_key, self_value, cross_key, cross_value, padding
+        )
         rows.append(cross[:, 0, :, 0, :])
     return torch.stack(rows, dim=2).numpy()
 
@@ -87,13 +102,24 @@ def attention_alignment(model: Transformer, vocabulary: Vocabulary, examples: li
     gold = [{(i, j) for j, sources in enumerate(e.alignment or ()) for i in sources} for e in examples]
     maps = [forced_cross_attention(model, vocabulary, e) for e in examples]
     n_layers, n_heads = maps[0].shape[:2]
-    per_head = np.array([[alignment_error_rate([links_from_attention(m[layer, head]) for m in maps], gold)
-                          for head in range(n_heads)] for layer in range(n_layers)])
+    per_head = np.array(
+        [
+            [
+                alignment_error_rate([links_from_attention(m[layer, head]) for m in maps], gold)
+                for head in range(n_heads)
+            ]
+            for layer in range(n_layers)
+        ]
+    )
     best_layer, best_head = np.unravel_index(per_head.argmin(), per_head.shape)
     average = alignment_error_rate([links_from_attention(m.mean(axis=(0, 1))) for m in maps], gold)
-    return {"aer_best_head": round(float(per_head.min()), 4), "best_layer": int(best_layer),
-            "best_head": int(best_head), "aer_all_heads_average": round(float(average), 4),
-            "aer_per_layer_head": per_head.round(4).tolist()}
+    return {
+        "aer_best_head": round(float(per_head.min()), 4),
+        "best_layer": int(best_layer),
+        "best_head": int(best_head),
+        "aer_all_heads_average": round(float(average), 4),
+        "aer_per_layer_head": per_head.round(4).tolist(),
+    }
 
 
 def load_examples(split: str, tsv: str | None, seed: int | None, limit: int | None) -> list[Example]:
@@ -105,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     from model.train import load_model
 
     parser = argparse.ArgumentParser(prog="translator-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/default", help="checkpoint folder from translator-train")
+    parser.add_argument(
+        "--checkpoint", default="runs/default", help="checkpoint folder from translator-train"
+    )
     parser.add_argument("--split", default="test", choices=["train", "valid", "test", "long"])
     parser.add_argument("--seed", type=int, help="sample the split from this seed instead of its own")
     parser.add_argument("--tsv", help="evaluate on this `source<TAB>target` file instead of a toy split")
@@ -122,18 +150,37 @@ def main(argv: list[str] | None = None) -> None:
     model, vocabulary, meta = load_model(args.checkpoint)
     examples = load_examples(args.split, args.tsv, args.seed, args.limit)
     started = time.time()
-    translations = translate_texts(model, vocabulary, [e.source for e in examples], beam_size=args.beam_size,
-                                   length_penalty=args.length_penalty)
-    results: dict = {"checkpoint": args.checkpoint, "split": "tsv:" + args.tsv if args.tsv else args.split,
-                     "seed": args.seed, "pairs": len(examples), "beam_size": args.beam_size,
-                     **corpus_scores([t.text for t in translations], [e.target for e in examples]),
-                     "translate_seconds": round(time.time() - started, 2)}
+    translations = translate_texts(
+        model,
+        vocabulary,
+        [e.source for e in examples],
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+    )
+    results: dict = {
+        "checkpoint": args.checkpoint,
+        "split": "tsv:" + args.tsv if args.tsv else args.split,
+        "seed": args.seed,
+        "pairs": len(examples),
+        "beam_size": args.beam_size,
+        **corpus_scores([t.text for t in translations], [e.target for e in examples]),
+        "translate_seconds": round(time.time() - started, 2),
+    }
     unknown = sum(len(vocabulary.encode_source(e.source).unknown_words) for e in examples)
     results["unknown_source_words"] = unknown
     if examples and examples[0].alignment is not None:
         results.update(attention_alignment(model, vocabulary, examples[: args.aer_limit]))
-    for key in ("pairs", "bleu", "chrf", "exact_match", "aer_best_head", "best_layer", "best_head",
-                "aer_all_heads_average", "translate_seconds"):
+    for key in (
+        "pairs",
+        "bleu",
+        "chrf",
+        "exact_match",
+        "aer_best_head",
+        "best_layer",
+        "best_head",
+        "aer_all_heads_average",
+        "translate_seconds",
+    ):
         if key in results:
             print(f"{key:>24}: {results[key]}")
     if args.json:

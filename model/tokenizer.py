@@ -23,12 +23,16 @@ def build_word_level(texts: Iterable[str], min_frequency: int = 1) -> Vocabulary
 
 
 def build_bpe(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> Vocabulary:
-    """Subword units for open-vocabulary corpora; Metaspace keeps word boundaries so decoding restores spaces."""
+    """Subwords for open-vocabulary corpora; Metaspace keeps word boundaries so decoding restores spaces."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.normalizer = normalizers.NFKC()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return Vocabulary(tokenizer)

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -85,8 +84,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
     args = parser.parse_args(argv)
     config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
     return dataclasses.replace(config, **overrides), args.resume
@@ -113,12 +115,16 @@ def inverse_sqrt_schedule(step: int, warmup_steps: int) -> float:
 
 def save_checkpoint(out_dir: Path, prefix: str, model: Transformer, meta: dict) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / f"{prefix}.safetensors")
-    (out_dir / ("config.json" if prefix == "model" else f"{prefix}.json")).write_text(json.dumps(meta, indent=2))
+    (out_dir / ("config.json" if prefix == "model" else f"{prefix}.json")).write_text(
+        json.dumps(meta, indent=2)
+    )
 
 
 def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value for index, entry in state["state"].items() for key, value in entry.items()}
+    tensors = {
+        f"{index}.{key}": value for index, entry in state["state"].items() for key, value in entry.items()
+    }
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
     return {"param_groups": state["param_groups"]}
 
@@ -158,25 +164,40 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         vocabulary = Vocabulary.from_file(out_dir / "tokenizer.json")
     elif config.train_tsv:
-        vocabulary = build_bpe((t for e in train_examples for t in (e.source, e.target)), config.bpe_vocab_size)
+        vocabulary = build_bpe(
+            (t for e in train_examples for t in (e.source, e.target)), config.bpe_vocab_size
+        )
     else:
         vocabulary = build_word_level(t for e in train_examples for t in (e.source, e.target))
     if rank == 0:
         vocabulary.save(out_dir / "tokenizer.json")
     train_pairs = encode_examples(vocabulary, train_examples)
     n_target = sum(len(p.target) - 1 for p in train_pairs)
-    log(f"data: {len(train_pairs)} training pairs ({n_target} target tokens), {len(valid_examples)} validation "
-        f"pairs, vocabulary {vocabulary.size}, prepared in {time.time() - started:.1f}s")
+    log(
+        f"data: {len(train_pairs)} training pairs ({n_target} target tokens), "
+        f"{len(valid_examples)} validation "
+        f"pairs, vocabulary {vocabulary.size}, prepared in {time.time() - started:.1f}s"
+    )
 
     model_config = TransformerConfig(
-        src_vocab_size=vocabulary.size, tgt_vocab_size=vocabulary.size, d_model=config.d_model,
-        n_heads=config.n_heads, n_encoder_layers=config.n_encoder_layers, n_decoder_layers=config.n_decoder_layers,
-        d_ff=config.d_ff, dropout=config.dropout, pad_id=vocabulary.pad_id, bos_id=vocabulary.bos_id,
-        eos_id=vocabulary.eos_id, unk_id=vocabulary.unk_id)
+        src_vocab_size=vocabulary.size,
+        tgt_vocab_size=vocabulary.size,
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        n_encoder_layers=config.n_encoder_layers,
+        n_decoder_layers=config.n_decoder_layers,
+        d_ff=config.d_ff,
+        dropout=config.dropout,
+        pad_id=vocabulary.pad_id,
+        bos_id=vocabulary.bos_id,
+        eos_id=vocabulary.eos_id,
+        unk_id=vocabulary.unk_id,
+    )
     model = Transformer(model_config)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=config.betas,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay
+    )
 
     progress = {"epoch": 0, "step": 0, "best_bleu": -1.0, "train_seconds": 0.0, "history": []}
     if resume:
@@ -184,29 +205,52 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(load_file(out_dir / "last.safetensors"))
         load_optimizer(out_dir / "last_optimizer.safetensors", optimizer, state["optimizer"]["param_groups"])
         progress = state["progress"]
-        log(f"resumed at epoch {progress['epoch']}, step {progress['step']}, best BLEU {progress['best_bleu']:.2f}")
+        log(
+            f"resumed at epoch {progress['epoch']}, step {progress['step']}, "
+            f"best BLEU {progress['best_bleu']:.2f}"
+        )
     trainable = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
-    meta_base = {"model": model_config.to_dict(), "train": dataclasses.asdict(config),
-                 "data": {"kind": "tsv" if config.train_tsv else "toy",
-                          "train_pairs": len(train_pairs), "valid_pairs": len(valid_examples),
-                          "split_seeds": None if config.train_tsv else dict(_toy_seeds())},
-                 "vocabulary_size": vocabulary.size}
+    meta_base = {
+        "model": model_config.to_dict(),
+        "train": dataclasses.asdict(config),
+        "data": {
+            "kind": "tsv" if config.train_tsv else "toy",
+            "train_pairs": len(train_pairs),
+            "valid_pairs": len(valid_examples),
+            "split_seeds": None if config.train_tsv else dict(_toy_seeds()),
+        },
+        "vocabulary_size": vocabulary.size,
+    }
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     while progress["epoch"] < config.epochs and progress["train_seconds"] < budget:
         epoch = progress["epoch"]
         model.train()
-        batches = token_batches(train_pairs, config.max_tokens, vocabulary.pad_id, config.seed, epoch, rank, world)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, mininterval=2,
-                   file=sys.stdout, dynamic_ncols=True)
+        batches = token_batches(
+            train_pairs, config.max_tokens, vocabulary.pad_id, config.seed, epoch, rank, world
+        )
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=rank != 0,
+            mininterval=2,
+            file=sys.stdout,
+            dynamic_ncols=True,
+        )
         epoch_start, tokens_seen, loss_sum = time.time(), 0, 0.0
         for batch in bar:
             src = torch.from_numpy(batch.src_ids)
             tgt = torch.from_numpy(batch.tgt_ids)
             logits = trainable(src, tgt[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1),
-                                   ignore_index=vocabulary.pad_id, label_smoothing=config.label_smoothing)
-            learning_rate = config.learning_rate * inverse_sqrt_schedule(progress["step"] + 1, config.warmup_steps)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                tgt[:, 1:].reshape(-1),
+                ignore_index=vocabulary.pad_id,
+                label_smoothing=config.label_smoothing,
+            )
+            learning_rate = config.learning_rate * inverse_sqrt_schedule(
+                progress["step"] + 1, config.warmup_steps
+            )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
             optimizer.zero_grad(set_to_none=True)
@@ -217,8 +261,12 @@ def main(argv: list[str] | None = None) -> None:
             tokens_seen += batch.n_target_tokens
             loss_sum += loss.item() * batch.n_target_tokens
             elapsed = time.time() - epoch_start
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen * world / max(elapsed, 1e-9):.0f}",
-                            lr=f"{learning_rate:.2e}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                tok_s=f"{tokens_seen * world / max(elapsed, 1e-9):.0f}",
+                lr=f"{learning_rate:.2e}",
+                refresh=False,
+            )
             if progress["train_seconds"] + elapsed >= budget:
                 break
         bar.close()
@@ -226,15 +274,25 @@ def main(argv: list[str] | None = None) -> None:
         progress["epoch"] += 1
         if rank == 0:
             model.eval()
-            hypotheses = [t.text for t in translate_texts(model, vocabulary, [e.source for e in valid_examples])]
+            hypotheses = [
+                t.text for t in translate_texts(model, vocabulary, [e.source for e in valid_examples])
+            ]
             scores = corpus_scores(hypotheses, [e.target for e in valid_examples])
-            record = {"epoch": progress["epoch"], "step": progress["step"], "train_loss": loss_sum / max(tokens_seen, 1),
-                      "train_seconds": round(progress["train_seconds"], 1), **scores}
+            record = {
+                "epoch": progress["epoch"],
+                "step": progress["step"],
+                "train_loss": loss_sum / max(tokens_seen, 1),
+                "train_seconds": round(progress["train_seconds"], 1),
+                **scores,
+            }
             progress["history"].append(record)
             improved = scores["bleu"] > progress["best_bleu"]
-            log(f"epoch {progress['epoch']}: train loss {record['train_loss']:.4f}, valid BLEU {scores['bleu']:.2f}, "
+            log(
+                f"epoch {progress['epoch']}: train loss {record['train_loss']:.4f}, "
+                f"valid BLEU {scores['bleu']:.2f}, "
                 f"chrF {scores['chrf']:.2f}, exact {scores['exact_match']:.1%}"
-                f"{' (best, saved)' if improved else ''}, {progress['train_seconds'] / 60:.1f} min so far")
+                f"{' (best, saved)' if improved else ''}, {progress['train_seconds'] / 60:.1f} min so far"
+            )
             if improved:
                 progress["best_bleu"] = scores["bleu"]
                 save_checkpoint(out_dir, "model", model, {**meta_base, "metrics": {"valid": record}})
@@ -242,8 +300,11 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(out_dir, "last", model, {"progress": progress, "optimizer": optimizer_meta})
         if distributed:
             dist.barrier()
-    log(f"done: best valid BLEU {progress['best_bleu']:.2f} after {progress['train_seconds'] / 60:.1f} min of "
-        f"training; checkpoint in {out_dir}")
+    log(
+        f"done: best valid BLEU {progress['best_bleu']:.2f} after "
+        f"{progress['train_seconds'] / 60:.1f} min of "
+        f"training; checkpoint in {out_dir}"
+    )
     if distributed:
         dist.destroy_process_group()
 

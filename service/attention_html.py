@@ -245,12 +245,12 @@ section.card { background: var(--panel); border: 1px solid var(--line); border-r
   }
 
   function shade(v) { return $("sqrt").checked ? Math.sqrt(Math.max(v, 0)) : Math.max(v, 0); }
-  function color(v) {
+  function rgb(v) {
     const x = Math.min(1, shade(v)) * (VIRIDIS.length - 1);
     const i = Math.min(VIRIDIS.length - 2, Math.floor(x)), t = x - i;
-    const c = VIRIDIS[i].map((a, k) => Math.round(a + (VIRIDIS[i + 1][k] - a) * t));
-    return "rgb(" + c[0] + "," + c[1] + "," + c[2] + ")";
+    return VIRIDIS[i].map((a, k) => Math.round(a + (VIRIDIS[i + 1][k] - a) * t));
   }
+  function color(v) { const c = rgb(v); return "rgb(" + c[0] + "," + c[1] + "," + c[2] + ")"; }
   function label(kind, layer, head, m) {
     const l = layer === AVG ? "average of layers" : "layer " + m.layers[layer];
     const h = head === AVG ? "average of heads" : "head " + m.heads[head];
@@ -402,7 +402,8 @@ section.card { background: var(--panel); border: 1px solid var(--line); border-r
     const rowH = 20, top = 24, gap = 180;
     const textWidth = (tokens) => Math.min(220, 14 + 7.5 * Math.max(4, ...tokens.map((t) => t.length)));
     const [leftHead, rightHead] = KIND_AXES[state.kind];
-    const leftW = Math.max(textWidth(m.rows), 7 * leftHead.length), rightW = textWidth(m.cols) + 44;
+    const leftW = Math.max(textWidth(m.rows), 7 * leftHead.length);
+    const rightW = Math.max(textWidth(m.cols) + 44, 7 * rightHead.length);
     const width = leftW + gap + rightW, height = top + rowH * Math.max(R, C) + 8;
     // Parsing <svg> as HTML gives the SVG namespace without spelling its URI in the page.
     const holder = el("div");
@@ -513,13 +514,17 @@ section.card { background: var(--panel); border: 1px solid var(--line); border-r
     for (const l of layerRows) {
       box.appendChild(el("div", "ax", l === AVG ? "avg layers" : "layer " + m.layers[l]));
       for (const h of [...Array(H).keys()].concat([AVG])) {
+        // One pixel per weight, enlarged by CSS: a single putImageData instead of R x C fillRect calls.
         const canvas = document.createElement("canvas");
-        canvas.width = C * px; canvas.height = R * px;
+        canvas.width = Math.max(C, 1); canvas.height = Math.max(R, 1);
+        canvas.style.width = C * px + "px"; canvas.style.height = R * px + "px";
         const ctx = canvas.getContext("2d"), values = matrix(m, l, h);
-        for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
-          ctx.fillStyle = color(values[r * C + c]);
-          ctx.fillRect(c * px, r * px, px, px);
+        const image = ctx.createImageData(canvas.width, canvas.height);
+        for (let i = 0; i < R * C; i++) {
+          const c = rgb(values[i]);
+          image.data.set([c[0], c[1], c[2], 255], 4 * i);
         }
+        ctx.putImageData(image, 0, 0);
         canvas.title = label(state.kind, l, h, m);
         canvas.classList.toggle("selected", l === state.layer && h === state.head);
         canvas.addEventListener("click", () => {

@@ -67,6 +67,7 @@ class Job:
         arrival: float | None = None,
         deadline: float | None = None,
         stream: bool = False,
+        urgent: bool = False,
     ) -> None:
         if not sources:
             raise ValueError("a job needs at least one text")
@@ -74,6 +75,7 @@ class Job:
         self.options = options
         self.arrival = time.monotonic() if arrival is None else arrival  # time.monotonic() clock
         self.deadline = deadline  # time.monotonic() clock; None: no deadline
+        self.urgent = urgent  # its batch starts without waiting for max_queue_delay (the warm-up)
         self.results: list[TextResult | None] = [None] * len(sources)
         self.error: RequestFailed | None = None
         self.finished = False  # completed or failed; guarded by the batcher's lock
@@ -243,7 +245,7 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            while (self._depth or self._busy) and time.monotonic() < end:
+            while (self._depth or self._busy) and self._thread.is_alive() and time.monotonic() < end:
                 self._cond.wait(end - time.monotonic())
             leftovers = {item.job for items in self._pending.values() for item in items} | set(self._running)
         for job in leftovers:
@@ -282,13 +284,22 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
+            items: list[_Item] = []
             try:
-                items = self._next_batch()
-                if items is None:
+                batch = self._next_batch()
+                if batch is None:
                     return
+                items = batch
                 self._run_batch(items)
-            except Exception:  # a bug here must not kill the only worker: log it and go on
-                log.exception("batcher worker error")
+            except Exception as error:  # the only worker must survive anything; its batch gets INTERNAL
+                log.exception("batch of %d sentences failed", len(items))
+                for job in {item.job for item in items}:
+                    self.abandon(
+                        job,
+                        grpc.StatusCode.INTERNAL,
+                        f"the engine failed on this request's batch: {type(error).__name__}: {error}",
+                        reason="error",
+                    )
             finally:
                 with self._cond:
                     self._busy = False
@@ -308,7 +319,7 @@ class Batcher:
                 chosen, full = self._select(waiting)
                 start_at = waiting[0].job.arrival + self.settings.max_queue_delay_s
                 now = time.monotonic()
-                if full or now >= start_at or self._closed:
+                if full or now >= start_at or self._closed or waiting[0].job.urgent:
                     key = batch_key(chosen[0].job.options)
                     taken = {id(item) for item in chosen}
                     rest = [item for item in waiting if id(item) not in taken]
@@ -350,23 +361,12 @@ class Batcher:
         self.metrics.batch_sentences.observe(len(items))
         self.metrics.batch_tokens.observe(len(items) * max(item.length for item in items))
         self._timed.reset()
-        try:
-            hypotheses = self.engine.search_ids(
-                [item.job.sources[item.index].ids for item in items],
-                options,
-                on_token=self._token_sink(items),
-                is_abandoned=self._abandoned_check(items),
-            )
-        except Exception as error:
-            log.exception("engine failed on a batch of %d sentences", len(items))
-            for job in {item.job for item in items}:
-                self.abandon(
-                    job,
-                    grpc.StatusCode.INTERNAL,
-                    f"the engine failed on this request's batch: {error}",
-                    reason="error",
-                )
-            return
+        hypotheses = self.engine.search_ids(
+            [item.job.sources[item.index].ids for item in items],
+            options,
+            on_token=self._token_sink(items),
+            is_abandoned=self._abandoned_check(items),
+        )
         compute_s = time.monotonic() - start
         self.metrics.compute_duration.labels(stage="encode").observe(self._timed.encode_s)
         self.metrics.compute_duration.labels(stage="decode").observe(self._timed.decode_s)

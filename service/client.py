@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one JSON object per text (translation, tokens, score, timings, "
                              "unknown words)")
     parser.add_argument("--json-attention", action="store_true",
-                        help="with --json, include the cross-attention maps (all kinds when --html is given)")
+                        help="--json with the cross-attention maps included (all kinds when --html is given)")
     parser.add_argument("--stream", action="store_true", help="print target tokens as they are generated")
     parser.add_argument("--info", action="store_true", help="print the served model's description")
     return parser
@@ -330,15 +330,14 @@ def _read_texts(arguments: list[str], stdin: TextIO) -> list[str]:
     return [line.strip() for line in stdin if line.strip()]
 
 
-def _png_paths(path: Path, count: int) -> list[Path]:
-    """One PNG per text: the given path for a single text, else stem-1.png, stem-2.png, ... in input order."""
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(1, count + 1)]
-
-
 def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    args.json = args.json or args.json_attention
+    if not args.texts and not args.info and stdin.isatty():
+        print("reading texts from stdin, one per line (end with Ctrl-D)", file=err)
     texts = [] if args.info and not args.texts else _read_texts(args.texts, stdin)
+    if not texts and not args.info:
+        print("error: no text to translate: give texts as arguments or one per line on stdin", file=err)
+        return 2
     kinds: list[str] = []
     if args.attention is not None or args.json_attention:
         kinds.append("cross")
@@ -366,9 +365,9 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
                     _print_result(result, args.json, args.json_attention, out)
                 results.extend(batch)
     if args.attention is not None and results:
-        from service.attention_plot import render_cross_attention_png
+        from service.attention_plot import png_paths, render_cross_attention_png
 
-        for result, path in zip(results, _png_paths(args.attention, len(results)), strict=True):
+        for result, path in zip(results, png_paths(args.attention, len(results)), strict=True):
             cross = result.attention.get("cross")
             if cross is None:
                 print(f"warning: the server sent no cross-attention for {result.source!r}", file=err)

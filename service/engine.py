@@ -1,4 +1,4 @@
-"""The inference engine: a model version run by onnxruntime (CUDA when present, else CPU), numpy glue, no torch.
+"""The inference engine: a model version run by onnxruntime (CUDA if present, else CPU); no torch.
 
 The encoder runs once per padded batch; the decoder-step graph runs once per generated position over the rows
 that are still unfinished, with the key/value cache passed from one step to the next.
@@ -40,7 +40,9 @@ class TranslateOptions:
     def __post_init__(self) -> None:
         unknown = set(self.attention) - set(ATTENTION_KINDS)
         if unknown:
-            raise ValueError(f"unknown attention kinds {sorted(unknown)}; expected some of {list(ATTENTION_KINDS)}")
+            raise ValueError(
+                f"unknown attention kinds {sorted(unknown)}; expected some of {list(ATTENTION_KINDS)}"
+            )
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
         if self.max_length is not None and self.max_length < 1:
@@ -107,14 +109,17 @@ def make_session(path: Path, providers: list[str], threads: int | None) -> ort.I
         raise ModelLoadError(f"{path}: onnxruntime cannot load it ({error})") from error
 
 
-def check_signature(session: ort.InferenceSession, path: Path, inputs: Iterable[str], outputs: Iterable[str],
-                    described: dict) -> None:
+def check_signature(
+    session: ort.InferenceSession, path: Path, inputs: Iterable[str], outputs: Iterable[str], described: dict
+) -> None:
     """The graph must have the inputs/outputs the engine feeds and model.json promises."""
     actual_inputs = [i.name for i in session.get_inputs()]
     actual_outputs = [o.name for o in session.get_outputs()]
     if actual_inputs != list(inputs) or actual_outputs != list(outputs):
-        raise ModelLoadError(f"{path}: graph has inputs {actual_inputs} and outputs {actual_outputs}, "
-                             f"expected {list(inputs)} and {list(outputs)}")
+        raise ModelLoadError(
+            f"{path}: graph has inputs {actual_inputs} and outputs {actual_outputs}, "
+            f"expected {list(inputs)} and {list(outputs)}"
+        )
     if described.get("inputs") != actual_inputs or described.get("outputs") != actual_outputs:
         raise ModelLoadError(f"{path}: its inputs/outputs do not match those listed in model.json")
 
@@ -122,8 +127,15 @@ def check_signature(session: ort.InferenceSession, path: Path, inputs: Iterable[
 class OnnxBackend:
     """The `StepBackend` of service.search over the two exported graphs."""
 
-    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, n_layers: int, n_heads: int,
-                 head_dim: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        encoder: ort.InferenceSession,
+        decoder: ort.InferenceSession,
+        n_layers: int,
+        n_heads: int,
+        head_dim: int,
+        pad_id: int,
+    ) -> None:
         self.encoder = encoder
         self.pad_id = pad_id
         self.decoder = decoder
@@ -141,16 +153,26 @@ class OnnxBackend:
         encoder_attention = outputs[2].transpose(1, 0, 2, 3, 4) if with_attention else None
         return state, encoder_attention
 
-    def step(self, state: DecoderState, tokens: np.ndarray, with_attention: bool
-             ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        feeds = {"tokens": tokens, "past_self_key": state.self_key, "past_self_value": state.self_value,
-                 "cross_key": state.cross_key, "cross_value": state.cross_value,
-                 "src_padding_mask": state.src_padding_mask}
+    def step(
+        self, state: DecoderState, tokens: np.ndarray, with_attention: bool
+    ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        feeds = {
+            "tokens": tokens,
+            "past_self_key": state.self_key,
+            "past_self_value": state.self_value,
+            "cross_key": state.cross_key,
+            "cross_value": state.cross_value,
+            "src_padding_mask": state.src_padding_mask,
+        }
         if with_attention:
-            log_probs, key, value, cross, self_attention = self.decoder.run(self.step_outputs_with_attention, feeds)
+            log_probs, key, value, cross, self_attention = self.decoder.run(
+                self.step_outputs_with_attention, feeds
+            )
             # [L, N, H, 1, *] -> [N, L, H, *]
-            cross, self_attention = cross[:, :, :, 0].transpose(1, 0, 2, 3), self_attention[:, :, :, 0].transpose(
-                1, 0, 2, 3)
+            cross, self_attention = (
+                cross[:, :, :, 0].transpose(1, 0, 2, 3),
+                self_attention[:, :, :, 0].transpose(1, 0, 2, 3),
+            )
         else:
             log_probs, key, value = self.decoder.run(self.step_outputs, feeds)
             cross = self_attention = None
@@ -159,46 +181,84 @@ class OnnxBackend:
 
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         mask = state.src_padding_mask[rows]
-        # Rows of one batch share its padded length; trimming columns every row pads spares the cross-attention.
+        # Trimming the source columns that no kept row uses spares the cross-attention work on padding.
         width = int((~mask).sum(axis=1).max()) if len(rows) else mask.shape[1]
-        return DecoderState(state.self_key[:, rows], state.self_value[:, rows],
-                            state.cross_key[:, rows, :, :width], state.cross_value[:, rows, :, :width],
-                            mask[:, :width])
+        return DecoderState(
+            state.self_key[:, rows],
+            state.self_value[:, rows],
+            state.cross_key[:, rows, :, :width],
+            state.cross_value[:, rows, :, :width],
+            mask[:, :width],
+        )
 
 
 class Engine:
-    """Translate texts with a model version: batches, search options, attention maps, unknown-word replacement."""
+    """Translate texts with a model version: batches, options, attention maps, unknown-word replacement."""
 
-    def __init__(self, model: ModelVersion, device: str = "auto", threads: int | None = None,
-                 max_length_limit: int = 256) -> None:
+    def __init__(
+        self,
+        model: ModelVersion,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length_limit: int = 256,
+    ) -> None:
         self.model = model
         self.providers = choose_providers(device)
         self.vocabulary = Vocabulary.from_file(model.file("tokenizer.json"))
         architecture = model.architecture
         if self.vocabulary.size != architecture.tgt_vocab_size:
-            raise ModelLoadError(f"{model.file('tokenizer.json')}: {self.vocabulary.size} tokens, but model.json "
-                                 f"says the model has {architecture.tgt_vocab_size}")
+            raise ModelLoadError(
+                f"{model.file('tokenizer.json')}: {self.vocabulary.size} tokens, but model.json "
+                f"says the model has {architecture.tgt_vocab_size}"
+            )
         special = model.special_ids
-        ours = {"pad": self.vocabulary.pad_id, "bos": self.vocabulary.bos_id, "eos": self.vocabulary.eos_id,
-                "unk": self.vocabulary.unk_id}
+        ours = {
+            "pad": self.vocabulary.pad_id,
+            "bos": self.vocabulary.bos_id,
+            "eos": self.vocabulary.eos_id,
+            "unk": self.vocabulary.unk_id,
+        }
         if special != ours:
-            raise ModelLoadError(f"{model.file('model.json')}: special ids {special} differ from tokenizer.json's "
-                                 f"{ours}")
+            raise ModelLoadError(
+                f"{model.file('model.json')}: special ids {special} differ from tokenizer.json's {ours}"
+            )
         graphs = model.description["graphs"]
         encoder = make_session(model.file("encoder.onnx"), self.providers, threads)
         decoder = make_session(model.file("decoder.onnx"), self.providers, threads)
-        check_signature(encoder, model.file("encoder.onnx"), ENCODER_INPUTS, ENCODER_OUTPUTS, graphs["encoder"])
-        check_signature(decoder, model.file("decoder.onnx"), DECODER_INPUTS, DECODER_OUTPUTS, graphs["decoder"])
-        self.backend = OnnxBackend(encoder, decoder, architecture.n_decoder_layers, architecture.n_heads,
-                                   architecture.head_dim, self.vocabulary.pad_id)
+        check_signature(
+            encoder, model.file("encoder.onnx"), ENCODER_INPUTS, ENCODER_OUTPUTS, graphs["encoder"]
+        )
+        check_signature(
+            decoder, model.file("decoder.onnx"), DECODER_INPUTS, DECODER_OUTPUTS, graphs["decoder"]
+        )
+        self.backend = OnnxBackend(
+            encoder,
+            decoder,
+            architecture.n_decoder_layers,
+            architecture.n_heads,
+            architecture.head_dim,
+            self.vocabulary.pad_id,
+        )
         self.provider = encoder.get_providers()[0]
         self.max_length_limit = max_length_limit
         self._check_shapes()
 
     @classmethod
-    def load(cls, repository: str | Path, name: str, version: int | None = None, device: str = "auto",
-             threads: int | None = None) -> Engine:
-        return cls(resolve(repository, name, version), device=device, threads=threads)
+    def load(
+        cls,
+        repository: str | Path,
+        name: str,
+        version: int | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length_limit: int = 256,
+    ) -> Engine:
+        return cls(
+            resolve(repository, name, version),
+            device=device,
+            threads=threads,
+            max_length_limit=max_length_limit,
+        )
 
     def _check_shapes(self) -> None:
         """The graphs' fixed dimensions must be the ones model.json describes (layers, heads, vocabulary)."""
@@ -215,47 +275,73 @@ class Engine:
             values = {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
             actual = [d if isinstance(d, int) else None for d in values[name]]
             if actual != dims:
-                raise ModelLoadError(f"{self.model.file(file)}: '{name}' has dimensions {values[name]}, but "
-                                     f"model.json describes {layers} decoder layers, {heads} heads of size "
-                                     f"{head_dim} and a vocabulary of {architecture.tgt_vocab_size}")
+                raise ModelLoadError(
+                    f"{self.model.file(file)}: '{name}' has dimensions {values[name]}, but "
+                    f"model.json describes {layers} decoder layers, {heads} heads of size "
+                    f"{head_dim} and a vocabulary of {architecture.tgt_vocab_size}"
+                )
 
     def encode_texts(self, texts: list[str]) -> list[EncodedText]:
         return [self.vocabulary.encode_source(text) for text in texts]
 
     def max_length_for(self, source_length: int, options: TranslateOptions) -> int:
+        """Per sentence, so that a translation does not depend on the batch it shares."""
         automatic = 2 * source_length + 10
         return min(options.max_length or automatic, self.max_length_limit)
 
-    def search_ids(self, sources: list[list[int]], options: TranslateOptions,
-                   on_token: Callable[[int, int], None] | None = None,
-                   is_abandoned: Callable[[int], bool] | None = None) -> list[Hypothesis | None]:
+    def search_ids(
+        self,
+        sources: list[list[int]],
+        options: TranslateOptions,
+        on_token: Callable[[int, int], None] | None = None,
+        is_abandoned: Callable[[int], bool] | None = None,
+    ) -> list[Hypothesis | None]:
         """Run the shared search over one padded batch of source ids."""
         width = max(len(s) for s in sources)
         src_ids = np.full((len(sources), width), self.vocabulary.pad_id, dtype=np.int64)
         for row, source in enumerate(sources):
             src_ids[row, : len(source)] = source
-        return search(self.backend, src_ids, pad_id=self.vocabulary.pad_id, bos_id=self.vocabulary.bos_id,
-                      eos_id=self.vocabulary.eos_id, beam_size=options.beam_size,
-                      max_length=self.max_length_for(width, options), length_penalty=options.length_penalty,
-                      with_attention=options.needs_attention, on_token=on_token, is_abandoned=is_abandoned)
+        return search(
+            self.backend,
+            src_ids,
+            pad_id=self.vocabulary.pad_id,
+            bos_id=self.vocabulary.bos_id,
+            eos_id=self.vocabulary.eos_id,
+            beam_size=options.beam_size,
+            max_length=np.array([self.max_length_for(len(s), options) for s in sources]),
+            length_penalty=options.length_penalty,
+            with_attention=options.needs_attention,
+            on_token=on_token,
+            is_abandoned=is_abandoned,
+        )
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
         """Text, tokens and the attention maps the caller asked for, trimmed to the real lengths."""
         ids = list(hypothesis.tokens)
         target_tokens = self.vocabulary.tokens(ids) + (["</s>"] if hypothesis.finished else [])
         text = self.vocabulary.decode(ids)
-        if options.replace_unknowns and self.vocabulary.unk_id in ids and hypothesis.cross_attention is not None:
+        if (
+            options.replace_unknowns
+            and self.vocabulary.unk_id in ids
+            and hypothesis.cross_attention is not None
+        ):
             text = self.replace_unknowns(ids, source, hypothesis.cross_attention)
         wanted = options.attention
         return Translation(
-            text=text, token_ids=ids, target_tokens=target_tokens, source_tokens=list(source.tokens),
-            score=hypothesis.score, log_prob=hypothesis.log_prob, unknown_words=list(source.unknown_words),
+            text=text,
+            token_ids=ids,
+            target_tokens=target_tokens,
+            source_tokens=list(source.tokens),
+            score=hypothesis.score,
+            log_prob=hypothesis.log_prob,
+            unknown_words=list(source.unknown_words),
             cross_attention=hypothesis.cross_attention if "cross" in wanted else None,
             decoder_self_attention=hypothesis.self_attention if "decoder_self" in wanted else None,
-            encoder_attention=hypothesis.encoder_attention if "encoder_self" in wanted else None)
+            encoder_attention=hypothesis.encoder_attention if "encoder_self" in wanted else None,
+        )
 
     def replace_unknowns(self, ids: list[int], source: EncodedText, cross_attention: np.ndarray) -> str:
-        """Each generated <unk> becomes the source word its cross-attention (all layers and heads) points to most."""
+        """Each generated <unk> becomes the source word its mean cross-attention points to most."""
         mean = cross_attention.mean(axis=(0, 1))[:, :-1]  # the source </s> is not a word to copy
         words = []
         for position, token_id in enumerate(ids):
@@ -265,15 +351,16 @@ class Engine:
                 words.append(self.vocabulary.decode([token_id]))
         return " ".join(w for w in words if w)
 
-    def translate(self, texts: list[str], options: TranslateOptions | None = None,
-                  batch_size: int = 64) -> list[Translation]:
+    def translate(
+        self, texts: list[str], options: TranslateOptions | None = None, batch_size: int = 64
+    ) -> list[Translation]:
         """Translate a list of texts; similar lengths share a batch, results come back in input order."""
         options = options or TranslateOptions()
         sources = self.encode_texts(texts)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i].ids))
         results: list[Translation | None] = [None] * len(sources)
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             hypotheses = self.search_ids([sources[i].ids for i in chunk], options)
             for i, hypothesis in zip(chunk, hypotheses, strict=True):
                 assert hypothesis is not None  # nothing is abandoned without is_abandoned

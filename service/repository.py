@@ -1,4 +1,4 @@
-"""The model repository: `<repository>/<model-name>/<version>/{encoder.onnx, decoder.onnx, tokenizer.json, model.json}`.
+"""The model repository: `<repository>/<model>/<version>/` with both graphs, tokenizer.json and model.json.
 
 Loading checks everything it can before a request arrives, and every error names the file at fault.
 """
@@ -14,7 +14,14 @@ from typing import Any
 MODEL_FORMAT = "translator-onnx-v1"
 ENCODER_INPUTS = ("src_ids", "src_padding_mask")
 ENCODER_OUTPUTS = ("memory", "cross_key", "cross_value", "encoder_attention")
-DECODER_INPUTS = ("tokens", "past_self_key", "past_self_value", "cross_key", "cross_value", "src_padding_mask")
+DECODER_INPUTS = (
+    "tokens",
+    "past_self_key",
+    "past_self_value",
+    "cross_key",
+    "cross_value",
+    "src_padding_mask",
+)
 DECODER_OUTPUTS = ("log_probs", "present_self_key", "present_self_value", "cross_attention", "self_attention")
 REQUIRED_FILES = ("model.json", "encoder.onnx", "decoder.onnx", "tokenizer.json")
 
@@ -62,7 +69,9 @@ def available_versions(repository: Path, name: str) -> list[int]:
     folder = repository / name
     if not folder.is_dir():
         known = sorted(p.name for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
-        raise ModelLoadError(f"{folder}: no such model in repository {repository} (models there: {known or 'none'})")
+        raise ModelLoadError(
+            f"{folder}: no such model in repository {repository} (models there: {known or 'none'})"
+        )
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
@@ -74,8 +83,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve(repository: str | Path, name: str, version: int | None = None, verify_checksums: bool = True
-            ) -> ModelVersion:
+def resolve(
+    repository: str | Path, name: str, version: int | None = None, verify_checksums: bool = True
+) -> ModelVersion:
     """Find a model version (the newest when none is named) and check its description and files."""
     repository = Path(repository)
     versions = available_versions(repository, name)
@@ -88,12 +98,16 @@ def resolve(repository: str | Path, name: str, version: int | None = None, verif
         raise ModelLoadError(f"{path}: version {version} does not exist (versions: {versions})")
     for file in REQUIRED_FILES:
         if not (path / file).is_file():
-            raise ModelLoadError(f"{path / file}: missing (a model version needs {', '.join(REQUIRED_FILES)})")
+            raise ModelLoadError(
+                f"{path / file}: missing (a model version needs {', '.join(REQUIRED_FILES)})"
+            )
     description = read_description(path / "model.json")
     if verify_checksums:
         for file, expected in description["checksums"].items():
             if (path / file).is_file() and sha256(path / file) != expected:
-                raise ModelLoadError(f"{path / file}: checksum does not match model.json (corrupt or replaced)")
+                raise ModelLoadError(
+                    f"{path / file}: checksum does not match model.json (corrupt or replaced)"
+                )
     architecture_fields = {k: description["architecture"][k] for k in Architecture.__dataclass_fields__}
     return ModelVersion(name, version, path, description, Architecture(**architecture_fields))
 
@@ -108,7 +122,11 @@ def read_description(path: Path) -> dict[str, Any]:
     for key in ("architecture", "special_ids", "vocabulary_size", "graphs", "checksums"):
         if not isinstance(description.get(key), dict):
             raise ModelLoadError(f"{path}: missing or malformed '{key}'")
-    missing = [k for k in Architecture.__dataclass_fields__ if not isinstance(description["architecture"].get(k), int)]
+    missing = [
+        k
+        for k in Architecture.__dataclass_fields__
+        if not isinstance(description["architecture"].get(k), int)
+    ]
     if missing:
         raise ModelLoadError(f"{path}: architecture lacks integer fields {missing}")
     for key in ("pad", "bos", "eos", "unk"):

@@ -22,7 +22,7 @@ that range: ``max_length`` for ``lp > 0`` (the usual bound), ``k + 2`` for ``lp 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Protocol
@@ -77,7 +77,7 @@ def search(
     bos_id: int,
     eos_id: int,
     beam_size: int = 1,
-    max_length: int = 256,
+    max_length: int | Sequence[int] | np.ndarray = 256,
     length_penalty: float = 1.0,
     with_attention: bool = False,
     on_token: OnToken | None = None,
@@ -86,7 +86,8 @@ def search(
     """Translate a batch: one result per row of ``src_ids``, ``None`` for rows dropped by ``is_abandoned``.
 
     ``src_ids`` int [B,S], right-padded with ``pad_id``; a row's real source length is its count of non-pad
-    ids. ``beam_size == 1`` is greedy search. ``max_length`` bounds the steps taken (``</s>`` included).
+    ids. ``beam_size == 1`` is greedy search. ``max_length`` bounds the steps taken (``</s>`` included), for
+    all rows or per row (so that a sentence's limit does not depend on the batch it shares).
     ``on_token(row, token_id)`` streams generated tokens (never ``</s>``): step by step in greedy search;
     in beam search all tokens of the chosen hypothesis at once, when its sentence is done, since beams can
     still change before that. ``is_abandoned(row)`` is asked before every step for every running row.
@@ -98,8 +99,10 @@ def search(
         raise ValueError(f"pad_id, bos_id and eos_id must differ, got {pad_id}, {bos_id}, {eos_id}")
     if not _is_int(beam_size) or beam_size < 1:
         raise ValueError(f"beam_size must be an integer >= 1, got {beam_size!r}")
-    if not _is_int(max_length) or max_length < 1:
-        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    max_lengths = np.asarray(max_length)
+    if (max_lengths.ndim > 1 or not np.issubdtype(max_lengths.dtype, np.integer) or max_lengths.size == 0
+            or max_lengths.min() < 1):
+        raise ValueError(f"max_length must be an integer >= 1 or one per row, got {max_length!r}")
     if (
         isinstance(length_penalty, bool)
         or not isinstance(length_penalty, Real)
@@ -112,13 +115,15 @@ def search(
     if src.shape[0] == 0:
         return []
     src = np.ascontiguousarray(src, dtype=np.int64)
+    if max_lengths.ndim == 1 and max_lengths.shape[0] != src.shape[0]:
+        raise ValueError(f"max_length has {max_lengths.shape[0]} entries for {src.shape[0]} rows")
     run = _Run(
         backend=backend,
         src_lengths=(src != pad_id).sum(axis=1),
         pad_id=int(pad_id),
         bos_id=int(bos_id),
         eos_id=int(eos_id),
-        max_length=int(max_length),
+        max_lengths=np.broadcast_to(max_lengths.astype(np.int64), (src.shape[0],)),
         length_penalty=float(length_penalty),
         with_attention=bool(with_attention),
         on_token=on_token,
@@ -176,7 +181,7 @@ class _Run:
     pad_id: int
     bos_id: int
     eos_id: int
-    max_length: int
+    max_lengths: np.ndarray  # [B] steps allowed per original row
     length_penalty: float
     with_attention: bool
     on_token: OnToken | None
@@ -184,6 +189,9 @@ class _Run:
 
     def _denominator(self, n_steps: int) -> float:
         return float(n_steps) ** self.length_penalty
+
+    def _denominators(self, n_steps: np.ndarray) -> np.ndarray:
+        return n_steps.astype(np.float64) ** self.length_penalty
 
     def _step(
         self, state: object, tokens: np.ndarray
@@ -250,7 +258,7 @@ class _Run:
         tokens = np.full(batch, self.bos_id, dtype=np.int64)
         log_prob_sum = np.zeros(batch, dtype=np.float64)  # by original row
         # Output tokens by original row and step; grown on demand so a huge max_length costs nothing.
-        generated = np.zeros((batch, min(self.max_length, 64)), dtype=np.int64)
+        generated = np.zeros((batch, min(int(self.max_lengths.max()), 64)), dtype=np.int64)
 
         keep = self._drop_abandoned(alive, np.ones(batch, dtype=bool))
         if not keep.all():
@@ -260,7 +268,7 @@ class _Run:
                 state = self.backend.select(state, kept)
         parents: np.ndarray | None = None
 
-        for k in range(self.max_length):
+        for k in range(int(self.max_lengths.max())):
             if alive.size == 0:
                 break
             state, log_probs, cross, self_att = self._step(state, tokens)
@@ -279,8 +287,7 @@ class _Run:
                 for row, token in zip(alive[real].tolist(), chosen[real].tolist(), strict=True):
                     self.on_token(row, token)
 
-            last = k + 1 == self.max_length
-            done = np.ones(alive.size, dtype=bool) if last else is_eos
+            done = is_eos | (self.max_lengths[alive] <= k + 1)
             for position in np.flatnonzero(done).tolist():
                 row = int(alive[position])
                 finished = bool(is_eos[position])
@@ -295,8 +302,6 @@ class _Run:
                     history.path(k, position) if history is not None else None,
                     encoder_attention,
                 )
-            if last:
-                break
             keep = self._drop_abandoned(alive, ~done)
             if keep.all():
                 parents = None
@@ -334,7 +339,7 @@ class _Run:
                 state = self.backend.select(state, kept)
         parents: np.ndarray | None = None
 
-        for k in range(self.max_length):
+        for k in range(int(self.max_lengths.max())):
             n = sentences.size
             if n == 0:
                 break
@@ -379,19 +384,20 @@ class _Run:
             next_log_probs = np.take_along_axis(cand_log_probs, survivors, axis=1)
             best_running = next_log_probs.max(axis=1)
 
-            last = k + 1 == self.max_length
-            if last:
-                done = np.ones(n, dtype=bool)
-            else:
-                bound = best_running / max(self._denominator(k + 2), self._denominator(self.max_length))
-                done = best_score[sentences] >= bound
+            limits = self.max_lengths[sentences]
+            last = limits <= k + 1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bound = best_running / np.maximum(self._denominator(k + 2), self._denominators(limits))
+            done = last | (best_score[sentences] >= bound)
             for position in np.flatnonzero(done).tolist():
                 sentence = int(sentences[position])
                 # A running beam is the answer at max_length if it beats every finished one, or when none
                 # finished at all (only possible if every continuation has probability 0). Before
                 # max_length, running beams are unfinished prefixes and the bound has ruled them out.
                 running_score = best_running[position] / self._denominator(k + 1)
-                if (last and running_score > best_score[sentence]) or not np.isfinite(best_score[sentence]):
+                if (last[position] and running_score > best_score[sentence]) or not np.isfinite(
+                    best_score[sentence]
+                ):
                     beam = int(next_log_probs[position].argmax())
                     results[sentence] = self._beam_hypothesis(
                         sentence,
@@ -412,8 +418,6 @@ class _Run:
                         float(best_log_prob[sentence]),
                         encoder_attention,
                     )
-            if last:
-                break
 
             kept = np.flatnonzero(self._drop_abandoned(sentences, ~done))
             sentences = sentences[kept]

@@ -59,8 +59,12 @@ class Vocabulary:
             raise EmptyTextError("the text is empty: there is nothing to translate")
         pieces = [text[start:end] for start, end in encoding.offsets]
         unknown = [piece for i, piece in zip(encoding.ids, pieces, strict=True) if i == self.unk_id]
-        return EncodedText(ids=[*encoding.ids, self.eos_id], tokens=[*encoding.tokens, EOS], pieces=[*pieces, EOS],
-                           unknown_words=unknown)
+        return EncodedText(
+            ids=[*encoding.ids, self.eos_id],
+            tokens=[*encoding.tokens, EOS],
+            pieces=[*pieces, EOS],
+            unknown_words=unknown,
+        )
 
     def encode_target(self, text: str) -> list[int]:
         """Decoder ids of a reference: <s> words </s> (teacher forcing splits it into input and output)."""
@@ -68,8 +72,9 @@ class Vocabulary:
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids; special tokens other than <unk> are dropped."""
-        return self.tokenizer.decode([i for i in ids if i not in self._special_ids or i == self.unk_id],
-                                     skip_special_tokens=False)
+        return self.tokenizer.decode(
+            [i for i in ids if i not in self._special_ids or i == self.unk_id], skip_special_tokens=False
+        )
 
     def id_to_token(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id) or UNK

@@ -10,13 +10,15 @@ DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_MODEL = "toy-en-es"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / DEFAULT_MODEL
 
-WORDS = ("the a big red small dog cat house sees saw will see her him and with in that el la perro gato casa "
-         "grande rojo pequeño ve vio verá y con en que").split()
+WORDS = (
+    "the a big red small dog cat house sees saw will see her him and with in that el la perro gato casa "
+    "grande rojo pequeño ve vio verá y con en que"
+).split()
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small randomly initialised model saved as translator-train saves one (no training: tests stay fast)."""
+    """A small randomly initialised model saved as translator-train saves one (untrained: fast)."""
     import torch
     from safetensors.torch import save_file
 
@@ -26,8 +28,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-checkpoint")
     vocabulary = build_word_level([" ".join(WORDS)])
-    config = TransformerConfig(src_vocab_size=vocabulary.size, tgt_vocab_size=vocabulary.size, d_model=32,
-                               n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0)
+    config = TransformerConfig(
+        src_vocab_size=vocabulary.size,
+        tgt_vocab_size=vocabulary.size,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+    )
     model = Transformer(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"model": config.to_dict(), "metrics": {}}))

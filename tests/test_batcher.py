@@ -50,13 +50,21 @@ class FakeEngine:
                     on_token(row, ids[step])
             self.steps += 1
             time.sleep(self.step_s)
-        return [Hypothesis(tokens=list(ids[:-1]), log_prob=-1.0, score=-0.5, finished=True) if ok else None
-                for ids, ok in zip(sources, alive, strict=True)]
+        return [
+            Hypothesis(tokens=list(ids[:-1]), log_prob=-1.0, score=-0.5, finished=True) if ok else None
+            for ids, ok in zip(sources, alive, strict=True)
+        ]
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
-        return Translation(text=" ".join(map(str, hypothesis.tokens)), token_ids=hypothesis.tokens,
-                           target_tokens=[*map(str, hypothesis.tokens), "</s>"], source_tokens=source.tokens,
-                           score=hypothesis.score, log_prob=hypothesis.log_prob, unknown_words=[])
+        return Translation(
+            text=" ".join(map(str, hypothesis.tokens)),
+            token_ids=hypothesis.tokens,
+            target_tokens=[*map(str, hypothesis.tokens), "</s>"],
+            source_tokens=source.tokens,
+            score=hypothesis.score,
+            log_prob=hypothesis.log_prob,
+            unknown_words=[],
+        )
 
 
 def make(step_s: float = 0.0, **settings: float) -> tuple[Batcher, FakeEngine, ServerMetrics]:
@@ -131,6 +139,8 @@ def test_waits_for_max_queue_delay_then_runs_alone(stop_batchers: list[Batcher])
     (result,) = batcher.run(Job([source(4)], TranslateOptions()))
     assert 45 <= result.queue_ms < 1000
     assert engine.batches == [[4]]
+    (urgent,) = batcher.run(Job([source(4)], TranslateOptions(), urgent=True))  # the warm-up does not wait
+    assert urgent.queue_ms < 45
 
 
 def test_engine_error_fails_only_that_batch_and_the_worker_goes_on(stop_batchers: list[Batcher]) -> None:
@@ -145,8 +155,8 @@ def test_engine_error_fails_only_that_batch_and_the_worker_goes_on(stop_batchers
     with pytest.raises(RequestFailed) as failure:
         bad.outcome()
     assert failure.value.code == grpc.StatusCode.INTERNAL and "boom" in failure.value.message
-    assert good.outcome()[0].translation.text == "5 5"
-    assert batcher.run(Job([source(3)], TranslateOptions()))[0].translation.text == "5"
+    assert good.outcome()[0].translation.text == "5 5 5"
+    assert batcher.run(Job([source(3)], TranslateOptions()))[0].translation.text == "5 5"
     assert metrics.dropped_sentences.labels(reason="error", stage="decoding")._value.get() == 1
 
 
@@ -170,8 +180,9 @@ def test_deadline_drops_queued_and_running_work(stop_batchers: list[Batcher]) ->
     batcher, engine, metrics = make(step_s=0.01, max_batch_size=1)
     stop_batchers.append(batcher)
     batcher.start()
-    long = Job([source(60)], TranslateOptions(), deadline=time.monotonic() + 0.1)  # runs, dropped mid-decoding
-    queued = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.05)  # waits behind it
+    # `long` runs and is dropped mid-decoding; `queued` waits behind it and is dropped from the queue.
+    long = Job([source(60)], TranslateOptions(), deadline=time.monotonic() + 0.1)
+    queued = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.05)
     batcher.submit(long)
     batcher.submit(queued)
     for job in (queued, long):

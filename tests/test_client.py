@@ -442,8 +442,15 @@ def test_cli_json(fake: tuple[str, FakeTranslator], capsys: pytest.CaptureFixtur
     assert record["translation"] == "Xy x" and record["source_tokens"] == ["x", "Xy", "</s>"]
     assert record["unknown_words"] == ["Xy"] and record["timings"]["total_ms"] == 5.0
     assert "score" in record and "attention" not in record
-    code, out, _ = run_cli(["--server", fake[0], "--json", "--json-attention", "x"], capsys, monkeypatch)
+    # --json-attention implies --json.
+    code, out, _ = run_cli(["--server", fake[0], "--json-attention", "x"], capsys, monkeypatch)
     assert json.loads(out)["attention"]["cross"]["shape"] == [2, 4, 2, 2]
+
+
+def test_cli_without_texts(fake: tuple[str, FakeTranslator], capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = run_cli(["--server", fake[0]], capsys, monkeypatch, stdin="\n  \n")
+    assert code == 2 and out == "" and err.startswith("error: no text to translate")
 
 
 def test_cli_stream(fake: tuple[str, FakeTranslator], capsys: pytest.CaptureFixture[str],
@@ -502,14 +509,17 @@ def test_cli_unreachable_server(capsys: pytest.CaptureFixture[str], monkeypatch:
 
 @pytest.fixture(scope="module")
 def real_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`translator-serve` in a subprocess (its real command line), serving the tiny test model."""
+    """`translator-serve` in a subprocess (its real command line), serving the tiny test model.
+
+    A subprocess rather than tests/test_server.py's in-process helper: the client is then tested exactly as
+    a user meets the server, and a fixture of another test module is not shared across modules anyway."""
     if not (ROOT / "service" / "server.py").exists():
         pytest.skip("service/server.py does not exist yet")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "service.server", "--port", str(port), "--metrics-port", "0",
-               "--model-repository", str(tiny_repository), "--model", "tiny"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+               "--model-repository", str(tiny_repository), "--model", "tiny", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:

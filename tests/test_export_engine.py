@@ -27,8 +27,12 @@ def sentences(count: int, seed: int = 0) -> list[str]:
 
 def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     folder = tiny_repository / "tiny" / "1"
-    assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "model.json",
-                                                         "tokenizer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "model.json",
+        "tokenizer.json",
+    ]
     for graph in ("encoder.onnx", "decoder.onnx"):
         onnx.checker.check_model(onnx.load(str(folder / graph)), full_check=True)
     description = json.loads((folder / "model.json").read_text())
@@ -58,10 +62,19 @@ def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_r
         for step in range(6):  # past lengths 0..5: the empty past of the first step included
             tokens = rng.integers(4, vocabulary.size, 3)
             log_probs, key, value, cross, self_attention = model.decode_step(
-                torch.from_numpy(tokens), key, value, cross_key, cross_value, padding)
-            out = decoder.run(None, {"tokens": tokens, "past_self_key": onnx_key, "past_self_value": onnx_value,
-                                     "cross_key": onnx_out[1], "cross_value": onnx_out[2],
-                                     "src_padding_mask": padding.numpy()})
+                torch.from_numpy(tokens), key, value, cross_key, cross_value, padding
+            )
+            out = decoder.run(
+                None,
+                {
+                    "tokens": tokens,
+                    "past_self_key": onnx_key,
+                    "past_self_value": onnx_value,
+                    "cross_key": onnx_out[1],
+                    "cross_value": onnx_out[2],
+                    "src_padding_mask": padding.numpy(),
+                },
+            )
             np.testing.assert_allclose(out[0], log_probs.numpy(), atol=1e-4, err_msg=f"step {step}")
             np.testing.assert_allclose(out[3], cross.numpy(), atol=1e-5)
             np.testing.assert_allclose(out[4], self_attention.numpy(), atol=1e-5)
@@ -74,10 +87,17 @@ def test_engine_translates_like_pytorch(tiny_checkpoint: Path, tiny_repository: 
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     texts = sentences(40)
-    options = TranslateOptions(beam_size=beam_size, max_length=12, attention=frozenset({"cross", "decoder_self"}))
+    options = TranslateOptions(
+        beam_size=beam_size, max_length=12, attention=frozenset({"cross", "decoder_self"})
+    )
     ours = engine.translate(texts, options, batch_size=16)
-    reference = translate_ids(model, [vocabulary.encode_source(t).ids for t in texts], beam_size=beam_size,
-                              max_length=12, with_attention=True)
+    reference = translate_ids(
+        model,
+        [vocabulary.encode_source(t).ids for t in texts],
+        beam_size=beam_size,
+        max_length=12,
+        with_attention=True,
+    )
     for translation, hypothesis in zip(ours, reference, strict=True):
         assert hypothesis is not None
         assert translation.token_ids == hypothesis.tokens
@@ -122,9 +142,11 @@ def test_replace_unknowns_copies_the_attended_source_word(tiny_repository: Path)
 
 
 def test_engine_imports_no_torch() -> None:
-    code = ("import sys, service.engine, service.search, service.repository, service.vocabulary; "
-            "assert 'torch' not in sys.modules, 'torch was imported'; "
-            "assert not any(m == 'model' or m.startswith('model.') for m in sys.modules), 'model/ was imported'")
+    code = (
+        "import sys, service.engine, service.search, service.repository, service.vocabulary; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert not any(m == 'model' or m.startswith('model.') for m in sys.modules), 'model/ was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

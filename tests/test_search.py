@@ -397,6 +397,21 @@ def test_max_length_is_respected(beam_size: int, max_length: int) -> None:
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])
+def test_per_row_max_length_does_not_depend_on_the_batch(beam_size: int) -> None:
+    backend = RecurrentBackend(vocab=12, seed=14, eos_bias=-20.0, eos_growth=0.0)  # </s> is never worth it
+    src = make_batch(LENGTHS, 12)
+    limits = np.array([2 + row for row in range(len(LENGTHS))])
+    batched = search(backend, src, **SPECIALS, beam_size=beam_size, max_length=limits)
+    for row, limit in enumerate(limits.tolist()):
+        together = done(batched[row])
+        assert len(together.tokens) == limit and not together.finished
+        alone = done(search(backend, trimmed(src[row]), **SPECIALS, beam_size=beam_size, max_length=limit)[0])
+        assert alone.tokens == together.tokens
+    with pytest.raises(ValueError, match="max_length has 2 entries"):
+        search(backend, src, **SPECIALS, max_length=np.array([3, 4]))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
 def test_pad_and_bos_are_never_produced(beam_size: int) -> None:
     backend = RecurrentBackend(vocab=8, seed=15, special_bias=30.0)  # the model loves <pad> and <s>
     src = make_batch(LENGTHS, 8)

@@ -11,14 +11,26 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from model import evaluate, train
-from model.data import encode_examples, toy_split, token_batches
+from model.data import encode_examples, token_batches, toy_split
 from model.evaluate import alignment_error_rate, links_from_attention, translate_texts
 from model.tokenizer import build_word_level
 from model.train import inverse_sqrt_schedule
 from model.transformer import Transformer, TransformerConfig
 
-TINY = ["--d-model", "32", "--n-heads", "2", "--n-encoder-layers", "1", "--n-decoder-layers", "1", "--d-ff", "64",
-        "--threads", "2"]
+TINY = [
+    "--d-model",
+    "32",
+    "--n-heads",
+    "2",
+    "--n-encoder-layers",
+    "1",
+    "--n-decoder-layers",
+    "1",
+    "--d-ff",
+    "64",
+    "--threads",
+    "2",
+]
 
 
 def test_tiny_model_overfits_64_pairs_within_60_seconds() -> None:
@@ -26,8 +38,16 @@ def test_tiny_model_overfits_64_pairs_within_60_seconds() -> None:
     examples = [e for e in toy_split("train", 400) if len(e.source.split()) <= 8][:64]
     vocabulary = build_word_level(t for e in examples for t in (e.source, e.target))
     pairs = encode_examples(vocabulary, examples)
-    config = TransformerConfig(src_vocab_size=vocabulary.size, tgt_vocab_size=vocabulary.size, d_model=64,
-                               n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=128, dropout=0.0)
+    config = TransformerConfig(
+        src_vocab_size=vocabulary.size,
+        tgt_vocab_size=vocabulary.size,
+        d_model=64,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=128,
+        dropout=0.0,
+    )
     model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     started, step, exact = time.time(), 0, 0.0
@@ -36,8 +56,9 @@ def test_tiny_model_overfits_64_pairs_within_60_seconds() -> None:
         for batch in token_batches(pairs, 400, vocabulary.pad_id, seed=0, epoch=step):
             tgt = torch.from_numpy(batch.tgt_ids)
             logits = model(torch.from_numpy(batch.src_ids), tgt[:, :-1])
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1),
-                                   ignore_index=vocabulary.pad_id)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=vocabulary.pad_id
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -59,7 +80,17 @@ def test_schedule_warms_up_then_decays_as_inverse_square_root() -> None:
 
 def test_train_cli_saves_safetensors_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    common = [*TINY, "--train-size", "300", "--valid-size", "20", "--max-tokens", "600", "--out-dir", str(out)]
+    common = [
+        *TINY,
+        "--train-size",
+        "300",
+        "--valid-size",
+        "20",
+        "--max-tokens",
+        "600",
+        "--out-dir",
+        str(out),
+    ]
     train.main([*common, "--epochs", "1"])
     meta = json.loads((out / "config.json").read_text())
     assert meta["model"]["d_model"] == 32 and meta["data"]["kind"] == "toy"
@@ -86,8 +117,9 @@ def test_train_on_a_user_tsv_corpus_with_bpe(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text("".join(f"{e.source}\t{e.target}\n" for e in toy_split("train", 200)))
     out = tmp_path / "tsv-run"
-    train.main([*TINY, "--train-tsv", str(corpus), "--bpe-vocab-size", "300", "--epochs", "1",
-                "--out-dir", str(out)])
+    train.main(
+        [*TINY, "--train-tsv", str(corpus), "--bpe-vocab-size", "300", "--epochs", "1", "--out-dir", str(out)]
+    )
     meta = json.loads((out / "config.json").read_text())
     assert meta["data"]["kind"] == "tsv"
     tokenizer = json.loads((out / "tokenizer.json").read_text())
@@ -98,8 +130,20 @@ def test_eval_cli_reports_scores_and_alignment(tmp_path: Path, tiny_checkpoint: 
     out = tmp_path / "run"
     train.main([*TINY, "--train-size", "200", "--valid-size", "10", "--epochs", "1", "--out-dir", str(out)])
     report = tmp_path / "eval.json"
-    evaluate.main(["--checkpoint", str(out), "--split", "test", "--limit", "15", "--aer-limit", "10",
-                   "--json", str(report)])
+    evaluate.main(
+        [
+            "--checkpoint",
+            str(out),
+            "--split",
+            "test",
+            "--limit",
+            "15",
+            "--aer-limit",
+            "10",
+            "--json",
+            str(report),
+        ]
+    )
     results = json.loads(report.read_text())
     assert results["pairs"] == 15
     for key in ("bleu", "chrf", "exact_match", "aer_best_head", "aer_all_heads_average"):

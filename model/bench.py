@@ -1,0 +1,49 @@
+"""`translator-bench`: the benchmarks behind one command.
+
+* ``translator-bench engine ...``: greedy throughput of our engine against PyTorch and CTranslate2
+  (model/bench_engine.py; ``translator-bench engine --help``).
+* ``translator-bench load ...``: load test of the service (service/bench_load.py, when it is there).
+
+Subcommands are imported only when chosen: ``engine`` needs torch and CTranslate2, ``load`` should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+SUBCOMMANDS = {
+    "engine": ("model.bench_engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
+    "load": ("service.bench_load", "load test of the running service"),
+}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package itself is missing
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    lines = [f"  {name:<8} {help_text}" + ("" if _available(module) else " (not installed)")
+             for name, (module, help_text) in SUBCOMMANDS.items()]
+    parser = argparse.ArgumentParser(prog="translator-bench", description=__doc__.splitlines()[0],
+                                     epilog="subcommands:\n" + "\n".join(lines),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="which benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its options (translator-bench COMMAND -h)")
+    args = parser.parse_args(argv)
+    module_name = SUBCOMMANDS[args.command][0]
+    if not _available(module_name):
+        parser.exit(2, f"translator-bench: '{args.command}' needs {module_name}, which is not here yet\n")
+    module = importlib.import_module(module_name)
+    # Both subcommands take their own argv; their return value is for callers in Python, not an exit code.
+    module.main(args.args)
+
+
+if __name__ == "__main__":
+    main()

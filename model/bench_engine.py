@@ -1,0 +1,567 @@
+"""`translator-bench engine`: greedy throughput of our engine, PyTorch and CTranslate2 on the same weights.
+
+Engines (rows of the table):
+
+* ``torch_nocache``: PyTorch eager, the decoder re-run over the whole prefix every step (``decode_full``),
+  driven by the shared search so stopping, masking and dropping finished rows are the same as everywhere.
+* ``torch_cache``: PyTorch with the key/value cache (``translate_ids``: TorchBackend + shared search).
+* ``ours``: our engine (onnxruntime graphs + shared search), no attention maps.
+* ``ours_attention``: our engine with every attention map requested (cross, decoder self, encoder self).
+* ``ct2_f32``: CTranslate2 float32 on a conversion of the same checkpoint (the reference to beat).
+* ``ct2_int8``: CTranslate2 with int8 weights, an extra row for context only (its tokens may differ).
+
+Method: every engine first translates the same sentences once and must produce our engine's tokens
+exactly (beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). Then, per round,
+each engine runs in a fresh subprocess (one process can swing by 40%), engines interleaved in a rotating
+order; in each, every batch size is timed over whole passes of the same batches until ``--min-seconds`` have
+passed. Reported figures are medians over rounds. Everybody gets the same batches (test-split order, mixed
+lengths), the same thread count and the same length cap per batch: 2 x the longest source (</s> included)
++ 10 generated tokens, capped at 256 (our engine's limit). Target tokens/s counts generated tokens without
+</s>. Heavy libraries load only in the subprocesses, so the parent leaves no idle thread pools behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINES: dict[str, str] = {
+    "torch_nocache": "PyTorch eager, no cache",
+    "torch_cache": "PyTorch eager, KV cache",
+    "ours": "ours (onnxruntime)",
+    "ours_attention": "ours + all attention maps",
+    "ct2_f32": "CTranslate2 float32",
+    "ct2_int8": "CTranslate2 int8 (extra, not reference)",
+}
+REFERENCE = "ours"
+# Engines whose tokens are allowed to differ from ours without stopping the benchmark.
+PARITY_EXEMPT = frozenset({"ct2_int8"})
+MAX_LENGTH_LIMIT = 256  # service.engine.Engine's default max_length_limit
+RATIOS = (("ours/ct2_f32", "ours", "ct2_f32"), ("ours/torch_nocache", "ours", "torch_nocache"),
+          ("ours/torch_cache", "ours", "torch_cache"), ("attention_on/off", "ours_attention", "ours"),
+          ("ours/ct2_int8", "ours", "ct2_int8"))
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: list[list[int]]  # source ids, each ending with </s>
+    max_length: int  # generated-token cap (</s> included), the same for every engine
+
+
+def max_length_for(batch: Sequence[Sequence[int]], max_positions: int) -> int:
+    """Our engine's rule: 2 x padded source length + 10, capped by the engine and the position table."""
+    return min(2 * max(map(len, batch)) + 10, MAX_LENGTH_LIMIT, max_positions)
+
+
+def make_batches(sources: list[list[int]], batch_size: int, max_positions: int) -> list[Batch]:
+    chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    return [Batch(chunk, max_length_for(chunk, max_positions)) for chunk in chunks]
+
+
+# -- engines (run inside worker processes) -------------------------------------------------------------
+
+@dataclass
+class Runner:
+    run: Callable[[Batch], list]  # batch -> generated tokens per sentence (ids; strings for CTranslate2)
+    to_ids: Callable[[list], list[list[int]]] = lambda outputs: outputs
+    prime: Callable[[list[Batch]], None] = lambda batches: None  # untimed per-batch preparation
+
+
+@dataclass
+class NoCacheState:
+    memory: Any  # torch [N,S,D]
+    padding: Any  # torch bool [N,S]
+    prefix: Any  # torch int64 [N,t]: <s> and the tokens generated so far
+
+
+class NoCacheTorchBackend:
+    """StepBackend without a key/value cache: each step decodes the whole prefix again (``decode_full``)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+
+    def encode(self, src_ids: Any, with_attention: bool) -> tuple[NoCacheState, None]:
+        import torch
+
+        with torch.inference_mode():
+            src = torch.as_tensor(src_ids, dtype=torch.int64)
+            padding = self.model.padding_mask(src)
+            memory, _ = self.model.encode(src, padding)
+            prefix = torch.zeros((src.shape[0], 0), dtype=torch.int64)
+        return NoCacheState(memory, padding, prefix), None
+
+    def step(self, state: NoCacheState, tokens: Any,
+             with_attention: bool) -> tuple[NoCacheState, Any, None, None]:
+        import torch
+
+        with torch.inference_mode():
+            prefix = torch.cat([state.prefix, torch.as_tensor(tokens, dtype=torch.int64)[:, None]], dim=1)
+            log_probs, _, _ = self.model.decode_full(prefix, state.memory, state.padding)
+            last = log_probs[:, -1].float().numpy()
+        return NoCacheState(state.memory, state.padding, prefix), last, None, None
+
+    def select(self, state: NoCacheState, rows: Any) -> NoCacheState:
+        import torch
+
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        return NoCacheState(state.memory.index_select(0, index), state.padding.index_select(0, index),
+                            state.prefix.index_select(0, index))
+
+
+def _torch_runner(engine: str, spec: dict) -> Runner:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)  # settable once per process, before any parallel work
+        except RuntimeError:
+            pass
+    from model.decoding import pad_batch, translate_ids
+    from model.train import load_model
+    from service.search import search
+
+    model, _, _ = load_model(spec["checkpoint"])
+    config = model.config
+    if engine == "torch_cache":
+        def run(batch: Batch) -> list[list[int]]:
+            return [h.tokens for h in translate_ids(model, batch.ids, max_length=batch.max_length)]
+    else:
+        backend = NoCacheTorchBackend(model)
+
+        def run(batch: Batch) -> list[list[int]]:
+            src = np.asarray(pad_batch(batch.ids, config.pad_id))
+            results = search(backend, src, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id,
+                             max_length=batch.max_length)
+            return [h.tokens for h in results if h is not None]
+    return Runner(run)
+
+
+def _ours_runner(engine: str, spec: dict) -> Runner:
+    from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
+
+    loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device="cpu",
+                         threads=spec["threads"])
+    attention = frozenset(ATTENTION_KINDS) if engine == "ours_attention" else frozenset()
+    options_by_length: dict[int, TranslateOptions] = {}
+
+    def run(batch: Batch) -> list[list[int]]:
+        options = options_by_length.get(batch.max_length)
+        if options is None:
+            options = options_by_length[batch.max_length] = TranslateOptions(max_length=batch.max_length,
+                                                                               attention=attention)
+        return [h.tokens for h in loaded.search_ids(batch.ids, options) if h is not None]
+    return Runner(run)
+
+
+def load_translator(path: str | Path, threads: int, compute_type: str) -> Any:
+    """A CTranslate2 Translator built on a short-lived thread (REFERENCE.md): built on the main thread it
+    leaves idle OpenMP threads behind that make int8 about 10x slower at small batches."""
+    import ctranslate2
+
+    holder: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            holder["translator"] = ctranslate2.Translator(str(path), device="cpu", compute_type=compute_type,
+                                                          intra_threads=threads, inter_threads=1)
+        except BaseException as error:  # re-raised on the caller's thread
+            holder["error"] = error
+
+    thread = threading.Thread(target=build, name="ct2-load")
+    thread.start()
+    thread.join()
+    if "error" in holder:
+        raise holder["error"]
+    return holder["translator"]
+
+
+def _ct2_runner(engine: str, spec: dict) -> Runner:
+    from model.ctranslate2_convert import source_tokens
+    from service.vocabulary import BOS, PAD, Vocabulary
+
+    vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
+    compute_type = "int8" if engine == "ct2_int8" else "float32"
+    translator = load_translator(spec["ct2_dir"], spec["threads"], compute_type)
+    # Our search never produces <pad> or <s> and may stop at the first step (empty translation): ask the same
+    # of CTranslate2 (its min_decoding_length defaults to 1).
+    suppress = [[PAD], [BOS]]
+    # Ids -> strings is this harness's doing, not CTranslate2's work: done before timing (prime), the batch
+    # kept alongside so that a recycled id() can never hit a stale entry.
+    tokens_of: dict[int, tuple[Batch, list[list[str]]]] = {}
+
+    def tokens_for(batch: Batch) -> list[list[str]]:
+        cached = tokens_of.get(id(batch))
+        if cached is None or cached[0] is not batch:
+            cached = tokens_of[id(batch)] = (batch, [source_tokens(vocabulary, ids) for ids in batch.ids])
+        return cached[1]
+
+    def prime(batches: list[Batch]) -> None:
+        for batch in batches:
+            tokens_for(batch)
+
+    def run(batch: Batch) -> list[list[str]]:
+        results = translator.translate_batch(tokens_for(batch), beam_size=1,
+                                             max_decoding_length=batch.max_length, min_decoding_length=0,
+                                             suppress_sequences=suppress, max_batch_size=0,
+                                             max_input_length=0)
+        return [result.hypotheses[0] for result in results]
+
+    def to_ids(outputs: list[list[str]]) -> list[list[int]]:
+        return [[vocabulary.tokenizer.token_to_id(token) for token in tokens] for tokens in outputs]
+    return Runner(run, to_ids, prime)
+
+
+def make_runner(engine: str, spec: dict) -> Runner:
+    if engine in ("torch_nocache", "torch_cache"):
+        return _torch_runner(engine, spec)
+    if engine in ("ours", "ours_attention"):
+        return _ours_runner(engine, spec)
+    if engine in ("ct2_f32", "ct2_int8"):
+        return _ct2_runner(engine, spec)
+    raise ValueError(f"unknown engine {engine!r}; expected one of {list(ENGINES)}")
+
+
+def _batches_from(raw: list[dict]) -> list[Batch]:
+    return [Batch(b["ids"], b["max_length"]) for b in raw]
+
+
+def worker_prepare(spec: dict) -> dict:
+    """Convert the checkpoint for CTranslate2, then translate the parity batches with every engine."""
+    from model.ctranslate2_convert import convert_to_ctranslate2
+
+    started = time.perf_counter()
+    if any(engine.startswith("ct2") for engine in spec["engines"]):
+        convert_to_ctranslate2(spec["checkpoint"], spec["ct2_dir"])
+        print(f"  converted {spec['checkpoint']} for CTranslate2 in {time.perf_counter() - started:.1f}s",
+              flush=True)
+    batches = _batches_from(spec["batches"])
+    outputs = {}
+    for engine in spec["engines"]:
+        runner = make_runner(engine, spec)
+        outputs[engine] = [ids for batch in batches for ids in runner.to_ids(runner.run(batch))]
+        print(f"  parity run: {engine} done", flush=True)
+    return {"outputs": outputs}
+
+
+def worker_time(spec: dict) -> dict:
+    """Time one engine on every batch size: whole passes over the same batches until min_seconds pass."""
+    engine = spec["engine"]
+    runner = make_runner(engine, spec)
+    run = runner.run
+    results = {}
+    for size, raw in spec["batches_by_size"].items():
+        batches = _batches_from(raw)
+        runner.prime(batches)
+        n_sentences = sum(len(b.ids) for b in batches)
+        for batch in batches[:2]:  # warm-up: first calls allocate (ORT arena, torch caches, CT2 buffers)
+            run(batch)
+        pass_seconds: list[float] = []
+        tokens = 0
+        while not pass_seconds or sum(pass_seconds) < spec["min_seconds"]:
+            start = time.perf_counter()
+            for batch in batches:
+                tokens += sum(len(t) for t in run(batch))
+            pass_seconds.append(time.perf_counter() - start)
+        seconds = sum(pass_seconds)
+        passes = len(pass_seconds)
+        results[size] = {"seconds": seconds, "passes": passes, "sentences": n_sentences * passes,
+                         "tokens": tokens, "pass_seconds": pass_seconds,
+                         "sentences_per_s": n_sentences * passes / seconds, "tokens_per_s": tokens / seconds}
+        entry = results[size]
+        print(f"  [{spec['label']}] {engine:<15} batch {size:>4}: {entry['sentences_per_s']:9.1f} sent/s "
+              f"{entry['tokens_per_s']:10.1f} tok/s ({seconds:.1f}s, {passes} pass"
+              f"{'es' if passes > 1 else ''})", flush=True)
+    return {"engine": engine, "results": results}
+
+
+def worker_main(argv: list[str]) -> None:
+    kind, spec_path, out_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    result = worker_prepare(spec) if kind == "prepare" else worker_time(spec)
+    Path(out_path).write_text(json.dumps(result))
+
+
+# -- orchestration (parent process: no torch, onnxruntime or CTranslate2) ----------------------------
+
+def _run_worker(kind: str, spec: dict, work_dir: Path, name: str, threads: int) -> dict:
+    spec_path, out_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    # Every library's pool gets the same size; OpenMP/MKL read these before any API call can set them.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[variable] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run([sys.executable, "-m", "model.bench_engine", "worker", kind, str(spec_path),
+                                str(out_path)], env=env, cwd=ROOT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{name} worker failed with exit status {completed.returncode}")
+    return json.loads(out_path.read_text())
+
+
+def machine_info(threads: int) -> dict:
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("onnxruntime", "ctranslate2", "torch", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu_model": cpu_model or platform.processor(), "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "threads": threads, "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions, "load_average_at_start": list(os.getloadavg())}
+
+
+def check_same_model(checkpoint: Path, repository: Path, name: str, version: int | None) -> Path:
+    """The repository version must be an export of the checkpoint: same architecture and tokenizer."""
+    from service.repository import resolve
+
+    model_version = resolve(repository, name, version)
+    exported = model_version.description.get("architecture", {})
+    trained = json.loads((checkpoint / "config.json").read_text())["model"]
+    if exported != trained:
+        raise SystemExit(f"{model_version.path}/model.json describes {exported}, but {checkpoint} holds "
+                         f"{trained}: not the same model")
+    if (checkpoint / "tokenizer.json").read_bytes() != model_version.file("tokenizer.json").read_bytes():
+        raise SystemExit(f"{checkpoint}/tokenizer.json differs from {model_version.path}/tokenizer.json")
+    return model_version.path
+
+
+def first_difference(reference: list[list[int]], other: list[list[int]], sources: list[list[int]],
+                     detokenize: Callable[[list[int]], str]) -> tuple[int, dict | None]:
+    mismatches = [i for i, (a, b) in enumerate(zip(reference, other, strict=True)) if a != b]
+    if not mismatches:
+        return 0, None
+    i = mismatches[0]
+    ours, theirs = reference[i], other[i]
+    position = next((k for k, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                    min(len(ours), len(theirs)))
+    return len(mismatches), {"sentence": i, "source": detokenize(sources[i][:-1]),
+                             "first_differing_token": position, "ours": detokenize(ours),
+                             "theirs": detokenize(theirs), "ours_ids": ours, "theirs_ids": theirs}
+
+
+def summarize(rounds: list[dict], engines: list[str], batch_sizes: list[int]) -> dict:
+    summary: dict[str, dict] = {}
+    for engine in engines:
+        summary[engine] = {}
+        for size in batch_sizes:
+            runs = [r["results"][str(size)] for r in rounds if r["engine"] == engine]
+            if not runs:
+                continue
+            per_round = [r["sentences_per_s"] for r in runs]
+            summary[engine][str(size)] = {
+                "sentences_per_s": statistics.median(per_round),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "rounds_sentences_per_s": per_round,
+                "spread": max(per_round) / min(per_round) - 1,  # (max - min) / min over rounds
+            }
+    return summary
+
+
+def ratios(summary: dict, batch_sizes: list[int]) -> dict:
+    out: dict[str, dict[str, float]] = {}
+    for size in batch_sizes:
+        key = str(size)
+        row = {}
+        for label, numerator, denominator in RATIOS:
+            if key in summary.get(numerator, {}) and key in summary.get(denominator, {}):
+                row[label] = (summary[numerator][key]["sentences_per_s"]
+                              / summary[denominator][key]["sentences_per_s"])
+        out[key] = row
+    return out
+
+
+def format_table(summary: dict, ratio_rows: dict, engines: list[str], batch_sizes: list[int]) -> str:
+    width = 22
+    header = f"{'engine':<40}" + "".join(f"{'batch ' + str(s):>{width}}" for s in batch_sizes)
+    sub = f"{'':<40}" + "".join(f"{'sent/s   tok/s':>{width}}" for _ in batch_sizes)
+    lines = [header, sub]
+    for engine in engines:
+        cells = []
+        for size in batch_sizes:
+            entry = summary.get(engine, {}).get(str(size))
+            cells.append(f"{entry['sentences_per_s']:>9.1f} {entry['tokens_per_s']:>9.0f}" if entry else "-")
+        lines.append(f"{ENGINES[engine]:<40}" + "".join(f"{c:>{width}}" for c in cells))
+    lines.append("")
+    lines.append(f"{'ratio (sentences/s)':<40}"
+                 + "".join(f"{'batch ' + str(s):>{width}}" for s in batch_sizes))
+    for label, _, _ in RATIOS:
+        values = [ratio_rows[str(s)].get(label) for s in batch_sizes]
+        if any(v is not None for v in values):
+            lines.append(f"{label:<40}" + "".join(f"{(f'{v:.2f}x' if v is not None else '-'):>{width}}"
+                                                  for v in values))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="translator-bench engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="checkpoints/toy-en-es", help="translator-train checkpoint")
+    parser.add_argument("--repository", default="model_repository", help="repository of the ONNX export")
+    parser.add_argument("--model", default="toy-en-es", help="model name in the repository")
+    parser.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
+    parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
+    parser.add_argument("--sentences", type=int, default=512, help="test-split sentences per batch size")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="least time per measurement")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
+    parser.add_argument("--no-int8", action="store_true", help="leave out the CTranslate2 int8 row")
+    parser.add_argument("--max-mismatches", type=int, default=0,
+                        help="sentences an engine may translate differently from ours before timing "
+                             "is refused")
+    parser.add_argument("--ct2-dir", default=None, help="where to write the CTranslate2 conversion "
+                                                        "(default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="write every figure and the machine description here")
+    args = parser.parse_args(argv)
+    args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.no_int8:
+        args.engines = [e for e in args.engines if e != "ct2_int8"]
+    unknown = set(args.engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown engines {sorted(unknown)}; choose from {list(ENGINES)}")
+    if REFERENCE not in args.engines:
+        parser.error(f"'{REFERENCE}' is the reference of the parity check and the ratios: keep it in "
+                     "--engines")
+    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.sentences < 1 or args.rounds < 1:
+        parser.error("batch sizes, --sentences and --rounds must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from model.data import toy_split
+    from service.vocabulary import Vocabulary
+
+    checkpoint, repository = Path(args.checkpoint).resolve(), Path(args.repository).resolve()
+    version_dir = check_same_model(checkpoint, repository, args.model, args.version)
+    meta = json.loads((checkpoint / "config.json").read_text())["model"]
+    vocabulary = Vocabulary.from_file(checkpoint / "tokenizer.json")
+    examples = toy_split("test")
+    texts = [examples[i % len(examples)].source for i in range(args.sentences)]
+    sources = [vocabulary.encode_source(text).ids for text in texts]
+    max_positions = int(meta.get("max_positions", 512))
+    batches_by_size = {str(size): [b.__dict__ for b in make_batches(sources, size, max_positions)]
+                       for size in args.batch_sizes}
+    report: dict[str, Any] = {
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(args.threads),
+        "settings": {"checkpoint": str(checkpoint), "repository": str(repository), "model": args.model,
+                     "model_version_dir": str(version_dir), "batch_sizes": args.batch_sizes,
+                     "sentences": args.sentences, "threads": args.threads, "rounds": args.rounds,
+                     "min_seconds": args.min_seconds, "engines": args.engines,
+                     "max_length_rule": "min(2 * longest source in batch (</s> included) + 10, "
+                                        f"{MAX_LENGTH_LIMIT})",
+                     "decoding": "greedy", "tokens_counted": "generated tokens without </s>",
+                     "architecture": meta},
+        "engine_labels": {e: ENGINES[e] for e in args.engines},
+    }
+    print(f"translator-bench engine: {len(args.engines)} engines, batch sizes {args.batch_sizes}, "
+          f"{args.sentences} sentences each, {args.threads} threads, {args.rounds} rounds", flush=True)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        # OpenMP engines (PyTorch, CTranslate2) spin at barriers: a preempted worker thread stalls all of
+        # them, so on a shared machine they lose far more than onnxruntime does and the ratios mislead.
+        print(f"WARNING: load average {load:.1f} on {os.cpu_count()} cores: the machine is not quiet, "
+              "figures are not reliable", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="translator-bench-") as scratch:
+        work_dir = Path(scratch)
+        ct2_dir = Path(args.ct2_dir).resolve() if args.ct2_dir else work_dir / "ctranslate2"
+        common = {"checkpoint": str(checkpoint), "repository": str(repository), "model": args.model,
+                  "version": args.version, "ct2_dir": str(ct2_dir), "threads": args.threads}
+
+        # Parity on the largest batch size's batches: the same sentences every timed pass translates.
+        parity_size = str(max(args.batch_sizes))
+        print(f"parity: every engine translates the {args.sentences} sentences (batch {parity_size})",
+              flush=True)
+        prepared = _run_worker("prepare", {**common, "engines": args.engines,
+                                           "batches": batches_by_size[parity_size]}, work_dir, "prepare",
+                               args.threads)
+        outputs = prepared["outputs"]
+        parity: dict[str, dict] = {}
+        refused = []
+        for engine in args.engines:
+            if engine == REFERENCE:
+                continue
+            count, example = first_difference(outputs[REFERENCE], outputs[engine], sources, vocabulary.decode)
+            parity[engine] = {"mismatches": count, "compared": len(sources), "first_difference": example,
+                              "enforced": engine not in PARITY_EXEMPT}
+            status = "OK" if count == 0 else ("differs (allowed, not a reference)" if engine in PARITY_EXEMPT
+                                               else "DIFFERS")
+            print(f"  {ENGINES[engine]:<40} {count:>4} of {len(sources)} sentences differ from ours: "
+                  f"{status}")
+            if example is not None:
+                print(f"    first: sentence {example['sentence']} {example['source']!r}\n"
+                      f"      ours:   {example['ours']!r}\n      theirs: {example['theirs']!r} "
+                      f"(first differing token {example['first_differing_token']})")
+            if engine not in PARITY_EXEMPT and count > args.max_mismatches:
+                refused.append(engine)
+        report["parity"] = parity
+        if refused:
+            report["refused"] = (f"engines {refused} disagree with ours on more than {args.max_mismatches} "
+                                 "sentences")
+            _write_json(args.json, report)
+            print(f"refusing to time: {report['refused']}", file=sys.stderr)
+            raise SystemExit(2)
+
+        rounds = []
+        for round_index in range(args.rounds):
+            # Rotate the order so no engine always runs first (cold caches) or right after the same neighbour.
+            shift = round_index % len(args.engines)
+            order = args.engines[shift:] + args.engines[:shift]
+            for engine in order:
+                label = f"round {round_index + 1}/{args.rounds}"
+                spec = {**common, "engine": engine, "label": label, "min_seconds": args.min_seconds,
+                        "batches_by_size": batches_by_size}
+                result = _run_worker("time", spec, work_dir, f"{engine}-{round_index}", args.threads)
+                rounds.append({"round": round_index, **result})
+    report["rounds"] = rounds
+    report["results"] = summarize(rounds, args.engines, args.batch_sizes)
+    report["ratios"] = ratios(report["results"], args.batch_sizes)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    print()
+    print(format_table(report["results"], report["ratios"], args.engines, args.batch_sizes))
+    _write_json(args.json, report)
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return report
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        worker_main(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import random
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from model import bench
+from model.bench_engine import ENGINES, Batch, first_difference, load_translator, main, make_batches
+from model.ctranslate2_convert import convert_to_ctranslate2, source_tokens
+from model.decoding import translate_ids
+from model.train import load_model
+from service.engine import Engine, TranslateOptions
+from tests.conftest import WORDS
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def ct2_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_to_ctranslate2(tiny_checkpoint, tmp_path_factory.mktemp("ct2") / "tiny")
+
+
+def ct2_greedy(translator, vocabulary, batch: Batch) -> list[list[int]]:
+    results = translator.translate_batch([source_tokens(vocabulary, ids) for ids in batch.ids], beam_size=1,
+                                         max_decoding_length=batch.max_length, min_decoding_length=0,
+                                         suppress_sequences=[["<pad>"], ["<s>"]])
+    return [[vocabulary.tokenizer.token_to_id(t) for t in r.hypotheses[0]] for r in results]
+
+
+@pytest.mark.parametrize("cap", [None, 6])
+def test_ctranslate2_conversion_decodes_our_greedy_tokens(tiny_checkpoint: Path, tiny_repository: Path,
+                                                           ct2_model: Path, cap: int | None) -> None:
+    """Token for token against PyTorch and our engine; the random tiny model mostly runs to the length cap,
+    so both a finished and a cut-off hypothesis are compared (cap 6 cuts nearly everything)."""
+    model, vocabulary, _ = load_model(tiny_checkpoint)
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    translator = load_translator(ct2_model, threads=1, compute_type="float32")
+    sources = [vocabulary.encode_source(text).ids for text in sentences(24, seed=5)]
+    for batch in make_batches(sources, 8, model.config.max_positions):
+        max_length = cap or batch.max_length
+        batch = Batch(batch.ids, max_length)
+        ours = [h.tokens for h in engine.search_ids(batch.ids, TranslateOptions(max_length=max_length))]
+        torch_tokens = [h.tokens for h in translate_ids(model, batch.ids, max_length=max_length)]
+        assert torch_tokens == ours
+        assert ct2_greedy(translator, vocabulary, batch) == ours
+        assert max(len(t) for t in ours) == max_length  # the cap itself was exercised
+
+
+def test_conversion_records_the_layer_norm_epsilon(ct2_model: Path) -> None:
+    summary = json.loads((ct2_model / "translator_conversion.json").read_text())
+    epsilon = summary["layer_norm_epsilon"]
+    assert epsilon["ours"] == epsilon["ctranslate2_default"] == 1e-5
+    config = json.loads((ct2_model / "config.json").read_text())
+    assert config["layer_norm_epsilon"] == 1e-5 and config["add_source_eos"] is False
+
+
+def test_first_difference_names_the_sentence_and_token() -> None:
+    count, example = first_difference([[5, 6, 7], [8]], [[5, 6, 9], [8]], [[1, 2], [3, 2]], str)
+    assert count == 1 and example is not None
+    assert example["sentence"] == 0 and example["first_differing_token"] == 2
+    assert first_difference([[5]], [[5]], [[1, 2]], str) == (0, None)
+
+
+def test_bench_runs_end_to_end(tiny_checkpoint: Path, tiny_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tiny_repository), "--model", "tiny",
+          "--batch-sizes", "1,4", "--sentences", "6", "--rounds", "1", "--min-seconds", "0", "--threads", "1",
+          "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == set(ENGINES)
+    for engine in ENGINES:
+        for size in ("1", "4"):
+            entry = report["results"][engine][size]
+            assert entry["sentences_per_s"] > 0 and entry["tokens_per_s"] > 0
+    for engine, parity in report["parity"].items():
+        assert parity["compared"] == 6
+        if parity["enforced"]:
+            assert parity["mismatches"] == 0, (engine, parity["first_difference"])
+    for size in ("1", "4"):
+        ratios = report["ratios"][size]
+        assert set(ratios) >= {"ours/ct2_f32", "ours/torch_nocache", "ours/torch_cache", "attention_on/off"}
+        assert all(value > 0 for value in ratios.values())
+    machine = report["machine"]
+    assert machine["threads"] == 1 and machine["cpu_model"]
+    assert set(machine["versions"]) >= {"onnxruntime", "ctranslate2", "torch"}
+    assert len(report["rounds"]) == len(ENGINES)
+
+
+def test_bench_dispatches_load_to_service_bench_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    fake = types.ModuleType("service.bench_load")
+    fake.__spec__ = importlib.machinery.ModuleSpec("service.bench_load", None)
+    fake.main = calls.append  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "service.bench_load", fake)
+    bench.main(["load", "--rate", "5", "-h"])
+    assert calls == [["--rate", "5", "-h"]]
+
+
+def test_bench_load_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "_available", lambda module: module != "service.bench_load")
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["load"])
+    assert raised.value.code == 2

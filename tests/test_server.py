@@ -1,0 +1,948 @@
+"""The real gRPC server over real sockets (127.0.0.1), serving the tiny test model.
+
+Most tests share one in-process server; the lifecycle tests (shutdown by signal) run `translator-serve` as a
+subprocess, and the overload tests get their own small servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.api.inference import grpc_service_pb2 as kpb
+from service.api.inference import grpc_service_pb2_grpc as kpb_grpc
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.config import ROOT, ServerConfig, build_parser, env_name, load_config
+from service.engine import Engine, TranslateOptions
+from service.kserve import deserialize_bytes, serialize_bytes
+from service.metrics import ALL_METRICS
+from service.server import TranslatorServer
+from tests.conftest import WORDS
+
+HOST = "127.0.0.1"
+SERVICES = ("translator.v1.Translator", "inference.GRPCInferenceService")
+
+
+def sentences(count: int, seed: int = 0, longest: int = 10) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, longest))) for _ in range(count)]
+
+
+def make_config(repository: Path, **overrides: Any) -> ServerConfig:
+    values: dict[str, Any] = dict(
+        host=HOST,
+        port=0,
+        metrics_port=0,
+        model_repository=repository,
+        model="tiny",
+        threads=1,
+        grpc_threads=32,
+        max_queue_delay_ms=20.0,
+        max_texts_per_request=8,
+        max_tokens_per_text=16,
+        max_beam_size=4,
+        max_length_limit=64,
+        quality_sample_rate=1.0,
+        grace_period_s=2.0,
+        max_message_bytes=300_000,
+    )
+    values.update(overrides)
+    config = ServerConfig(**values)
+    config.validate()
+    return config
+
+
+@contextmanager
+def running(config: ServerConfig, engine: Engine | None = None) -> Iterator[TranslatorServer]:
+    server = TranslatorServer(config, engine=engine)
+    server.start()
+    try:
+        server.load()
+        yield server
+    finally:
+        server.stop(0.5)
+
+
+class Client:
+    def __init__(self, port: int, credentials: grpc.ChannelCredentials | None = None) -> None:
+        address = f"{HOST}:{port}"
+        self.channel = (
+            grpc.secure_channel(address, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(address)
+        )
+        self.translator = pb_grpc.TranslatorStub(self.channel)
+        self.kserve = kpb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.reflection = reflection_pb2_grpc.ServerReflectionStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as answer:
+        return answer.read().decode()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample `name` with these labels (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0, message: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {message}")
+        time.sleep(0.01)
+
+
+class SlowBackend:
+    """Wraps the engine's backend: every step sleeps and "</s>" is never chosen, so decoding lasts."""
+
+    def __init__(self, inner: Any, step_s: float, eos_id: int) -> None:
+        self.inner, self.step_s, self.eos_id = inner, step_s, eos_id
+        self.steps = 0
+
+    def encode(self, src_ids: np.ndarray, with_attention: bool) -> Any:
+        return self.inner.encode(src_ids, with_attention)
+
+    def step(self, state: Any, tokens: np.ndarray, with_attention: bool) -> Any:
+        time.sleep(self.step_s)
+        self.steps += 1
+        state, log_probs, cross, self_attention = self.inner.step(state, tokens, with_attention)
+        log_probs = np.array(log_probs)
+        log_probs[:, self.eos_id] = -np.inf
+        return state, log_probs, cross, self_attention
+
+    def select(self, state: Any, rows: np.ndarray) -> Any:
+        return self.inner.select(state, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_repository: Path) -> Engine:
+    return Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repository: Path) -> Iterator[TranslatorServer]:
+    with running(make_config(tiny_repository)) as instance:
+        yield instance
+
+
+@pytest.fixture
+def client(server: TranslatorServer) -> Iterator[Client]:
+    assert server.port
+    connection = Client(server.port)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_repository: Path) -> Iterator[tuple[TranslatorServer, SlowBackend]]:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
+    engine.backend = backend
+    config = make_config(
+        tiny_repository, max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0
+    )
+    with running(config, engine=engine) as instance:
+        yield instance, backend
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Translator API
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_translations_equal_the_engines(client: Client, reference: Engine, beam_size: int) -> None:
+    texts = [*sentences(6, seed=beam_size), "the zebra sees a cat"]
+    options = pb.TranslateOptions(beam_size=beam_size, max_length=12, length_penalty=0.8)
+    answer = client.translator.Translate(pb.TranslateRequest(texts=texts, options=options))
+    expected = reference.translate(
+        texts, TranslateOptions(beam_size=beam_size, max_length=12, length_penalty=0.8)
+    )
+    assert len(answer.translations) == len(texts)
+    for got, want in zip(answer.translations, expected, strict=True):
+        assert got.text == want.text
+        assert list(got.target_tokens) == want.target_tokens
+        assert list(got.source_tokens) == want.source_tokens
+        assert list(got.unknown_words) == want.unknown_words
+        assert got.score == pytest.approx(want.score, rel=1e-4, abs=1e-5)
+        assert got.log_prob == pytest.approx(want.log_prob, rel=1e-4, abs=1e-5)
+        assert not got.attention
+        timings = got.timings
+        assert timings.queue_ms >= 0 and timings.compute_ms > 0
+        assert timings.total_ms >= timings.queue_ms + timings.compute_ms - 0.01
+    assert list(answer.translations[-1].unknown_words) == ["zebra"]
+
+
+def test_attention_maps_follow_the_selection(client: Client, reference: Engine) -> None:
+    text = "the big dog sees a small cat"
+    kinds = [pb.ENCODER_SELF, pb.CROSS, pb.DECODER_SELF]
+    request = pb.TranslateRequest(
+        texts=[text],
+        options=pb.TranslateOptions(
+            max_length=8, attention=pb.AttentionRequest(kinds=kinds, layers=[1], heads=[3, 0])
+        ),
+    )
+    (got,) = client.translator.Translate(request).translations
+    (want,) = reference.translate(
+        [text], TranslateOptions(max_length=8, attention=frozenset({"cross", "decoder_self", "encoder_self"}))
+    )
+    target, source = list(got.target_tokens), list(got.source_tokens)
+    expected = {
+        pb.CROSS: (want.cross_attention, target, source),
+        pb.DECODER_SELF: (want.decoder_self_attention, target, ["<s>", *target[:-1]]),
+        pb.ENCODER_SELF: (want.encoder_attention, source, source),
+    }
+    assert [m.kind for m in got.attention] == kinds
+    for attention_map in got.attention:
+        weights, rows, columns = expected[attention_map.kind]
+        assert list(attention_map.layers) == [1] and list(attention_map.heads) == [3, 0]
+        assert list(attention_map.row_tokens) == rows and list(attention_map.column_tokens) == columns
+        shape = list(attention_map.weights.shape)
+        assert shape == [1, 2, len(rows), len(columns)]
+        array = np.array(attention_map.weights.data, dtype=np.float32).reshape(shape)
+        np.testing.assert_allclose(array, weights[[1]][:, [3, 0]], atol=1e-5)
+        np.testing.assert_allclose(array.sum(axis=-1), 1.0, atol=1e-4)
+        if attention_map.kind == pb.DECODER_SELF:
+            assert np.all(np.triu(array, k=1) == 0)  # causal: nothing above the diagonal
+
+    everything = pb.TranslateRequest(
+        texts=[text],
+        options=pb.TranslateOptions(max_length=8, attention=pb.AttentionRequest(kinds=[pb.CROSS])),
+    )
+    (full,) = client.translator.Translate(everything).translations
+    assert list(full.attention[0].layers) == [0, 1] and list(full.attention[0].heads) == [0, 1, 2, 3]
+
+
+def test_concurrent_callers_are_batched_and_get_their_own_results(
+    server: TranslatorServer, client: Client, reference: Engine
+) -> None:
+    assert server.metrics_port
+    texts = sentences(24, seed=7)
+    requests = [texts[i : i + 1] if i % 3 else texts[i : i + 2] for i in range(24)]  # some callers send two
+    options = pb.TranslateOptions(max_length=10)
+    expected = dict(zip(texts, reference.translate(texts, TranslateOptions(max_length=10)), strict=True))
+    before = scrape(server.metrics_port)
+    barrier = threading.Barrier(len(requests))
+
+    def call(mine: list[str]) -> list[str]:
+        barrier.wait()
+        answer = client.translator.Translate(pb.TranslateRequest(texts=mine, options=options), timeout=30)
+        return [t.text for t in answer.translations]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(call, requests))
+    for mine, got in zip(requests, answers, strict=True):
+        assert got == [expected[text].text for text in mine]
+    after = scrape(server.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    batches = delta("translator_batch_size_sentences_count")
+    single = delta("translator_batch_size_sentences_bucket", le="1.0")
+    assert delta("translator_batch_size_sentences_sum") == sum(len(r) for r in requests)
+    assert batches - single >= 1, "no batch held more than one sentence"
+    assert batches < len(requests)
+    assert delta("translator_requests_total", method="Translate", code="OK") == len(requests)
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_stream_sends_every_token_then_the_translation(client: Client, beam_size: int) -> None:
+    text = "the red cat sees a dog"
+    options = pb.TranslateOptions(beam_size=beam_size, max_length=9)
+    messages = list(client.translator.TranslateStream(pb.TranslateStreamRequest(text=text, options=options)))
+    events, last = messages[:-1], messages[-1]
+    assert all(m.WhichOneof("event") == "token" for m in events) and last.WhichOneof("event") == "translation"
+    (batch,) = client.translator.Translate(pb.TranslateRequest(texts=[text], options=options)).translations
+    assert [e.token.index for e in events] == list(range(len(events)))
+    assert (
+        [e.token.token for e in events] == list(batch.target_tokens) == list(last.translation.target_tokens)
+    )
+    assert last.translation.text == batch.text
+    assert last.translation.timings.total_ms > 0
+
+
+def test_model_info_reports_the_settings(client: Client, server: TranslatorServer) -> None:
+    info = client.translator.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.name, info.version, info.execution_provider) == ("tiny", "1", "CPUExecutionProvider")
+    assert (info.architecture.d_model, info.architecture.n_heads, info.architecture.n_decoder_layers) == (
+        32,
+        4,
+        2,
+    )
+    assert info.source_vocab_size == info.target_vocab_size > 4
+    assert (info.batching.max_batch_size, info.batching.max_batch_tokens, info.batching.max_queue_size) == (
+        64,
+        4096,
+        1024,
+    )
+    assert info.batching.max_queue_delay_ms == 20.0
+    limits = info.limits
+    assert (
+        limits.max_texts_per_request,
+        limits.max_tokens_per_text,
+        limits.max_beam_size,
+        limits.max_length,
+    ) == (8, 16, 4, 64)
+
+
+BAD_TRANSLATE = [
+    (pb.TranslateRequest(), ["texts is empty"]),
+    (pb.TranslateRequest(texts=["the dog", "  "]), ["texts[1]", "empty"]),
+    (pb.TranslateRequest(texts=["the"] * 9), ["9 texts", "max_texts_per_request=8"]),
+    (pb.TranslateRequest(texts=[" ".join(["dog"] * 17)]), ["17 tokens", "max_tokens_per_text=16"]),
+    (
+        pb.TranslateRequest(texts=["a"], options=pb.TranslateOptions(beam_size=0)),
+        ["beam_size", "max_beam_size=4", "got 0"],
+    ),
+    (pb.TranslateRequest(texts=["a"], options=pb.TranslateOptions(beam_size=1000)), ["got 1000"]),
+    (pb.TranslateRequest(texts=["a"], options=pb.TranslateOptions(max_length=0)), ["max_length", "got 0"]),
+    (
+        pb.TranslateRequest(texts=["a"], options=pb.TranslateOptions(max_length=65)),
+        ["max_length=64", "got 65"],
+    ),
+    (pb.TranslateRequest(texts=["a"], options=pb.TranslateOptions(length_penalty=-1)), ["length_penalty"]),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.CROSS], layers=[5])),
+        ),
+        ["layers [5]", "2 decoder layers"],
+    ),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.CROSS], heads=[0, 4])),
+        ),
+        ["heads [4]", "4 heads"],
+    ),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.ATTENTION_KIND_UNSPECIFIED])),
+        ),
+        ["ATTENTION_KIND_UNSPECIFIED"],
+    ),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.CROSS, pb.CROSS])),
+        ),
+        ["once"],
+    ),
+]
+
+
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(client: Client) -> None:
+    for request, needles in BAD_TRANSLATE:
+        with pytest.raises(grpc.RpcError) as failure:
+            client.translator.Translate(request, timeout=10)
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        for needle in needles:
+            assert needle in failure.value.details(), (needle, failure.value.details())
+    with pytest.raises(grpc.RpcError) as failure:
+        list(client.translator.TranslateStream(pb.TranslateStreamRequest(text=" "), timeout=10))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in failure.value.details()
+    assert client.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=10).translations[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KServe v2
+# ---------------------------------------------------------------------------------------------------------
+
+
+def infer_request(
+    texts: list[str],
+    *,
+    raw: bool = True,
+    shape: list[int] | None = None,
+    outputs: tuple[str, ...] = (),
+    **parameters: Any,
+) -> kpb.ModelInferRequest:
+    tensor = kpb.ModelInferRequest.InferInputTensor(
+        name="TEXT", datatype="BYTES", shape=shape if shape is not None else [len(texts)]
+    )
+    request = kpb.ModelInferRequest(
+        model_name="tiny",
+        id="req-1",
+        inputs=[tensor],
+        outputs=[kpb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+    )
+    encoded = [t.encode() for t in texts]
+    if raw:
+        request.raw_input_contents.append(serialize_bytes(encoded))
+    else:
+        request.inputs[0].contents.bytes_contents.extend(encoded)
+    for name, setting in parameters.items():
+        if isinstance(setting, bool):
+            request.parameters[name].bool_param = setting
+        elif isinstance(setting, int):
+            request.parameters[name].int64_param = setting
+        elif isinstance(setting, float):
+            request.parameters[name].double_param = setting
+        else:
+            request.parameters[name].string_param = setting
+    return request
+
+
+def outputs_of(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Like tritonclient's InferResult.as_numpy: raw_output_contents by output position."""
+    dtypes = {"FP32": "<f4", "INT32": "<i4"}
+    arrays = {}
+    assert not any(o.HasField("contents") for o in response.outputs)
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if output.datatype == "BYTES":
+            array = np.array(deserialize_bytes(raw, output.name), dtype=object)
+        else:
+            array = np.frombuffer(raw, dtype=dtypes[output.datatype])
+        arrays[output.name] = array.reshape(list(output.shape))
+    return arrays
+
+
+def test_kserve_infer_raw_with_attention_and_lengths(client: Client) -> None:
+    texts = ["the big dog sees her", "a cat", "the red house with a small dog"]
+    request = infer_request(
+        texts,
+        shape=[3, 1],
+        beam_size=2,
+        max_length=8,
+        length_penalty=0.5,
+        outputs=("TRANSLATION", "CROSS_ATTENTION", "SOURCE_LENGTH", "TARGET_LENGTH"),
+    )
+    response = client.kserve.ModelInfer(request)
+    assert (response.model_name, response.model_version, response.id) == ("tiny", "1", "req-1")
+    out = outputs_of(response)
+    options = pb.TranslateOptions(
+        beam_size=2, max_length=8, length_penalty=0.5, attention=pb.AttentionRequest(kinds=[pb.CROSS])
+    )
+    expected = client.translator.Translate(pb.TranslateRequest(texts=texts, options=options)).translations
+    assert out["TRANSLATION"].shape == (3, 1)
+    assert [b.decode() for b in out["TRANSLATION"][:, 0]] == [t.text for t in expected]
+    assert out["SOURCE_LENGTH"].tolist() == [len(t.source_tokens) for t in expected]
+    assert out["TARGET_LENGTH"].tolist() == [len(t.target_tokens) for t in expected]
+    cross = out["CROSS_ATTENTION"]
+    assert cross.shape == (3, 2, 4, max(out["TARGET_LENGTH"]), max(out["SOURCE_LENGTH"]))
+    for row, translation in enumerate(expected):
+        steps, width = len(translation.target_tokens), len(translation.source_tokens)
+        weights = np.array(translation.attention[0].weights.data).reshape(2, 4, steps, width)
+        np.testing.assert_allclose(cross[row, :, :, :steps, :width], weights, atol=1e-6)
+        assert not cross[row, :, :, steps:].any() and not cross[row, :, :, :, width:].any()  # zero padding
+
+
+def test_kserve_infer_typed_contents_returns_only_translation(client: Client, reference: Engine) -> None:
+    texts = ["the cat sees the dog", "a big red house"]
+    response = client.kserve.ModelInfer(infer_request(texts, raw=False, max_length=12))
+    out = outputs_of(response)
+    assert list(out) == ["TRANSLATION"] and out["TRANSLATION"].shape == (2,)
+    expected = reference.translate(texts, TranslateOptions(max_length=12))
+    assert [b.decode() for b in out["TRANSLATION"]] == [t.text for t in expected]
+
+
+def test_kserve_health_and_metadata(client: Client) -> None:
+    assert client.kserve.ServerLive(kpb.ServerLiveRequest()).live
+    assert client.kserve.ServerReady(kpb.ServerReadyRequest()).ready
+    assert client.kserve.ModelReady(kpb.ModelReadyRequest(name="tiny")).ready
+    assert client.kserve.ModelReady(kpb.ModelReadyRequest(name="tiny", version="1")).ready
+    assert not client.kserve.ModelReady(kpb.ModelReadyRequest(name="tiny", version="2")).ready
+    assert not client.kserve.ModelReady(kpb.ModelReadyRequest(name="other")).ready
+    assert client.kserve.ServerMetadata(kpb.ServerMetadataRequest()).name == "translator"
+    metadata = client.kserve.ModelMetadata(kpb.ModelMetadataRequest(name="tiny"))
+    assert (metadata.name, list(metadata.versions), metadata.platform) == ("tiny", ["1"], "onnxruntime_onnx")
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("TEXT", "BYTES", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+        ("TRANSLATION", "BYTES", [-1]),
+        ("CROSS_ATTENTION", "FP32", [-1, 2, 4, -1, -1]),
+        ("SOURCE_LENGTH", "INT32", [-1]),
+        ("TARGET_LENGTH", "INT32", [-1]),
+    ]
+    with pytest.raises(grpc.RpcError) as failure:
+        client.kserve.ModelMetadata(kpb.ModelMetadataRequest(name="other"))
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND and "'other'" in failure.value.details()
+
+
+def _bad_kserve() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str]]:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    cases = []
+
+    def case(name: str, code: grpc.StatusCode, needle: str, **kwargs: Any) -> kpb.ModelInferRequest:
+        request = infer_request(["the cat", "a dog"], **kwargs)
+        cases.append((name, request, code, needle))
+        return request
+
+    case("wrong input name", invalid, "unknown input 'SRC'").inputs[0].name = "SRC"
+    case("wrong datatype", invalid, "datatype BYTES, got 'FP32'").inputs[0].datatype = "FP32"
+    case("shape vs elements", invalid, "shape [3] (3 elements) but 2 elements", shape=[3])
+    case("bad shape", invalid, "shape [N] or [N, 1], got [2, 2]", shape=[2, 2])
+    case("malformed raw", invalid, "malformed BYTES").raw_input_contents[0] = b"\x09\x00\x00\x00abc"
+    both = case("raw and typed", invalid, "one form or the other")
+    both.inputs[0].contents.bytes_contents.append(b"x")
+    case("unknown output", invalid, "unknown output 'LOGITS'", outputs=("LOGITS",))
+    case("unknown parameter", invalid, "unknown parameter 'temperature'", temperature=0.5)
+    case("wrong parameter type", invalid, "beam_size must be a int64_param", beam_size="4")
+    case("beam size limit", invalid, "max_beam_size=4, got 9", beam_size=9)
+    case("unknown model", grpc.StatusCode.NOT_FOUND, "unknown model 'nope'").model_name = "nope"
+    case("unknown version", grpc.StatusCode.NOT_FOUND, "no version '3'").model_version = "3"
+    case("not utf-8", invalid, "TEXT[1] is not valid UTF-8").raw_input_contents[0] = serialize_bytes(
+        [b"ok", b"\xff\xfe"]
+    )
+    case("empty text", invalid, "TEXT[0]: the text is empty", shape=[2]).raw_input_contents[0] = (
+        serialize_bytes([b"", b"a"])
+    )
+    return cases
+
+
+@pytest.mark.parametrize("name, request_, code, needle", _bad_kserve(), ids=[c[0] for c in _bad_kserve()])
+def test_kserve_bad_tensors(
+    client: Client, name: str, request_: kpb.ModelInferRequest, code: grpc.StatusCode, needle: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as failure:
+        client.kserve.ModelInfer(request_, timeout=10)
+    assert failure.value.code() == code
+    assert needle in failure.value.details()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reflection, health, metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_message_size_limits(client: Client) -> None:
+    with pytest.raises(grpc.RpcError) as failure:  # refused by gRPC itself, before any handler runs
+        client.translator.Translate(pb.TranslateRequest(texts=["dog " * 80_000]), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "300000" in failure.value.details()
+    kinds = [pb.CROSS, pb.DECODER_SELF, pb.ENCODER_SELF]
+    request = pb.TranslateRequest(
+        texts=sentences(8, seed=5, longest=16),
+        options=pb.TranslateOptions(max_length=64, attention=pb.AttentionRequest(kinds=kinds)),
+    )
+    with pytest.raises(grpc.RpcError) as failure:  # the answer would be too big: say so, and what to change
+        client.translator.Translate(request, timeout=10)
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_message_bytes=300000" in failure.value.details()
+
+
+def test_reflection_lists_every_service(client: Client) -> None:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = list(client.reflection.ServerReflectionInfo(iter([request])))
+    names = {service.name for service in answer.list_services_response.service}
+    assert names >= {*SERVICES, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    v1 = client.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (answer,) = list(v1(iter([request])))
+    assert {service.name for service in answer.list_services_response.service} == names
+    symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="translator.v1.Translator")
+    (answer,) = list(client.reflection.ServerReflectionInfo(iter([symbol])))
+    assert answer.file_descriptor_response.file_descriptor_proto  # enough for grpcurl to call it
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) -> None:
+    server = TranslatorServer(make_config(tiny_repository))
+    server.start()
+    assert server.port
+    client = Client(server.port)
+    try:
+        for name in ("", *SERVICES):
+            status = client.health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert client.kserve.ServerLive(kpb.ServerLiveRequest()).live
+        assert not client.kserve.ServerReady(kpb.ServerReadyRequest()).ready
+        with pytest.raises(grpc.RpcError) as failure:
+            client.translator.Translate(pb.TranslateRequest(texts=["the cat"]))
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in failure.value.details()
+        server.load()
+        for name in ("", *SERVICES):
+            status = client.health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert client.kserve.ServerReady(kpb.ServerReadyRequest()).ready
+    finally:
+        client.close()
+        server.stop(0.5)
+
+
+def test_metrics_endpoint_serves_every_named_metric(server: TranslatorServer, client: Client) -> None:
+    assert server.metrics_port
+    client.translator.Translate(
+        pb.TranslateRequest(
+            texts=["the dog sees the cat"],
+            options=pb.TranslateOptions(max_length=6, attention=pb.AttentionRequest(kinds=[pb.CROSS])),
+        )
+    )
+    with pytest.raises(grpc.RpcError):
+        client.translator.Translate(pb.TranslateRequest())
+    text = scrape(server.metrics_port)
+    for name in ALL_METRICS:
+        assert f"# TYPE {name} " in text, name
+    assert (
+        value(text, "translator_model_info", model="tiny", version="1", provider="CPUExecutionProvider") == 1
+    )
+    assert value(text, "translator_requests_total", method="Translate", code="INVALID_ARGUMENT") >= 1
+    assert value(text, "translator_request_duration_seconds_count", method="Translate", code="OK") >= 1
+    for stage in ("encode", "decode"):
+        assert value(text, "translator_compute_duration_seconds_count", stage=stage) >= 1
+    for histogram in (
+        "translator_queue_wait_seconds",
+        "translator_batch_size_tokens",
+        "translator_translation_mean_logprob",
+        "translator_cross_attention_entropy_nats",
+    ):
+        assert value(text, f"{histogram}_count") >= 1, histogram
+    assert value(text, "translator_generated_tokens_total") >= 6
+    assert value(text, "translator_queue_depth_sentences") == 0
+    assert value(text, "translator_inflight_requests") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overload, deadlines, cancellation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_full_queue_gives_resource_exhausted_at_once(tiny_repository: Path) -> None:
+    config = make_config(tiny_repository, max_queue_size=4, max_texts_per_request=4, max_queue_delay_ms=700.0)
+    with running(config) as server, ThreadPoolExecutor(1) as pool:
+        assert server.port and server.runtime.batcher
+        client = Client(server.port)
+        waiting = pool.submit(
+            client.translator.Translate, pb.TranslateRequest(texts=["the cat"] * 3), timeout=10
+        )
+        batcher = server.runtime.batcher
+        wait_for(lambda: batcher.depth == 3, message="three queued sentences")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failure:
+            client.translator.Translate(pb.TranslateRequest(texts=["a dog", "a cat"]), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue_size=4" in failure.value.details()
+        assert time.monotonic() - started < 0.5  # refused at once, not after the queue delay
+        assert len(waiting.result().translations) == 3
+        client.close()
+
+
+def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorServer, SlowBackend]) -> None:
+    server, backend = slow
+    assert server.port and server.metrics_port and server.runtime.batcher
+    client = Client(server.port)
+    before = scrape(server.metrics_port)
+    with ThreadPoolExecutor(1) as pool:
+        # A long request occupies the worker; one with other options and a short deadline waits behind it.
+        busy = pool.submit(
+            client.translator.Translate,
+            pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=25)),
+            timeout=30,
+        )
+        wait_for(lambda: backend.steps > 0, message="decoding to start")
+        with pytest.raises(grpc.RpcError) as failure:
+            client.translator.Translate(
+                pb.TranslateRequest(texts=["a dog"], options=pb.TranslateOptions(max_length=26)), timeout=0.15
+            )
+        assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: server.runtime.batcher.depth == 0, message="the queue to empty")  # type: ignore[union-attr]
+        assert len(busy.result().translations[0].target_tokens) == 25
+    # A request whose deadline passes during decoding has its rows dropped: the steps stop.
+    with pytest.raises(grpc.RpcError) as failure:
+        client.translator.Translate(
+            pb.TranslateRequest(texts=["the big dog"], options=pb.TranslateOptions(max_length=200)),
+            timeout=0.3,
+        )
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.1)
+    steps = backend.steps
+    time.sleep(0.15)
+    assert backend.steps == steps
+    after = scrape(server.metrics_port)
+    for stage in ("queued", "decoding"):
+        dropped = value(after, "translator_dropped_sentences_total", reason="deadline_exceeded", stage=stage)
+        assert (
+            dropped
+            - value(before, "translator_dropped_sentences_total", reason="deadline_exceeded", stage=stage)
+            == 1
+        ), stage
+    assert value(after, "translator_queue_depth_sentences") == 0
+    # KServe clients set Triton's `timeout` parameter (microseconds) rather than a gRPC deadline.
+    with pytest.raises(grpc.RpcError) as failure:
+        client.kserve.ModelInfer(infer_request(["the big dog"], max_length=200, timeout=100_000), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    client.close()
+
+
+def test_cancelled_stream_stops_decoding(slow: tuple[TranslatorServer, SlowBackend]) -> None:
+    server, backend = slow
+    assert server.port and server.metrics_port
+    client = Client(server.port)
+    before = scrape(server.metrics_port)
+    call = client.translator.TranslateStream(
+        pb.TranslateStreamRequest(text="the small cat", options=pb.TranslateOptions(max_length=200))
+    )
+    received = [next(call) for _ in range(3)]
+    assert [m.token.index for m in received] == [0, 1, 2]
+    call.cancel()
+    wait_for(
+        lambda: (
+            value(
+                scrape(server.metrics_port),
+                "translator_dropped_sentences_total",
+                reason="cancelled",
+                stage="decoding",
+            )
+            == 1 + value(before, "translator_dropped_sentences_total", reason="cancelled", stage="decoding")
+        ),
+        message="the cancelled row to be dropped",
+    )
+    time.sleep(0.05)
+    steps = backend.steps
+    time.sleep(0.15)
+    assert backend.steps == steps, "decoding went on after the client cancelled"
+    after = scrape(server.metrics_port)
+    assert value(after, "translator_generated_tokens_total") == value(
+        before, "translator_generated_tokens_total"
+    )
+    wait_for(
+        lambda: (
+            value(
+                scrape(server.metrics_port),
+                "translator_requests_total",
+                method="TranslateStream",
+                code="CANCELLED",
+            )
+            >= 1
+        ),
+        message="the cancelled call to be counted",
+    )
+    client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_mutual_tls(tiny_repository: Path, tmp_path: Path) -> None:
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        str(tmp_path / "ca.key"),
+        "-out",
+        str(tmp_path / "ca.pem"),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+        _openssl(
+            "req",
+            *ec,
+            "-keyout",
+            str(tmp_path / f"{name}.key"),
+            "-out",
+            str(tmp_path / f"{name}.csr"),
+            "-subj",
+            f"/CN={name}",
+        )
+        extension = tmp_path / f"{name}.ext"
+        extension.write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(tmp_path / f"{name}.csr"),
+            "-CA",
+            str(tmp_path / "ca.pem"),
+            "-CAkey",
+            str(tmp_path / "ca.key"),
+            "-CAcreateserial",
+            "-out",
+            str(tmp_path / f"{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            str(extension),
+        )
+    config = make_config(
+        tiny_repository,
+        tls_cert=tmp_path / "server.pem",
+        tls_key=tmp_path / "server.key",
+        tls_client_ca=tmp_path / "ca.pem",
+    )
+    ca = (tmp_path / "ca.pem").read_bytes()
+    with running(config) as server:
+        assert server.port
+        trusted = Client(
+            server.port,
+            grpc.ssl_channel_credentials(
+                ca, (tmp_path / "client.key").read_bytes(), (tmp_path / "client.pem").read_bytes()
+            ),
+        )
+        assert trusted.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=10).translations
+        trusted.close()
+        for credentials in (grpc.ssl_channel_credentials(ca), None):  # no client certificate; plaintext
+            stranger = Client(server.port, credentials)
+            with pytest.raises(grpc.RpcError) as failure:
+                stranger.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=5)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+            stranger.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings and the process lifecycle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_settings_from_flags_environment_and_defaults() -> None:
+    defaults = load_config([], environ={})
+    assert (defaults.host, defaults.port, defaults.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert (defaults.model_repository, defaults.model, defaults.model_version) == (
+        ROOT / "model_repository",
+        "toy-en-es",
+        None,
+    )
+    assert (
+        defaults.max_batch_size,
+        defaults.max_batch_tokens,
+        defaults.max_queue_delay_ms,
+        defaults.max_queue_size,
+        defaults.grace_period_s,
+    ) == (64, 4096, 5.0, 1024, 30.0)
+    environ = {env_name("port"): "7000", env_name("max_batch_size"): "8", env_name("tls_cert"): ""}
+    config = load_config(["--port", "9000", "--model-version", "3"], environ=environ)
+    assert (config.port, config.max_batch_size, config.model_version, config.tls_cert) == (9000, 8, 3, None)
+    for argv, environ in (
+        ([], {env_name("port"): "eighty"}),
+        (["--max-batch-size", "0"], {}),
+        (["--tls-cert", "x.pem"], {}),
+        (["--max-texts-per-request", "2000"], {}),
+    ):
+        with pytest.raises(SystemExit):
+            load_config(argv, environ=environ)
+    help_text = " ".join(build_parser().format_help().split())
+    for name in ("TRANSLATOR_PORT", "TRANSLATOR_MAX_QUEUE_DELAY_MS", "TRANSLATOR_GRACE_PERIOD_S"):
+        assert name in help_text
+    assert "(default: 8001; env TRANSLATOR_PORT)" in help_text
+
+
+def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "service.server",
+        "--host",
+        HOST,
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--model-repository",
+        str(tiny_repository),
+        "--model",
+        "tiny",
+        "--threads",
+        "1",
+        "--grpc-threads",
+        "8",
+        "--grace-period-s",
+        "10",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), env_name("max_queue_delay_ms"): "600"}
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+
+        def logged(message: str) -> dict[str, Any] | None:
+            for line in log_path.read_text().splitlines():
+                if line.startswith("{") and json.loads(line).get("message") == message:
+                    return json.loads(line)
+            return None
+
+        wait_for(
+            lambda: process.poll() is not None or logged("ready") is not None,
+            timeout=30,
+            message="the server to get ready",
+        )
+        listening = logged("listening")
+        assert process.poll() is None and listening is not None, log_path.read_text()
+        client = Client(listening["port"])
+        status = client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        info = client.translator.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert info.batching.max_queue_delay_ms == 600  # from the environment
+        with ThreadPoolExecutor(4) as pool:
+            calls = [
+                pool.submit(
+                    client.translator.Translate,
+                    pb.TranslateRequest(texts=[text], options=pb.TranslateOptions(max_length=6)),
+                    timeout=20,
+                )
+                for text in sentences(4, seed=11)
+            ]
+            wait_for(
+                lambda: value(scrape(listening["metrics_port"]), "translator_queue_depth_sentences") == 4,
+                message="four queued sentences",
+            )
+            process.send_signal(signal.SIGTERM)
+
+            def refused() -> bool:
+                fresh = Client(listening["port"])
+                try:
+                    fresh.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=2)
+                    return False
+                except grpc.RpcError as error:
+                    return error.code() == grpc.StatusCode.UNAVAILABLE
+                finally:
+                    fresh.close()
+
+            wait_for(refused, timeout=5, message="new calls to be refused with UNAVAILABLE")
+            for call in calls:  # the in-flight calls still get their answers
+                assert len(call.result(timeout=20).translations) == 1
+        client.close()
+        assert process.wait(timeout=20) == 0, log_path.read_text()[-3000:]
+        assert logged("stopped") is not None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
