@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint train evaluate default-model
+.PHONY: setup run test lint default-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: train the default model when there is none, then evaluate it on the test split.
+# The main job: serve the shipped default model (model_repository/toy-en-es/1) on localhost.
 run: $(STAMP)
-	@test -f runs/default/model.safetensors || $(BIN)/translator-train --out-dir runs/default
-	$(BIN)/translator-eval --checkpoint runs/default --split test
+	$(BIN)/translator-serve --host 127.0.0.1
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -25,3 +24,17 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Retrain the default model from scratch (fixed seeds: same data, same steps), evaluate it, and re-export it
+# with its PyTorch checkpoint into checkpoints/ and model_repository/.
+RUN := runs/default
+default-model: $(STAMP)
+	rm -rf $(RUN)
+	$(BIN)/translator-train --out-dir $(RUN)
+	$(BIN)/translator-eval --checkpoint $(RUN) --split test --json $(RUN)/eval-test.json
+	$(BIN)/translator-eval --checkpoint $(RUN) --split long --json $(RUN)/eval-long.json
+	mkdir -p checkpoints/toy-en-es
+	cp $(RUN)/model.safetensors $(RUN)/config.json $(RUN)/tokenizer.json $(RUN)/eval-test.json \
+		$(RUN)/eval-long.json checkpoints/toy-en-es/
+	$(BIN)/translator-export --checkpoint checkpoints/toy-en-es --repository model_repository --name toy-en-es \
+		--version 1 --metrics test=$(RUN)/eval-test.json --metrics long=$(RUN)/eval-long.json

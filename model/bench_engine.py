@@ -4,7 +4,7 @@ Engines (rows of the table):
 
 * ``torch_nocache``: PyTorch eager, the decoder re-run over the whole prefix every step (``decode_full``),
   driven by the shared search so stopping, masking and dropping finished rows are the same as everywhere.
-* ``torch_cache``: PyTorch with the key/value cache (``translate_ids``: TorchBackend + shared search).
+* ``torch_cache``: PyTorch with the key/value cache (TorchBackend + shared search, as ``translate_ids``).
 * ``ours``: our engine (onnxruntime graphs + shared search), no attention maps.
 * ``ours_attention``: our engine with every attention map requested (cross, decoder self, encoder self).
 * ``ct2_f32``: CTranslate2 float32 on a conversion of the same checkpoint (the reference to beat).
@@ -15,9 +15,12 @@ exactly (beyond ``--max-mismatches`` differing sentences the benchmark refuses t
 each engine runs in a fresh subprocess (one process can swing by 40%), engines interleaved in a rotating
 order; in each, every batch size is timed over whole passes of the same batches until ``--min-seconds`` have
 passed. Reported figures are medians over rounds. Everybody gets the same batches (test-split order, mixed
-lengths), the same thread count and the same length cap per batch: 2 x the longest source (</s> included)
-+ 10 generated tokens, capped at 256 (our engine's limit). Target tokens/s counts generated tokens without
-</s>. Heavy libraries load only in the subprocesses, so the parent leaves no idle thread pools behind.
+lengths) and the same thread count. Length cap: our engine's rule, per sentence, 2 x its source length
+(</s> included) + 10 generated tokens (</s> included), at most 256. CTranslate2 takes one cap per call, so
+it gets the batch's largest and its outputs are cut to each sentence's cap (greedy tokens do not depend on
+the cap, so they are the same; only a sentence that never emits </s> costs it a few extra steps). Target
+tokens/s counts generated tokens without </s>. Heavy libraries load only in the subprocesses, so the parent
+leaves no idle thread pools behind.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +63,18 @@ RATIOS = (("ours/ct2_f32", "ours", "ct2_f32"), ("ours/torch_nocache", "ours", "t
 @dataclass(frozen=True)
 class Batch:
     ids: list[list[int]]  # source ids, each ending with </s>
-    max_length: int  # generated-token cap (</s> included), the same for every engine
+    max_lengths: list[int]  # per sentence: steps allowed (</s> included)
 
 
-def max_length_for(batch: Sequence[Sequence[int]], max_positions: int) -> int:
-    """Our engine's rule: 2 x padded source length + 10, capped by the engine and the position table."""
-    return min(2 * max(map(len, batch)) + 10, MAX_LENGTH_LIMIT, max_positions)
+def max_length_for(source: Sequence[int], max_positions: int) -> int:
+    """Our engine's rule (Engine.max_length_for without options): 2 x source length + 10, capped by the
+    engine's limit and the position table."""
+    return min(2 * len(source) + 10, MAX_LENGTH_LIMIT, max_positions)
 
 
 def make_batches(sources: list[list[int]], batch_size: int, max_positions: int) -> list[Batch]:
     chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-    return [Batch(chunk, max_length_for(chunk, max_positions)) for chunk in chunks]
+    return [Batch(chunk, [max_length_for(s, max_positions) for s in chunk]) for chunk in chunks]
 
 
 # -- engines (run inside worker processes) -------------------------------------------------------------
@@ -118,9 +122,10 @@ class NoCacheTorchBackend:
     def select(self, state: NoCacheState, rows: Any) -> NoCacheState:
         import torch
 
-        index = torch.as_tensor(rows, dtype=torch.int64)
-        return NoCacheState(state.memory.index_select(0, index), state.padding.index_select(0, index),
-                            state.prefix.index_select(0, index))
+        with torch.inference_mode():
+            index = torch.as_tensor(rows, dtype=torch.int64)
+            return NoCacheState(state.memory.index_select(0, index), state.padding.index_select(0, index),
+                                state.prefix.index_select(0, index))
 
 
 def _torch_runner(engine: str, spec: dict) -> Runner:
@@ -133,23 +138,21 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
             torch.set_num_interop_threads(1)  # settable once per process, before any parallel work
         except RuntimeError:
             pass
-    from model.decoding import pad_batch, translate_ids
+    from model.decoding import TorchBackend, pad_batch
     from model.train import load_model
     from service.search import search
 
     model, _, _ = load_model(spec["checkpoint"])
     config = model.config
-    if engine == "torch_cache":
-        def run(batch: Batch) -> list[list[int]]:
-            return [h.tokens for h in translate_ids(model, batch.ids, max_length=batch.max_length)]
-    else:
-        backend = NoCacheTorchBackend(model)
+    # translate_ids is TorchBackend + search with one cap per batch; the caps here are per sentence, as in
+    # our engine, so the same two calls are made directly.
+    backend = TorchBackend(model) if engine == "torch_cache" else NoCacheTorchBackend(model)
 
-        def run(batch: Batch) -> list[list[int]]:
-            src = np.asarray(pad_batch(batch.ids, config.pad_id))
-            results = search(backend, src, pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id,
-                             max_length=batch.max_length)
-            return [h.tokens for h in results if h is not None]
+    def run(batch: Batch) -> list[list[int]]:
+        results = search(backend, pad_batch(batch.ids, config.pad_id), pad_id=config.pad_id,
+                         bos_id=config.bos_id, eos_id=config.eos_id,
+                         max_length=np.asarray(batch.max_lengths, dtype=np.int64))
+        return [h.tokens for h in results if h is not None]
     return Runner(run)
 
 
@@ -157,15 +160,13 @@ def _ours_runner(engine: str, spec: dict) -> Runner:
     from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
 
     loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device="cpu",
-                         threads=spec["threads"])
+                         threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT)
     attention = frozenset(ATTENTION_KINDS) if engine == "ours_attention" else frozenset()
-    options_by_length: dict[int, TranslateOptions] = {}
+    # No max_length: the engine applies its own per-sentence rule, which Batch.max_lengths mirrors for the
+    # other engines (a drift between the two shows up in the parity check as soon as a sentence hits it).
+    options = TranslateOptions(attention=attention)
 
     def run(batch: Batch) -> list[list[int]]:
-        options = options_by_length.get(batch.max_length)
-        if options is None:
-            options = options_by_length[batch.max_length] = TranslateOptions(max_length=batch.max_length,
-                                                                               attention=attention)
         return [h.tokens for h in loaded.search_ids(batch.ids, options) if h is not None]
     return Runner(run)
 
@@ -218,10 +219,10 @@ def _ct2_runner(engine: str, spec: dict) -> Runner:
 
     def run(batch: Batch) -> list[list[str]]:
         results = translator.translate_batch(tokens_for(batch), beam_size=1,
-                                             max_decoding_length=batch.max_length, min_decoding_length=0,
-                                             suppress_sequences=suppress, max_batch_size=0,
-                                             max_input_length=0)
-        return [result.hypotheses[0] for result in results]
+                                             max_decoding_length=max(batch.max_lengths),
+                                             min_decoding_length=0, suppress_sequences=suppress,
+                                             max_batch_size=0, max_input_length=0)
+        return [result.hypotheses[0][:cap] for result, cap in zip(results, batch.max_lengths, strict=True)]
 
     def to_ids(outputs: list[list[str]]) -> list[list[int]]:
         return [[vocabulary.tokenizer.token_to_id(token) for token in tokens] for tokens in outputs]
@@ -239,7 +240,7 @@ def make_runner(engine: str, spec: dict) -> Runner:
 
 
 def _batches_from(raw: list[dict]) -> list[Batch]:
-    return [Batch(b["ids"], b["max_length"]) for b in raw]
+    return [Batch(b["ids"], b["max_lengths"]) for b in raw]
 
 
 def worker_prepare(spec: dict) -> dict:
@@ -318,11 +319,17 @@ def _run_worker(kind: str, spec: dict, work_dir: Path, name: str, threads: int) 
 
 def machine_info(threads: int) -> dict:
     cpu_model = None
+    cores: set[tuple[str, str]] = set()
     try:
+        physical = ""
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and cpu_model is None:
+                cpu_model = value
+            elif key == "physical id":
+                physical = value
+            elif key == "core id":
+                cores.add((physical, value))
     except OSError:
         pass
     versions = {}
@@ -331,7 +338,8 @@ def machine_info(threads: int) -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"cpu_model": cpu_model or platform.processor(), "logical_cores": os.cpu_count(),
+    return {"cpu_model": cpu_model or platform.processor(), "physical_cores": len(cores) or None,
+            "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "threads": threads, "platform": platform.platform(), "python": platform.python_version(),
             "versions": versions, "load_average_at_start": list(os.getloadavg())}
@@ -455,6 +463,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from model.data import toy_split
     from service.vocabulary import Vocabulary
@@ -467,17 +476,18 @@ def main(argv: list[str] | None = None) -> dict:
     texts = [examples[i % len(examples)].source for i in range(args.sentences)]
     sources = [vocabulary.encode_source(text).ids for text in texts]
     max_positions = int(meta.get("max_positions", 512))
-    batches_by_size = {str(size): [b.__dict__ for b in make_batches(sources, size, max_positions)]
+    batches_by_size = {str(size): [asdict(b) for b in make_batches(sources, size, max_positions)]
                        for size in args.batch_sizes}
     report: dict[str, Any] = {
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "argv": sys.argv,
+        "command": shlex.join(["translator-bench", "engine", *argv]), "argv": argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(args.threads),
         "settings": {"checkpoint": str(checkpoint), "repository": str(repository), "model": args.model,
                      "model_version_dir": str(version_dir), "batch_sizes": args.batch_sizes,
                      "sentences": args.sentences, "threads": args.threads, "rounds": args.rounds,
                      "min_seconds": args.min_seconds, "engines": args.engines,
-                     "max_length_rule": "min(2 * longest source in batch (</s> included) + 10, "
-                                        f"{MAX_LENGTH_LIMIT})",
+                     "max_length_rule": "per sentence: min(2 * source length (</s> included) + 10, "
+                                        f"{MAX_LENGTH_LIMIT}); CTranslate2 gets the batch maximum and its "
+                                        "outputs are cut to each sentence's cap",
                      "decoding": "greedy", "tokens_counted": "generated tokens without </s>",
                      "architecture": meta},
         "engine_labels": {e: ENGINES[e] for e in args.engines},

@@ -192,9 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", default="model_repository")
     parser.add_argument("--name", default="toy-en-es")
     parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--metrics", help="JSON file of evaluation results to record in model.json")
+    parser.add_argument("--metrics", action="append", default=[], metavar="NAME=PATH",
+                        help="evaluation results (translator-eval --json) to record in model.json under NAME")
     args = parser.parse_args(argv)
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    metrics = {}
+    for item in args.metrics:
+        name, _, path = item.partition("=")
+        if not path:
+            parser.error(f"--metrics expects NAME=PATH, got {item!r}")
+        metrics[name] = json.loads(Path(path).read_text())
     export_checkpoint(args.checkpoint, args.repository, args.name, args.version, metrics)
 
 

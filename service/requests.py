@@ -15,6 +15,10 @@ from service.errors import invalid
 from service.repository import Architecture
 from service.vocabulary import EmptyTextError, EncodedText
 
+# steps ** length_penalty must stay a finite float for every step count (a larger penalty overflowed in the
+# search: OverflowError, INTERNAL); 100 keeps it finite up to 1000 steps, far beyond any useful penalty.
+MAX_LENGTH_PENALTY = 100.0
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -79,8 +83,11 @@ def make_options(
             f"{where}.max_length must be between 1 and max_length={limits.max_length}, got {max_length}"
         )
     penalty = limits.default_length_penalty if length_penalty is None else float(length_penalty)
-    if not math.isfinite(penalty) or penalty < 0:
-        raise invalid(f"{where}.length_penalty must be a finite number >= 0, got {penalty}")
+    if not math.isfinite(penalty) or not 0 <= penalty <= MAX_LENGTH_PENALTY:
+        raise invalid(
+            f"{where}.length_penalty must be a finite number between 0 and {MAX_LENGTH_PENALTY:g}, "
+            f"got {penalty}"
+        )
     return TranslateOptions(
         beam_size=beam,
         max_length=max_length,

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -84,9 +84,116 @@ def add_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
-    )
+    handlers = {"ServerReflectionInfo": handler}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, handlers),))
+    server.add_registered_method_handlers(REFLECTION_V1, handlers)
+
+
+class HealthService(health.HealthServicer):
+    """grpcio-health-checking's servicer plus List, which grpc.health.v1 has and the library lacks (its stub
+    raises NotImplementedError: UNIMPLEMENTED, and an ERROR with a traceback in the log, per call)."""
+
+    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> Any:
+        statuses = {
+            name: self.Check(health_pb2.HealthCheckRequest(service=name), context)
+            for name in ("", *SERVICE_NAMES)
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
+class _Malformed:
+    """What a request that is not a valid message of its method deserializes to (see `validated`)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def validated(
+    path: str, handler: grpc.RpcMethodHandler, metrics: ServerMetrics | None
+) -> grpc.RpcMethodHandler:
+    """`handler`, answering INVALID_ARGUMENT to request bytes that are no valid message of the method.
+
+    gRPC itself answers them INTERNAL ("Exception deserializing request!") and logs a traceback at ERROR: a
+    client error reported as a server fault. Here the deserializer cannot fail; the method rejects what it
+    could not parse before the servicer sees it (and counts it under its method, like other bad requests).
+    """
+    parse = handler.request_deserializer
+    method = path.rsplit("/", 1)[-1]
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as error:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Malformed(
+                f"{path}: the request is not a valid protobuf message for this method ({error})"
+            )
+
+    def reject(request: Any, context: grpc.ServicerContext) -> None:
+        if isinstance(request, _Malformed):
+            if metrics is not None:
+                metrics.requests.labels(method=method, code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    serialize = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        bidi = handler.stream_stream
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            def checked() -> Iterator[Any]:
+                for request in requests:
+                    reject(request, context)
+                    yield request
+
+            yield from bidi(checked(), context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
+    if handler.request_streaming:
+        return handler  # no client-streaming method is served
+    if handler.response_streaming:
+        streaming = handler.unary_stream
+
+        def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            reject(request, context)
+            yield from streaming(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+    unary = handler.unary_unary
+
+    def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+        reject(request, context)
+        return unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+
+
+class _Registrar:
+    """Stands in for the grpc.Server given to the generated `add_*_to_server` functions: every method they
+    register goes through `validated`."""
+
+    def __init__(self, server: grpc.Server, metrics: ServerMetrics | None) -> None:
+        self._server = server
+        self._metrics = metrics
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)  # the same methods come again through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {
+            name: validated(f"/{service}/{name}", handler, self._metrics)
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+        self._generic = [h for h in self._generic if getattr(h, "service_name", lambda: None)() != service]
+
+    def flush(self) -> None:
+        """Generic handlers that were not also registered method by method pass through unchanged."""
+        if self._generic:
+            self._server.add_generic_rpc_handlers(tuple(self._generic))
+            self._generic = []
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -112,7 +219,7 @@ class TranslatorServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.runtime = Runtime(config, self.metrics)
-        self.health = health.HealthServicer()
+        self.health = HealthService()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._engine = engine
@@ -132,16 +239,19 @@ class TranslatorServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        ours, theirs = _Registrar(server, self.metrics), _Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
-            translator_api.TranslatorService(self.runtime), server
+            translator_api.TranslatorService(self.runtime), ours
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            kserve.InferenceService(self.runtime), server
+            kserve.InferenceService(self.runtime), ours
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, theirs)
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        add_reflection(server, SERVICE_NAMES)
+        add_reflection(theirs, SERVICE_NAMES)  # type: ignore[arg-type]
+        ours.flush()
+        theirs.flush()
         host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
         address = f"{host}:{config.port}"
         credentials = server_credentials(config)

@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model import bench
@@ -14,7 +15,7 @@ from model.bench_engine import ENGINES, Batch, first_difference, load_translator
 from model.ctranslate2_convert import convert_to_ctranslate2, source_tokens
 from model.decoding import translate_ids
 from model.train import load_model
-from service.engine import Engine, TranslateOptions
+from service.engine import Engine, TranslateOptions, encoder_groups
 from tests.conftest import WORDS
 
 
@@ -28,9 +29,9 @@ def ct2_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return convert_to_ctranslate2(tiny_checkpoint, tmp_path_factory.mktemp("ct2") / "tiny")
 
 
-def ct2_greedy(translator, vocabulary, batch: Batch) -> list[list[int]]:
-    results = translator.translate_batch([source_tokens(vocabulary, ids) for ids in batch.ids], beam_size=1,
-                                         max_decoding_length=batch.max_length, min_decoding_length=0,
+def ct2_greedy(translator, vocabulary, sources: list[list[int]], max_length: int) -> list[list[int]]:
+    results = translator.translate_batch([source_tokens(vocabulary, ids) for ids in sources], beam_size=1,
+                                         max_decoding_length=max_length, min_decoding_length=0,
                                          suppress_sequences=[["<pad>"], ["<s>"]])
     return [[vocabulary.tokenizer.token_to_id(t) for t in r.hypotheses[0]] for r in results]
 
@@ -38,20 +39,25 @@ def ct2_greedy(translator, vocabulary, batch: Batch) -> list[list[int]]:
 @pytest.mark.parametrize("cap", [None, 6])
 def test_ctranslate2_conversion_decodes_our_greedy_tokens(tiny_checkpoint: Path, tiny_repository: Path,
                                                            ct2_model: Path, cap: int | None) -> None:
-    """Token for token against PyTorch and our engine; the random tiny model mostly runs to the length cap,
-    so both a finished and a cut-off hypothesis are compared (cap 6 cuts nearly everything)."""
+    """Token for token against PyTorch and our engine, one cap per batch; the random tiny model mostly runs
+    to the cap, so finished and cut-off hypotheses are both compared (cap 6 cuts nearly everything)."""
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     translator = load_translator(ct2_model, threads=1, compute_type="float32")
     sources = [vocabulary.encode_source(text).ids for text in sentences(24, seed=5)]
-    for batch in make_batches(sources, 8, model.config.max_positions):
-        max_length = cap or batch.max_length
-        batch = Batch(batch.ids, max_length)
-        ours = [h.tokens for h in engine.search_ids(batch.ids, TranslateOptions(max_length=max_length))]
-        torch_tokens = [h.tokens for h in translate_ids(model, batch.ids, max_length=max_length)]
-        assert torch_tokens == ours
-        assert ct2_greedy(translator, vocabulary, batch) == ours
+    for start in range(0, len(sources), 8):
+        batch = sources[start:start + 8]
+        max_length = cap or 2 * max(map(len, batch)) + 10
+        ours = [h.tokens for h in engine.search_ids(batch, TranslateOptions(max_length=max_length))]
+        assert [h.tokens for h in translate_ids(model, batch, max_length=max_length)] == ours
+        assert ct2_greedy(translator, vocabulary, batch, max_length) == ours
         assert max(len(t) for t in ours) == max_length  # the cap itself was exercised
+
+
+def test_batches_carry_our_engines_per_sentence_caps() -> None:
+    batches = make_batches([[5, 2], [5, 6, 7, 2], [4] * 200 + [2]], 2, max_positions=512)
+    assert [b.max_lengths for b in batches] == [[14, 18], [256]]
+    assert isinstance(batches[0], Batch) and len(batches[1].ids) == 1
 
 
 def test_conversion_records_the_layer_norm_epsilon(ct2_model: Path) -> None:
@@ -60,6 +66,36 @@ def test_conversion_records_the_layer_norm_epsilon(ct2_model: Path) -> None:
     assert epsilon["ours"] == epsilon["ctranslate2_default"] == 1e-5
     config = json.loads((ct2_model / "config.json").read_text())
     assert config["layer_norm_epsilon"] == 1e-5 and config["add_source_eos"] is False
+
+
+def test_encoder_groups_partition_rows_at_least_cost() -> None:
+    lengths = np.array([3, 30, 3, 4, 29, 12, 3, 30])
+    groups = encoder_groups(lengths, run_cost=8)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    spans = [(lengths[g].min(), lengths[g].max()) for g in groups]
+    assert spans == sorted(spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[3, 3, 3, 4], [12], [29, 30, 30]]
+    assert len(encoder_groups(lengths, run_cost=1000)) == 1  # a run costing more than all padding
+    assert len(encoder_groups(np.array([7, 7, 7]))) == 1
+
+
+def test_grouped_encoder_changes_nothing_but_speed(tiny_repository: Path) -> None:
+    """The CPU engine runs the encoder per group of similar lengths; tokens, scores and every attention map
+    must be those of one whole-batch run."""
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    assert engine.backend.group_encoder_by_length
+    texts = sentences(48, seed=11)  # 1 to 14 words: several groups
+    sources = [engine.vocabulary.encode_source(text).ids for text in texts]
+    assert len(encoder_groups(np.array([len(s) for s in sources]))) > 1
+    options = TranslateOptions(max_length=12, attention=frozenset({"cross", "decoder_self", "encoder_self"}))
+    grouped = engine.search_ids(sources, options)
+    engine.backend.group_encoder_by_length = False
+    whole = engine.search_ids(sources, options)
+    for a, b in zip(grouped, whole, strict=True):
+        assert a is not None and b is not None
+        assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-6)
+        for name in ("cross_attention", "self_attention", "encoder_attention"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-6)
 
 
 def test_first_difference_names_the_sentence_and_token() -> None:
