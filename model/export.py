@@ -18,11 +18,11 @@ from torch import nn
 
 from model.transformer import Transformer
 from service.repository import (
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
     ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
     MODEL_FORMAT,
+    decoder_inputs,
+    decoder_outputs,
+    encoder_outputs,
     sha256,
 )
 
@@ -30,7 +30,8 @@ OPSET = 17
 
 
 class EncoderGraph(nn.Module):
-    """Source ids and padding -> memory, each decoder layer's cross keys/values, encoder attention."""
+    """Source ids and padding -> memory, each decoder layer's cross keys/values, each encoder layer's
+    attention (one output per layer: see service.repository for the signature)."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -38,86 +39,96 @@ class EncoderGraph(nn.Module):
 
     def forward(self, src_ids: torch.Tensor, src_padding_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The padding mask is an input (not re-derived from pad ids), as in the step graph.
-        memory, encoder_attention = self.model.encode(src_ids, src_padding_mask)
-        cross_key, cross_value = self.model.cross_keys_values(memory)
-        return memory, cross_key, cross_value, encoder_attention
+        memory, encoder_attention = self.model.encode_layers(src_ids, src_padding_mask)
+        cross_keys, cross_values = self.model.cross_keys_values_layers(memory)
+        return (
+            memory,
+            *[t for pair in zip(cross_keys, cross_values, strict=True) for t in pair],
+            *encoder_attention,
+        )
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoding step with a key/value cache: the past goes in, the present (one longer) comes out."""
+    """One decoding step with a key/value cache: the past goes in, the present (one longer) comes out.
+
+    Inputs and outputs are flat, one tensor per layer, in the order of service.repository's
+    decoder_inputs / decoder_outputs.
+    """
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        past_self_key: torch.Tensor,
-        past_self_value: torch.Tensor,
-        cross_key: torch.Tensor,
-        cross_value: torch.Tensor,
-        src_padding_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        return self.model.decode_step(
-            tokens, past_self_key, past_self_value, cross_key, cross_value, src_padding_mask
+    def forward(self, tokens: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layers = self.model.config.n_decoder_layers
+        past, cross, src_padding_mask = rest[: 2 * layers], rest[2 * layers : 4 * layers], rest[-1]
+        log_probs, keys, values, cross_attention, self_attention = self.model.decode_step_layers(
+            tokens, list(past[0::2]), list(past[1::2]), list(cross[0::2]), list(cross[1::2]),
+            src_padding_mask,
+        )
+        return (
+            log_probs,
+            *[t for pair in zip(keys, values, strict=True) for t in pair],
+            *cross_attention,
+            *self_attention,
         )
 
 
 def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: int = 3) -> dict[str, tuple]:
     config = model.config
-    head_dim = config.d_model // config.n_heads
+    layers = config.n_decoder_layers
     src_ids = torch.randint(4, config.src_vocab_size, (batch, source))
     src_padding_mask = torch.zeros(batch, source, dtype=torch.bool)
     src_padding_mask[0, -1] = True
-    cache = (config.n_decoder_layers, batch, config.n_heads, past, head_dim)
-    cross = (config.n_decoder_layers, batch, config.n_heads, source, head_dim)
+    cache = (batch, config.n_heads, past, config.head_dim)
+    cross = (batch, config.n_heads, source, config.head_dim)
     return {
         "encoder": (src_ids, src_padding_mask),
         "decoder": (
             torch.randint(4, config.tgt_vocab_size, (batch,)),
-            torch.randn(cache),
-            torch.randn(cache),
-            torch.randn(cross),
-            torch.randn(cross),
+            *[torch.randn(cache) for _ in range(2 * layers)],
+            *[torch.randn(cross) for _ in range(2 * layers)],
             src_padding_mask,
         ),
     }
 
 
-def export_graphs(model: Transformer, out_dir: Path) -> None:
-    """Both graphs with dynamic batch, source-length and past-length axes; onnx.checker must accept them."""
-    model.eval()
-    inputs = example_inputs(model)
-    encoder_axes = {
+def dynamic_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+    """Batch, source and cache-length axes of every graph input/output, by name (the part before `.i`)."""
+    by_kind = {
         "src_ids": {0: "batch", 1: "source"},
         "src_padding_mask": {0: "batch", 1: "source"},
         "memory": {0: "batch", 1: "source"},
-        "cross_key": {1: "batch", 3: "source"},
-        "cross_value": {1: "batch", 3: "source"},
-        "encoder_attention": {1: "batch", 3: "source", 4: "source"},
-    }
-    decoder_axes = {
+        "encoder_attention": {0: "batch", 2: "source", 3: "source"},
         "tokens": {0: "batch"},
-        "past_self_key": {1: "batch", 3: "past"},
-        "past_self_value": {1: "batch", 3: "past"},
-        "cross_key": {1: "batch", 3: "source"},
-        "cross_value": {1: "batch", 3: "source"},
-        "src_padding_mask": {0: "batch", 1: "source"},
+        "past_self_key": {0: "batch", 2: "past"},
+        "past_self_value": {0: "batch", 2: "past"},
+        "cross_key": {0: "batch", 2: "source"},
+        "cross_value": {0: "batch", 2: "source"},
         "log_probs": {0: "batch"},
-        "present_self_key": {1: "batch", 3: "present"},
-        "present_self_value": {1: "batch", 3: "present"},
-        "cross_attention": {1: "batch", 4: "source"},
-        "self_attention": {1: "batch", 4: "present"},
+        "present_self_key": {0: "batch", 2: "present"},
+        "present_self_value": {0: "batch", 2: "present"},
+        "cross_attention": {0: "batch", 3: "source"},
+        "self_attention": {0: "batch", 3: "present"},
+    }
+    return {name: by_kind[name.split(".")[0]] for name in names}
+
+
+def export_graphs(model: Transformer, out_dir: Path) -> None:
+    """Both graphs with dynamic batch, source-length and past-length axes; onnx.checker must accept them."""
+    model.eval()
+    config = model.config
+    inputs = example_inputs(model)
+    signatures = {
+        "encoder": (ENCODER_INPUTS, encoder_outputs(config.n_encoder_layers, config.n_decoder_layers)),
+        "decoder": (decoder_inputs(config.n_decoder_layers), decoder_outputs(config.n_decoder_layers)),
     }
     # The wrappers are put in eval mode too: the exporter restores the wrapper's training flag on every
     # submodule afterwards, which would otherwise switch dropout back on in the caller's model.
-    graphs = [
-        ("encoder", EncoderGraph(model).eval(), ENCODER_INPUTS, ENCODER_OUTPUTS, encoder_axes),
-        ("decoder", DecoderStepGraph(model).eval(), DECODER_INPUTS, DECODER_OUTPUTS, decoder_axes),
-    ]
+    modules = {"encoder": EncoderGraph(model).eval(), "decoder": DecoderStepGraph(model).eval()}
     with torch.inference_mode():
-        for name, module, input_names, output_names, axes in graphs:
+        for name, module in modules.items():
+            input_names, output_names = signatures[name]
             path = out_dir / f"{name}.onnx"
             torch.onnx.export(
                 module,
@@ -125,7 +136,7 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
                 str(path),
                 input_names=list(input_names),
                 output_names=list(output_names),
-                dynamic_axes=axes,
+                dynamic_axes=dynamic_axes(input_names + output_names),
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
@@ -164,12 +175,12 @@ def export_checkpoint(
             "encoder": {
                 "file": "encoder.onnx",
                 "inputs": list(ENCODER_INPUTS),
-                "outputs": list(ENCODER_OUTPUTS),
+                "outputs": list(encoder_outputs(config.n_encoder_layers, config.n_decoder_layers)),
             },
             "decoder": {
                 "file": "decoder.onnx",
-                "inputs": list(DECODER_INPUTS),
-                "outputs": list(DECODER_OUTPUTS),
+                "inputs": list(decoder_inputs(config.n_decoder_layers)),
+                "outputs": list(decoder_outputs(config.n_decoder_layers)),
             },
         },
         "training": {

@@ -12,7 +12,10 @@ Three ways to run the decoder, all computing the same function (tests/test_trans
   reference for the cached path.
 * ``encode`` + ``cross_keys_values`` once per source, then ``decode_step`` once per generated token with a
   growing self-attention key/value cache. These are the calls the ONNX encoder and decoder-step graphs
-  wrap, so they take and return plain tensors, branch only on shapes, and never modify their inputs.
+  wrap, so they take and return plain tensors, branch only on shapes, and never modify their inputs. The
+  graphs call their per-layer variants (``encode_layers``, ``cross_keys_values_layers``,
+  ``decode_step_layers``: one tensor per layer instead of stacked ``[L, ...]`` ones), which the stacked
+  calls are built on.
 
 Shape letters: B batch, S source length, T target length, t cache length (tokens decoded so far), D d_model,
 H heads, Dh = D / H, L layers, V target vocabulary.
@@ -311,16 +314,28 @@ class Transformer(nn.Module):
         ``src_padding_mask`` [B,S] (True = padding) defaults to ``src_ids == pad_id``; the ONNX encoder graph
         takes it as an input so that callers own it, as in the decoder-step graph.
         """
+        memory, weights = self.encode_layers(src_ids, src_padding_mask)
+        return memory, torch.stack(weights)
+
+    def encode_layers(
+        self, src_ids: Tensor, src_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``encode`` with one self-attention map [B,H,S,S] per layer (what the ONNX encoder graph
+        outputs)."""
         if src_padding_mask is None:
             src_padding_mask = self.padding_mask(src_ids)
-        memory, weights = self._encode(src_ids, src_padding_mask)
-        return memory, torch.stack(weights)
+        return self._encode(src_ids, src_padding_mask)
 
     def cross_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """memory [B,S,D] -> (cross_key, cross_value) each [L,B,H,S,Dh]: the source side of every
         decoder layer's cross-attention, projected once per source instead of once per step."""
+        keys, values = self.cross_keys_values_layers(memory)
+        return torch.stack(keys), torch.stack(values)
+
+    def cross_keys_values_layers(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``cross_keys_values`` as one [B,H,S,Dh] tensor per layer (what the ONNX encoder graph outputs)."""
         projected = [layer.cross_attn.project_key_value(memory, memory) for layer in self.decoder_layers]
-        return torch.stack([key for key, _ in projected]), torch.stack([value for _, value in projected])
+        return [key for key, _ in projected], [value for _, value in projected]
 
     # -- decoder ---------------------------------------------------------------------------------------
 
@@ -375,17 +390,14 @@ class Transformer(nn.Module):
         -> (log_probs [B,V], self_key [L,B,H,t+1,Dh], self_value, cross_attention [L,B,H,1,S],
             self_attention [L,B,H,1,t+1]). The position of ``tokens`` is t.
         """
-        x = self._embed(self.tgt_embed, tokens[:, None], offset=self_key.shape[3])
-        keys, values, self_weights, cross_weights = [], [], [], []
-        for i, layer in enumerate(self.decoder_layers):
-            x, key, value, layer_self, layer_cross = layer.step(
-                x, self_key[i], self_value[i], cross_key[i], cross_value[i], src_padding_mask
-            )
-            keys.append(key)
-            values.append(value)
-            self_weights.append(layer_self)
-            cross_weights.append(layer_cross)
-        log_probs = F.log_softmax(self.generator(self.decoder_norm(x[:, 0])), dim=-1)
+        log_probs, keys, values, cross_weights, self_weights = self.decode_step_layers(
+            tokens,
+            list(self_key.unbind(0)),
+            list(self_value.unbind(0)),
+            list(cross_key.unbind(0)),
+            list(cross_value.unbind(0)),
+            src_padding_mask,
+        )
         return (
             log_probs,
             torch.stack(keys),
@@ -393,6 +405,35 @@ class Transformer(nn.Module):
             torch.stack(cross_weights),
             torch.stack(self_weights),
         )
+
+    def decode_step_layers(
+        self,
+        tokens: Tensor,
+        self_keys: list[Tensor],
+        self_values: list[Tensor],
+        cross_keys: list[Tensor],
+        cross_values: list[Tensor],
+        src_padding_mask: Tensor,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``decode_step`` with one tensor per layer instead of stacked ones (what the ONNX decoder-step
+        graph takes, so that it neither splits nor stacks the caches every step).
+
+        self_keys/self_values: L tensors [B,H,t,Dh]; cross_keys/cross_values: L tensors [B,H,S,Dh]
+        -> (log_probs [B,V], L self keys [B,H,t+1,Dh], L self values, L cross-attention maps [B,H,1,S],
+            L self-attention maps [B,H,1,t+1]).
+        """
+        x = self._embed(self.tgt_embed, tokens[:, None], offset=self_keys[0].shape[2])
+        keys, values, self_weights, cross_weights = [], [], [], []
+        for i, layer in enumerate(self.decoder_layers):
+            x, key, value, layer_self, layer_cross = layer.step(
+                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_padding_mask
+            )
+            keys.append(key)
+            values.append(value)
+            self_weights.append(layer_self)
+            cross_weights.append(layer_cross)
+        log_probs = F.log_softmax(self.generator(self.decoder_norm(x[:, 0])), dim=-1)
+        return log_probs, keys, values, cross_weights, self_weights
 
     def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """The (self_key, self_value) cache before the first step: [L,B,H,0,Dh] each."""

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,7 @@ DEFAULT_BATCHING = (
 SOAK_BATCHING = "b64:max_batch_size=64,max_queue_delay_ms=5"
 SATURATION_CONCURRENCY = 64  # closed loop at this many clients measures the saturation throughput
 MAX_SOAK_S = 24 * 3600.0
+MIN_SLOPE_SPAN_S = 50.0  # the soak reports an RSS trend only over at least this many seconds
 ATTENTION = {"cross": pb.CROSS, "decoder_self": pb.DECODER_SELF, "encoder_self": pb.ENCODER_SELF}
 SERVER_DEFAULT_DELAY_MS = ServerConfig().max_queue_delay_ms
 CHANNEL_OPTIONS = [
@@ -299,6 +301,8 @@ def spawn_server(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if log_dir is None and process.returncode == 0:  # a clean run: its temporary log is not needed
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rss_mib(pid: int | None) -> float | None:
@@ -451,10 +455,15 @@ class Driver:
         for channel in self._channels:
             await channel.close()
 
-    async def ready(self, timeout_s: float = 30.0) -> None:
+    async def ready(self, timeout_s: float = 15.0) -> None:
         """One good translation, so connection set-up is not part of any measurement."""
-        for channel in self._channels:
-            await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        try:
+            for channel in self._channels:
+                await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        except TimeoutError:
+            raise ServerStartError(
+                f"cannot connect to {self.target.address} within {timeout_s:g} s"
+            ) from None
         request = self.workload.request(random.Random(self.seed))
         await self._stubs[0].Translate(request, timeout=max(timeout_s, self.timeout_s))
 
@@ -759,7 +768,12 @@ async def _drive_setting(
             progress(_describe_point(name, point))
         for rate in rates:
             point = await driver.open_loop(
-                rate, args.warmup, args.duration, args.max_requests, arrivals=args.arrivals
+                rate,
+                args.warmup,
+                args.duration,
+                args.max_requests,
+                arrivals=args.arrivals,
+                max_inflight=args.max_inflight,
             )
             points.append(point)
             progress(_describe_point(name, point))
@@ -783,12 +797,20 @@ async def _drive_setting(
             entry: dict[str, Any] = {
                 "saturation_requests_per_s": saturation,
                 "saturation_concurrency": SATURATION_CONCURRENCY,
+                "max_closed_loop_requests_per_s": max(
+                    p["requests_per_s"] or 0.0 for p in points if p["mode"] == "closed"
+                ),
                 "unloaded_p50_ms": unloaded["latency_ms"]["p50"],
                 "max_queue_delay_ms": queue_delay_ms,
             }
             if saturation > 0:
                 half = await driver.open_loop(
-                    saturation / 2, args.warmup, args.duration, args.max_requests, arrivals="poisson"
+                    saturation / 2,
+                    args.warmup,
+                    args.duration,
+                    args.max_requests,
+                    arrivals="poisson",
+                    max_inflight=args.max_inflight,
                 )
                 progress(_describe_point(name, half) + " (half of saturation)")
                 bound = (entry["unloaded_p50_ms"] or 0.0) + queue_delay_ms
@@ -968,6 +990,7 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
                     duration,
                     args.max_requests,
                     arrivals=args.arrivals,
+                    max_inflight=args.max_inflight,
                     window_s=args.window,
                     rss_interval_s=args.rss_interval,
                 )
@@ -998,9 +1021,13 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     if len(samples) >= 4:
         times, values = np.array([t for t, _ in samples]), np.array([v for _, v in samples])
         half = times >= times[len(times) // 2]  # after the warm-up effects (arenas, caches) have settled
-        slope = np.polyfit(times[half], values[half], 1)[0] if half.sum() >= 2 else float("nan")
         growth["max_mib"] = round(float(values.max()), 2)
-        growth["second_half_slope_mib_per_hour"] = round(float(slope) * 3600, 2)
+        # RSS wanders by a few MiB from second to second: a trend over less than a minute is noise.
+        if np.ptp(times[half]) >= MIN_SLOPE_SPAN_S:
+            slope = np.polyfit(times[half], values[half], 1)[0]
+            growth["second_half_slope_mib_per_hour"] = round(float(slope) * 3600, 2)
+        else:
+            growth["second_half_slope_mib_per_hour"] = None
     results["memory"] = growth
     results["errors"] = point["errors"]
     results["passed"] = point["error_count"] == 0 and point["ok"] > 0
@@ -1291,6 +1318,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--max-requests", type=int, default=2_000_000, help="at most this many requests per point"
     )
+    load.add_argument(
+        "--max-inflight",
+        type=int,
+        default=4096,
+        help="open loop: past this many outstanding calls an arrival is a CLIENT_OVERLOAD (default 4096)",
+    )
     load.add_argument("--channels", type=int, help="gRPC connections (default: min(clients, 16))")
     load.add_argument(
         "--sentences",
@@ -1350,9 +1383,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if (
         args.texts_per_request < 1
         or args.max_requests < 1
+        or args.max_inflight < 1
         or (args.channels is not None and args.channels < 1)
     ):
-        parser.error("--texts-per-request, --max-requests and --channels must be at least 1")
+        parser.error("--texts-per-request, --max-requests, --max-inflight and --channels must be at least 1")
     for kind in args.attention or ():
         if kind not in ATTENTION:
             parser.error(f"--attention {kind!r}: choose from {', '.join(ATTENTION)}")
@@ -1377,12 +1411,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         beam_size=args.beam_size,
         max_length=args.max_length,
     )
-    if args.soak:
-        results = run_soak(args, workload)
-        text = soak_summary(results)
-    else:
-        results = run_sweep(args, workload, report=args.report is not None)
-        text = table(results)
+    try:
+        if args.soak:
+            results = run_soak(args, workload)
+            text = soak_summary(results)
+        else:
+            results = run_sweep(args, workload, report=args.report is not None)
+            text = table(results)
+    except (ServerStartError, grpc.RpcError, OSError) as error:
+        what = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else error
+        parser.exit(1, f"translator-bench load: error: {what}\n")
     print(text, flush=True)
     for path in {p for p in (args.json, args.report) if p is not None}:
         path.parent.mkdir(parents=True, exist_ok=True)

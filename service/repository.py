@@ -11,18 +11,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_FORMAT = "translator-onnx-v1"
+MODEL_FORMAT = "translator-onnx-v2"
+# Graph signatures. Caches and attention maps are one tensor per decoder layer (`name.{i}`, i = 0..L-1), not
+# stacked [L, ...] tensors: stacking and splitting them cost the decoder-step graph a third of its kernel
+# time (Concat/Split every step). Per layer i:
+#   encoder outputs  cross_key.{i}, cross_value.{i}            [B, H, S, Dh]
+#                    encoder_attention.{i}                     [B, H, S, S]    (encoder layer i)
+#   decoder inputs   past_self_key.{i}, past_self_value.{i}    [B, H, t, Dh]
+#                    cross_key.{i}, cross_value.{i}            [B, H, S, Dh]
+#   decoder outputs  present_self_key.{i}, present_self_value.{i}  [B, H, t+1, Dh]
+#                    cross_attention.{i}                       [B, H, 1, S]
+#                    self_attention.{i}                        [B, H, 1, t+1]
 ENCODER_INPUTS = ("src_ids", "src_padding_mask")
-ENCODER_OUTPUTS = ("memory", "cross_key", "cross_value", "encoder_attention")
-DECODER_INPUTS = (
-    "tokens",
-    "past_self_key",
-    "past_self_value",
-    "cross_key",
-    "cross_value",
-    "src_padding_mask",
-)
-DECODER_OUTPUTS = ("log_probs", "present_self_key", "present_self_value", "cross_attention", "self_attention")
+
+
+def per_layer(names: tuple[str, ...], n_layers: int) -> tuple[str, ...]:
+    """("a", "b"), 2 -> ("a.0", "b.0", "a.1", "b.1")"""
+    return tuple(f"{name}.{i}" for i in range(n_layers) for name in names)
+
+
+def encoder_outputs(n_encoder_layers: int, n_decoder_layers: int) -> tuple[str, ...]:
+    return (
+        "memory",
+        *per_layer(("cross_key", "cross_value"), n_decoder_layers),
+        *per_layer(("encoder_attention",), n_encoder_layers),
+    )
+
+
+def decoder_inputs(n_layers: int) -> tuple[str, ...]:
+    return (
+        "tokens",
+        *per_layer(("past_self_key", "past_self_value"), n_layers),
+        *per_layer(("cross_key", "cross_value"), n_layers),
+        "src_padding_mask",
+    )
+
+
+def decoder_outputs(n_layers: int) -> tuple[str, ...]:
+    return (
+        "log_probs",
+        *per_layer(("present_self_key", "present_self_value"), n_layers),
+        *per_layer(("cross_attention",), n_layers),
+        *per_layer(("self_attention",), n_layers),
+    )
+
+
 REQUIRED_FILES = ("model.json", "encoder.onnx", "decoder.onnx", "tokenizer.json")
 
 

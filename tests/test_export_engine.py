@@ -16,7 +16,14 @@ import torch
 from model.decoding import translate_ids
 from model.train import load_model
 from service.engine import Engine, TranslateOptions
-from service.repository import ModelLoadError, resolve
+from service.repository import (
+    MODEL_FORMAT,
+    ModelLoadError,
+    decoder_inputs,
+    decoder_outputs,
+    encoder_outputs,
+    resolve,
+)
 from tests.conftest import ROOT, WORDS
 
 
@@ -38,13 +45,26 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     description = json.loads((folder / "model.json").read_text())
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
     assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "tokenizer.json"}
+    assert description["format"] == MODEL_FORMAT
+    architecture = description["architecture"]
+    layers = architecture["n_decoder_layers"]
+    assert description["graphs"]["decoder"]["inputs"] == list(decoder_inputs(layers))
+    assert description["graphs"]["decoder"]["outputs"] == list(decoder_outputs(layers))
+    assert description["graphs"]["encoder"]["outputs"] == list(
+        encoder_outputs(architecture["n_encoder_layers"], layers)
+    )
 
 
 def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_repository: Path) -> None:
     model, vocabulary, _ = load_model(tiny_checkpoint)
+    config = model.config
+    layers = config.n_decoder_layers
     folder = tiny_repository / "tiny" / "1"
     encoder = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in decoder.get_inputs()] == list(decoder_inputs(layers))
+    assert [o.name for o in decoder.get_outputs()] == list(decoder_outputs(layers))
+    assert [o.name for o in encoder.get_outputs()] == list(encoder_outputs(config.n_encoder_layers, layers))
     rng = np.random.default_rng(0)
     src = rng.integers(4, vocabulary.size, (3, 9))
     src[1, 6:] = vocabulary.pad_id
@@ -52,34 +72,60 @@ def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_r
     with torch.inference_mode():
         memory, encoder_attention = model.encode(src_t)
         cross_key, cross_value = model.cross_keys_values(memory)
-        onnx_out = encoder.run(None, {"src_ids": src, "src_padding_mask": src == vocabulary.pad_id})
-        np.testing.assert_allclose(onnx_out[0], memory.numpy(), atol=1e-4)
-        np.testing.assert_allclose(onnx_out[1], cross_key.numpy(), atol=1e-4)
-        np.testing.assert_allclose(onnx_out[3], encoder_attention.numpy(), atol=1e-5)
+        names = [o.name for o in encoder.get_outputs()]
+        feeds = {"src_ids": src, "src_padding_mask": src == vocabulary.pad_id}
+        encoded = dict(zip(names, encoder.run(None, feeds), strict=True))
+        np.testing.assert_allclose(encoded["memory"], memory.numpy(), atol=1e-4)
+        for i in range(layers):
+            np.testing.assert_allclose(encoded[f"cross_key.{i}"], cross_key[i].numpy(), atol=1e-4)
+            np.testing.assert_allclose(encoded[f"cross_value.{i}"], cross_value[i].numpy(), atol=1e-4)
+        for i in range(config.n_encoder_layers):
+            np.testing.assert_allclose(
+                encoded[f"encoder_attention.{i}"], encoder_attention[i].numpy(), atol=1e-5
+            )
         key, value = model.empty_cache(3)
-        onnx_key, onnx_value = key.numpy(), value.numpy()
+        past = {}
+        for i in range(layers):
+            past[f"past_self_key.{i}"], past[f"past_self_value.{i}"] = key[i].numpy(), value[i].numpy()
         padding = src_t == vocabulary.pad_id
         for step in range(6):  # past lengths 0..5: the empty past of the first step included
             tokens = rng.integers(4, vocabulary.size, 3)
             log_probs, key, value, cross, self_attention = model.decode_step(
                 torch.from_numpy(tokens), key, value, cross_key, cross_value, padding
             )
-            out = decoder.run(
-                None,
-                {
-                    "tokens": tokens,
-                    "past_self_key": onnx_key,
-                    "past_self_value": onnx_value,
-                    "cross_key": onnx_out[1],
-                    "cross_value": onnx_out[2],
-                    "src_padding_mask": padding.numpy(),
-                },
-            )
-            np.testing.assert_allclose(out[0], log_probs.numpy(), atol=1e-4, err_msg=f"step {step}")
-            np.testing.assert_allclose(out[3], cross.numpy(), atol=1e-5)
-            np.testing.assert_allclose(out[4], self_attention.numpy(), atol=1e-5)
-            assert out[1].shape[3] == step + 1
-            onnx_key, onnx_value = out[1], out[2]
+            feeds = {"tokens": tokens, "src_padding_mask": padding.numpy(), **past}
+            feeds.update({name: encoded[name] for name in encoded if name.startswith("cross_")})
+            out = dict(zip(decoder_outputs(layers), decoder.run(None, feeds), strict=True))
+            np.testing.assert_allclose(out["log_probs"], log_probs.numpy(), atol=1e-4, err_msg=f"step {step}")
+            for i in range(layers):
+                np.testing.assert_allclose(out[f"present_self_key.{i}"], key[i].numpy(), atol=1e-4)
+                np.testing.assert_allclose(out[f"present_self_value.{i}"], value[i].numpy(), atol=1e-4)
+                np.testing.assert_allclose(out[f"cross_attention.{i}"], cross[i].numpy(), atol=1e-5)
+                np.testing.assert_allclose(out[f"self_attention.{i}"], self_attention[i].numpy(), atol=1e-5)
+                assert out[f"present_self_key.{i}"].shape[2] == step + 1
+                past[f"past_self_key.{i}"] = out[f"present_self_key.{i}"]
+                past[f"past_self_value.{i}"] = out[f"present_self_value.{i}"]
+
+
+def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> None:
+    model, _, _ = load_model(tiny_checkpoint)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    shape = (config.n_decoder_layers, 2, config.n_heads, 3, config.head_dim)
+    cross_shape = (config.n_decoder_layers, 2, config.n_heads, 4, config.head_dim)
+    key, value = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    cross_key = torch.randn(cross_shape, generator=generator)
+    cross_value = torch.randn(cross_shape, generator=generator)
+    padding = torch.tensor([[False] * 4, [False, False, True, True]])
+    tokens = torch.tensor([5, 6])
+    with torch.inference_mode():
+        stacked = model.decode_step(tokens, key, value, cross_key, cross_value, padding)
+        layered = model.decode_step_layers(
+            tokens, list(key), list(value), list(cross_key), list(cross_value), padding
+        )
+    torch.testing.assert_close(layered[0], stacked[0], rtol=0, atol=0)
+    for stacked_part, layered_part in zip(stacked[1:], layered[1:], strict=True):
+        torch.testing.assert_close(torch.stack(layered_part), stacked_part, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
@@ -176,7 +222,7 @@ def test_model_json_that_does_not_match_the_graphs(tiny_repository: Path, tmp_pa
     description = json.loads((folder / "model.json").read_text())
     description["architecture"]["n_heads"] = 8
     (folder / "model.json").write_text(json.dumps(description))
-    with pytest.raises(ModelLoadError, match=r"encoder\.onnx: 'cross_key' has dimensions"):
+    with pytest.raises(ModelLoadError, match=r"encoder\.onnx: 'cross_key\.0' has dimensions"):
         Engine.load(tmp_path, "tiny")
     description["vocabulary_size"]["target"] = description["architecture"]["tgt_vocab_size"] = 5
     (folder / "model.json").write_text(json.dumps(description))

@@ -295,14 +295,25 @@ def test_deadlines_shorter_than_the_queue_wait(tiny_repository: Path, tmp_path: 
         wait_for(lambda: metrics.now("translator_queue_depth_sentences") == 0, message="the queue to empty")
         assert len(busy.result().translations[0].target_tokens) == 60
         assert_idle(metrics)
-        wait_for(
-            lambda: metrics.delta("translator_dropped_sentences_total", reason="deadline_exceeded") == 20,
-            message="20 sentences dropped for their deadline",
-        )
-        assert (
-            metrics.delta("translator_dropped_sentences_total", reason="deadline_exceeded", stage="queued")
-            == 20
-        )
+        # Each call that reached a handler is answered DEADLINE_EXCEEDED by the server and its sentence leaves
+        # the queue (on a loaded machine gRPC may time a call out before any handler runs: not counted).
+
+        def counts() -> tuple[float, float, float]:
+            handled = sum(
+                metrics.delta("translator_requests_total", method=method, code="DEADLINE_EXCEEDED")
+                for method in ("Translate", "TranslateStream")
+            )
+            queued = metrics.delta(
+                "translator_dropped_sentences_total", reason="deadline_exceeded", stage="queued"
+            )
+            late = metrics.delta(
+                "translator_dropped_sentences_total", reason="deadline_exceeded", stage="decoding"
+            )
+            return queued, handled, late
+
+        wait_for(lambda: counts()[0] == counts()[1], message="every handled deadline to drop its sentence")
+        queued, handled, late = counts()
+        assert queued >= 10 and late == 0, (queued, handled, late)
         channel.close()
         assert_serving(target, within_s=1.0)
 
@@ -374,6 +385,7 @@ def test_sigterm_while_clients_keep_sending(tiny_repository: Path, tmp_path: Pat
         for thread in threads:
             thread.start()
         wait_for(lambda: metrics.now("translator_inflight_requests") == 8, message="8 calls in flight")
+        time.sleep(0.15)  # well into their 40 steps (0.4 s)
         signalled = time.monotonic()
         target.process.send_signal(signal.SIGTERM)
         for thread in threads:
@@ -384,7 +396,10 @@ def test_sigterm_while_clients_keep_sending(tiny_repository: Path, tmp_path: Pat
         assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
         # Calls surely at the server when the signal came (sent 50 ms before it, still running) completed.
         in_flight = [code for start, end, code in calls if start < signalled - 0.05 and end > signalled]
-        assert in_flight and set(in_flight) == {"OK"}, in_flight
+        timeline = [
+            (round(start - signalled, 3), round(end - signalled, 3), code) for start, end, code in calls
+        ]
+        assert in_flight and set(in_flight) == {"OK"}, timeline
         # Every client was refused in the end: new calls get UNAVAILABLE once shutdown began.
         assert codes["UNAVAILABLE"] == 8, codes
         assert exited - signalled < 10, "shutdown took the whole grace period"

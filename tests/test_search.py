@@ -204,7 +204,9 @@ def test_sentence_alone_equals_sentence_in_padded_batch(beam_size: int) -> None:
         assert alone.score == pytest.approx(together.score, rel=1e-5)
 
 
-def test_finished_rows_leave_the_batch() -> None:
+def test_finished_rows_leave_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Compacting after every finished row (greedy search waits for GREEDY_COMPACT_FRACTION, tested below).
+    monkeypatch.setattr(search_module, "GREEDY_COMPACT_FRACTION", 0.0)
     backend = RecurrentBackend(vocab=12, seed=5)
     src = make_batch(LENGTHS, 12)
     results = search(backend, src, **SPECIALS, max_length=15)
@@ -216,6 +218,35 @@ def test_finished_rows_leave_the_batch() -> None:
         hypothesis = done(result)
         # Each row is computed exactly once per step it took, and never after its </s>.
         assert np.count_nonzero(stepped == row) == len(hypothesis.tokens) + int(hypothesis.finished)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
+def test_greedy_drops_done_rows_once_enough_are_done(
+    monkeypatch: pytest.MonkeyPatch, fraction: float
+) -> None:
+    src = make_batch(LENGTHS, 12)
+    immediate_backend = RecurrentBackend(vocab=12, seed=5)
+    monkeypatch.setattr(search_module, "GREEDY_COMPACT_FRACTION", 0.0)
+    immediate = search(immediate_backend, src, **SPECIALS, max_length=15, with_attention=True)
+    monkeypatch.setattr(search_module, "GREEDY_COMPACT_FRACTION", fraction)
+    backend = RecurrentBackend(vocab=12, seed=5)
+    results = search(backend, src, **SPECIALS, max_length=15, with_attention=True)
+    for result, reference in zip(results, immediate, strict=True):
+        hypothesis, expected = done(result), done(reference)
+        assert (hypothesis.tokens, hypothesis.finished) == (expected.tokens, expected.finished)
+        assert hypothesis.log_prob == expected.log_prob
+        np.testing.assert_array_equal(hypothesis.cross_attention, expected.cross_attention)
+        np.testing.assert_array_equal(hypothesis.self_attention, expected.self_attention)
+    steps_taken = {row: len(done(r).tokens) + int(done(r).finished) for row, r in enumerate(results)}
+    assert len(backend.steps) == max(steps_taken.values())
+    for k, tags in enumerate(backend.steps):
+        finished = [tag for tag in tags.tolist() if steps_taken[tag] <= k]  # stepped after its last step
+        # Done rows stay only while they are fewer than the fraction of the rows stepped.
+        assert len(finished) < max(fraction * tags.size, 1)
+    if fraction < 1.0:
+        assert len(backend.steps[-1]) < len(LENGTHS) and backend.selects
+    else:
+        assert not backend.selects  # nothing is ever dropped: the batch runs whole until every row is done
 
 
 def test_beam_size_one_is_greedy() -> None:
