@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "TRANSLATOR_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# gRPC threads beyond --max-concurrent-rpcs when --grpc-threads is not given: health checks, metadata and the
+# refusals of excess calls answer at once, so they always find a free thread.
+RESERVED_GRPC_THREADS = 8
+# gRPC channel arguments are C ints.
+INT32_MAX = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -56,15 +61,28 @@ class ServerConfig:
     metrics_port: int = _setting(
         8002, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it", int
     )
-    grpc_threads: int = _setting(
+    max_concurrent_rpcs: int = _setting(
         64,
-        "gRPC worker threads: each in-flight call holds one while it waits for its "
-        "batch, so this bounds the concurrent calls",
+        "most translation calls (Translate, TranslateStream, ModelInfer) handled at once: each holds a gRPC "
+        "thread while its texts wait in the batcher; one more gets RESOURCE_EXHAUSTED at once",
         int,
+    )
+    grpc_threads: int | None = _setting(
+        None,
+        "gRPC worker threads; must exceed --max-concurrent-rpcs: the threads beyond the translation calls "
+        "answer health checks, metadata and refusals while every translation slot is busy",
+        _optional_int,
+        metavar="N",
+        shown=f"--max-concurrent-rpcs + {RESERVED_GRPC_THREADS}",
     )
     max_message_bytes: int = _setting(
         64 * 1024 * 1024,
-        "largest gRPC message received or sent, in bytes (attention maps make answers large)",
+        "largest gRPC message the server sends, in bytes (attention maps make answers large)",
+        int,
+    )
+    max_receive_message_bytes: int = _setting(
+        4 * 1024 * 1024,
+        "largest gRPC message the server accepts, in bytes; a larger request gets RESOURCE_EXHAUSTED",
         int,
     )
     tls_cert: Path | None = _setting(
@@ -128,6 +146,13 @@ class ServerConfig:
     grace_period_s: float = _setting(30.0, "on SIGTERM/SIGINT, how long in-flight calls may still run", float)
     log_level: str = _setting("INFO", "logging level", str.upper, choices=LOG_LEVELS)
 
+    @property
+    def grpc_worker_threads(self) -> int:
+        """--grpc-threads, or --max-concurrent-rpcs plus the reserve when it is not given."""
+        if self.grpc_threads is not None:
+            return self.grpc_threads
+        return self.max_concurrent_rpcs + RESERVED_GRPC_THREADS
+
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of range."""
 
@@ -135,29 +160,22 @@ class ServerConfig:
             if not condition:
                 raise ConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)!r}")
 
-        need(0 <= self.port <= 65535, "port", "must be a TCP port (0-65535)")
-        need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be a TCP port, 0 or -1")
-        for name in (
+        # Every numeric setting has both bounds: an absurd value fails here, naming its flag, instead of
+        # overflowing somewhere at run time (a huge queue delay overflowed the batcher's timed waits).
+        for name, (low, high) in NUMERIC_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            need(
+                (isinstance(value, int) or math.isfinite(value)) and low <= value <= high,
+                name,
+                f"must be between {low} and {high}",
+            )
+        need(
+            self.grpc_threads is None or self.grpc_threads > self.max_concurrent_rpcs,
             "grpc_threads",
-            "max_batch_size",
-            "max_queue_size",
-            "max_texts_per_request",
-            "max_tokens_per_text",
-            "max_beam_size",
-            "max_length_limit",
-            "max_message_bytes",
-        ):
-            need(getattr(self, name) >= 1, name, "must be at least 1")
-        need(self.threads is None or self.threads >= 1, "threads", "must be at least 1")
-        need(self.max_batch_tokens >= 0, "max_batch_tokens", "must be >= 0")
-        need(
-            math.isfinite(self.max_queue_delay_ms) and self.max_queue_delay_ms >= 0,
-            "max_queue_delay_ms",
-            "must be >= 0",
-        )
-        need(0.0 <= self.quality_sample_rate <= 1.0, "quality_sample_rate", "must be between 0 and 1")
-        need(
-            math.isfinite(self.grace_period_s) and self.grace_period_s >= 0, "grace_period_s", "must be >= 0"
+            f"must exceed --max-concurrent-rpcs ({self.max_concurrent_rpcs}): health checks need a thread "
+            "while every translation call waits",
         )
         need(
             1 <= self.default_beam_size <= self.max_beam_size,
@@ -177,6 +195,31 @@ class ServerConfig:
 
     def as_log_fields(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+
+
+# (lowest, highest) accepted value of every numeric setting (None, where allowed, means "unset").
+NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "metrics_port": (-1, 65535),
+    "max_concurrent_rpcs": (1, 100_000),
+    "grpc_threads": (2, 100_000),
+    "max_message_bytes": (1, INT32_MAX),
+    "max_receive_message_bytes": (1, INT32_MAX),
+    "model_version": (0, 2**63 - 1),
+    "threads": (1, 4096),
+    "max_batch_size": (1, 1_000_000),
+    "max_batch_tokens": (0, 1_000_000_000),
+    "max_queue_delay_ms": (0, 60_000),  # a minute: beyond that no client waits for its batch
+    "max_queue_size": (1, 100_000_000),
+    "quality_sample_rate": (0, 1),
+    "max_texts_per_request": (1, 1_000_000),
+    "max_tokens_per_text": (1, 1_000_000),
+    "max_beam_size": (1, 1024),
+    "default_beam_size": (1, 1024),
+    # service.requests.MAX_LENGTH_PENALTY keeps steps ** length_penalty finite up to 1000 steps.
+    "max_length_limit": (1, 1000),
+    "grace_period_s": (0, 86_400),
+}
 
 
 def env_name(setting: str) -> str:

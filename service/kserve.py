@@ -29,7 +29,7 @@ from service.api.inference import grpc_service_pb2_grpc as pb_grpc
 from service.batcher import Job, TextResult
 from service.engine import Engine
 from service.errors import RequestFailed, invalid
-from service.requests import encode_texts, make_options
+from service.requests import encode_texts, make_options, repeated_values
 from service.rpc import Runtime, deadline_of, tracked, watch
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -225,6 +225,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
+        if len(request.outputs) > len(OUTPUT_DATATYPES):
+            raise invalid(
+                f"outputs has {len(request.outputs)} entries, more than the model's {len(OUTPUT_DATATYPES)} "
+                f"outputs ({', '.join(OUTPUT_DATATYPES)}; each may be asked for once)"
+            )
         names = [output.name for output in request.outputs] or [OUTPUT_TRANSLATION]
         for output in request.outputs:
             if output.name not in OUTPUT_DATATYPES:
@@ -236,7 +241,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     f"output {output.name}: output parameters are not supported (got "
                     f"{', '.join(sorted(output.parameters))})"
                 )
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = repeated_values(names)
         if repeated:
             raise invalid(f"outputs {repeated} requested more than once")
         return names

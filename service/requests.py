@@ -7,6 +7,7 @@ so a client can fix its request without reading server logs.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from service.vocabulary import EmptyTextError, EncodedText
 # steps ** length_penalty must stay a finite float for every step count (a larger penalty overflowed in the
 # search: OverflowError, INTERNAL); 100 keeps it finite up to 1000 steps, far beyond any useful penalty.
 MAX_LENGTH_PENALTY = 100.0
+# Tokenizing is linear in the text but not free: a text longer than this many characters per allowed token is
+# refused before the tokenizer sees it (a multi-megabyte text froze the server while it was tokenized, only to
+# be refused for its token count afterwards). No real token is anywhere near this long.
+CHARACTERS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,10 @@ class Limits:
     max_length: int  # decoding steps; also what the engine caps the automatic length at
     default_beam_size: int = 1
     default_length_penalty: float = 1.0
+
+    @property
+    def max_characters_per_text(self) -> int:
+        return self.max_tokens_per_text * CHARACTERS_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,11 @@ def encode_texts(
     sources = []
     for index, text in enumerate(texts):
         name = f"{field}[{index}]" if len(texts) > 1 or field.endswith("s") else field
+        if len(text) > limits.max_characters_per_text:
+            raise invalid(
+                f"{name} has {len(text)} characters, more than the {limits.max_characters_per_text} allowed "
+                f"({CHARACTERS_PER_TOKEN} per token of max_tokens_per_text={limits.max_tokens_per_text})"
+            )
         try:
             source = engine.vocabulary.encode_source(text)
         except EmptyTextError as error:
@@ -97,18 +111,39 @@ def make_options(
     )
 
 
+def check_selection_sizes(
+    kinds: int, layers: int, heads: int, architecture: Architecture, where: str = "attention"
+) -> None:
+    """Selections are client-controlled lists: refuse one longer than the model could ever need before any
+    other check looks at its elements."""
+    most_layers = max(architecture.n_encoder_layers, architecture.n_decoder_layers)
+    for name, count, most, what in (
+        ("kinds", kinds, len(ATTENTION_KINDS), "attention kinds"),
+        ("layers", layers, most_layers, "layers"),
+        ("heads", heads, architecture.n_heads, "heads"),
+    ):
+        if count > most:
+            raise invalid(
+                f"{where}.{name} has {count} entries, more than the model's {most} {what} (each may be asked "
+                "for once)"
+            )
+
+
 def check_selection(
     selection: AttentionSelection, architecture: Architecture, where: str = "attention"
 ) -> None:
     """Kinds once each; layer and head indices within the model (encoder layers for encoder_self)."""
+    check_selection_sizes(
+        len(selection.kinds), len(selection.layers), len(selection.heads), architecture, where
+    )
     for kind in selection.kinds:
         if kind not in ATTENTION_KINDS:
             raise invalid(f"{where}.kinds: {kind!r} is not an attention kind")
-    repeated = sorted({k for k in selection.kinds if selection.kinds.count(k) > 1})
+    repeated = repeated_values(selection.kinds)
     if repeated:
         raise invalid(f"{where}.kinds: each kind may be asked for once, got {repeated} more than once")
     for name, values in (("layers", selection.layers), ("heads", selection.heads)):
-        duplicates = sorted({v for v in values if values.count(v) > 1})
+        duplicates = repeated_values(values)
         if duplicates:
             raise invalid(f"{where}.{name}: indices {duplicates} appear more than once")
         if values and not selection.kinds:
@@ -128,3 +163,8 @@ def check_selection(
             f"{where}.heads {bad} out of range: the model has {architecture.n_heads} heads "
             f"(0-{architecture.n_heads - 1})"
         )
+
+
+def repeated_values(values: Sequence[str] | Sequence[int]) -> list:
+    """The values that occur more than once, sorted (one pass: a `.count()` per value was quadratic)."""
+    return sorted(value for value, count in Counter(values).items() if count > 1)

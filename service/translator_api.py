@@ -14,7 +14,14 @@ from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.batcher import STREAM_END, Job, TextResult
 from service.engine import Engine, TranslateOptions, Translation
 from service.errors import invalid
-from service.requests import AttentionSelection, Limits, check_selection, encode_texts, make_options
+from service.requests import (
+    AttentionSelection,
+    Limits,
+    check_selection,
+    check_selection_sizes,
+    encode_texts,
+    make_options,
+)
 from service.rpc import Runtime, deadline_of, tracked, tracked_stream, watch
 from service.vocabulary import BOS
 
@@ -27,6 +34,10 @@ def parse_options(
     options: pb.TranslateOptions, limits: Limits, engine: Engine
 ) -> tuple[TranslateOptions, AttentionSelection]:
     attention = options.attention
+    architecture = engine.model.architecture
+    check_selection_sizes(
+        len(attention.kinds), len(attention.layers), len(attention.heads), architecture, "options.attention"
+    )
     kinds = []
     for kind in attention.kinds:
         if kind not in KIND_NAMES:
@@ -37,7 +48,7 @@ def parse_options(
             )
         kinds.append(KIND_NAMES[kind])
     selection = AttentionSelection(tuple(kinds), tuple(attention.layers), tuple(attention.heads))
-    check_selection(selection, engine.model.architecture, where="options.attention")
+    check_selection(selection, architecture, where="options.attention")
     translate_options = make_options(
         limits,
         beam_size=options.beam_size if options.HasField("beam_size") else None,

@@ -1,0 +1,93 @@
+"""The shipped default model: its ONNX graphs translate exactly as its PyTorch checkpoint does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.data import toy_split
+from model.decoding import translate_ids
+from model.train import load_model
+from model.transformer import Transformer
+from service.engine import Engine, TranslateOptions
+from service.repository import resolve, sha256
+from service.vocabulary import Vocabulary
+from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+PARITY_SENTENCES = 500
+Checkpoint = tuple[Transformer, Vocabulary, dict]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Checkpoint:
+    return load_model(DEFAULT_CHECKPOINT)
+
+
+def test_the_repository_holds_the_checkpoint_it_was_exported_from(checkpoint: Checkpoint) -> None:
+    version = resolve(DEFAULT_REPOSITORY, DEFAULT_MODEL)
+    model, vocabulary, _ = checkpoint
+    assert version.architecture.d_model == model.config.d_model
+    assert version.description["checksums"]["tokenizer.json"] == sha256(DEFAULT_CHECKPOINT / "tokenizer.json")
+    metrics = version.metrics
+    assert metrics["test"]["bleu"] >= 98 and metrics["test"]["exact_match"] >= 0.95, metrics["test"]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_engine_equals_pytorch_on_500_test_sentences(
+    engine: Engine, checkpoint: Checkpoint, beam_size: int
+) -> None:
+    model, vocabulary, _ = checkpoint
+    sources = [vocabulary.encode_source(e.source).ids for e in toy_split("test", PARITY_SENTENCES)]
+    ours: list = []
+    reference: list = []
+    for start in range(0, len(sources), 100):
+        chunk = sources[start : start + 100]
+        ours += engine.search_ids(chunk, TranslateOptions(beam_size=beam_size))
+        reference += translate_ids(model, chunk, beam_size=beam_size)
+    differing = [i for i, (a, b) in enumerate(zip(ours, reference, strict=True)) if a.tokens != b.tokens]
+    assert not differing, f"{len(differing)} of {len(sources)} differ, first at sentence {differing[:1]}"
+    scores = np.array([[a.score, b.score] for a, b in zip(ours, reference, strict=True)])
+    np.testing.assert_allclose(scores[:, 0], scores[:, 1], atol=1e-4)
+
+
+def test_maps_match_pytorch_and_are_the_same_alone_and_in_a_batch(
+    engine: Engine, checkpoint: Checkpoint
+) -> None:
+    model, vocabulary, _ = checkpoint
+    examples = toy_split("test", 64)
+    options = TranslateOptions(attention=frozenset({"cross", "decoder_self", "encoder_self"}))
+    batch = engine.translate([e.source for e in examples], options, batch_size=64)
+    reference = translate_ids(
+        model, [vocabulary.encode_source(e.source).ids for e in examples], with_attention=True
+    )
+    for index in (0, 21, 63):
+        alone = engine.translate([examples[index].source], options)[0]
+        for name, torch_name in (
+            ("cross_attention", "cross_attention"),
+            ("decoder_self_attention", "self_attention"),
+            ("encoder_attention", "encoder_attention"),
+        ):
+            np.testing.assert_allclose(getattr(alone, name), getattr(batch[index], name), atol=1e-5)
+            np.testing.assert_allclose(getattr(alone, name), getattr(reference[index], torch_name), atol=1e-5)
+        assert alone.token_ids == batch[index].token_ids == reference[index].tokens
+
+
+def test_the_default_model_translates_the_toy_language(engine: Engine) -> None:
+    examples = toy_split("test", 200)
+    outputs = engine.translate([e.source for e in examples])
+    exact = np.mean([o.text == e.target for o, e in zip(outputs, examples, strict=True)])
+    assert exact >= 0.95
+    [result] = engine.translate(["the big red dog sees her"])
+    assert result.text == "el perro grande rojo la ve"
+
+
+def test_model_json_records_the_evaluation() -> None:
+    description = json.loads((DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "model.json").read_text())
+    assert {"test", "long", "valid"} <= set(description["training"]["metrics"])
