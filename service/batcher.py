@@ -184,9 +184,15 @@ class Batcher:
         return self._depth
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise RESOURCE_EXHAUSTED (queue full) / UNAVAILABLE (shutting down) at once."""
+        """Queue a job, or raise RESOURCE_EXHAUSTED (queue full) / UNAVAILABLE (shutting down) at once.
+
+        A job already answered (abandoned before it was submitted) is refused with its error: it must not
+        be queued and computed for nobody.
+        """
         count = len(job.sources)
         with self._cond:
+            if job.finished:
+                raise job.error or RequestFailed(grpc.StatusCode.INTERNAL, "this job was already answered")
             if self._closed:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             if self._depth + count > self.settings.max_queue_size:
@@ -206,6 +212,12 @@ class Batcher:
         self.submit(job)
         self.wait(job)
         return job.outcome()
+
+    def wait_idle(self) -> None:
+        """Block until nothing is queued and the worker is done with its batch (its metrics included)."""
+        with self._cond:
+            while (self._depth or self._busy) and self._thread.is_alive():
+                self._cond.wait(0.1)
 
     def wait(self, job: Job) -> None:
         """Block until the job is answered; at its deadline, abandon it with DEADLINE_EXCEEDED."""

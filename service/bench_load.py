@@ -839,8 +839,9 @@ def _spawn_extra(args: argparse.Namespace, concurrency: list[int]) -> dict[str, 
     extra = {"device": args.device, "log_level": "INFO"}
     if args.server_threads:
         extra["threads"] = str(args.server_threads)
-    # Each in-flight call holds a gRPC thread: enough of them that every client can be in the batcher.
-    extra["grpc_threads"] = str(max(ServerConfig().grpc_threads, max([*concurrency, 1]) + 8))
+    # Each in-flight call takes one of --max-concurrent-rpcs (and holds a gRPC thread; --grpc-threads follows
+    # with its reserve): enough of them that every client can be in the batcher.
+    extra["max_concurrent_rpcs"] = str(max(ServerConfig().max_concurrent_rpcs, max([*concurrency, 1])))
     return extra
 
 

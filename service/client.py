@@ -214,21 +214,26 @@ class TranslatorClient:
                                                 f"(is it running? set --server or ${SERVER_ENV}): {details}")
         return TranslatorError(code, details)
 
-    def translate(self, texts: str | Sequence[str], *, beam_size: int | None = None,
+    def translate(self, texts: str | Iterable[str], *, beam_size: int | None = None,
                   max_length: int | None = None, length_penalty: float | None = None,
                   replace_unknowns: bool = False, attention: Iterable[str | int] = (),
                   layers: Iterable[int] = (), heads: Iterable[int] = ()) -> list[ClientTranslation]:
         """Translate texts in one request; one result per text, in order. `attention` names the maps to return
         ("cross", "decoder_self", "encoder_self"), restricted to `layers` and `heads` (empty: all)."""
-        if isinstance(texts, str):  # a lone string would otherwise be sent as one text per character
-            texts = [texts]
+        # Once, as a list: a lone string would otherwise be sent as one text per character, and a generator
+        # would be used up by the request, leaving nothing to pair the results with.
+        texts = [texts] if isinstance(texts, str) else list(texts)
         options = _options(beam_size, max_length, length_penalty, replace_unknowns, attention, layers, heads)
-        request = pb.TranslateRequest(texts=list(texts), options=options)
+        request = pb.TranslateRequest(texts=texts, options=options)
         try:
             response = self._stub.Translate(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._error(error) from None
-        return [_translation(t, source) for t, source in zip(response.translations, texts, strict=False)]
+        if len(response.translations) != len(texts):
+            raise TranslatorError(grpc.StatusCode.INTERNAL,
+                                  f"the server answered {len(response.translations)} translations for "
+                                  f"{len(texts)} texts")
+        return [_translation(t, source) for t, source in zip(response.translations, texts, strict=True)]
 
     def stream(self, text: str, *, beam_size: int | None = None, max_length: int | None = None,
                length_penalty: float | None = None, replace_unknowns: bool = False,

@@ -18,7 +18,6 @@ from there (typed contents only for BYTES), so raw is what every client understa
 from __future__ import annotations
 
 import struct
-import time
 from importlib import metadata
 
 import grpc
@@ -26,11 +25,11 @@ import numpy as np
 
 from service.api.inference import grpc_service_pb2 as pb
 from service.api.inference import grpc_service_pb2_grpc as pb_grpc
-from service.batcher import Job, TextResult
+from service.batcher import TextResult
 from service.engine import Engine
 from service.errors import RequestFailed, invalid
-from service.requests import encode_texts, make_options, repeated_values
-from service.rpc import Runtime, deadline_of, tracked, watch
+from service.requests import Limits, encode_texts, make_options, repeated_values
+from service.rpc import Runtime, Work, submit_job, tracked
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "translator"
@@ -48,6 +47,9 @@ OUTPUT_DATATYPES = {
     OUTPUT_TARGET_LENGTH: "INT32",
 }
 PARAMETERS = ("beam_size", "max_length", "length_penalty", "replace_unknowns", "timeout", "priority")
+# Triton's `timeout` is in microseconds; 1e8 s (as far as a gRPC deadline is taken for one) is the most
+# accepted: a larger one overflowed the timed waits (INTERNAL).
+MAX_TIMEOUT_US = 10**14
 _LENGTH = struct.Struct("<I")
 
 
@@ -164,6 +166,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str) -> Engine:
         """The engine when name/version designate the served model (NOT_FOUND otherwise)."""
         engine, _, _ = self.runtime.serving()
+        self._check_model(engine, name, version)
+        return engine
+
+    @staticmethod
+    def _check_model(engine: Engine, name: str, version: str) -> None:
         model = engine.model
         if name != model.name:
             raise RequestFailed(
@@ -175,47 +182,49 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"model {name!r} has no version {version!r} here: this server serves version {model.version}",
             )
-        return engine
 
     # ----------------------------------------------------------------------------------------------------
     # Inference
     # ----------------------------------------------------------------------------------------------------
 
-    @tracked("ModelInfer")
+    @tracked("ModelInfer", limited=True)
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        arrival = time.monotonic()
-        engine = self._model(request.model_name, request.model_version)
-        _, batcher, limits = self.runtime.serving()
-        wanted = self._requested_outputs(request)
-        values = {}
-        for name, value in request.parameters.items():
-            if name not in PARAMETERS:
-                raise invalid(f"unknown parameter {name!r}; this model takes {', '.join(PARAMETERS)}")
-            kind = {"replace_unknowns": bool, "length_penalty": float}.get(name, int)
-            values[name] = _parameter(name, value, kind)
-        timeout_us = values.pop("timeout", None)
-        values.pop("priority", None)
-        if timeout_us is not None and timeout_us <= 0:
-            raise invalid(f"parameter timeout must be > 0 microseconds, got {timeout_us}")
-        options = make_options(
-            limits,
-            attention=["cross"] if OUTPUT_CROSS_ATTENTION in wanted else [],
-            where="parameters",
-            **values,
-        )  # type: ignore[arg-type]
-        texts, shape = self._texts(request)
-        job = Job(
-            encode_texts(engine, texts, limits, field=INPUT_TEXT),
-            options,
-            arrival=arrival,
-            deadline=deadline_of(context, None if timeout_us is None else timeout_us / 1e6),
-        )
-        watch(job, batcher, context)
-        results = batcher.run(job)
+        wanted: list[str] = []
+        shape: list[int] = []
+
+        def prepare(engine: Engine, limits: Limits) -> Work:
+            nonlocal wanted, shape
+            self._check_model(engine, request.model_name, request.model_version)
+            wanted = self._requested_outputs(request)
+            values = {}
+            for name, value in request.parameters.items():
+                if name not in PARAMETERS:
+                    raise invalid(f"unknown parameter {name!r}; this model takes {', '.join(PARAMETERS)}")
+                kind = {"replace_unknowns": bool, "length_penalty": float}.get(name, int)
+                values[name] = _parameter(name, value, kind)
+            timeout_us = values.pop("timeout", None)
+            values.pop("priority", None)
+            if timeout_us is not None and not 1 <= timeout_us <= MAX_TIMEOUT_US:
+                raise invalid(
+                    f"parameter timeout must be between 1 and {MAX_TIMEOUT_US} microseconds, got {timeout_us}"
+                )
+            options = make_options(
+                limits,
+                attention=["cross"] if OUTPUT_CROSS_ATTENTION in wanted else [],
+                where="parameters",
+                **values,
+            )  # type: ignore[arg-type]
+            texts, shape = self._texts(request)
+            sources = encode_texts(engine, texts, limits, field=INPUT_TEXT)
+            return Work(sources, options, None if timeout_us is None else timeout_us / 1e6)
+
+        call = submit_job(self.runtime, context, prepare)
+        results = call.results()
+        model = call.engine.model
         response = pb.ModelInferResponse(
-            model_name=engine.model.name, model_version=str(engine.model.version), id=request.id
+            model_name=model.name, model_version=str(model.version), id=request.id
         )
         for name in wanted:
             data, dims = self._output(name, results, shape)

@@ -1,7 +1,9 @@
 """What every RPC handler shares: the server's runtime state, call accounting and deadline/cancel wiring.
 
 Handlers raise `RequestFailed`; the `tracked` wrappers turn it into the gRPC status, record the request
-metrics by method and code, and keep the in-flight gauge right whatever happens.
+metrics by method and code, and keep the in-flight gauge right whatever happens. Translation calls
+(`limited=True`) also take one of the `--max-concurrent-rpcs` slots, and run their job through
+`submit_job`: the one path from arrival to the answer.
 """
 
 from __future__ import annotations
@@ -9,20 +11,24 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from service.batcher import Batcher, Job
+from service.batcher import STREAM_END, Batcher, Job, TextResult
 from service.config import ServerConfig
-from service.engine import Engine
+from service.engine import Engine, TranslateOptions
 from service.errors import RequestFailed
 from service.metrics import ServerMetrics
 from service.requests import Limits
+from service.vocabulary import EncodedText
 
 log = logging.getLogger("translator.rpc")
 
@@ -41,6 +47,29 @@ class Runtime:
     batcher: Batcher | None = None
     ready: bool = False
     draining: bool = False
+    _slots: threading.BoundedSemaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.config.max_concurrent_rpcs)
+
+    @contextmanager
+    def translation_slot(self) -> Iterator[None]:
+        """One of the --max-concurrent-rpcs translation calls, or RESOURCE_EXHAUSTED at once.
+
+        Each translation call holds a gRPC thread while its texts wait in the batcher; the slots keep some of
+        the --grpc-threads free for health checks, metadata and these refusals, instead of letting excess
+        calls wait unseen in gRPC's executor queue.
+        """
+        if not self._slots.acquire(blocking=False):
+            limit = self.config.max_concurrent_rpcs
+            raise RequestFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many calls: max_concurrent_rpcs={limit} translation calls are in flight; retry later",
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def serving(self) -> tuple[Engine, Batcher, Limits]:
         """The loaded model, or UNAVAILABLE while it loads or after shutdown began."""
@@ -75,8 +104,80 @@ def deadline_of(context: grpc.ServicerContext, extra_timeout_s: float | None = N
     return time.monotonic() + min(candidates) if candidates else None
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a translation call asks of the batcher, once its request passed the checks."""
+
+    sources: list[EncodedText]
+    options: TranslateOptions
+    timeout_s: float | None = None  # a deadline of the request's own, besides gRPC's (KServe's `timeout`)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A translation call's job, queued in the batcher and watched for the call ending early."""
+
+    engine: Engine
+    batcher: Batcher
+    job: Job
+
+    def results(self) -> list[TextResult]:
+        """Wait for the answer (until the deadline): the results in text order, or raise RequestFailed."""
+        self.batcher.wait(self.job)
+        return self.job.outcome()
+
+    def tokens(self) -> Iterator[int]:
+        """A streaming job's token ids as the worker generates them; ends when the job is answered (then read
+        `job.outcome()`); at the deadline the job is expired, which ends it."""
+        events = self.job.events
+        assert events is not None, "not a streaming job"
+        while True:
+            deadline = self.job.deadline
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                token_id = events.get(timeout=timeout)
+            except queue.Empty:
+                self.batcher.expire(self.job)
+                continue
+            if token_id is STREAM_END:
+                return
+            yield token_id
+
+
+def submit_job(
+    runtime: Runtime,
+    context: grpc.ServicerContext,
+    prepare: Callable[[Engine, Limits], Work],
+    *,
+    stream: bool = False,
+) -> Submitted:
+    """The one path of every translation call (Translate, TranslateStream, ModelInfer): arrival -> the
+    served model -> the request's checks (`prepare`) -> Job -> submit -> watch; the caller then waits with
+    `results()` or `tokens()`.
+
+    The job is watched only once it is queued: a refused submit (RESOURCE_EXHAUSTED, UNAVAILABLE) leaves
+    nothing to abandon, and a call that already ended is not queued at all.
+    """
+    arrival = time.monotonic()
+    engine, batcher, limits = runtime.serving()
+    work = prepare(engine, limits)
+    job = Job(
+        work.sources,
+        work.options,
+        arrival=arrival,
+        deadline=deadline_of(context, work.timeout_s),
+        stream=stream,
+    )
+    if not context.is_active():
+        raise RequestFailed(grpc.StatusCode.CANCELLED, "the client cancelled the call")
+    batcher.submit(job)
+    watch(job, batcher, context)
+    return Submitted(engine, batcher, job)
+
+
 def watch(job: Job, batcher: Batcher, context: grpc.ServicerContext) -> None:
-    """Abandon the job when the call ends early (client cancel, or gRPC enforcing the deadline itself)."""
+    """Abandon the (queued) job when the call ends early: client cancel, or gRPC enforcing the deadline
+    itself. Call it after `batcher.submit(job)` succeeded."""
 
     def on_termination() -> None:
         if job.finished:
@@ -106,17 +207,24 @@ def _unexpected(method: str, error: Exception) -> RequestFailed:
     return RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
-def tracked(method: str) -> Callable[[Handler], Handler]:
-    """For unary handlers `def M(self, request, context)`, where `self.runtime` is the Runtime."""
+def _slot(runtime: Runtime, limited: bool) -> Any:
+    return runtime.translation_slot() if limited else nullcontext()
+
+
+def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
+    """For unary handlers `def M(self, request, context)`, where `self.runtime` is the Runtime; `limited`:
+    a translation call, which needs one of the --max-concurrent-rpcs slots."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-            metrics: ServerMetrics = self.runtime.metrics
+            runtime: Runtime = self.runtime
+            metrics = runtime.metrics
             metrics.inflight.inc()
             start = time.perf_counter()
             try:
-                response = handler(self, request, context)
+                with _slot(runtime, limited):
+                    response = handler(self, request, context)
             except RequestFailed as failure:
                 error = failure
             except Exception as other:
@@ -137,18 +245,21 @@ def tracked(method: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
-def tracked_stream(method: str) -> Callable[[Handler], Handler]:
-    """For server-streaming handlers (generators) `def M(self, request, context)`."""
+def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
+    """For server-streaming handlers (generators) `def M(self, request, context)`; `limited` as in
+    `tracked`, the slot held until the stream ends."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            metrics: ServerMetrics = self.runtime.metrics
+            runtime: Runtime = self.runtime
+            metrics = runtime.metrics
             metrics.inflight.inc()
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                yield from handler(self, request, context)
+                with _slot(runtime, limited):
+                    yield from handler(self, request, context)
             except GeneratorExit:  # gRPC closes the generator when the client goes away
                 code = grpc.StatusCode.CANCELLED
                 raise

@@ -6,7 +6,8 @@ reflection; Prometheus metrics have their own HTTP port. Lifecycle:
 1. bind the ports with health NOT_SERVING (orchestrators can probe while the model loads);
 2. load the model and run real translations through the batcher (warm-up), then health SERVING;
 3. on SIGTERM/SIGINT: health NOT_SERVING, stop accepting calls (new ones get UNAVAILABLE), let the in-flight
-   ones finish within --grace-period-s, exit 0. A second signal exits at once.
+   ones finish within --grace-period-s (those still unfinished just before its end get UNAVAILABLE), exit 0.
+   A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from service.api.translator.v1 import translator_pb2_grpc
 from service.batcher import Batcher, BatchingSettings, Job
 from service.config import ServerConfig, load_config
 from service.engine import Engine, TranslateOptions
+from service.errors import RequestFailed
 from service.metrics import ServerMetrics
 from service.repository import ModelLoadError, resolve
 from service.requests import Limits
@@ -106,6 +108,7 @@ class _Malformed:
 
     def __init__(self, message: str) -> None:
         self.message = message
+        self.received = time.perf_counter()
 
 
 def validated(
@@ -130,8 +133,12 @@ def validated(
 
     def reject(request: Any, context: grpc.ServicerContext) -> None:
         if isinstance(request, _Malformed):
-            if metrics is not None:
-                metrics.requests.labels(method=method, code=grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            if metrics is not None:  # counted like every answered call: requests_total and its duration
+                code = grpc.StatusCode.INVALID_ARGUMENT.name
+                metrics.requests.labels(method=method, code=code).inc()
+                metrics.request_duration.labels(method=method, code=code).observe(
+                    time.perf_counter() - request.received
+                )
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
     serialize = handler.response_serializer
@@ -230,14 +237,18 @@ class TranslatorServer:
     def start(self) -> None:
         """Bind and start serving: health and metadata answer at once, inference once `load()` is done."""
         config = self.config
-        size = config.max_message_bytes
+        threads = config.grpc_worker_threads
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="grpc"),
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
+            # Translation calls beyond --max-concurrent-rpcs are refused by the handlers (Runtime.
+            # translation_slot), which leaves threads free for health checks. This is gRPC's own backstop
+            # (it counts every call, health included): calls waiting for a thread stay bounded.
+            maximum_concurrent_rpcs=2 * threads,
         )
         ours, theirs = _Registrar(server, self.metrics), _Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
@@ -360,13 +371,24 @@ class TranslatorServer:
         words = [engine.vocabulary.id_to_token(i) for i in range(4, min(engine.vocabulary.size, 8))]
         sources = engine.encode_texts([" ".join(words) or "hello"])
         length = min(4, engine.max_length_limit)
-        for options in (
-            TranslateOptions(max_length=length),
-            TranslateOptions(
-                max_length=length, attention=frozenset({"cross", "decoder_self", "encoder_self"})
-            ),
-        ):
-            batcher.run(Job(sources, options, urgent=True))
+        served = batcher.metrics
+        batcher.metrics = ServerMetrics()  # throwaway: the warm-up is no traffic for the served metrics
+        try:
+            for options in (
+                TranslateOptions(max_length=length),
+                TranslateOptions(
+                    max_length=length, attention=frozenset({"cross", "decoder_self", "encoder_self"})
+                ),
+            ):
+                try:
+                    batcher.run(Job(sources, options, urgent=True))
+                except RequestFailed as failure:
+                    raise RuntimeError(
+                        f"the warm-up translation failed: {failure.code.name}: {failure.message}"
+                    ) from None
+            batcher.wait_idle()  # the worker observes a batch's metrics after answering it
+        finally:
+            batcher.metrics = served
         return round((time.monotonic() - started) * 1000, 1)
 
     def stop(self, grace: float | None = None) -> None:
@@ -384,10 +406,14 @@ class TranslatorServer:
         )
         self.runtime.draining = True
         self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        # gRPC refuses new calls from now on and cancels whatever still runs when the grace period ends. The
+        # batcher closes a little before that: it finishes the queued and running work until then and fails
+        # the rest with UNAVAILABLE (dropped as "shutdown"), so no in-flight call is merely cancelled.
+        stopped = self._server.stop(grace) if self._server is not None else None
         if self.runtime.batcher is not None:
-            self.runtime.batcher.close(timeout=1.0)
+            self.runtime.batcher.close(timeout=max(grace - min(1.0, grace / 4), 0.0))
+        if stopped is not None:
+            stopped.wait()
         self.metrics.stop_http()
         log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
 

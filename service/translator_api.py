@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Iterator
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.batcher import STREAM_END, Job, TextResult
+from service.batcher import TextResult
 from service.engine import Engine, TranslateOptions, Translation
 from service.errors import invalid
 from service.requests import (
@@ -22,7 +21,7 @@ from service.requests import (
     encode_texts,
     make_options,
 )
-from service.rpc import Runtime, deadline_of, tracked, tracked_stream, watch
+from service.rpc import Runtime, Work, submit_job, tracked, tracked_stream
 from service.vocabulary import BOS
 
 KIND_NAMES = {pb.CROSS: "cross", pb.DECODER_SELF: "decoder_self", pb.ENCODER_SELF: "encoder_self"}
@@ -147,58 +146,44 @@ class TranslatorService(pb_grpc.TranslatorServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    @tracked("Translate")
+    @tracked("Translate", limited=True)
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
-        arrival = time.monotonic()
-        engine, batcher, limits = self.runtime.serving()
-        options, selection = parse_options(request.options, limits, engine)
-        job = Job(
-            encode_texts(engine, list(request.texts), limits),
-            options,
-            arrival=arrival,
-            deadline=deadline_of(context),
-        )
-        watch(job, batcher, context)
-        results = batcher.run(job)
+        selection = AttentionSelection()
+
+        def prepare(engine: Engine, limits: Limits) -> Work:
+            nonlocal selection
+            options, selection = parse_options(request.options, limits, engine)
+            return Work(encode_texts(engine, list(request.texts), limits), options)
+
+        call = submit_job(self.runtime, context, prepare)
+        results = call.results()
+        arrival = call.job.arrival
         response = pb.TranslateResponse(
             translations=[translation_message(r, selection, arrival) for r in results]
         )
         self.runtime.check_size(response)
         return response
 
-    @tracked_stream("TranslateStream")
+    @tracked_stream("TranslateStream", limited=True)
     def TranslateStream(
         self, request: pb.TranslateStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.TranslateStreamResponse]:
-        arrival = time.monotonic()
-        engine, batcher, limits = self.runtime.serving()
-        options, selection = parse_options(request.options, limits, engine)
-        job = Job(
-            encode_texts(engine, [request.text], limits, field="text"),
-            options,
-            arrival=arrival,
-            deadline=deadline_of(context),
-            stream=True,
-        )
-        watch(job, batcher, context)
-        batcher.submit(job)
-        assert job.events is not None
-        vocabulary = engine.vocabulary
+        selection = AttentionSelection()
+
+        def prepare(engine: Engine, limits: Limits) -> Work:
+            nonlocal selection
+            options, selection = parse_options(request.options, limits, engine)
+            return Work(encode_texts(engine, [request.text], limits, field="text"), options)
+
+        call = submit_job(self.runtime, context, prepare, stream=True)
+        vocabulary = call.engine.vocabulary
         sent = 0
-        while True:
-            timeout = None if job.deadline is None else max(job.deadline - time.monotonic(), 0.0)
-            try:
-                token_id = job.events.get(timeout=timeout)
-            except queue.Empty:  # the deadline passed; expiring the job ends the stream
-                batcher.expire(job)
-                continue
-            if token_id is STREAM_END:
-                break
+        for token_id in call.tokens():
             yield pb.TranslateStreamResponse(
                 token=pb.TokenEvent(index=sent, token_id=token_id, token=vocabulary.id_to_token(token_id))
             )
             sent += 1
-        (result,) = job.outcome()
+        (result,) = call.job.outcome()
         translation = result.translation
         # The search never streams "</s>"; the events still cover every target token, like target_tokens.
         ids = list(translation.token_ids)
@@ -210,7 +195,9 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                     index=index, token_id=ids[index], token=vocabulary.id_to_token(ids[index])
                 )
             )
-        message = pb.TranslateStreamResponse(translation=translation_message(result, selection, arrival))
+        message = pb.TranslateStreamResponse(
+            translation=translation_message(result, selection, call.job.arrival)
+        )
         self.runtime.check_size(message)
         yield message
 

@@ -70,7 +70,7 @@ def slowed(self, *args, **kwargs):
 engine_module.Engine.__init__ = slowed
 sys.exit(server.main())
 """
-BASE = {"threads": "1", "grpc_threads": "64", "grace_period_s": "10", "quality_sample_rate": "0"}
+BASE = {"threads": "1", "max_concurrent_rpcs": "64", "grace_period_s": "10", "quality_sample_rate": "0"}
 
 
 @contextmanager

@@ -165,7 +165,7 @@ def fuzzer(
     tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Fuzzer]:
     setting = Setting("fuzz", {**LIMITS, "max_queue_delay_ms": "2", "quality_sample_rate": "0.5"})
-    extra = {"threads": "1", "grpc_threads": "16", "grace_period_s": "2"}
+    extra = {"threads": "1", "max_concurrent_rpcs": "8", "grace_period_s": "2"}
     with spawn_server(
         setting, tiny_repository, "tiny", extra=extra, log_dir=tmp_path_factory.mktemp("fuzz")
     ) as target:

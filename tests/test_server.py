@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.inference import grpc_service_pb2 as kpb
@@ -35,8 +36,10 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import ROOT, ServerConfig, build_parser, env_name, load_config
 from service.engine import Engine, TranslateOptions
+from service.errors import RequestFailed
 from service.kserve import deserialize_bytes, serialize_bytes
 from service.metrics import ALL_METRICS
+from service.rpc import Work, submit_job
 from service.server import TranslatorServer
 from tests.conftest import WORDS
 
@@ -57,7 +60,7 @@ def make_config(repository: Path, **overrides: Any) -> ServerConfig:
         model_repository=repository,
         model="tiny",
         threads=1,
-        grpc_threads=32,
+        max_concurrent_rpcs=32,
         max_queue_delay_ms=20.0,
         max_texts_per_request=8,
         max_tokens_per_text=16,
@@ -66,6 +69,7 @@ def make_config(repository: Path, **overrides: Any) -> ServerConfig:
         quality_sample_rate=1.0,
         grace_period_s=2.0,
         max_message_bytes=300_000,
+        max_receive_message_bytes=100_000,
     )
     values.update(overrides)
     config = ServerConfig(**values)
@@ -366,6 +370,32 @@ BAD_TRANSLATE = [
         ),
         ["once"],
     ),
+    # Client-controlled lists are refused by their length before anything looks at their elements.
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(
+                attention=pb.AttentionRequest(kinds=[pb.CROSS, pb.DECODER_SELF, pb.ENCODER_SELF, pb.CROSS])
+            ),
+        ),
+        ["attention.kinds has 4 entries", "3 attention kinds"],
+    ),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.CROSS], layers=[0, 1, 0])),
+        ),
+        ["attention.layers has 3 entries", "2 layers"],
+    ),
+    (
+        pb.TranslateRequest(
+            texts=["a"],
+            options=pb.TranslateOptions(
+                attention=pb.AttentionRequest(kinds=[pb.CROSS], heads=[0] * 50_000)
+            ),
+        ),
+        ["attention.heads has 50000 entries", "4 heads"],
+    ),
 ]
 
 
@@ -380,6 +410,53 @@ def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(client: 
         list(client.translator.TranslateStream(pb.TranslateStreamRequest(text=" "), timeout=10))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in failure.value.details()
     assert client.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=10).translations[0]
+
+
+def test_huge_text_is_refused_before_it_is_tokenized(
+    server: TranslatorServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # max_tokens_per_text=16 allows 16 x 64 = 1024 characters; tokenizing a multi-megabyte text first froze
+    # the server only to refuse it for its tokens afterwards.
+    assert server.runtime.engine is not None
+    vocabulary = server.runtime.engine.vocabulary
+    tokenized: list[int] = []
+    encode_source = vocabulary.encode_source
+
+    def spy(text: str) -> Any:
+        tokenized.append(len(text))
+        return encode_source(text)
+
+    monkeypatch.setattr(vocabulary, "encode_source", spy)
+    huge = "dog " * 20_000  # 80000 characters, within max_receive_message_bytes
+    needles = ["80000 characters", "1024 allowed", "max_tokens_per_text=16"]
+    calls = [
+        lambda: client.translator.Translate(pb.TranslateRequest(texts=["the cat", huge]), timeout=10),
+        lambda: list(client.translator.TranslateStream(pb.TranslateStreamRequest(text=huge), timeout=10)),
+        lambda: client.kserve.ModelInfer(infer_request(["the cat", huge]), timeout=10),
+    ]
+    for call, name in zip(calls, ("texts[1]", "text", "TEXT[1]"), strict=True):
+        with pytest.raises(grpc.RpcError) as failure:
+            call()
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for needle in (name, *needles):
+            assert needle in failure.value.details(), (needle, failure.value.details())
+    assert all(length <= 1024 for length in tokenized), tokenized
+    exactly = " ".join(["dog"] * 16) + " " * (1024 - 63)  # 1024 characters, 16 tokens: accepted
+    assert len(exactly) == 1024
+    assert client.translator.Translate(pb.TranslateRequest(texts=[exactly]), timeout=10).translations
+
+
+def test_malformed_request_is_counted_with_a_duration(server: TranslatorServer, client: Client) -> None:
+    assert server.metrics_port
+    labels = {"method": "Translate", "code": "INVALID_ARGUMENT"}
+    before = scrape(server.metrics_port)
+    raw = client.channel.unary_unary("/translator.v1.Translator/Translate")
+    with pytest.raises(grpc.RpcError) as failure:
+        raw(b"\xff\xff\xff", timeout=10)  # no protobuf message
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(server.metrics_port)
+    for name in ("translator_requests_total", "translator_request_duration_seconds_count"):
+        assert value(after, name, **labels) - value(before, name, **labels) == 1, name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -524,6 +601,12 @@ def _bad_kserve() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str
     case("empty text", invalid, "TEXT[0]: the text is empty", shape=[2]).raw_input_contents[0] = (
         serialize_bytes([b"", b"a"])
     )
+    case("too many outputs", invalid, "outputs has 5 entries", outputs=("TRANSLATION",) * 5)
+    # Event.wait overflowed on ~9.2e15 us (INTERNAL); the most accepted is 1e14 us (1e8 s).
+    case(
+        "huge timeout", invalid, "parameter timeout must be between 1 and 100000000000000 microseconds",
+        timeout=2**62,
+    )
     return cases
 
 
@@ -544,8 +627,17 @@ def test_kserve_bad_tensors(
 
 def test_message_size_limits(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as failure:  # refused by gRPC itself, before any handler runs
-        client.translator.Translate(pb.TranslateRequest(texts=["dog " * 80_000]), timeout=10)
-    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "300000" in failure.value.details()
+        client.translator.Translate(pb.TranslateRequest(texts=["dog " * 30_000]), timeout=10)
+    # max_receive_message_bytes=100000 (what the server accepts), not max_message_bytes (what it sends).
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "100000" in failure.value.details()
+    big = pb.TranslateRequest(
+        texts=sentences(2, seed=5, longest=16),
+        options=pb.TranslateOptions(
+            max_length=64, attention=pb.AttentionRequest(kinds=[pb.CROSS, pb.DECODER_SELF, pb.ENCODER_SELF])
+        ),
+    )
+    answer = client.translator.Translate(big, timeout=10)
+    assert 100_000 < answer.ByteSize() <= 300_000  # larger than any request may be: sent all the same
     kinds = [pb.CROSS, pb.DECODER_SELF, pb.ENCODER_SELF]
     request = pb.TranslateRequest(
         texts=sentences(8, seed=5, longest=16),
@@ -593,6 +685,19 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) 
             status = client.health.Check(health_pb2.HealthCheckRequest(service=name)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         assert client.kserve.ServerReady(kpb.ServerReadyRequest()).ready
+        # The warm-up's translations are no served traffic: they are in none of the serving metrics.
+        assert server.metrics_port
+        text = scrape(server.metrics_port)
+        for name in (
+            "translator_batch_size_sentences_count",
+            "translator_queue_wait_seconds_count",
+            "translator_generated_tokens_total",
+            "translator_translation_mean_logprob_count",
+            "translator_cross_attention_entropy_nats_count",
+        ):
+            assert value(text, name) == 0, name
+        for stage in ("encode", "decode"):
+            assert value(text, "translator_compute_duration_seconds_count", stage=stage) == 0, stage
     finally:
         client.close()
         server.stop(0.5)
@@ -652,7 +757,121 @@ def test_full_queue_gives_resource_exhausted_at_once(tiny_repository: Path) -> N
         assert "max_queue_size=4" in failure.value.details()
         assert time.monotonic() - started < 0.5  # refused at once, not after the queue delay
         assert len(waiting.result().translations) == 3
+        # The refused job was never queued: nothing of it may be counted as dropped (its call's end used to
+        # "cancel" it: 2 sentences dropped while "decoding").
+        assert server.metrics_port
+        text = scrape(server.metrics_port)
+        for reason in ("cancelled", "deadline_exceeded", "shutdown", "error"):
+            for stage in ("queued", "decoding"):
+                dropped = value(text, "translator_dropped_sentences_total", reason=reason, stage=stage)
+                assert dropped == 0, (reason, stage)
         client.close()
+
+
+class _EndedCall:
+    """A ServicerContext whose call already ended (the client cancelled before the job was submitted)."""
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> None:
+        return None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+def test_a_call_that_already_ended_is_not_queued(server: TranslatorServer) -> None:
+    batcher = server.runtime.batcher
+    assert batcher is not None and server.metrics_port
+    before = scrape(server.metrics_port)
+
+    def prepare(engine: Engine, limits: Any) -> Work:
+        return Work(engine.encode_texts(["the cat"]), TranslateOptions(max_length=4))
+
+    with pytest.raises(RequestFailed) as failure:
+        submit_job(server.runtime, _EndedCall(), prepare)  # type: ignore[arg-type]
+    assert failure.value.code == grpc.StatusCode.CANCELLED
+    assert batcher.depth == 0
+    after = scrape(server.metrics_port)
+    assert value(after, "translator_dropped_sentences_total", reason="cancelled") == value(
+        before, "translator_dropped_sentences_total", reason="cancelled"
+    )
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering(
+    tiny_repository: Path,
+) -> None:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    engine.backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
+    config = make_config(
+        tiny_repository,
+        max_concurrent_rpcs=2,
+        max_queue_delay_ms=1.0,
+        max_length_limit=256,
+        quality_sample_rate=0.0,
+    )
+    assert config.grpc_worker_threads == 10  # 8 threads beyond the translation calls
+    with running(config, engine=engine) as server, ThreadPoolExecutor(16) as pool:
+        assert server.port and server.metrics_port
+        client = Client(server.port)
+        long = pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=150))
+        busy = [client.translator.Translate.future(long, timeout=30) for _ in range(2)]
+        wait_for(lambda: server.metrics.inflight._value.get() == 2, message="two calls in flight")
+        started = time.monotonic()
+        extra = [
+            pool.submit(
+                client.translator.Translate, pb.TranslateRequest(texts=["a dog"]), timeout=10
+            )
+            for _ in range(12)
+        ]
+        health = client.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert client.translator.GetModelInfo(pb.GetModelInfoRequest(), timeout=2).name == "tiny"
+        for call in extra:
+            with pytest.raises(grpc.RpcError) as failure:
+                call.result()
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent_rpcs=2" in failure.value.details()
+        assert time.monotonic() - started < 2.0  # refused at once, long before the 3 s the busy calls take
+        assert all(not call.done() for call in busy)
+        text = scrape(server.metrics_port)
+        assert value(text, "translator_requests_total", method="Translate", code="RESOURCE_EXHAUSTED") == 12
+        for call in busy:
+            call.cancel()
+        wait_for(lambda: server.metrics.inflight._value.get() == 0, message="the busy calls to end")
+        assert client.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=10).translations
+        client.close()
+
+
+def test_shutdown_fails_unfinished_calls_with_unavailable(tiny_repository: Path) -> None:
+    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
+    engine.backend = backend
+    config = make_config(
+        tiny_repository, max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0
+    )
+    with running(config, engine=engine) as server:
+        assert server.port
+        client = Client(server.port)
+        long = pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=200))
+        warm_up_steps = backend.steps
+        call = client.translator.Translate.future(long, timeout=30)  # 4 s of decoding
+        wait_for(lambda: backend.steps > warm_up_steps, message="decoding to start")
+        started = time.monotonic()
+        server.stop(1.0)
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(grpc.RpcError) as failure:
+            call.result(timeout=5)
+        # Failed by the batcher just before the grace period ended, not cancelled by gRPC at its end.
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value
+        assert "shut down before this request completed" in failure.value.details()
+        client.close()
+    text = generate_latest(server.metrics.registry).decode()
+    assert value(text, "translator_dropped_sentences_total", reason="shutdown", stage="decoding") == 1
+    for stage in ("queued", "decoding"):
+        assert value(text, "translator_dropped_sentences_total", reason="cancelled", stage=stage) == 0
+    assert value(text, "translator_requests_total", method="Translate", code="UNAVAILABLE") == 1
 
 
 def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorServer, SlowBackend]) -> None:
@@ -660,6 +879,7 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
     assert server.port and server.metrics_port and server.runtime.batcher
     client = Client(server.port)
     before = scrape(server.metrics_port)
+    earlier_steps = backend.steps  # the warm-up (and earlier tests) decoded through this backend too
     with ThreadPoolExecutor(1) as pool:
         # A long request occupies the worker; one with other options and a short deadline waits behind it.
         busy = pool.submit(
@@ -667,7 +887,7 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
             pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=25)),
             timeout=30,
         )
-        wait_for(lambda: backend.steps > 0, message="decoding to start")
+        wait_for(lambda: backend.steps > earlier_steps, message="decoding to start")
         with pytest.raises(grpc.RpcError) as failure:
             client.translator.Translate(
                 pb.TranslateRequest(texts=["a dog"], options=pb.TranslateOptions(max_length=26)), timeout=0.15
@@ -860,9 +1080,17 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         defaults.max_queue_size,
         defaults.grace_period_s,
     ) == (64, 4096, 5.0, 1024, 30.0)
+    # What the server accepts and what it sends are limited apart; translation calls and threads too.
+    assert (defaults.max_receive_message_bytes, defaults.max_message_bytes) == (4 * 1024**2, 64 * 1024**2)
+    threads = (defaults.max_concurrent_rpcs, defaults.grpc_threads, defaults.grpc_worker_threads)
+    assert threads == (64, None, 72)
     environ = {env_name("port"): "7000", env_name("max_batch_size"): "8", env_name("tls_cert"): ""}
+    environ[env_name("max_receive_message_bytes")] = "1000"
     config = load_config(["--port", "9000", "--model-version", "3"], environ=environ)
     assert (config.port, config.max_batch_size, config.model_version, config.tls_cert) == (9000, 8, 3, None)
+    assert config.max_receive_message_bytes == 1000
+    config = load_config(["--max-concurrent-rpcs", "4", "--grpc-threads", "5"], environ={})
+    assert config.grpc_worker_threads == 5
     for argv, environ in (
         ([], {env_name("port"): "eighty"}),
         (["--max-batch-size", "0"], {}),
@@ -872,9 +1100,43 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         with pytest.raises(SystemExit):
             load_config(argv, environ=environ)
     help_text = " ".join(build_parser().format_help().split())
-    for name in ("TRANSLATOR_PORT", "TRANSLATOR_MAX_QUEUE_DELAY_MS", "TRANSLATOR_GRACE_PERIOD_S"):
+    for name in (
+        "TRANSLATOR_PORT",
+        "TRANSLATOR_MAX_QUEUE_DELAY_MS",
+        "TRANSLATOR_GRACE_PERIOD_S",
+        "TRANSLATOR_MAX_RECEIVE_MESSAGE_BYTES",
+        "TRANSLATOR_MAX_CONCURRENT_RPCS",
+    ):
         assert name in help_text
     assert "(default: 8001; env TRANSLATOR_PORT)" in help_text
+    assert "largest gRPC message the server sends" in help_text
+    assert "(default: --max-concurrent-rpcs + 8; env TRANSLATOR_GRPC_THREADS)" in help_text
+
+
+@pytest.mark.parametrize(
+    "argv, environ, message",
+    [
+        # 1e13 ms overflowed the batcher's timed wait (OverflowError in the worker, retried forever).
+        (["--max-queue-delay-ms", "1e13"], {}, "--max-queue-delay-ms must be between 0 and 60000"),
+        ([], {"TRANSLATOR_MAX_QUEUE_DELAY_MS": "inf"}, "--max-queue-delay-ms must be between 0 and 60000"),
+        (["--grace-period-s", "1e300"], {}, "--grace-period-s must be between 0 and 86400"),
+        (["--max-receive-message-bytes", "3000000000"], {}, "--max-receive-message-bytes must be between 1"),
+        (["--max-message-bytes", "0"], {}, "--max-message-bytes must be between 1"),
+        (["--max-length-limit", "5000"], {}, "--max-length-limit must be between 1 and 1000"),
+        (["--max-batch-tokens", "-1"], {}, "--max-batch-tokens must be between 0"),
+        (["--threads", "0"], {}, "--threads must be between 1"),
+        (["--model-version", "-2"], {}, "--model-version must be between 0"),
+        (["--quality-sample-rate", "nan"], {}, "--quality-sample-rate must be between 0 and 1"),
+        (["--grpc-threads", "8"], {}, "--grpc-threads must exceed --max-concurrent-rpcs (64)"),
+    ],
+)
+def test_every_numeric_setting_is_bounded(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        load_config(argv, environ=environ)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tmp_path: Path) -> None:
@@ -895,7 +1157,7 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tm
         "tiny",
         "--threads",
         "1",
-        "--grpc-threads",
+        "--max-concurrent-rpcs",
         "8",
         "--grace-period-s",
         "10",
