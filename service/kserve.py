@@ -8,8 +8,8 @@ The model is `<name>` (its folder in the repository) at version `<version>` (the
   `CROSS_ATTENTION` FP32 [N, L, H, T, S] (decoder layers, heads, target steps, source tokens; zero-padded to
   the longest T and S of the request), `SOURCE_LENGTH` / `TARGET_LENGTH` INT32 [N] (the real T and S).
 - request parameters: `beam_size` (int), `max_length` (int), `length_penalty` (double or int),
-  `replace_unknowns` (bool); Triton's `timeout` (int, microseconds) adds a deadline, `priority` is accepted
-  and ignored.
+  `replace_unknowns` (bool); Triton's `timeout` (int, microseconds, at most 1e14) adds a deadline, `priority`
+  is accepted and ignored.
 
 Answers always use raw_output_contents, as Triton does: tritonclient's `InferResult.as_numpy` reads outputs
 from there (typed contents only for BYTES), so raw is what every client understands.

@@ -234,3 +234,18 @@ def test_close_refuses_new_work_and_answers_everything(stop_batchers: list[Batch
     with pytest.raises(RequestFailed) as failure:
         batcher.submit(Job([source(4)], TranslateOptions()))
     assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_submit_refuses_a_job_already_answered(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, metrics = make()
+    stop_batchers.append(batcher)
+    batcher.start()
+    job = Job([source(4)], TranslateOptions())
+    # Its call ended before it was submitted: abandoning it answers it; it must never be queued afterwards.
+    assert batcher.abandon(job, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    with pytest.raises(RequestFailed) as failure:
+        batcher.submit(job)
+    assert failure.value.code == grpc.StatusCode.CANCELLED
+    assert batcher.depth == 0
+    time.sleep(0.05)  # longer than max_queue_delay: a queued job would have run by now
+    assert engine.batches == []

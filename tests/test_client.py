@@ -340,6 +340,18 @@ def test_translate_converts_every_field(fake: tuple[str, FakeTranslator]) -> Non
     assert "attention" not in first.to_dict()
 
 
+def test_translate_takes_any_iterable_of_texts(fake: tuple[str, FakeTranslator]) -> None:
+    target, servicer = fake
+    with TranslatorClient(target, timeout=10) as client:
+        # A generator used to be consumed by the request, leaving no source to pair the results with: [].
+        results = client.translate(text for text in ["the Xavier dog", "a cat"])
+        assert [(r.source, r.text) for r in results] == [
+            ("the Xavier dog", "dog Xavier the"), ("a cat", "cat a")]
+        assert list(servicer.requests[-1].texts) == ["the Xavier dog", "a cat"]
+        (alone,) = client.translate("a cat")  # a lone string is one text, not one per character
+        assert alone.source == "a cat" and list(servicer.requests[-1].texts) == ["a cat"]
+
+
 def test_only_the_options_given_are_sent(fake: tuple[str, FakeTranslator]) -> None:
     target, servicer = fake
     with TranslatorClient(target) as client:

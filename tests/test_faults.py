@@ -483,3 +483,31 @@ def test_corrupt_or_missing_model_fails_fast_naming_the_file(
     assert [entry["message"] for entry in errors] == ["cannot serve"], done.stderr[-2000:]
     assert named in errors[0]["error"], errors[0]["error"]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+# Runs the real server with every batch of the engine failing: the warm-up's translations fail.
+BROKEN_ENGINE_LAUNCHER = """
+import sys
+from service import batcher, server
+
+def broken(self, items):
+    raise RuntimeError("the engine is broken")
+
+batcher.Batcher._run_batch = broken
+sys.exit(server.main())
+"""
+
+
+def test_failed_warm_up_exits_non_zero_with_one_clear_line(tiny_repository: Path) -> None:
+    command = [sys.executable, "-c", BROKEN_ENGINE_LAUNCHER, "--host", "127.0.0.1", "--port", "0"]
+    command += ["--metrics-port", "0", "--model-repository", str(tiny_repository), "--model", "tiny"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr[-2000:]
+    entries = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"')]
+    [failure] = [entry for entry in entries if entry.get("message") == "cannot serve"]
+    assert failure["level"] == "ERROR"
+    assert "warm-up translation failed: INTERNAL" in failure["error"], failure
+    assert "the engine is broken" in failure["error"], failure
+    # No uncaught exception: every line is a JSON log entry (a traceback would be printed raw).
+    raw = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("{")]
+    assert not raw, done.stderr[-3000:]

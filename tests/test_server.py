@@ -625,6 +625,16 @@ def test_kserve_bad_tensors(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_kserve_timeout_parameter_is_bounded(client: Client) -> None:
+    # Without a gRPC deadline the `timeout` parameter alone sets the wait: ~9.2e15 us overflowed (INTERNAL).
+    with pytest.raises(grpc.RpcError) as failure:
+        client.kserve.ModelInfer(infer_request(["the cat"], timeout=2**62))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout must be between 1 and 100000000000000 microseconds" in failure.value.details()
+    out = outputs_of(client.kserve.ModelInfer(infer_request(["the cat"], timeout=10**14)))
+    assert out["TRANSLATION"].shape == (1,)
+
+
 def test_message_size_limits(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as failure:  # refused by gRPC itself, before any handler runs
         client.translator.Translate(pb.TranslateRequest(texts=["dog " * 30_000]), timeout=10)
@@ -860,7 +870,7 @@ def test_shutdown_fails_unfinished_calls_with_unavailable(tiny_repository: Path)
         wait_for(lambda: backend.steps > warm_up_steps, message="decoding to start")
         started = time.monotonic()
         server.stop(1.0)
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0  # not the 4 s of decoding
         with pytest.raises(grpc.RpcError) as failure:
             call.result(timeout=5)
         # Failed by the batcher just before the grace period ended, not cancelled by gRPC at its end.
@@ -915,6 +925,7 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
     # On a busy machine the worker may notice the deadline a little late: wait for the drop, then the steps
     # must stand still.
     wait_for(lambda: dropped_while_decoding() - baseline == 1, message="the decoding rows to be dropped")
+    time.sleep(0.05)  # a step already under way when the rows were dropped still ends
     steps = backend.steps
     time.sleep(0.2)
     assert backend.steps == steps
@@ -1110,7 +1121,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         assert name in help_text
     assert "(default: 8001; env TRANSLATOR_PORT)" in help_text
     assert "largest gRPC message the server sends" in help_text
-    assert "(default: --max-concurrent-rpcs + 8; env TRANSLATOR_GRPC_THREADS)" in help_text
+    assert "rpcs + 8; env TRANSLATOR_GRPC_THREADS)" in help_text  # argparse may wrap at the flag's hyphens
 
 
 @pytest.mark.parametrize(
