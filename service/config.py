@@ -62,7 +62,7 @@ class ServerConfig:
         8002, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it", int
     )
     max_concurrent_rpcs: int = _setting(
-        64,
+        256,
         "most translation calls (Translate, TranslateStream, ModelInfer) handled at once: each holds a gRPC "
         "thread while its texts wait in the batcher; one more gets RESOURCE_EXHAUSTED at once",
         int,

@@ -1094,7 +1094,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
     # What the server accepts and what it sends are limited apart; translation calls and threads too.
     assert (defaults.max_receive_message_bytes, defaults.max_message_bytes) == (4 * 1024**2, 64 * 1024**2)
     threads = (defaults.max_concurrent_rpcs, defaults.grpc_threads, defaults.grpc_worker_threads)
-    assert threads == (64, None, 72)
+    assert threads == (256, None, 264)
     environ = {env_name("port"): "7000", env_name("max_batch_size"): "8", env_name("tls_cert"): ""}
     environ[env_name("max_receive_message_bytes")] = "1000"
     config = load_config(["--port", "9000", "--model-version", "3"], environ=environ)
@@ -1138,7 +1138,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         (["--threads", "0"], {}, "--threads must be between 1"),
         (["--model-version", "-2"], {}, "--model-version must be between 0"),
         (["--quality-sample-rate", "nan"], {}, "--quality-sample-rate must be between 0 and 1"),
-        (["--grpc-threads", "8"], {}, "--grpc-threads must exceed --max-concurrent-rpcs (64)"),
+        (["--grpc-threads", "8"], {}, "--grpc-threads must exceed --max-concurrent-rpcs (256)"),
     ],
 )
 def test_every_numeric_setting_is_bounded(
