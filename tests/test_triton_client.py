@@ -1,0 +1,96 @@
+"""Triton's own Python client (tritonclient.grpc), unchanged, against our KServe v2 endpoint.
+
+tritonclient pins protobuf below 7 and registers the same `inference.*` message names as our generated code,
+so it cannot share our interpreter: it gets a virtual environment of its own (from PyPI, which CI reaches) and
+talks to a real server subprocess over a real socket.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import venv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bench_load import Setting, spawn_server
+from service.engine import Engine, TranslateOptions
+from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+TEXTS = ["the big red dog sees her", "i do not see the small cats"]
+
+CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient(sys.argv[1])
+model = sys.argv[2]
+texts = json.loads(sys.argv[3])
+text = grpcclient.InferInput("TEXT", [len(texts)], "BYTES")
+text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+outputs = [grpcclient.InferRequestedOutput(name)
+           for name in ("TRANSLATION", "CROSS_ATTENTION", "SOURCE_LENGTH", "TARGET_LENGTH")]
+result = client.infer(model, [text], outputs=outputs, request_id="triton-1")
+metadata = client.get_model_metadata(model, as_json=True)
+print(json.dumps({
+    "live": client.is_server_live(),
+    "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready(model),
+    "unknown_model_ready": client.is_model_ready("no-such-model"),
+    "metadata_name": metadata["name"],
+    "metadata_inputs": [i["name"] for i in metadata["inputs"]],
+    "id": result.get_response().id,
+    "translation": [t.decode() for t in result.as_numpy("TRANSLATION").tolist()],
+    "cross_attention": result.as_numpy("CROSS_ATTENTION").tolist(),
+    "source_length": result.as_numpy("SOURCE_LENGTH").tolist(),
+    "target_length": result.as_numpy("TARGET_LENGTH").tolist(),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tritonclient-venv")
+    venv.create(folder, with_pip=True)
+    python = folder / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]", "numpy"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, f"cannot install tritonclient from PyPI:\n{install.stderr[-2000:]}"
+    return python
+
+
+def test_tritonclient_infers_translations_and_attention(triton_python: Path, tmp_path: Path) -> None:
+    setting = Setting("triton", {"threads": "2", "quality_sample_rate": "0"})
+    with spawn_server(setting, DEFAULT_REPOSITORY, DEFAULT_MODEL, log_dir=tmp_path) as target:
+        run = subprocess.run(
+            [str(triton_python), "-c", CLIENT, target.address, DEFAULT_MODEL, json.dumps(TEXTS)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout)
+    assert answer["live"] and answer["ready"] and answer["model_ready"]
+    assert not answer["unknown_model_ready"]
+    assert answer["metadata_name"] == DEFAULT_MODEL and "TEXT" in answer["metadata_inputs"]
+    assert answer["id"] == "triton-1"
+
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
+    expected = engine.translate(TEXTS, TranslateOptions(attention=frozenset({"cross"})))
+    assert answer["translation"] == [t.text for t in expected]
+    maps = np.array(answer["cross_attention"], dtype=np.float32)
+    assert maps.shape[:3] == (len(TEXTS), *expected[0].cross_attention.shape[:2])
+    for row, translation in enumerate(expected):
+        layers, heads, target_length, source_length = translation.cross_attention.shape
+        assert answer["source_length"][row] == source_length
+        assert answer["target_length"][row] == target_length
+        real = maps[row, :, :, :target_length, :source_length]
+        np.testing.assert_allclose(real, translation.cross_attention, atol=1e-5)
+        assert not maps[row, :, :, target_length:, :].any() and not maps[row, :, :, :, source_length:].any()
