@@ -73,15 +73,24 @@ class Translation:
     extras: dict = field(default_factory=dict)
 
 
+# A cache tensor: a numpy array (plain mode, and the empty past of step 0), or in the IO-binding mode an
+# OrtValue that stays on the session's device between steps.
+Cache = np.ndarray | ort.OrtValue
+
+
 @dataclass
 class DecoderState:
     """One array per decoder layer (the graphs' own layout: nothing is split or stacked per step)."""
 
-    self_key: list[np.ndarray]  # L x [N, H, t, Dh]
-    self_value: list[np.ndarray]
-    cross_key: list[np.ndarray]  # L x [N, H, S, Dh]
-    cross_value: list[np.ndarray]
-    src_padding_mask: np.ndarray  # [N, S] bool, True = padding
+    self_key: list[Cache]  # L x [N, H, t, Dh]
+    self_value: list[Cache]
+    cross_key: list[Cache]  # L x [N, H, S, Dh]
+    cross_value: list[Cache]
+    src_padding_mask: np.ndarray  # [N, S] bool, True = padding (always on the host)
+
+
+def to_host(value: Cache) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
 
 
 def available_providers() -> list[str]:
@@ -138,7 +147,14 @@ def check_signature(
 
 
 class OnnxBackend:
-    """The `StepBackend` of service.search over the two exported graphs."""
+    """The `StepBackend` of service.search over the two exported graphs.
+
+    `io_binding`: the cross keys/values (encoder outputs) and the decoder's self-attention caches are bound
+    as outputs on `device_type`/`device_id` and fed back to the next step as `OrtValue`s, so on a GPU they
+    stay in device memory instead of being copied to the host and back at every step. Only the small
+    per-step inputs (tokens, padding mask) and what the search reads (log-probs, attention maps) cross to
+    the host. Off (plain numpy feeds) by default; the Engine turns it on for CUDA.
+    """
 
     def __init__(
         self,
@@ -149,7 +165,13 @@ class OnnxBackend:
         head_dim: int,
         pad_id: int,
         n_encoder_layers: int | None = None,
+        io_binding: bool = False,
+        device_type: str = "cpu",
+        device_id: int = 0,
     ) -> None:
+        self.io_binding = io_binding
+        self.device_type = device_type
+        self.device_id = device_id
         self.encoder = encoder
         self.pad_id = pad_id
         self.decoder = decoder
@@ -165,6 +187,8 @@ class OnnxBackend:
         outputs = decoder_outputs(n_layers)
         self.step_outputs = list(outputs[: 1 + 2 * n_layers])
         self.step_outputs_with_attention = list(outputs)
+        self.present_names = list(outputs[1 : 1 + 2 * n_layers])
+        self.attention_outputs = list(outputs[1 + 2 * n_layers :])
         # On CPU the encoder's cost grows with rows x padded width, and a batch of mixed lengths is mostly
         # padding (toy test split at batch 128: 65%); on a GPU the padding is nearly free and every extra
         # run costs launches, so there the batch stays whole.
@@ -174,11 +198,27 @@ class OnnxBackend:
         padding = src_ids == self.pad_id
         wanted = self.cross_names + (self.encoder_attention_names if with_attention else [])
         groups = encoder_groups((~padding).sum(axis=1)) if self.group_encoder_by_length else []
-        if len(groups) <= 1:
-            outputs = self.encoder.run(wanted, {"src_ids": src_ids, "src_padding_mask": padding})
-        else:
+        if len(groups) > 1:
+            # (Grouping is on only for the CPU provider: with IO binding the arrays are wrapped, not copied.)
             outputs = self._encode_groups(src_ids, groups, wanted)
-        cross = outputs[: 2 * self.n_layers]
+            cross = outputs[: 2 * self.n_layers]
+            if self.io_binding:
+                cross = [self._to_device(a) for a in cross]
+        elif self.io_binding:
+            binding = self.encoder.io_binding()
+            binding.bind_cpu_input("src_ids", np.ascontiguousarray(src_ids))
+            binding.bind_cpu_input("src_padding_mask", padding)
+            for name in self.cross_names:
+                binding.bind_output(name, self.device_type, self.device_id)
+            for name in wanted[len(self.cross_names) :]:
+                binding.bind_output(name, "cpu")
+            self.encoder.run_with_iobinding(binding)
+            values = binding.get_outputs()  # in the order bound
+            cross = values[: 2 * self.n_layers]
+            outputs = cross + [v.numpy() for v in values[2 * self.n_layers :]]
+        else:
+            outputs = self.encoder.run(wanted, {"src_ids": src_ids, "src_padding_mask": padding})
+            cross = outputs[: 2 * self.n_layers]
         empty = np.zeros((len(src_ids), self.n_heads, 0, self.head_dim), dtype=np.float32)
         state = DecoderState(
             [empty] * self.n_layers, [empty] * self.n_layers, cross[0::2], cross[1::2], padding
@@ -217,6 +257,8 @@ class OnnxBackend:
     def step(
         self, state: DecoderState, tokens: np.ndarray, with_attention: bool
     ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self.io_binding:
+            return self._step_bound(state, tokens, with_attention)
         feeds = {"tokens": tokens, "src_padding_mask": state.src_padding_mask}
         layers = self.n_layers
         for i in range(layers):
@@ -237,17 +279,70 @@ class OnnxBackend:
         state.self_key, state.self_value = present[0::2], present[1::2]
         return state, outputs[0], cross, self_attention
 
+    def _step_bound(
+        self, state: DecoderState, tokens: np.ndarray, with_attention: bool
+    ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`step` with IO binding: caches in and out as device OrtValues, the rest through the host."""
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        binding.bind_cpu_input("src_padding_mask", state.src_padding_mask)
+        layers = self.n_layers
+        for i in range(layers):
+            self._bind_input(binding, self.past_names[2 * i], state.self_key[i])
+            self._bind_input(binding, self.past_names[2 * i + 1], state.self_value[i])
+            self._bind_input(binding, self.cross_names[2 * i], state.cross_key[i])
+            self._bind_input(binding, self.cross_names[2 * i + 1], state.cross_value[i])
+        binding.bind_output("log_probs", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        if with_attention:
+            for name in self.attention_outputs:
+                binding.bind_output(name, "cpu")
+        self.decoder.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in the order bound
+        present = values[1 : 1 + 2 * layers]
+        state.self_key, state.self_value = present[0::2], present[1::2]
+        if with_attention:
+            maps = [v.numpy() for v in values[1 + 2 * layers :]]
+            # L x [N, H, 1, *] -> [N, L, H, *]
+            cross = np.stack([a[:, :, 0] for a in maps[:layers]], axis=1)
+            self_attention = np.stack([a[:, :, 0] for a in maps[layers:]], axis=1)
+        else:
+            cross = self_attention = None
+        return state, values[0].numpy(), cross, self_attention
+
+    @staticmethod
+    def _bind_input(binding: ort.IOBinding, name: str, value: Cache) -> None:
+        if isinstance(value, np.ndarray):  # the empty past of step 0 (zero bytes to copy)
+            binding.bind_cpu_input(name, value)
+        else:
+            binding.bind_ortvalue_input(name, value)
+
+    def _to_device(self, array: np.ndarray) -> ort.OrtValue:
+        # On CPU the OrtValue wraps the (contiguous) array without a copy and keeps a reference to it.
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         mask = state.src_padding_mask[rows]
         # Trimming the source columns that no kept row uses spares the cross-attention work on padding.
         width = int((~mask).sum(axis=1).max()) if len(rows) else mask.shape[1]
+
         # np.take, not x[rows]: it returns a contiguous array (onnxruntime would copy a non-contiguous
         # input again on every later step); the cross keys/values are trimmed to `width` first.
+        # In the IO-binding mode the device OrtValues make a host round trip here (device -> numpy -> take
+        # -> device). The search calls select only when rows are dropped, repeated or reordered (beam
+        # expansion/reordering, finished rows leaving), not on every step, so the caches otherwise stay
+        # on the device.
+        def take(value: Cache, columns: int | None = None) -> Cache:
+            host = to_host(value)
+            taken = np.take(host if columns is None else host[:, :, :columns], rows, axis=0)
+            return taken if isinstance(value, np.ndarray) else self._to_device(taken)
+
         return DecoderState(
-            [np.take(a, rows, axis=0) for a in state.self_key],
-            [np.take(a, rows, axis=0) for a in state.self_value],
-            [np.take(a[:, :, :width], rows, axis=0) for a in state.cross_key],
-            [np.take(a[:, :, :width], rows, axis=0) for a in state.cross_value],
+            [take(a) for a in state.self_key],
+            [take(a) for a in state.self_value],
+            [take(a, width) for a in state.cross_key],
+            [take(a, width) for a in state.cross_value],
             np.ascontiguousarray(mask[:, :width]),
         )
 
@@ -291,6 +386,7 @@ class Engine:
         threads: int | None = None,
         max_length_limit: int = 256,
         spinning: bool = False,
+        io_binding: bool | None = None,
     ) -> None:
         self.model = model
         self.providers = choose_providers(device)
@@ -330,6 +426,11 @@ class Engine:
             decoder_outputs(layers),
             graphs["decoder"],
         )
+        self.provider = encoder.get_providers()[0]
+        on_cuda = self.provider == "CUDAExecutionProvider"
+        # IO binding (caches kept on the device between steps) is automatic on CUDA; on CPU there is no
+        # copy to spare, so plain numpy feeds stay the default there (`io_binding=True` forces it, for tests).
+        self.io_binding = on_cuda if io_binding is None else bool(io_binding)
         self.backend = OnnxBackend(
             encoder,
             decoder,
@@ -338,8 +439,10 @@ class Engine:
             architecture.head_dim,
             self.vocabulary.pad_id,
             n_encoder_layers=architecture.n_encoder_layers,
+            io_binding=self.io_binding,
+            device_type="cuda" if on_cuda else "cpu",
+            device_id=0,
         )
-        self.provider = encoder.get_providers()[0]
         self.max_length_limit = max_length_limit
         self._check_shapes()
 
@@ -353,6 +456,7 @@ class Engine:
         threads: int | None = None,
         max_length_limit: int = 256,
         spinning: bool = False,
+        io_binding: bool | None = None,
     ) -> Engine:
         return cls(
             resolve(repository, name, version),
@@ -360,6 +464,7 @@ class Engine:
             threads=threads,
             max_length_limit=max_length_limit,
             spinning=spinning,
+            io_binding=io_binding,
         )
 
     def _check_shapes(self) -> None:

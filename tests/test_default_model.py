@@ -91,3 +91,21 @@ def test_the_default_model_translates_the_toy_language(engine: Engine) -> None:
 def test_model_json_records_the_evaluation() -> None:
     description = json.loads((DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "model.json").read_text())
     assert {"test", "long", "valid"} <= set(description["training"]["metrics"])
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> None:
+    """IO binding (automatic on CUDA) forced on CPU: the same tokens, scores and maps as numpy feeds."""
+    assert not engine.io_binding  # CPU default: plain mode
+    bound = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, io_binding=True)
+    examples = toy_split("test", 64)  # mixed lengths: rows finish at different steps, `select` runs
+    options = TranslateOptions(
+        beam_size=beam_size, attention=frozenset({"cross", "decoder_self", "encoder_self"})
+    )
+    expected = engine.translate([e.source for e in examples], options, batch_size=64)
+    ours = bound.translate([e.source for e in examples], options, batch_size=64)
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
+        for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
+            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ import torch
 
 from model.decoding import translate_ids
 from model.train import load_model
-from service.engine import Engine, TranslateOptions
+from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
 from service.repository import (
     MODEL_FORMAT,
     ModelLoadError,
@@ -238,3 +238,40 @@ def test_unknown_model_and_version_are_named(tiny_repository: Path) -> None:
         Engine.load(tiny_repository, "nope")
     with pytest.raises(ModelLoadError, match="version 7 does not exist"):
         Engine.load(tiny_repository, "tiny", version=7)
+
+
+ALL_MAPS = ("cross_attention", "decoder_self_attention", "encoder_attention")
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-encoder", "bound-encoder"])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_io_binding_on_cpu_equals_plain_mode(tiny_repository: Path, beam_size: int, grouped: bool) -> None:
+    """The IO-binding mode (automatic on CUDA) forced on CPU: same tokens, scores and maps as numpy feeds."""
+    plain = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    bound = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, io_binding=True)
+    assert not plain.io_binding and not plain.backend.io_binding and bound.backend.io_binding
+    # grouped: the CPU encoder's per-length runs, wrapped as OrtValues; else one encoder run with its
+    # cross keys/values bound as device outputs (the CUDA path).
+    bound.backend.group_encoder_by_length = grouped
+    # Mixed lengths (1-14 words) and per-sentence max lengths: rows finish at different steps, so
+    # `select` drops and reorders rows of the device-side caches.
+    texts = sentences(48, seed=5)
+    options = TranslateOptions(beam_size=beam_size, attention=frozenset(ATTENTION_KINDS))
+    expected = plain.translate(texts, options, batch_size=48)
+    ours = bound.translate(texts, options, batch_size=48)
+    assert len({len(t.token_ids) for t in expected}) > 2  # rows did finish at different steps
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
+        assert mine.log_prob == pytest.approx(theirs.log_prob, abs=1e-6)
+        for name in ALL_MAPS:
+            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+    # Without attention too (the decoder's attention outputs are then not bound at all).
+    plain_ids = plain.search_ids(
+        [plain.vocabulary.encode_source(t).ids for t in texts], TranslateOptions(beam_size=beam_size)
+    )
+    bound_ids = bound.search_ids(
+        [bound.vocabulary.encode_source(t).ids for t in texts], TranslateOptions(beam_size=beam_size)
+    )
+    assert [h.tokens for h in bound_ids] == [h.tokens for h in plain_ids]
+    np.testing.assert_allclose([h.score for h in bound_ids], [h.score for h in plain_ids], rtol=0, atol=1e-6)
