@@ -1,7 +1,9 @@
 """Dynamic batching: one queue for every client and RPC kind, one worker thread that owns the engine.
 
 The engine is not thread-safe (onnxruntime parallelises inside each run), so exactly one thread runs it. RPC
-threads put a `Job` (one request's texts) in the queue and wait for it; the worker forms batches:
+threads put a `Job` (one request's texts) in the queue and wait for it. The worker only searches: it hands
+each text's raw `Hypothesis` back to its job, and the waiting RPC thread does the per-sentence
+post-processing (`Engine.finish`, the translation metrics) in `Job.outcome`. The worker forms batches:
 
 - A batch starts from the oldest waiting sentence and is filled with the queued sentences that may share its
   search (equal `TranslateOptions.search_key()` and `max_length`), closest in length first, which keeps
@@ -53,7 +55,19 @@ class TextResult:
     translation: Translation
     queue_ms: float  # request arrival -> start of the batch that carried this text
     compute_ms: float  # that batch's engine time
-    done_at: float  # time.monotonic() when the translation was ready
+    done_at: float  # time.monotonic() when the search result was ready
+
+
+@dataclass
+class RawResult:
+    """One text's search result as the worker delivers it; `Job.outcome` turns it into a TextResult."""
+
+    hypothesis: Hypothesis
+    queue_ms: float
+    compute_ms: float
+    done_at: float
+    engine: Engine  # the engine that ran it: its finish() is thread-safe (reads the vocabulary only)
+    metrics: ServerMetrics  # the batcher's metrics when the batch ran (the warm-up swaps in throwaway ones)
 
 
 class Job:
@@ -76,29 +90,68 @@ class Job:
         self.arrival = time.monotonic() if arrival is None else arrival  # time.monotonic() clock
         self.deadline = deadline  # time.monotonic() clock; None: no deadline
         self.urgent = urgent  # its batch starts without waiting for max_queue_delay (the warm-up)
-        self.results: list[TextResult | None] = [None] * len(sources)
+        self.raw: list[RawResult | None] = [None] * len(sources)  # filled by the worker
+        self.results: list[TextResult | None] = [None] * len(sources)  # filled by outcome()
         self.error: RequestFailed | None = None
         self.finished = False  # completed or failed; guarded by the batcher's lock
         # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC thread.
         self.events: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if stream else None
         self._remaining = len(sources)
         self._done = threading.Event()
+        self._settle_lock = threading.Lock()
+        self._settled = False  # outcome() did the post-processing (or observed what was delivered)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
 
     def outcome(self) -> list[TextResult]:
-        """The results in text order, or the error the job failed with."""
+        """The results in text order, or the error the job failed with. Call it once the job is answered:
+        the first call finishes the translations (in the calling thread, not the batcher's worker) and
+        observes their metrics."""
+        assert self.finished
+        with self._settle_lock:
+            if not self._settled:
+                self._settled = True
+                self._settle()
         if self.error is not None:
             raise self.error
-        assert self.finished and all(r is not None for r in self.results)
+        assert all(r is not None for r in self.results)
         return [r for r in self.results if r is not None]
+
+    def _settle(self) -> None:
+        if self.error is not None:
+            # Failed: the texts delivered before the failure still count in the metrics, as generated.
+            for raw in self.raw:
+                if raw is not None:
+                    observe(raw)
+            return
+        for index, raw in enumerate(self.raw):
+            assert raw is not None
+            try:
+                translation = raw.engine.finish(self.sources[index], raw.hypothesis, self.options)
+            except Exception as error:
+                log.exception("finishing a translation failed")
+                self.error = RequestFailed(
+                    grpc.StatusCode.INTERNAL, f"post-processing the translation failed: {error}"
+                )
+                raw.metrics.drop("error", "decoding", len(self.raw) - index)
+                self.results = [None] * len(self.sources)
+                return
+            self.results[index] = TextResult(translation, raw.queue_ms, raw.compute_ms, raw.done_at)
+            observe(raw)
 
     def _close(self) -> None:
         self.finished = True
         self._done.set()
         if self.events is not None:
             self.events.put(STREAM_END)
+
+
+def observe(raw: RawResult) -> None:
+    """The per-translation metrics; the step count is len(Translation.target_tokens), </s> included."""
+    hypothesis = raw.hypothesis
+    steps = len(hypothesis.tokens) + (1 if hypothesis.finished else 0)
+    raw.metrics.observe_translation(hypothesis.log_prob, steps, hypothesis.cross_attention)
 
 
 @dataclass
@@ -387,30 +440,16 @@ class Batcher:
                 self._deliver(item, hypothesis, (start - item.job.arrival) * 1000, compute_s * 1000)
 
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
+        """Hand the raw result to its job; the RPC thread waiting for the job finishes it (`Job.outcome`)."""
         job = item.job
-        if job.finished:
-            return
-        try:
-            translation = self.engine.finish(job.sources[item.index], hypothesis, job.options)
-        except Exception as error:
-            log.exception("finishing a translation failed")
-            self.abandon(
-                job,
-                grpc.StatusCode.INTERNAL,
-                f"post-processing the translation failed: {error}",
-                reason="error",
-            )
-            return
+        raw = RawResult(hypothesis, queue_ms, compute_ms, time.monotonic(), self.engine, self.metrics)
         with self._cond:
             if job.finished:
                 return
-            job.results[item.index] = TextResult(translation, queue_ms, compute_ms, time.monotonic())
+            job.raw[item.index] = raw
             job._remaining -= 1
             if job._remaining == 0:
                 job._close()
-        self.metrics.observe_translation(
-            hypothesis.log_prob, len(translation.target_tokens), hypothesis.cross_attention
-        )
 
     def _token_sink(self, items: list[_Item]) -> Any:
         if all(item.job.events is None for item in items):

@@ -386,7 +386,7 @@ class TranslatorServer:
                     raise RuntimeError(
                         f"the warm-up translation failed: {failure.code.name}: {failure.message}"
                     ) from None
-            batcher.wait_idle()  # the worker observes a batch's metrics after answering it
+            batcher.wait_idle()  # the batch metrics (outcome() did the per-text ones)
         finally:
             batcher.metrics = served
         return round((time.monotonic() - started) * 1000, 1)
