@@ -55,7 +55,6 @@ class TextResult:
     translation: Translation
     queue_ms: float  # request arrival -> start of the batch that carried this text
     compute_ms: float  # that batch's engine time
-    done_at: float  # time.monotonic() when the search result was ready
 
 
 @dataclass
@@ -65,7 +64,6 @@ class RawResult:
     hypothesis: Hypothesis
     queue_ms: float
     compute_ms: float
-    done_at: float
     engine: Engine  # the engine that ran it: its finish() is thread-safe (reads the vocabulary only)
     metrics: ServerMetrics  # the batcher's metrics when the batch ran (the warm-up swaps in throwaway ones)
 
@@ -137,7 +135,7 @@ class Job:
                 raw.metrics.drop("error", "decoding", len(self.raw) - index)
                 self.results = [None] * len(self.sources)
                 return
-            self.results[index] = TextResult(translation, raw.queue_ms, raw.compute_ms, raw.done_at)
+            self.results[index] = TextResult(translation, raw.queue_ms, raw.compute_ms)
             observe(raw)
 
     def _close(self) -> None:
@@ -442,7 +440,7 @@ class Batcher:
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
         """Hand the raw result to its job; the RPC thread waiting for the job finishes it (`Job.outcome`)."""
         job = item.job
-        raw = RawResult(hypothesis, queue_ms, compute_ms, time.monotonic(), self.engine, self.metrics)
+        raw = RawResult(hypothesis, queue_ms, compute_ms, self.engine, self.metrics)
         with self._cond:
             if job.finished:
                 return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,6 @@ class Translation:
     cross_attention: np.ndarray | None = None  # [L, H, T, S]
     decoder_self_attention: np.ndarray | None = None  # [L, H, T, T]
     encoder_attention: np.ndarray | None = None  # [L, H, S, S]
-    extras: dict = field(default_factory=dict)
 
 
 # A cache tensor: a numpy array (plain mode, and the empty past of step 0), or in the IO-binding mode an

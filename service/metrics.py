@@ -22,8 +22,6 @@ from http.server import ThreadingHTTPServer
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-PREFIX = "translator_"
-
 # Metric names as exposed on /metrics (prometheus-client adds `_total` to counters itself, so counters are
 # registered with the suffix removed).
 REQUEST_DURATION = "translator_request_duration_seconds"  # histogram {method, code}
@@ -57,7 +55,6 @@ ALL_METRICS = (
 )
 
 STAGES = ("encode", "decode")
-DROP_REASONS = ("cancelled", "deadline_exceeded", "error", "shutdown")
 
 # Latency: 1 ms .. 10 s, roughly 1-2.5-5 per decade, enough resolution for p50/p99 on both ends.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
