@@ -29,17 +29,13 @@ import numpy as np
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.attention_kinds import KIND_ENUMS, KIND_NAMES
 
 DEFAULT_SERVER = "localhost:8001"
 SERVER_ENV = "TRANSLATOR_SERVER"
 
 # Names used by the engine (service.engine.ATTENTION_KINDS) mapped to the wire enum.
-ATTENTION_KINDS: dict[str, int] = {
-    "cross": pb.CROSS,
-    "decoder_self": pb.DECODER_SELF,
-    "encoder_self": pb.ENCODER_SELF,
-}
-_KIND_NAMES = {value: name for name, value in ATTENTION_KINDS.items()}
+ATTENTION_KINDS = KIND_ENUMS
 
 # Attention maps grow with texts x kinds x layers x heads x rows x cols; gRPC's 4 MiB default is too small
 # for a batch of long sentences with every map, so the client accepts what a server may reasonably send.
@@ -138,7 +134,7 @@ def _tensor(tensor: pb.Tensor) -> np.ndarray:
 def _translation(message: pb.Translation, source: str = "") -> ClientTranslation:
     maps = {}
     for entry in message.attention:
-        kind = _KIND_NAMES.get(entry.kind, f"kind_{entry.kind}")
+        kind = KIND_NAMES.get(entry.kind, f"kind_{entry.kind}")
         maps[kind] = AttentionMap(kind=kind, weights=_tensor(entry.weights),
                                   row_tokens=list(entry.row_tokens), column_tokens=list(entry.column_tokens),
                                   layers=list(entry.layers), heads=list(entry.heads))

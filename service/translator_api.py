@@ -10,6 +10,7 @@ import numpy as np
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.attention_kinds import KIND_ENUMS, KIND_NAMES
 from service.batcher import TextResult
 from service.engine import Engine, TranslateOptions, Translation
 from service.errors import invalid
@@ -24,8 +25,6 @@ from service.requests import (
 from service.rpc import Runtime, Work, submit_job, tracked, tracked_stream
 from service.vocabulary import BOS
 
-KIND_NAMES = {pb.CROSS: "cross", pb.DECODER_SELF: "decoder_self", pb.ENCODER_SELF: "encoder_self"}
-KIND_ENUMS = {name: kind for kind, name in KIND_NAMES.items()}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 
 
