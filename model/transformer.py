@@ -101,6 +101,13 @@ class MultiHeadAttention(nn.Module):
     def project_key_value(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(key)), self.split_heads(self.value(value))
 
+    def fused_query_key_value(self, x: Tensor, query_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's three projections of x [..., D] as one matrix product -> 3 x [..., D]."""
+        weight = torch.cat([self.query.weight * query_scale, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias * query_scale, self.key.bias, self.value.bias])
+        query, key, value = F.linear(x, weight, bias).split(self.n_heads * self.head_dim, dim=-1)
+        return query, key, value
+
     def attend(
         self,
         query: Tensor,
@@ -135,6 +142,39 @@ class MultiHeadAttention(nn.Module):
             extra = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]
             mask = extra if mask is None else mask | extra
         return mask
+
+    # -- one new query position (incremental decoding, inference only) -------------------------------
+    # Written for the exported decoder-step graph, which runs once per generated token: rows are [B, D]
+    # (no length axis), the three self-attention projections are one matrix product, the 1/sqrt(Dh) scale
+    # is folded into the query projection, masks are additive, and reshapes put -1 on the batch axis so
+    # the graph holds constant shapes instead of Shape/Gather/Concat chains. Each of those saves nodes that
+    # onnxruntime would dispatch on every step.
+
+    def step_query_key_value(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B,D] -> (scaled query, key, value) of the new position, each [B,H,1,Dh]."""
+        query, key, value = self.fused_query_key_value(x, query_scale=1 / math.sqrt(self.head_dim))
+        return self._step_heads(query), self._step_heads(key), self._step_heads(value)
+
+    def step_query(self, x: Tensor) -> Tensor:
+        """x [B,D] -> scaled query [B,H,1,Dh] (cross-attention: keys and values come from the encoder)."""
+        scale = 1 / math.sqrt(self.head_dim)
+        return self._step_heads(F.linear(x, self.query.weight * scale, self.query.bias * scale))
+
+    def _step_heads(self, x: Tensor) -> Tensor:
+        return x.view(-1, self.n_heads, 1, self.head_dim)
+
+    def step_attend(
+        self, query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Scaled query [B,H,1,Dh], key/value [B,H,Tk,Dh], additive bias [B,1,1,Tk] (see padding_bias)
+        -> (output [B,D], weights [B,H,1,Tk])."""
+        scores = query @ key.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        weights = scores.softmax(dim=-1)
+        # [B,H,1,Dh] is laid out as [B,H*Dh]: no transpose needed to merge the heads.
+        context = (weights @ value).view(-1, self.n_heads * self.head_dim)
+        return self.output(context), weights
 
     def forward(
         self,
@@ -216,23 +256,29 @@ class DecoderLayer(nn.Module):
         self_value: Tensor,
         cross_key: Tensor,
         cross_value: Tensor,
-        src_mask: Tensor,
+        src_bias: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One new position: x [B,1,D], self cache [B,H,t,Dh], cross keys/values [B,H,S,Dh]
+        """One new position (inference: no dropout): x [B,D], self cache [B,H,t,Dh], cross keys/values
+        [B,H,S,Dh], src_bias [B,1,1,S] (padding_bias)
         -> (x, self_key [B,H,t+1,Dh], self_value, self weights [B,H,1,t+1], cross weights [B,H,1,S])."""
-        h = self.norm1(x)
-        new_key, new_value = self.self_attn.project_key_value(h, h)
-        self_key = torch.cat([self_key, new_key], dim=2)
-        self_value = torch.cat([self_value, new_value], dim=2)
+        query, key, value = self.self_attn.step_query_key_value(self.norm1(x))
+        self_key = torch.cat([self_key, key], dim=2)
+        self_value = torch.cat([self_value, value], dim=2)
         # No causal mask needed: the cache holds only this and earlier positions.
-        attended, self_weights = self.self_attn(h, None, None, cache=(self_key, self_value))
-        x = x + self.dropout(attended)
-        attended, cross_weights = self.cross_attn(
-            self.norm2(x), None, None, key_padding_mask=src_mask, cache=(cross_key, cross_value)
-        )
-        x = x + self.dropout(attended)
-        x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        attended, self_weights = self.self_attn.step_attend(query, self_key, self_value)
+        x = x + attended
+        query = self.cross_attn.step_query(self.norm2(x))
+        attended, cross_weights = self.cross_attn.step_attend(query, cross_key, cross_value, src_bias)
+        x = x + attended
+        x = x + self.feed_forward(self.norm3(x))
         return x, self_key, self_value, self_weights, cross_weights
+
+
+def padding_bias(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B,S] boolean (True = padding) -> additive [B,1,1,S]: 0 for real keys, the most negative finite value
+    for padding, whose softmax weight is then exactly 0 (exp underflows) as long as one key is real, which
+    every source is (it ends with </s>)."""
+    return torch.where(padding_mask[:, None, None, :], torch.finfo(dtype).min, 0.0).to(dtype)
 
 
 class SinusoidalPositions(nn.Module):
@@ -422,17 +468,20 @@ class Transformer(nn.Module):
         -> (log_probs [B,V], L self keys [B,H,t+1,Dh], L self values, L cross-attention maps [B,H,1,S],
             L self-attention maps [B,H,1,t+1]).
         """
-        x = self._embed(self.tgt_embed, tokens[:, None], offset=self_keys[0].shape[2])
+        # Inference only (no dropout); rows are [B, D] throughout (see MultiHeadAttention.step_attend).
+        position = self_keys[0].shape[2]
+        x = self.tgt_embed(tokens) * self.embed_scale + self.positions.table[position]
+        src_bias = padding_bias(src_padding_mask, x.dtype)
         keys, values, self_weights, cross_weights = [], [], [], []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value, layer_self, layer_cross = layer.step(
-                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_padding_mask
+                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias
             )
             keys.append(key)
             values.append(value)
             self_weights.append(layer_self)
             cross_weights.append(layer_cross)
-        log_probs = F.log_softmax(self.generator(self.decoder_norm(x[:, 0])), dim=-1)
+        log_probs = F.log_softmax(self.generator(self.decoder_norm(x)), dim=-1)
         return log_probs, keys, values, cross_weights, self_weights
 
     def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
