@@ -110,7 +110,15 @@ class ServerConfig:
         "auto", "where onnxruntime runs the model: auto takes CUDA when available", str, choices=DEVICES
     )
     threads: int | None = _setting(
-        None, "onnxruntime intra-op threads", _optional_int, metavar="N", shown="one per core"
+        None, "engine threads (on CPU each runs one decoding lane)", _optional_int, metavar="N",
+        shown="one per core",
+    )
+    lanes: int | None = _setting(
+        None,
+        "CPU only: parallel decoding lanes a batch is split over; --threads is shared among them",
+        _optional_int,
+        metavar="N",
+        shown="one per thread",
     )
     # Dynamic batching.
     max_batch_size: int = _setting(64, "most sentences computed together in one batch", int)
@@ -207,6 +215,7 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "max_receive_message_bytes": (1, INT32_MAX),
     "model_version": (0, 2**63 - 1),
     "threads": (1, 4096),
+    "lanes": (1, 4096),
     "max_batch_size": (1, 1_000_000),
     "max_batch_tokens": (0, 1_000_000_000),
     "max_queue_delay_ms": (0, 60_000),  # a minute: beyond that no client waits for its batch

@@ -295,6 +295,7 @@ class TranslatorServer:
             device=config.device,
             threads=config.threads,
             max_length_limit=config.max_length_limit,
+            lanes=config.lanes,
         )
         limits = self._limits(engine)
         engine.max_length_limit = limits.max_length

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from model.data import toy_split
 from model.decoding import translate_ids
 from model.train import load_model
 from model.transformer import Transformer
-from service.engine import Engine, TranslateOptions
+from service.engine import Engine, TranslateOptions, lane_parts
 from service.repository import resolve, sha256
 from service.vocabulary import Vocabulary
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY
@@ -109,3 +110,59 @@ def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> 
         assert mine.score == pytest.approx(theirs.score, abs=1e-6)
         for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
             np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_lanes_give_the_results_of_one_lane(engine: Engine, beam_size: int) -> None:
+    """A batch split over two parallel lanes: the same tokens, scores and maps as decoded in one piece."""
+    assert engine.lanes == 2  # two threads on CPU: two lanes
+    single = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lanes=1)
+    assert single.lanes == 1
+    examples = toy_split("test", 64)
+    options = TranslateOptions(
+        beam_size=beam_size, attention=frozenset({"cross", "decoder_self", "encoder_self"})
+    )
+    expected = single.translate([e.source for e in examples], options, batch_size=64)
+    ours = engine.translate([e.source for e in examples], options, batch_size=64)
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
+        for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
+            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+
+
+def test_lane_callbacks_get_the_callers_row_numbers(engine: Engine) -> None:
+    """on_token and is_abandoned are called from both lanes with the row numbers of the whole batch."""
+    sources = engine.encode_texts([e.source for e in toy_split("test", 40)])
+    ids = [s.ids for s in sources]
+    streamed: dict[int, list[int]] = {row: [] for row in range(len(ids))}
+    threads: set[str] = set()
+    abandoned = {0, 7, 21, 39}
+
+    def on_token(row: int, token: int) -> None:
+        threads.add(threading.current_thread().name)
+        streamed[row].append(token)
+
+    results = engine.search_ids(ids, TranslateOptions(), on_token=on_token,
+                                is_abandoned=lambda row: row in abandoned)
+    assert len(threads) == 2, threads
+    for row, hypothesis in enumerate(results):
+        if row in abandoned:
+            assert hypothesis is None and streamed[row] == []
+        else:
+            assert hypothesis is not None and streamed[row] == hypothesis.tokens
+
+
+def test_lane_parts_cover_every_row_once_by_length() -> None:
+    lengths = [5, 40, 3, 3, 12, 9, 30, 7, 7, 22]
+    for lanes in (1, 2, 3, 10, 20):
+        parts = lane_parts(lengths, lanes)
+        assert 1 <= len(parts) <= min(lanes, len(lengths))
+        assert sorted(row for part in parts for row in part) == list(range(len(lengths)))
+        ordered = [lengths[row] for part in parts for row in part]
+        assert ordered == sorted(ordered)  # each lane holds a run of similar lengths
+    two = lane_parts(lengths, 2)
+    totals = [sum(lengths[row] for row in part) for part in two]
+    assert len(two[0]) > len(two[1]) and max(totals) <= sum(lengths) * 0.75  # balanced by length, not count
+    assert lane_parts([4], 2) == [[0]]
+    assert [len(p) for p in lane_parts([1, 1000], 2)] == [1, 1]
