@@ -12,7 +12,7 @@ from model.data import toy_split
 from model.decoding import translate_ids
 from model.train import load_model
 from model.transformer import Transformer
-from service.engine import Engine, TranslateOptions, lane_parts
+from service.engine import Engine, TranslateOptions, Translation, lane_parts
 from service.repository import resolve, sha256
 from service.vocabulary import Vocabulary
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY
@@ -94,6 +94,17 @@ def test_model_json_records_the_evaluation() -> None:
     assert {"test", "long", "valid"} <= set(description["training"]["metrics"])
 
 
+ALL_MAPS = ("cross_attention", "decoder_self_attention", "encoder_attention")
+
+
+def assert_same_translations(ours: list[Translation], expected: list[Translation]) -> None:
+    for mine, theirs in zip(ours, expected, strict=True):
+        assert mine.token_ids == theirs.token_ids
+        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
+        for name in ALL_MAPS:
+            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> None:
     """IO binding (automatic on CUDA) forced on CPU: the same tokens, scores and maps as numpy feeds."""
@@ -105,11 +116,7 @@ def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> 
     )
     expected = engine.translate([e.source for e in examples], options, batch_size=64)
     ours = bound.translate([e.source for e in examples], options, batch_size=64)
-    for mine, theirs in zip(ours, expected, strict=True):
-        assert mine.token_ids == theirs.token_ids
-        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
-        for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
-            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+    assert_same_translations(ours, expected)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
@@ -124,11 +131,7 @@ def test_lanes_give_the_results_of_one_lane(engine: Engine, beam_size: int) -> N
     )
     expected = single.translate([e.source for e in examples], options, batch_size=64)
     ours = engine.translate([e.source for e in examples], options, batch_size=64)
-    for mine, theirs in zip(ours, expected, strict=True):
-        assert mine.token_ids == theirs.token_ids
-        assert mine.score == pytest.approx(theirs.score, abs=1e-6)
-        for name in ("cross_attention", "decoder_self_attention", "encoder_attention"):
-            np.testing.assert_allclose(getattr(mine, name), getattr(theirs, name), rtol=0, atol=1e-6)
+    assert_same_translations(ours, expected)
 
 
 def test_lane_callbacks_get_the_callers_row_numbers(engine: Engine) -> None:
