@@ -312,6 +312,12 @@ def worker_main(argv: list[str]) -> None:
 
 # -- orchestration (parent process: no torch, onnxruntime or CTranslate2) ----------------------------
 
+def openmp_threads(engine: str, threads: int) -> int:
+    """OpenMP pool size of an engine's process: per worker for CTranslate2's worker-per-thread setting
+    (each of its workers would otherwise start an OpenMP team of `threads` and oversubscribe the cores)."""
+    return 1 if engine == "ct2_f32_workers" else threads
+
+
 def _run_worker(kind: str, spec: dict, work_dir: Path, name: str, threads: int) -> dict:
     spec_path, out_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -562,7 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
                 label = f"round {round_index + 1}/{args.rounds}"
                 spec = {**common, "engine": engine, "label": label, "min_seconds": args.min_seconds,
                         "batches_by_size": batches_by_size}
-                result = _run_worker("time", spec, work_dir, f"{engine}-{round_index}", args.threads)
+                result = _run_worker("time", spec, work_dir, f"{engine}-{round_index}",
+                                     openmp_threads(engine, args.threads))
                 rounds.append({"round": round_index, **result})
     report["rounds"] = rounds
     report["results"] = summarize(rounds, args.engines, args.batch_sizes)

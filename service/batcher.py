@@ -1,9 +1,11 @@
-"""Dynamic batching: one queue for every client and RPC kind, one worker thread that owns the engine.
+"""Dynamic batching: one queue for every client and RPC kind, `workers` threads that run its batches.
 
-The engine is not thread-safe (onnxruntime parallelises inside each run), so exactly one thread runs it. RPC
-threads put a `Job` (one request's texts) in the queue and wait for it. The worker only searches: it hands
+RPC threads put a `Job` (one request's texts) in the queue and wait for it. A worker only searches: it hands
 each text's raw `Hypothesis` back to its job, and the waiting RPC thread does the per-sentence
-post-processing (`Engine.finish`, the translation metrics) in `Job.outcome`. The worker forms batches:
+post-processing (`Engine.finish`, the translation metrics) in `Job.outcome`. With several workers (on CPU,
+one per engine lane: Triton's instance count) a batch can start while another runs, so a request arriving
+during a long batch does not wait for it to end; each worker's batch runs on its share of the lanes. A
+worker forms batches:
 
 - A batch starts from the oldest waiting sentence and is filled with the queued sentences that may share its
   search (equal `TranslateOptions.search_key()` and `max_length`), closest in length first, which keeps
@@ -18,6 +20,7 @@ rows at the next decoding step (`is_abandoned`), so nobody computes for a caller
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import queue
@@ -48,6 +51,7 @@ class BatchingSettings:
     max_queue_delay_s: float = 0.005
     max_queue_size: int = 1024
     quality_sample_rate: float = 0.0  # fraction of attention-free batches run with attention for the metrics
+    workers: int = 1  # batches run at the same time, each by its own worker thread
 
 
 @dataclass
@@ -160,37 +164,64 @@ class _Item:
     seq: int  # arrival order over all sentences
 
 
+class BatchTimes:
+    """Seconds one batch spent in the encoder and in the decode loop, summed over its lanes."""
+
+    def __init__(self) -> None:
+        self.encode_s = 0.0
+        self.decode_s = 0.0
+        self._lock = threading.Lock()  # a batch's lanes add from their own threads
+
+    def add(self, encode_s: float = 0.0, decode_s: float = 0.0) -> None:
+        with self._lock:
+            self.encode_s += encode_s
+            self.decode_s += decode_s
+
+
+# The running batch's times, in the context of the worker that runs it; the engine runs each lane in a copy
+# of the caller's context, so lane threads add to the right batch.
+_batch_times: contextvars.ContextVar[BatchTimes | None] = contextvars.ContextVar("batch_times", default=None)
+
+
 class TimedBackend:
-    """Wraps the engine's StepBackend to time the encoder and the decode loop of each batch separately."""
+    """Wraps the engine's StepBackend to time the encoder and the decode loop of each batch separately.
+
+    Several workers (each batch maybe over several lanes) run it at once: `reset` starts the sums of the
+    calling worker's batch, and every call adds to the sums of the batch it belongs to.
+    """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.encode_s = 0.0
-        self.decode_s = 0.0
 
-    def reset(self) -> None:
-        self.encode_s = self.decode_s = 0.0
+    def reset(self) -> BatchTimes:
+        times = BatchTimes()
+        _batch_times.set(times)
+        return times
+
+    def times(self) -> BatchTimes:
+        times = _batch_times.get()
+        return times if times is not None else BatchTimes()  # outside a timed batch: counted nowhere
 
     def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[object, np.ndarray | None]:
-        start = time.perf_counter()
+        start, times = time.perf_counter(), self.times()
         try:
             return self.inner.encode(src_ids, with_attention)
         finally:
-            self.encode_s += time.perf_counter() - start
+            times.add(encode_s=time.perf_counter() - start)
 
     def step(self, state: object, tokens: np.ndarray, with_attention: bool) -> tuple[Any, ...]:
-        start = time.perf_counter()
+        start, times = time.perf_counter(), self.times()
         try:
             return self.inner.step(state, tokens, with_attention)
         finally:
-            self.decode_s += time.perf_counter() - start
+            times.add(decode_s=time.perf_counter() - start)
 
     def select(self, state: object, rows: np.ndarray) -> object:
-        start = time.perf_counter()
+        start, times = time.perf_counter(), self.times()
         try:
             return self.inner.select(state, rows)
         finally:
-            self.decode_s += time.perf_counter() - start
+            times.add(decode_s=time.perf_counter() - start)
 
     def __getattr__(self, name: str) -> Any:  # anything else the engine reads from its backend
         return getattr(self.inner, name)
@@ -215,20 +246,31 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: dict[tuple, list[_Item]] = {}  # by batch_key, each in arrival order
         self._depth = 0  # queued sentences
-        self._running: set[Job] = set()
-        self._busy = False
+        self._running: list[set[Job]] = [set() for _ in range(settings.workers)]  # by worker
+        self._busy = 0  # workers running a batch
         self._closed = False  # no new jobs
-        self._stopping = False  # worker exits
+        self._stopping = False  # workers exit
         self._seq = itertools.count()
         self._random = random.Random(seed)
-        self._thread = threading.Thread(target=self._work, name="translator-batcher", daemon=True)
+        # Each worker's batches run on its share of the engine's lanes (engines without lanes have one).
+        self._lanes = max(1, getattr(engine, "lanes", 1) // settings.workers)
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(worker,), name=f"translator-batcher-{worker}", daemon=True
+            )
+            for worker in range(settings.workers)
+        ]
 
     # ----------------------------------------------------------------------------------------------------
     # RPC side
     # ----------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
+
+    def _alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
 
     @property
     def depth(self) -> int:
@@ -265,9 +307,9 @@ class Batcher:
         return job.outcome()
 
     def wait_idle(self) -> None:
-        """Block until nothing is queued and the worker is done with its batch (its metrics included)."""
+        """Block until nothing is queued and the workers are done with their batches (metrics included)."""
         with self._cond:
-            while (self._depth or self._busy) and self._thread.is_alive():
+            while (self._depth or self._busy) and self._alive():
                 self._cond.wait(0.1)
 
     def wait(self, job: Job) -> None:
@@ -308,9 +350,9 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            while (self._depth or self._busy) and self._thread.is_alive() and time.monotonic() < end:
+            while (self._depth or self._busy) and self._alive() and time.monotonic() < end:
                 self._cond.wait(end - time.monotonic())
-            leftovers = {item.job for items in self._pending.values() for item in items} | set(self._running)
+            leftovers = {item.job for items in self._pending.values() for item in items}.union(*self._running)
         for job in leftovers:
             self.abandon(
                 job,
@@ -321,8 +363,9 @@ class Batcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5.0)
 
     # ----------------------------------------------------------------------------------------------------
     # Worker side
@@ -345,16 +388,16 @@ class Batcher:
             self._set_depth(self._depth - removed)
         return removed
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
         while True:
             items: list[_Item] = []
             try:
-                batch = self._next_batch()
+                batch = self._next_batch(worker)
                 if batch is None:
                     return
                 items = batch
                 self._run_batch(items)
-            except Exception as error:  # the only worker must survive anything; its batch gets INTERNAL
+            except Exception as error:  # a worker must survive anything; its batch gets INTERNAL
                 log.exception("batch of %d sentences failed", len(items))
                 for job in {item.job for item in items}:
                     self.abandon(
@@ -365,11 +408,12 @@ class Batcher:
                     )
             finally:
                 with self._cond:
-                    self._busy = False
-                    self._running.clear()
+                    if items:
+                        self._busy -= 1
+                    self._running[worker].clear()
                     self._cond.notify_all()
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self, worker: int) -> list[_Item] | None:
         """Wait for a batch worth starting and take its sentences out of the queue (None: stop)."""
         with self._cond:
             while True:
@@ -391,8 +435,8 @@ class Batcher:
                     else:
                         del self._pending[key]
                     self._set_depth(self._depth - len(chosen))
-                    self._busy = True
-                    self._running = {item.job for item in chosen}
+                    self._busy += 1
+                    self._running[worker] = {item.job for item in chosen}
                     return chosen
                 self._cond.wait(start_at - now)
 
@@ -423,16 +467,17 @@ class Batcher:
             self.metrics.queue_wait.observe(start - item.job.arrival)
         self.metrics.batch_sentences.observe(len(items))
         self.metrics.batch_tokens.observe(len(items) * max(item.length for item in items))
-        self._timed.reset()
+        times = self._timed.reset()
         hypotheses = self.engine.search_ids(
             [item.job.sources[item.index].ids for item in items],
             options,
             on_token=self._token_sink(items),
             is_abandoned=self._abandoned_check(items),
+            lanes=self._lanes,
         )
         compute_s = time.monotonic() - start
-        self.metrics.compute_duration.labels(stage="encode").observe(self._timed.encode_s)
-        self.metrics.compute_duration.labels(stage="decode").observe(self._timed.decode_s)
+        self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s)
+        self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s)
         for item, hypothesis in zip(items, hypotheses, strict=True):
             if hypothesis is not None:
                 self._deliver(item, hypothesis, (start - item.job.arrival) * 1000, compute_s * 1000)

@@ -121,6 +121,13 @@ class ServerConfig:
         shown="one per thread",
     )
     # Dynamic batching.
+    batch_workers: int | None = _setting(
+        None,
+        "batches run at the same time (each on its share of the lanes)",
+        _optional_int,
+        metavar="N",
+        shown="one per lane on CPU, 1 on GPU",
+    )
     max_batch_size: int = _setting(64, "most sentences computed together in one batch", int)
     max_batch_tokens: int = _setting(
         4096, "most padded source tokens (sentences x longest) in one batch; 0: no token limit", int
@@ -216,6 +223,7 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "model_version": (0, 2**63 - 1),
     "threads": (1, 4096),
     "lanes": (1, 4096),
+    "batch_workers": (1, 4096),
     "max_batch_size": (1, 1_000_000),
     "max_batch_tokens": (0, 1_000_000_000),
     "max_queue_delay_ms": (0, 60_000),  # a minute: beyond that no client waits for its batch

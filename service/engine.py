@@ -7,6 +7,7 @@ passed from one step to the next.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -559,7 +560,11 @@ class Engine:
                 results[row] = hypothesis
 
         assert self._lane_pool is not None
-        futures: list[Future] = [self._lane_pool.submit(run, rows) for rows in parts[1:]]
+        # Each lane runs in a copy of the caller's context (context variables, such as the batcher's timing
+        # of the running batch, follow the batch into the lane threads).
+        futures: list[Future] = [
+            self._lane_pool.submit(contextvars.copy_context().run, run, rows) for rows in parts[1:]
+        ]
         try:
             run(parts[0])
         finally:

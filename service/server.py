@@ -305,6 +305,7 @@ class TranslatorServer:
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
             max_queue_size=config.max_queue_size,
             quality_sample_rate=config.quality_sample_rate,
+            workers=config.batch_workers or engine.lanes,
         )
         batcher = Batcher(engine, settings, self.metrics, seed=self._seed)
         batcher.start()
@@ -317,6 +318,8 @@ class TranslatorServer:
                 version=model.version,
                 path=str(model.path),
                 provider=engine.provider,
+                lanes=engine.lanes,
+                batch_workers=settings.workers,
                 load_s=round(time.monotonic() - started, 3),
                 limits=limits.__dict__,
             ),

@@ -35,7 +35,7 @@ class FakeEngine:
         self.batches: list[list[int]] = []  # lengths of the sentences of each batch
         self.steps = 0
 
-    def search_ids(self, sources, options, on_token=None, is_abandoned=None):  # noqa: ANN001, ANN201
+    def search_ids(self, sources, options, on_token=None, is_abandoned=None, lanes=None):  # noqa: ANN001, ANN201
         self.batches.append([len(s) for s in sources])
         if any(s[0] == FAIL for s in sources):
             raise RuntimeError("boom")
@@ -249,3 +249,86 @@ def test_submit_refuses_a_job_already_answered(stop_batchers: list[Batcher]) -> 
     assert batcher.depth == 0
     time.sleep(0.05)  # longer than max_queue_delay: a queued job would have run by now
     assert engine.batches == []
+
+
+def test_a_second_worker_starts_a_batch_while_the_first_runs(stop_batchers: list[Batcher]) -> None:
+    """With two workers a short request arriving during a long batch does not wait for it to end."""
+    batcher, engine, _ = make(step_s=0.01, max_batch_size=4, max_queue_delay_s=0.0, workers=2)
+    stop_batchers.append(batcher)
+    batcher.start()
+    long_job = Job([source(60)], TranslateOptions())  # 59 steps of 10 ms
+    batcher.submit(long_job)
+    deadline = time.monotonic() + 5
+    while engine.steps == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    started = time.monotonic()
+    (short,) = batcher.run(Job([source(3)], TranslateOptions()))
+    assert time.monotonic() - started < 0.3 and not long_job.finished
+    assert short.translation.text == "5 5"
+    assert long_job.wait(5) and long_job.outcome()[0].translation.text == " ".join(["5"] * 59)
+    assert sorted(map(len, engine.batches)) == [1, 1]
+
+
+def test_one_worker_runs_one_batch_at_a_time(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(step_s=0.01, max_batch_size=1, max_queue_delay_s=0.0)
+    stop_batchers.append(batcher)
+    batcher.start()
+    long_job = Job([source(30)], TranslateOptions())
+    batcher.submit(long_job)
+    deadline = time.monotonic() + 5
+    while engine.steps == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    batcher.run(Job([source(3)], TranslateOptions()))
+    assert long_job.finished  # the short one waited for the long batch
+
+
+def test_close_drains_every_worker(stop_batchers: list[Batcher]) -> None:
+    batcher, _, _ = make(step_s=0.005, max_batch_size=1, max_queue_delay_s=0.0, workers=3)
+    batcher.start()
+    jobs = [Job([source(10)], TranslateOptions()) for _ in range(6)]
+    for job in jobs:
+        batcher.submit(job)
+    batcher.close(timeout=5.0)
+    assert all(job.finished and job.error is None for job in jobs)
+    assert not any(thread.is_alive() for thread in batcher._threads)
+
+
+class RecordingBackend:
+    """Passes every call on and records how long each decoding step took, on which thread."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.step_s: dict[str, float] = {}
+
+    def step(self, *args: object) -> object:
+        start = time.perf_counter()
+        result = self.inner.step(*args)  # type: ignore[attr-defined]
+        name = threading.current_thread().name
+        self.step_s[name] = self.step_s.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -> None:
+    """The encode/decode metrics of a batch split over lanes add the lane threads' time too."""
+    from service.engine import Engine
+    from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lanes=2)
+    recorder = RecordingBackend(engine.backend)
+    engine.backend = recorder  # type: ignore[assignment]
+    metrics = ServerMetrics()
+    batcher = Batcher(engine, BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1), metrics)
+    stop_batchers.append(batcher)
+    sources = engine.encode_texts(["the dog sees the cat"] * 4 + ["the big red dog sees the small cat"] * 4)
+    job = Job(sources, TranslateOptions())
+    batcher.submit(job)
+    batcher.start()
+    assert job.wait(30) and job.error is None
+    batcher.wait_idle()
+    assert len(recorder.step_s) == 2  # both lanes stepped, on two threads
+    decode_sum = metrics.compute_duration.labels(stage="decode")._sum.get()
+    assert decode_sum >= 0.99 * sum(recorder.step_s.values())
+    assert metrics.compute_duration.labels(stage="encode")._sum.get() > 0
