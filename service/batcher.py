@@ -58,7 +58,7 @@ class BatchingSettings:
 class TextResult:
     translation: Translation
     queue_ms: float  # request arrival -> start of the batch that carried this text
-    compute_ms: float  # that batch's engine time
+    compute_ms: float  # that batch's engine time until this text was done
 
 
 @dataclass
@@ -468,19 +468,28 @@ class Batcher:
         self.metrics.batch_sentences.observe(len(items))
         self.metrics.batch_tokens.observe(len(items) * max(item.length for item in items))
         times = self._timed.reset()
+        delivered = [False] * len(items)
+
+        def deliver(row: int, hypothesis: Hypothesis) -> None:
+            # A text is answered as soon as its row is done, not when the batch's longest one is.
+            delivered[row] = True
+            item = items[row]
+            queue_ms, compute_ms = (start - item.job.arrival) * 1000, (time.monotonic() - start) * 1000
+            self._deliver(item, hypothesis, queue_ms, compute_ms)
+
         hypotheses = self.engine.search_ids(
             [item.job.sources[item.index].ids for item in items],
             options,
             on_token=self._token_sink(items),
             is_abandoned=self._abandoned_check(items),
             lanes=self._lanes,
+            on_done=deliver,
         )
-        compute_s = time.monotonic() - start
         self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s)
         self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s)
-        for item, hypothesis in zip(items, hypotheses, strict=True):
-            if hypothesis is not None:
-                self._deliver(item, hypothesis, (start - item.job.arrival) * 1000, compute_s * 1000)
+        for row, hypothesis in enumerate(hypotheses):
+            if hypothesis is not None and not delivered[row]:  # an engine that does not call on_done
+                deliver(row, hypothesis)
 
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
         """Hand the raw result to its job; the RPC thread waiting for the job finishes it (`Job.outcome`)."""

@@ -543,19 +543,23 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
         is_abandoned: Callable[[int], bool] | None = None,
         lanes: int | None = None,
+        on_done: Callable[[int, Hypothesis], None] | None = None,
     ) -> list[Hypothesis | None]:
         """Run the shared search over a batch of source ids, in up to `lanes` (default: the engine's)
         parallel parts. Rows are independent, so the results do not depend on the split; the callbacks
         get the caller's row numbers, possibly from several lane threads at once."""
         parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, self.lanes))
         if len(parts) <= 1:
-            return self._search_padded(sources, options, on_token, is_abandoned)
+            return self._search_padded(sources, options, on_token, is_abandoned, on_done)
         results: list[Hypothesis | None] = [None] * len(sources)
 
         def run(rows: list[int]) -> None:
             local_on_token = None if on_token is None else lambda row, token: on_token(rows[row], token)
             local_abandoned = None if is_abandoned is None else lambda row: is_abandoned(rows[row])
-            found = self._search_padded([sources[i] for i in rows], options, local_on_token, local_abandoned)
+            local_done = None if on_done is None else lambda row, hypothesis: on_done(rows[row], hypothesis)
+            found = self._search_padded(
+                [sources[i] for i in rows], options, local_on_token, local_abandoned, local_done
+            )
             for row, hypothesis in zip(rows, found, strict=True):
                 results[row] = hypothesis
 
@@ -580,6 +584,7 @@ class Engine:
         options: TranslateOptions,
         on_token: Callable[[int, int], None] | None,
         is_abandoned: Callable[[int], bool] | None,
+        on_done: Callable[[int, Hypothesis], None] | None = None,
     ) -> list[Hypothesis | None]:
         """The shared search over one padded batch."""
         width = max(len(s) for s in sources)
@@ -598,6 +603,7 @@ class Engine:
             with_attention=options.needs_attention,
             on_token=on_token,
             is_abandoned=is_abandoned,
+            on_done=on_done,
         )
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:

@@ -69,6 +69,7 @@ class Hypothesis:
 
 OnToken = Callable[[int, int], object]
 IsAbandoned = Callable[[int], bool]
+OnDone = Callable[[int, "Hypothesis"], object]
 
 
 def search(
@@ -84,6 +85,7 @@ def search(
     with_attention: bool = False,
     on_token: OnToken | None = None,
     is_abandoned: IsAbandoned | None = None,
+    on_done: OnDone | None = None,
 ) -> list[Hypothesis | None]:
     """Translate a batch: one result per row of ``src_ids``, ``None`` for rows dropped by ``is_abandoned``.
 
@@ -93,6 +95,8 @@ def search(
     ``on_token(row, token_id)`` streams generated tokens (never ``</s>``): step by step in greedy search;
     in beam search all tokens of the chosen hypothesis at once, when its sentence is done, since beams can
     still change before that. ``is_abandoned(row)`` is asked before every step for every running row.
+    ``on_done(row, hypothesis)`` hands over each row's result as soon as it is final (the rest of the batch
+    may decode on), so a caller can answer short sentences before the batch's longest is done.
     """
     for name, value in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
         if not _is_int(value) or value < 0:
@@ -130,6 +134,7 @@ def search(
         with_attention=bool(with_attention),
         on_token=on_token,
         is_abandoned=is_abandoned,
+        on_done=on_done,
     )
     if beam_size == 1:
         return run.greedy(src)
@@ -188,6 +193,7 @@ class _Run:
     with_attention: bool
     on_token: OnToken | None
     is_abandoned: IsAbandoned | None
+    on_done: OnDone | None
 
     def _denominator(self, n_steps: int) -> float:
         return float(n_steps) ** self.length_penalty
@@ -211,6 +217,10 @@ class _Run:
         if self.with_attention and (cross is None or self_att is None):
             raise ValueError("backend.step returned no attention although with_attention=True")
         return state, log_probs, cross, self_att
+
+    def _done(self, row: int, hypothesis: Hypothesis | None) -> None:
+        if self.on_done is not None and hypothesis is not None:
+            self.on_done(row, hypothesis)
 
     def _drop_abandoned(self, rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """keep with the still-kept rows that the caller gave up on turned off."""
@@ -309,6 +319,7 @@ class _Run:
                     history.path(k, position) if history is not None else None,
                     encoder_attention,
                 )
+                self._done(row, results[row])
             running = self._drop_abandoned(alive, running & ~done)
             tokens = chosen
             n_running = int(running.sum())
@@ -470,6 +481,7 @@ class _Run:
         if self.on_token is not None:
             for token in tokens:
                 self.on_token(sentence, token)
+        self._done(sentence, hypothesis)
         return hypothesis
 
 

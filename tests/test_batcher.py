@@ -35,11 +35,15 @@ class FakeEngine:
         self.batches: list[list[int]] = []  # lengths of the sentences of each batch
         self.steps = 0
 
-    def search_ids(self, sources, options, on_token=None, is_abandoned=None, lanes=None):  # noqa: ANN001, ANN201
+    def search_ids(self, sources, options, on_token=None, is_abandoned=None, lanes=None,  # noqa: ANN001, ANN201
+                   on_done=None):  # noqa: ANN001
         self.batches.append([len(s) for s in sources])
         if any(s[0] == FAIL for s in sources):
             raise RuntimeError("boom")
         alive = [True] * len(sources)
+        results = [
+            Hypothesis(tokens=list(ids[:-1]), log_prob=-1.0, score=-0.5, finished=True) for ids in sources
+        ]
         for step in range(max(len(s) for s in sources) - 1):
             if not any(alive):
                 break
@@ -50,10 +54,10 @@ class FakeEngine:
                     on_token(row, ids[step])
             self.steps += 1
             time.sleep(self.step_s)
-        return [
-            Hypothesis(tokens=list(ids[:-1]), log_prob=-1.0, score=-0.5, finished=True) if ok else None
-            for ids, ok in zip(sources, alive, strict=True)
-        ]
+            for row, ids in enumerate(sources):
+                if alive[row] and step == len(ids) - 2 and on_done is not None:
+                    on_done(row, results[row])
+        return [result if ok else None for result, ok in zip(results, alive, strict=True)]
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
         return Translation(
@@ -332,3 +336,19 @@ def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -
     decode_sum = metrics.compute_duration.labels(stage="decode")._sum.get()
     assert decode_sum >= 0.99 * sum(recorder.step_s.values())
     assert metrics.compute_duration.labels(stage="encode")._sum.get() > 0
+
+
+def test_a_short_text_is_answered_before_its_batchs_longest_is_done(stop_batchers: list[Batcher]) -> None:
+    batcher, engine, _ = make(step_s=0.01, max_batch_size=4, max_queue_delay_s=0.05)
+    stop_batchers.append(batcher)
+    long_job, short_job = Job([source(60)], TranslateOptions()), Job([source(3)], TranslateOptions())
+    batcher.submit(long_job)
+    batcher.submit(short_job)
+    batcher.start()
+    assert short_job.wait(5)
+    assert not long_job.finished  # still decoding: 59 steps of 10 ms
+    (short,) = short_job.outcome()
+    assert short.translation.text == "5 5" and short.compute_ms < 200
+    assert long_job.wait(5)
+    assert long_job.outcome()[0].compute_ms > short.compute_ms
+    assert engine.batches == [[60, 3]]  # they did share one batch

@@ -135,7 +135,7 @@ def test_lanes_give_the_results_of_one_lane(engine: Engine, beam_size: int) -> N
 
 
 def test_lane_callbacks_get_the_callers_row_numbers(engine: Engine) -> None:
-    """on_token and is_abandoned are called from both lanes with the row numbers of the whole batch."""
+    """on_token, is_abandoned and on_done are called from both lanes with the whole batch's row numbers."""
     sources = engine.encode_texts([e.source for e in toy_split("test", 40)])
     ids = [s.ids for s in sources]
     streamed: dict[int, list[int]] = {row: [] for row in range(len(ids))}
@@ -146,14 +146,18 @@ def test_lane_callbacks_get_the_callers_row_numbers(engine: Engine) -> None:
         threads.add(threading.current_thread().name)
         streamed[row].append(token)
 
+    handed: dict[int, object] = {}
     results = engine.search_ids(ids, TranslateOptions(), on_token=on_token,
-                                is_abandoned=lambda row: row in abandoned)
+                                is_abandoned=lambda row: row in abandoned,
+                                on_done=lambda row, hypothesis: handed.setdefault(row, hypothesis))
     assert len(threads) == 2, threads
+    assert sorted(handed) == [row for row in range(len(ids)) if row not in abandoned]
     for row, hypothesis in enumerate(results):
         if row in abandoned:
             assert hypothesis is None and streamed[row] == []
         else:
             assert hypothesis is not None and streamed[row] == hypothesis.tokens
+            assert handed[row] is hypothesis
 
 
 def test_lane_parts_cover_every_row_once_by_length() -> None:

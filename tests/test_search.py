@@ -527,3 +527,26 @@ def test_argument_validation(kwargs: dict[str, object], name: str) -> None:
     arguments: dict[str, object] = {"src_ids": make_batch([3], 10), **SPECIALS, **kwargs}
     with pytest.raises(ValueError, match=name):
         search(RecurrentBackend(), **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_on_done_hands_over_each_result_when_it_is_final(beam_size: int) -> None:
+    backend = RecurrentBackend(vocab=12, seed=13)
+    src = make_batch(LENGTHS, 12)
+    handed: list[tuple[int, Hypothesis, int]] = []  # row, result, steps the backend had taken by then
+    abandoned = 2
+
+    def on_done(row: int, hypothesis: Hypothesis) -> None:
+        handed.append((row, hypothesis, len(backend.steps)))
+
+    results = search(backend, src, **SPECIALS, beam_size=beam_size, max_length=10, on_done=on_done,
+                     is_abandoned=lambda row: row == abandoned)
+    assert results[abandoned] is None
+    assert sorted(row for row, _, _ in handed) == [r for r in range(len(LENGTHS)) if r != abandoned]
+    for row, hypothesis, steps_then in handed:
+        assert hypothesis is results[row]  # the very result search returns, handed over once
+        # Handed over at the step that made it final, not at the end of the batch: in greedy search the
+        # step that produced its last token; in beam search the one where no running beam could beat it.
+        produced = len(hypothesis.tokens) + (1 if hypothesis.finished else 0)
+        assert steps_then == produced if beam_size == 1 else produced <= steps_then <= 10
+    assert len({steps for _, _, steps in handed}) > 1  # rows of this batch finish at different steps
