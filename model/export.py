@@ -61,10 +61,11 @@ class DecoderStepGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layers = self.model.config.n_decoder_layers
-        past, cross, src_padding_mask = rest[: 2 * layers], rest[2 * layers : 4 * layers], rest[-1]
+        past, cross = rest[: 2 * layers], rest[2 * layers : 4 * layers]
+        src_padding_mask, positions = rest[-2], rest[-1]
         log_probs, keys, values, cross_attention, self_attention = self.model.decode_step_layers(
             tokens, list(past[0::2]), list(past[1::2]), list(cross[0::2]), list(cross[1::2]),
-            src_padding_mask,
+            src_padding_mask, positions,
         )
         return (
             log_probs,
@@ -89,6 +90,7 @@ def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: in
             *[torch.randn(cache) for _ in range(2 * layers)],
             *[torch.randn(cross) for _ in range(2 * layers)],
             src_padding_mask,
+            torch.tensor([past, 1] + [past] * (batch - 2)),  # row 1 joined later: left-padded cache
         ),
     }
 
@@ -101,6 +103,7 @@ def dynamic_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
         "memory": {0: "batch", 1: "source"},
         "encoder_attention": {0: "batch", 2: "source", 3: "source"},
         "tokens": {0: "batch"},
+        "positions": {0: "batch"},
         "past_self_key": {0: "batch", 2: "past"},
         "past_self_value": {0: "batch", 2: "past"},
         "cross_key": {0: "batch", 2: "source"},

@@ -257,21 +257,34 @@ class DecoderLayer(nn.Module):
         cross_key: Tensor,
         cross_value: Tensor,
         src_bias: Tensor,
+        self_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """One new position (inference: no dropout): x [B,D], self cache [B,H,t,Dh], cross keys/values
-        [B,H,S,Dh], src_bias [B,1,1,S] (padding_bias)
+        [B,H,S,Dh], src_bias [B,1,1,S] (padding_bias), self_bias [B,1,1,t+1] for left-padded caches (None:
+        every cache entry is real)
         -> (x, self_key [B,H,t+1,Dh], self_value, self weights [B,H,1,t+1], cross weights [B,H,1,S])."""
         query, key, value = self.self_attn.step_query_key_value(self.norm1(x))
         self_key = torch.cat([self_key, key], dim=2)
         self_value = torch.cat([self_value, value], dim=2)
         # No causal mask needed: the cache holds only this and earlier positions.
-        attended, self_weights = self.self_attn.step_attend(query, self_key, self_value)
+        attended, self_weights = self.self_attn.step_attend(query, self_key, self_value, self_bias)
         x = x + attended
         query = self.cross_attn.step_query(self.norm2(x))
         attended, cross_weights = self.cross_attn.step_attend(query, cross_key, cross_value, src_bias)
         x = x + attended
         x = x + self.feed_forward(self.norm3(x))
         return x, self_key, self_value, self_weights, cross_weights
+
+
+def cache_padding_bias(positions: Tensor, past: int | Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows that joined a running batch later have shorter histories; their caches are left-padded.
+
+    positions [B] (each row's own position, = its real cache entries), past = t, the shared cache length
+    -> additive [B,1,1,t+1] over the cache plus the new entry (entry j is padding iff j < t - position).
+    """
+    entries = torch.arange(past + 1, device=positions.device)
+    padded = entries[None, :] < (past - positions)[:, None]
+    return torch.where(padded[:, None, None, :], torch.finfo(dtype).min, 0.0).to(dtype)
 
 
 def padding_bias(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -460,22 +473,30 @@ class Transformer(nn.Module):
         cross_keys: list[Tensor],
         cross_values: list[Tensor],
         src_padding_mask: Tensor,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """``decode_step`` with one tensor per layer instead of stacked ones (what the ONNX decoder-step
         graph takes, so that it neither splits nor stacks the caches every step).
 
-        self_keys/self_values: L tensors [B,H,t,Dh]; cross_keys/cross_values: L tensors [B,H,S,Dh]
+        self_keys/self_values: L tensors [B,H,t,Dh]; cross_keys/cross_values: L tensors [B,H,S,Dh];
+        positions [B] int64: each row's own position when rows joined the batch at different steps (their
+        caches left-padded to the shared length t, see cache_padding_bias); None: every row is at t.
         -> (log_probs [B,V], L self keys [B,H,t+1,Dh], L self values, L cross-attention maps [B,H,1,S],
             L self-attention maps [B,H,1,t+1]).
         """
         # Inference only (no dropout); rows are [B, D] throughout (see MultiHeadAttention.step_attend).
-        position = self_keys[0].shape[2]
-        x = self.tgt_embed(tokens) * self.embed_scale + self.positions.table[position]
+        past = self_keys[0].shape[2]
+        embedded = self.tgt_embed(tokens) * self.embed_scale
+        if positions is None:
+            x, self_bias = embedded + self.positions.table[past], None
+        else:
+            x = embedded + self.positions.table[positions]
+            self_bias = cache_padding_bias(positions, past, embedded.dtype)
         src_bias = padding_bias(src_padding_mask, x.dtype)
         keys, values, self_weights, cross_weights = [], [], [], []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value, layer_self, layer_cross = layer.step(
-                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias
+                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias, self_bias
             )
             keys.append(key)
             values.append(value)

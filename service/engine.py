@@ -88,6 +88,9 @@ class DecoderState:
     cross_key: list[Cache]  # L x [N, H, S, Dh]
     cross_value: list[Cache]
     src_padding_mask: np.ndarray  # [N, S] bool, True = padding (always on the host)
+    # [N] int64: each row's own position (= its real cache entries; the cache of a row that joined later is
+    # left-padded to the shared length t)
+    positions: np.ndarray
 
 
 def to_host(value: Cache) -> np.ndarray:
@@ -222,7 +225,12 @@ class OnnxBackend:
             cross = outputs[: 2 * self.n_layers]
         empty = np.zeros((len(src_ids), self.n_heads, 0, self.head_dim), dtype=np.float32)
         state = DecoderState(
-            [empty] * self.n_layers, [empty] * self.n_layers, cross[0::2], cross[1::2], padding
+            [empty] * self.n_layers,
+            [empty] * self.n_layers,
+            cross[0::2],
+            cross[1::2],
+            padding,
+            np.zeros(len(src_ids), dtype=np.int64),
         )
         # L x [B, H, S, S] -> [B, L, H, S, S]
         encoder_attention = np.stack(outputs[2 * self.n_layers :], axis=1) if with_attention else None
@@ -260,7 +268,7 @@ class OnnxBackend:
     ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
         if self.io_binding:
             return self._step_bound(state, tokens, with_attention)
-        feeds = {"tokens": tokens, "src_padding_mask": state.src_padding_mask}
+        feeds = {"tokens": tokens, "src_padding_mask": state.src_padding_mask, "positions": state.positions}
         layers = self.n_layers
         for i in range(layers):
             feeds[self.past_names[2 * i]] = state.self_key[i]
@@ -278,6 +286,7 @@ class OnnxBackend:
             cross = self_attention = None
         present = outputs[1 : 1 + 2 * layers]
         state.self_key, state.self_value = present[0::2], present[1::2]
+        state.positions = state.positions + 1
         return state, outputs[0], cross, self_attention
 
     def _step_bound(
@@ -287,6 +296,7 @@ class OnnxBackend:
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("src_padding_mask", state.src_padding_mask)
+        binding.bind_cpu_input("positions", state.positions)
         layers = self.n_layers
         for i in range(layers):
             self._bind_input(binding, self.past_names[2 * i], state.self_key[i])
@@ -303,6 +313,7 @@ class OnnxBackend:
         values = binding.get_outputs()  # in the order bound
         present = values[1 : 1 + 2 * layers]
         state.self_key, state.self_value = present[0::2], present[1::2]
+        state.positions = state.positions + 1
         if with_attention:
             maps = [v.numpy() for v in values[1 + 2 * layers :]]
             # L x [N, H, 1, *] -> [N, L, H, *]
@@ -345,6 +356,7 @@ class OnnxBackend:
             [take(a, width) for a in state.cross_key],
             [take(a, width) for a in state.cross_value],
             np.ascontiguousarray(mask[:, :width]),
+            state.positions[rows],
         )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_FORMAT = "translator-onnx-v2"
+MODEL_FORMAT = "translator-onnx-v3"
 # Graph signatures. Caches and attention maps are one tensor per decoder layer (`name.{i}`, i = 0..L-1), not
 # stacked [L, ...] tensors: stacking and splitting them cost the decoder-step graph a third of its kernel
 # time (Concat/Split every step). Per layer i:
@@ -44,6 +44,7 @@ def decoder_inputs(n_layers: int) -> tuple[str, ...]:
         *per_layer(("past_self_key", "past_self_value"), n_layers),
         *per_layer(("cross_key", "cross_value"), n_layers),
         "src_padding_mask",
+        "positions",
     )
 
 

@@ -93,7 +93,8 @@ def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_r
             log_probs, key, value, cross, self_attention = model.decode_step(
                 torch.from_numpy(tokens), key, value, cross_key, cross_value, padding
             )
-            feeds = {"tokens": tokens, "src_padding_mask": padding.numpy(), **past}
+            feeds = {"tokens": tokens, "src_padding_mask": padding.numpy(), "positions": np.full(3, step)}
+            feeds.update(past)
             feeds.update({name: encoded[name] for name in encoded if name.startswith("cross_")})
             out = dict(zip(decoder_outputs(layers), decoder.run(None, feeds), strict=True))
             np.testing.assert_allclose(out["log_probs"], log_probs.numpy(), atol=1e-4, err_msg=f"step {step}")
@@ -105,6 +106,59 @@ def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_r
                 assert out[f"present_self_key.{i}"].shape[2] == step + 1
                 past[f"past_self_key.{i}"] = out[f"present_self_key.{i}"]
                 past[f"past_self_value.{i}"] = out[f"present_self_value.{i}"]
+
+
+def test_a_row_joining_a_running_batch_decodes_as_alone(tiny_checkpoint: Path, tiny_repository: Path) -> None:
+    """Iteration-level batching: a row whose cache is left-padded to the batch's length (positions input)
+    gets, in the graph, the log-probs and attention it gets decoded alone from the first step."""
+    model, vocabulary, _ = load_model(tiny_checkpoint)
+    layers = model.config.n_decoder_layers
+    decoder = ort.InferenceSession(
+        str(tiny_repository / "tiny" / "1" / "decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(5)
+    src = rng.integers(4, vocabulary.size, (2, 7))
+    src[1, 4:] = vocabulary.pad_id  # the joining row has a shorter source
+    padding = torch.from_numpy(src == vocabulary.pad_id)
+    tokens = rng.integers(4, vocabulary.size, (2, 7))
+    with torch.inference_mode():
+        memory, _ = model.encode(torch.from_numpy(src))
+        cross_key, cross_value = model.cross_keys_values(memory)
+        # The reference: row 1 alone, from its first step.
+        key, value = model.empty_cache(1)
+        alone = []
+        for step in range(4):
+            log_probs, key, value, _, self_attention = model.decode_step(
+                torch.from_numpy(tokens[1, step : step + 1]), key, value,
+                cross_key[:, 1:], cross_value[:, 1:], padding[1:],
+            )
+            alone.append((log_probs[0].numpy(), self_attention[:, 0].numpy()))
+        # Row 0 runs 3 steps alone, then row 1 joins with a cache of 3 zero (padding) entries.
+        key, value = model.empty_cache(1)
+        for step in range(3):
+            _, key, value, _, _ = model.decode_step(
+                torch.from_numpy(tokens[0, step : step + 1]), key, value,
+                cross_key[:, :1], cross_value[:, :1], padding[:1],
+            )
+    past_key = np.concatenate([key.numpy(), np.zeros_like(key.numpy())], axis=1)  # [L,2,H,3,Dh]
+    past_value = np.concatenate([value.numpy(), np.zeros_like(value.numpy())], axis=1)
+    positions = np.array([3, 0])
+    for step in range(4):
+        feeds = {"tokens": np.array([tokens[0, 3 + step], tokens[1, step]]), "positions": positions,
+                 "src_padding_mask": padding.numpy()}
+        for i in range(layers):
+            feeds[f"past_self_key.{i}"], feeds[f"past_self_value.{i}"] = past_key[i], past_value[i]
+            feeds[f"cross_key.{i}"], feeds[f"cross_value.{i}"] = cross_key[i].numpy(), cross_value[i].numpy()
+        out = dict(zip(decoder_outputs(layers), decoder.run(None, feeds), strict=True))
+        expected_log_probs, expected_self = alone[step]
+        np.testing.assert_allclose(out["log_probs"][1], expected_log_probs, atol=1e-4, err_msg=f"step {step}")
+        for i in range(layers):
+            weights = out[f"self_attention.{i}"][1]  # [H, 1, 3 + step + 1]
+            assert (weights[:, :, :3] == 0).all()  # the padding entries get exactly no weight
+            np.testing.assert_allclose(weights[:, :, 3:], expected_self[i], atol=1e-5)
+        past_key = np.stack([out[f"present_self_key.{i}"] for i in range(layers)])
+        past_value = np.stack([out[f"present_self_value.{i}"] for i in range(layers)])
+        positions = positions + 1
 
 
 def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> None:
