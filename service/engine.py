@@ -26,7 +26,7 @@ from service.repository import (
     encoder_outputs,
     resolve,
 )
-from service.search import Hypothesis, search
+from service.search import GreedyStream, Hypothesis, search
 from service.vocabulary import EncodedText, Vocabulary
 
 ATTENTION_KINDS = ("cross", "decoder_self", "encoder_self")
@@ -334,6 +334,35 @@ class OnnxBackend:
         # On CPU the OrtValue wraps the (contiguous) array without a copy and keeps a reference to it.
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
 
+    def merge(self, first: DecoderState, second: DecoderState) -> DecoderState:
+        """The rows of `first` then those of `second` (rows joining a running batch): the shorter caches
+        are left-padded to the longer length (the positions input masks that padding), the cross keys/values
+        right-padded to the wider source (the padding mask covers it)."""
+        past = max(to_host(first.self_key[0]).shape[2], to_host(second.self_key[0]).shape[2])
+        width = max(first.src_padding_mask.shape[1], second.src_padding_mask.shape[1])
+
+        def joined(a: Cache, b: Cache, length: int, left: bool) -> Cache:
+            parts = []
+            for value in (to_host(a), to_host(b)):
+                missing = length - value.shape[2]
+                pad = [(0, 0), (0, 0), (missing, 0) if left else (0, missing), (0, 0)]
+                parts.append(np.pad(value, pad) if missing else value)
+            merged = np.concatenate(parts, axis=0)
+            return merged if isinstance(a, np.ndarray) else self._to_device(merged)
+
+        masks = [
+            np.pad(m, [(0, 0), (0, width - m.shape[1])], constant_values=True)
+            for m in (first.src_padding_mask, second.src_padding_mask)
+        ]
+        return DecoderState(
+            [joined(a, b, past, True) for a, b in zip(first.self_key, second.self_key, strict=True)],
+            [joined(a, b, past, True) for a, b in zip(first.self_value, second.self_value, strict=True)],
+            [joined(a, b, width, False) for a, b in zip(first.cross_key, second.cross_key, strict=True)],
+            [joined(a, b, width, False) for a, b in zip(first.cross_value, second.cross_value, strict=True)],
+            np.concatenate(masks, axis=0),
+            np.concatenate([first.positions, second.positions]),
+        )
+
     def select(self, state: DecoderState, rows: np.ndarray) -> DecoderState:
         mask = state.src_padding_mask[rows]
         # Trimming the source columns that no kept row uses spares the cross-attention work on padding.
@@ -345,18 +374,26 @@ class OnnxBackend:
         # -> device). The search calls select only when rows are dropped, repeated or reordered (beam
         # expansion/reordering, finished rows leaving), not on every step, so the caches otherwise stay
         # on the device.
-        def take(value: Cache, columns: int | None = None) -> Cache:
+        # Likewise the leading cache entries that are left padding for every kept row (rows that joined a
+        # running batch later): none when the rows started together.
+        positions = state.positions[rows]
+        past = to_host(state.self_key[0]).shape[2]
+        lead = past - int(positions.max()) if len(rows) else 0
+
+        def take(value: Cache, columns: int | None = None, lead: int = 0) -> Cache:
             host = to_host(value)
-            taken = np.take(host if columns is None else host[:, :, :columns], rows, axis=0)
+            if columns is not None:
+                host = host[:, :, :columns]
+            taken = np.take(host[:, :, lead:] if lead else host, rows, axis=0)
             return taken if isinstance(value, np.ndarray) else self._to_device(taken)
 
         return DecoderState(
-            [take(a) for a in state.self_key],
-            [take(a) for a in state.self_value],
+            [take(a, lead=lead) for a in state.self_key],
+            [take(a, lead=lead) for a in state.self_value],
             [take(a, width) for a in state.cross_key],
             [take(a, width) for a in state.cross_value],
             np.ascontiguousarray(mask[:, :width]),
-            state.positions[rows],
+            positions,
         )
 
 
@@ -617,6 +654,37 @@ class Engine:
             is_abandoned=is_abandoned,
             on_done=on_done,
         )
+
+    def can_stream(self, options: TranslateOptions) -> bool:
+        """Whether sentences with these options can join a running batch (`stream`)."""
+        return options.beam_size == 1 and not options.needs_attention
+
+    def stream(
+        self,
+        options: TranslateOptions,
+        on_token: Callable[[object, int], object] | None = None,
+        on_done: Callable[[object, Hypothesis], object] | None = None,
+        is_abandoned: Callable[[object], bool] | None = None,
+    ) -> GreedyStream:
+        """A running batch that sentences join between steps (greedy, no attention maps: `can_stream`).
+        It runs on the calling thread (one lane); add sentences with `stream_add`."""
+        if not self.can_stream(options):
+            raise ValueError("only greedy search without attention maps runs as a stream")
+        return GreedyStream(
+            self.backend,
+            pad_id=self.vocabulary.pad_id,
+            bos_id=self.vocabulary.bos_id,
+            eos_id=self.vocabulary.eos_id,
+            length_penalty=options.length_penalty,
+            on_token=on_token,
+            on_done=on_done,
+            is_abandoned=is_abandoned,
+        )
+
+    def stream_add(
+        self, stream: GreedyStream, keys: list[object], sources: list[list[int]], options: TranslateOptions
+    ) -> None:
+        stream.add(keys, sources, [self.max_length_for(len(source), options) for source in sources])
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
         """Text, tokens and the attention maps the caller asked for, trimmed to the real lengths."""

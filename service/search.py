@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Hypothesis", "StepBackend", "search"]
+__all__ = ["GreedyStream", "Hypothesis", "JoinableBackend", "StepBackend", "search"]
 
 
 class StepBackend(Protocol):
@@ -483,6 +483,134 @@ class _Run:
                 self.on_token(sentence, token)
         self._done(sentence, hypothesis)
         return hypothesis
+
+
+class JoinableBackend(StepBackend, Protocol):
+    """A StepBackend whose states can be joined: rows added to a running batch between steps."""
+
+    def merge(self, first: object, second: object) -> object:
+        """The rows of `first`, then those of `second` (which may be at earlier positions)."""
+        ...
+
+
+class GreedyStream:
+    """Greedy search over a running batch that rows join and leave between steps (iteration-level batching).
+
+    A row is any hashable key of the caller's. ``add`` encodes new sentences and joins them to the running
+    rows (their caches left-padded, see ``JoinableBackend.merge``); ``step`` decodes one position for every
+    running row. Results leave through the callbacks as in ``search``: ``on_token(key, token)``,
+    ``on_done(key, hypothesis)`` the step a row is done, ``is_abandoned(key)`` before every step. A sentence
+    gets the tokens and score it gets from ``search(..., beam_size=1)``, whenever it joined (tested). No
+    attention maps: requests for them run as whole batches.
+    """
+
+    def __init__(
+        self,
+        backend: JoinableBackend,
+        *,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        length_penalty: float = 1.0,
+        on_token: Callable[[object, int], object] | None = None,
+        on_done: Callable[[object, Hypothesis], object] | None = None,
+        is_abandoned: Callable[[object], bool] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.length_penalty = float(length_penalty)
+        self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
+        self.state: object | None = None
+        self.keys: list[object] = []  # one per row of the state
+        self.running = np.zeros(0, dtype=bool)  # rows still decoding (done rows wait for compaction)
+        self.tokens = np.zeros(0, dtype=np.int64)  # the token each row feeds next
+        self.steps = np.zeros(0, dtype=np.int64)  # steps each row has taken
+        self.max_lengths = np.zeros(0, dtype=np.int64)
+        self.log_probs = np.zeros(0, dtype=np.float64)
+        self.generated: list[list[int]] = []
+
+    @property
+    def size(self) -> int:
+        """Rows still decoding."""
+        return int(self.running.sum())
+
+    def add(
+        self, keys: Sequence[object], sources: Sequence[Sequence[int]], max_lengths: Sequence[int]
+    ) -> None:
+        """Encode `sources` (ids ending with </s>) and join them to the running rows."""
+        if not sources:
+            return
+        if min(max_lengths) < 1:
+            raise ValueError(f"max_length must be at least 1, got {min(max_lengths)}")
+        width = max(len(source) for source in sources)
+        src = np.full((len(sources), width), self.pad_id, dtype=np.int64)
+        for row, source in enumerate(sources):
+            src[row, : len(source)] = source
+        state, _ = self.backend.encode(src, False)
+        self.state = state if self.state is None else self.backend.merge(self.state, state)
+        count = len(sources)
+        self.keys += list(keys)
+        self.running = np.concatenate([self.running, np.ones(count, dtype=bool)])
+        self.tokens = np.concatenate([self.tokens, np.full(count, self.bos_id, dtype=np.int64)])
+        self.steps = np.concatenate([self.steps, np.zeros(count, dtype=np.int64)])
+        self.max_lengths = np.concatenate([self.max_lengths, np.asarray(max_lengths, dtype=np.int64)])
+        self.log_probs = np.concatenate([self.log_probs, np.zeros(count)])
+        self.generated += [[] for _ in range(count)]
+
+    def step(self) -> None:
+        """One decoding step for the running rows; done and abandoned rows leave."""
+        if self.is_abandoned is not None:
+            for row in np.flatnonzero(self.running).tolist():
+                if self.is_abandoned(self.keys[row]):
+                    self.running[row] = False
+        if self.running.any():
+            self._decode()
+        self._compact()
+
+    def _decode(self) -> None:
+        self.state, log_probs, _, _ = self.backend.step(self.state, self.tokens, False)
+        log_probs = np.asarray(log_probs)
+        if not log_probs.flags.writeable:
+            log_probs = log_probs.copy()
+        log_probs[:, self.pad_id] = -np.inf
+        log_probs[:, self.bos_id] = -np.inf
+        chosen = log_probs.argmax(axis=1)
+        live = np.flatnonzero(self.running)
+        self.log_probs[live] += log_probs[live, chosen[live]]
+        self.steps[live] += 1
+        is_eos = chosen == self.eos_id
+        for row in live.tolist():
+            if not is_eos[row]:
+                token = int(chosen[row])
+                self.generated[row].append(token)
+                if self.on_token is not None:
+                    self.on_token(self.keys[row], token)
+        done = self.running & (is_eos | (self.steps >= self.max_lengths))
+        for row in np.flatnonzero(done).tolist():
+            log_prob, steps = float(self.log_probs[row]), int(self.steps[row])
+            hypothesis = Hypothesis(
+                tokens=self.generated[row],
+                log_prob=log_prob,
+                score=log_prob / float(steps) ** self.length_penalty,
+                finished=bool(is_eos[row]),
+            )
+            if self.on_done is not None:
+                self.on_done(self.keys[row], hypothesis)
+        self.running &= ~done
+        self.tokens = chosen
+
+    def _compact(self) -> None:
+        """Drop the rows that left once enough have (as greedy ``search`` does), or all when none runs."""
+        rows = len(self.keys)
+        left = rows - self.size
+        if left == 0 or (self.size and left < GREEDY_COMPACT_FRACTION * rows):
+            return
+        kept = np.flatnonzero(self.running)
+        self.keys = [self.keys[row] for row in kept.tolist()]
+        self.generated = [self.generated[row] for row in kept.tolist()]
+        for name in ("running", "tokens", "steps", "max_lengths", "log_probs"):
+            setattr(self, name, getattr(self, name)[kept])
+        self.state = self.backend.select(self.state, kept) if kept.size else None
 
 
 # Greedy search drops done rows from the state (backend.select, a copy of the whole cache) only once at

@@ -173,3 +173,49 @@ def test_lane_parts_cover_every_row_once_by_length() -> None:
     assert len(two[0]) > len(two[1]) and max(totals) <= sum(lengths) * 0.75  # balanced by length, not count
     assert lane_parts([4], 2) == [[0]]
     assert [len(p) for p in lane_parts([1, 1000], 2)] == [1, 1]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int) -> None:
+    """Iteration-level batching: sentences join a running batch at different steps, rows leave when done;
+    each gets the tokens and score of the batch search."""
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=lanes)
+    texts = [e.source for e in toy_split("test", 60)]
+    sources = [s.ids for s in engine.encode_texts(texts)]
+    options = TranslateOptions()
+    expected = engine.search_ids(sources, options)
+    done: dict[int, object] = {}
+    streamed: dict[int, list[int]] = {row: [] for row in range(len(sources))}
+    abandoned = {5, 17}
+    stream = engine.stream(
+        options,
+        on_token=lambda row, token: streamed[row].append(token),
+        on_done=lambda row, hypothesis: done.setdefault(row, hypothesis),
+        is_abandoned=lambda row: row in abandoned and len(streamed[row]) >= 2,
+    )
+    pending = list(range(len(sources)))
+    steps = 0
+    while pending or stream.size:
+        # A few sentences join at every step, so the running rows are at many different positions.
+        joining, pending = pending[: 1 + steps % 4], pending[1 + steps % 4 :]
+        engine.stream_add(stream, joining, [sources[row] for row in joining], options)
+        stream.step()
+        steps += 1
+        assert stream.size <= len(sources) and steps < 500
+    assert sorted(done) == [row for row in range(len(sources)) if row not in abandoned]
+    for row, hypothesis in done.items():
+        reference = expected[row]
+        assert reference is not None
+        assert hypothesis.tokens == reference.tokens, row
+        assert streamed[row] == reference.tokens
+        assert hypothesis.score == pytest.approx(reference.score, abs=1e-4)
+        assert hypothesis.finished == reference.finished
+    assert stream.state is None  # everything left: nothing is held
+
+
+def test_only_greedy_requests_without_maps_stream(engine: Engine) -> None:
+    assert engine.can_stream(TranslateOptions())
+    assert not engine.can_stream(TranslateOptions(beam_size=2))
+    assert not engine.can_stream(TranslateOptions(attention=frozenset({"cross"})))
+    with pytest.raises(ValueError, match="greedy"):
+        engine.stream(TranslateOptions(beam_size=2))
