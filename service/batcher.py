@@ -52,6 +52,9 @@ class BatchingSettings:
     max_queue_size: int = 1024
     quality_sample_rate: float = 0.0  # fraction of attention-free batches run with attention for the metrics
     workers: int = 1  # batches run at the same time, each by its own worker thread
+    # Iteration-level batching for the requests that allow it (greedy, no attention maps): queued sentences
+    # join a running batch between decoding steps instead of waiting for it to end.
+    streaming: bool = True
 
 
 @dataclass
@@ -396,10 +399,22 @@ class Batcher:
                 if batch is None:
                     return
                 items = batch
-                self._run_batch(items)
+                options = items[0].job.options
+                sampled = not options.needs_attention and (
+                    self._random.random() < self.settings.quality_sample_rate
+                )
+                if sampled:
+                    # Attention outputs do not change the search; finish() drops the maps nobody asked for.
+                    self._run_batch(items, replace(options, attention=frozenset({"cross"})))
+                elif self.settings.streaming and self.engine.can_stream(options):
+                    self._run_stream(worker, items)
+                else:
+                    self._run_batch(items, options)
             except Exception as error:  # a worker must survive anything; its batch gets INTERNAL
                 log.exception("batch of %d sentences failed", len(items))
-                for job in {item.job for item in items}:
+                with self._cond:
+                    jobs = {item.job for item in items} | self._running[worker]
+                for job in jobs:
                     self.abandon(
                         job,
                         grpc.StatusCode.INTERNAL,
@@ -457,16 +472,15 @@ class Batcher:
             longest = widest
         return chosen, limited or len(chosen) >= settings.max_batch_size
 
-    def _run_batch(self, items: list[_Item]) -> None:
-        options = items[0].job.options
-        if not options.needs_attention and self._random.random() < self.settings.quality_sample_rate:
-            # Attention outputs do not change the search; finish() drops the maps nobody asked for.
-            options = replace(options, attention=frozenset({"cross"}))
-        start = time.monotonic()
+    def _observe_batch(self, items: list[_Item], start: float) -> None:
         for item in items:
             self.metrics.queue_wait.observe(start - item.job.arrival)
         self.metrics.batch_sentences.observe(len(items))
         self.metrics.batch_tokens.observe(len(items) * max(item.length for item in items))
+
+    def _run_batch(self, items: list[_Item], options: TranslateOptions) -> None:
+        start = time.monotonic()
+        self._observe_batch(items, start)
         times = self._timed.reset()
         delivered = [False] * len(items)
 
@@ -490,6 +504,100 @@ class Batcher:
         for row, hypothesis in enumerate(hypotheses):
             if hypothesis is not None and not delivered[row]:  # an engine that does not call on_done
                 deliver(row, hypothesis)
+
+    def _run_stream(self, worker: int, items: list[_Item]) -> None:
+        """Iteration-level batching: the batch decodes step by step, and between steps the queued sentences
+        that may share its search join it (up to the batch limits) while finished rows leave. Each join is
+        one batch in the metrics: its queue wait, size, encoding time, and the decoding time since the
+        previous join."""
+        options = items[0].job.options
+        # Rows keep their own max_length in a stream: every queued sentence with the same search joins.
+        key = options.search_key()
+        started: dict[int, float] = {}  # id(item) -> when it joined
+
+        def deliver(item: _Item, hypothesis: Hypothesis) -> None:
+            joined = started.pop(id(item))
+            now = time.monotonic()
+            self._deliver(item, hypothesis, (joined - item.job.arrival) * 1000, (now - joined) * 1000)
+
+        def on_token(item: _Item, token_id: int) -> None:
+            if item.job.events is not None and not item.job.finished:
+                item.job.events.put(int(token_id))
+
+        stream = self.engine.stream(
+            options, on_token=on_token, on_done=deliver, is_abandoned=lambda item: self._gone(item.job)
+        )
+        times = self._timed.reset()
+        widest = 0
+        joining: list[_Item] = items
+        while joining:
+            now = time.monotonic()
+            self._observe_batch(joining, now)
+            for item in joining:
+                started[id(item)] = now
+            before = times.encode_s
+            sources = [item.job.sources[item.index].ids for item in joining]
+            self.engine.stream_add(stream, joining, sources, [item.job.options for item in joining])
+            self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s - before)
+            widest = max([widest, *(item.length for item in joining)])
+            decoded = times.decode_s
+            joining = []
+            while stream.size and not joining:
+                stream.step()
+                joining = self._joiners(worker, key, stream.size, widest)
+            self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s - decoded)
+
+    def _joiners(self, worker: int, key: tuple, rows: int, widest: int) -> list[_Item]:
+        """Queued sentences that join a running stream of `rows` rows now: oldest first, within the batch
+        limits. While another worker is idle a stream keeps to its share of max_batch_size, so the idle one
+        starts a stream of its own with the rest (on its own lane); none join while sentences of other
+        options have waited max_queue_delay, so that the stream drains and they get a worker."""
+        settings = self.settings
+        with self._cond:
+            if not self._pending:
+                return []
+            now = time.monotonic()
+            waiting: list[_Item] = []
+            for (search_key, _), queued in self._pending.items():
+                if search_key == key:
+                    waiting += queued
+                elif now - queued[0].job.arrival >= settings.max_queue_delay_s:
+                    return []
+            limit = settings.max_batch_size
+            if self._busy < settings.workers:
+                limit = -(-limit // settings.workers)
+            chosen: list[_Item] = []
+            for item in sorted(waiting, key=lambda item: item.seq):
+                if rows + len(chosen) >= limit:
+                    break
+                width = max(widest, item.length)
+                if settings.max_batch_tokens and (rows + len(chosen) + 1) * width > settings.max_batch_tokens:
+                    continue
+                chosen.append(item)
+                widest = width
+            for item in chosen:
+                self._remove_item(item)
+            if chosen:
+                self._set_depth(self._depth - len(chosen))
+                self._running[worker] |= {item.job for item in chosen}
+            return chosen
+
+    def _remove_item(self, item: _Item) -> None:
+        key = batch_key(item.job.options)
+        rest = [queued for queued in self._pending[key] if queued is not item]
+        if rest:
+            self._pending[key] = rest
+        else:
+            del self._pending[key]
+
+    def _gone(self, job: Job) -> bool:
+        """Whether nobody waits for the job any more: failed (cancelled, ...) or past its deadline."""
+        if job.finished:  # only a failed job can be finished while one of its rows still runs
+            return True
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            self.expire(job)
+            return True
+        return False
 
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
         """Hand the raw result to its job; the RPC thread waiting for the job finishes it (`Job.outcome`)."""
@@ -516,12 +624,6 @@ class Batcher:
 
     def _abandoned_check(self, items: list[_Item]) -> Any:
         def is_abandoned(row: int) -> bool:
-            job = items[row].job
-            if job.finished:  # only a failed job can be finished while one of its rows still runs
-                return True
-            if job.deadline is not None and time.monotonic() >= job.deadline:
-                self.expire(job)
-                return True
-            return False
+            return self._gone(items[row].job)
 
         return is_abandoned

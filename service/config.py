@@ -121,6 +121,13 @@ class ServerConfig:
         shown="one per thread",
     )
     # Dynamic batching.
+    iteration_batching: str = _setting(
+        "on",
+        "greedy requests without attention maps join a running batch between decoding steps "
+        "(off: a batch runs to its end before the next starts)",
+        str,
+        choices=("on", "off"),
+    )
     batch_workers: int | None = _setting(
         None,
         "batches run at the same time (each on its share of the lanes)",

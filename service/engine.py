@@ -682,9 +682,17 @@ class Engine:
         )
 
     def stream_add(
-        self, stream: GreedyStream, keys: list[object], sources: list[list[int]], options: TranslateOptions
+        self,
+        stream: GreedyStream,
+        keys: list[object],
+        sources: list[list[int]],
+        options: TranslateOptions | list[TranslateOptions],
     ) -> None:
-        stream.add(keys, sources, [self.max_length_for(len(source), options) for source in sources])
+        """Join sentences to a stream; `options` for all of them or one per sentence (each keeps its own
+        max_length; the rest must be the stream's)."""
+        each = options if isinstance(options, list) else [options] * len(sources)
+        lengths = [self.max_length_for(len(source), o) for source, o in zip(sources, each, strict=True)]
+        stream.add(keys, sources, lengths)
 
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
         """Text, tokens and the attention maps the caller asked for, trimmed to the real lengths."""

@@ -306,6 +306,7 @@ class TranslatorServer:
             max_queue_size=config.max_queue_size,
             quality_sample_rate=config.quality_sample_rate,
             workers=config.batch_workers or engine.lanes,
+            streaming=config.iteration_batching == "on",
         )
         batcher = Batcher(engine, settings, self.metrics, seed=self._seed)
         batcher.start()

@@ -59,6 +59,9 @@ class FakeEngine:
                     on_done(row, results[row])
         return [result if ok else None for result, ok in zip(results, alive, strict=True)]
 
+    def can_stream(self, options: TranslateOptions) -> bool:
+        return False  # every batch runs whole (the real engine's streams: tests/test_server.py)
+
     def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
         return Translation(
             text=" ".join(map(str, hypothesis.tokens)),
@@ -324,7 +327,8 @@ def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -
     recorder = RecordingBackend(engine.backend)
     engine.backend = recorder  # type: ignore[assignment]
     metrics = ServerMetrics()
-    batcher = Batcher(engine, BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1), metrics)
+    settings = BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1, streaming=False)
+    batcher = Batcher(engine, settings, metrics)
     stop_batchers.append(batcher)
     sources = engine.encode_texts(["the dog sees the cat"] * 4 + ["the big red dog sees the small cat"] * 4)
     job = Job(sources, TranslateOptions())
@@ -352,3 +356,45 @@ def test_a_short_text_is_answered_before_its_batchs_longest_is_done(stop_batcher
     assert long_job.wait(5)
     assert long_job.outcome()[0].compute_ms > short.compute_ms
     assert engine.batches == [[60, 3]]  # they did share one batch
+
+
+class FailingBackend(RecordingBackend):
+    """Raises on every decoding step from the `fail_from`-th on."""
+
+    def __init__(self, inner: object, fail_from: int) -> None:
+        super().__init__(inner)
+        self.fail_from, self.calls = fail_from, 0
+
+    def step(self, *args: object) -> object:
+        self.calls += 1
+        if self.calls >= self.fail_from:
+            raise RuntimeError("step exploded")
+        return super().step(*args)
+
+
+def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_batchers: list[Batcher]) -> None:
+    from service.engine import Engine
+    from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
+    backend = FailingBackend(engine.backend, fail_from=4)
+    engine.backend = backend  # type: ignore[assignment]
+    metrics = ServerMetrics()
+    batcher = Batcher(engine, BatchingSettings(max_batch_size=8, max_queue_delay_s=0.0), metrics)
+    stop_batchers.append(batcher)
+    batcher.start()
+    first = Job(engine.encode_texts(["the big red dog sees the small cat"]), TranslateOptions())
+    batcher.submit(first)
+    wait_until = time.monotonic() + 5
+    while backend.calls < 2 and time.monotonic() < wait_until:
+        time.sleep(0.001)
+    second = Job(engine.encode_texts(["the cat"]), TranslateOptions())  # joins the running stream
+    batcher.submit(second)
+    for job in (first, second):
+        assert job.wait(5)
+        with pytest.raises(RequestFailed) as failure:
+            job.outcome()
+        assert failure.value.code == grpc.StatusCode.INTERNAL and "step exploded" in failure.value.message
+    backend.fail_from = 10**9  # the engine recovers: the worker goes on serving
+    (result,) = batcher.run(Job(engine.encode_texts(["the cat"]), TranslateOptions()))
+    assert result.translation.text

@@ -124,8 +124,9 @@ def stub(target: Target) -> tuple[grpc.Channel, pb_grpc.TranslatorStub]:
     return channel, pb_grpc.TranslatorStub(channel)
 
 
-def request(text: str, max_length: int) -> pb.TranslateRequest:
-    return pb.TranslateRequest(texts=[text], options=pb.TranslateOptions(max_length=max_length))
+def request(text: str, max_length: int, length_penalty: float = 1.0) -> pb.TranslateRequest:
+    options = pb.TranslateOptions(max_length=max_length, length_penalty=length_penalty)
+    return pb.TranslateRequest(texts=[text], options=options)
 
 
 def code_of(call: Callable[[], object]) -> grpc.StatusCode:
@@ -276,17 +277,15 @@ def test_deadlines_shorter_than_the_queue_wait(tiny_repository: Path, tmp_path: 
     with serving(tiny_repository, tmp_path, step_s=0.01, max_queue_delay_ms="1") as target:
         metrics = Metrics(target)
         channel, translator = stub(target)
-        # A 60-step batch (~0.6 s) holds the worker; 16 unary calls and 4 streams with other options (they
-        # cannot join that batch) wait behind it with a 0.2 s deadline.
+        # A 60-step batch (~0.6 s) holds the worker; 16 unary calls and 4 streams with another search (a
+        # length penalty: they cannot join that batch) wait behind it with a 0.2 s deadline.
         busy = translator.Translate.future(request("the cat", 60), timeout=30)
         wait_for(lambda: metrics.now("translator_inflight_requests") == 1, message="the long call in flight")
         time.sleep(0.05)
-        unary = [translator.Translate.future(request("a dog", 20), timeout=0.2) for _ in range(16)]
+        unary = [translator.Translate.future(request("a dog", 20, 0.8), timeout=0.2) for _ in range(16)]
+        options = pb.TranslateOptions(max_length=20, length_penalty=0.8)
         streams = [
-            translator.TranslateStream(
-                pb.TranslateStreamRequest(text="a cat", options=pb.TranslateOptions(max_length=20)),
-                timeout=0.2,
-            )
+            translator.TranslateStream(pb.TranslateStreamRequest(text="a cat", options=options), timeout=0.2)
             for _ in range(4)
         ]
         codes = Counter(code_of(call.result).name for call in unary)
@@ -490,10 +489,10 @@ BROKEN_ENGINE_LAUNCHER = """
 import sys
 from service import batcher, server
 
-def broken(self, items):
+def broken(self, *args):
     raise RuntimeError("the engine is broken")
 
-batcher.Batcher._run_batch = broken
+batcher.Batcher._run_batch = batcher.Batcher._run_stream = broken
 sys.exit(server.main())
 """
 

@@ -148,6 +148,9 @@ class SlowBackend:
     def select(self, state: Any, rows: np.ndarray) -> Any:
         return self.inner.select(state, rows)
 
+    def merge(self, first: Any, second: Any) -> Any:
+        return self.inner.merge(first, second)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -900,7 +903,10 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
         wait_for(lambda: backend.steps > earlier_steps, message="decoding to start")
         with pytest.raises(grpc.RpcError) as failure:
             client.translator.Translate(
-                pb.TranslateRequest(texts=["a dog"], options=pb.TranslateOptions(max_length=26)), timeout=0.15
+                pb.TranslateRequest(
+                    texts=["a dog"], options=pb.TranslateOptions(max_length=26, length_penalty=0.9)
+                ),
+                timeout=0.15,
             )
         assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for(lambda: server.runtime.batcher.depth == 0, message="the queue to empty")  # type: ignore[union-attr]
@@ -942,6 +948,30 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
     with pytest.raises(grpc.RpcError) as failure:
         client.kserve.ModelInfer(infer_request(["the big dog"], max_length=200, timeout=100_000), timeout=10)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    client.close()
+
+
+def test_a_request_joins_the_running_batch(slow: tuple[TranslatorServer, SlowBackend]) -> None:
+    """Iteration-level batching: with one worker, a short request arriving while a long one decodes joins
+    its batch at the next step and is answered long before the long one ends."""
+    server, backend = slow
+    assert server.port and server.runtime.batcher and server.runtime.batcher.settings.workers == 1
+    client = Client(server.port)
+    earlier_steps = backend.steps
+    with ThreadPoolExecutor(1) as pool:
+        long_call = pool.submit(
+            client.translator.Translate,
+            pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=60)),  # 1.2 s
+            timeout=30,
+        )
+        wait_for(lambda: backend.steps > earlier_steps + 2, message="decoding to start")
+        started = time.monotonic()
+        short = client.translator.Translate(
+            pb.TranslateRequest(texts=["a dog"], options=pb.TranslateOptions(max_length=4)), timeout=30
+        )
+        assert time.monotonic() - started < 0.6 and not long_call.done()
+        assert len(short.translations[0].target_tokens) == 4
+        assert len(long_call.result().translations[0].target_tokens) == 60
     client.close()
 
 
