@@ -54,7 +54,7 @@ class BatchingSettings:
     workers: int = 1  # batches run at the same time, each by its own worker thread
     # Iteration-level batching for the requests that allow it (greedy, no attention maps): queued sentences
     # join a running batch between decoding steps instead of waiting for it to end.
-    streaming: bool = True
+    streaming: bool = False
 
 
 @dataclass
@@ -566,6 +566,12 @@ class Batcher:
             limit = settings.max_batch_size
             if self._busy < settings.workers:
                 limit = -(-limit // settings.workers)
+            # Like a new batch, joiners gather for up to max_queue_delay unless they fill the stream: each
+            # join costs an encoder run and a copy of the running caches, worth paying for a group, not for
+            # every arrival.
+            oldest = min((item.job.arrival for item in waiting), default=now)
+            if now - oldest < settings.max_queue_delay_s and rows + len(waiting) < limit:
+                return []
             chosen: list[_Item] = []
             for item in sorted(waiting, key=lambda item: item.seq):
                 if rows + len(chosen) >= limit:

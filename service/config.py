@@ -122,9 +122,9 @@ class ServerConfig:
     )
     # Dynamic batching.
     iteration_batching: str = _setting(
-        "on",
-        "greedy requests without attention maps join a running batch between decoding steps "
-        "(off: a batch runs to its end before the next starts)",
+        "off",
+        "on: greedy requests without attention maps join a running batch between decoding steps; off: a "
+        "batch runs to its end before its worker starts the next (measured faster on CPU: docs/LOAD.md)",
         str,
         choices=("on", "off"),
     )

@@ -327,7 +327,7 @@ def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -
     recorder = RecordingBackend(engine.backend)
     engine.backend = recorder  # type: ignore[assignment]
     metrics = ServerMetrics()
-    settings = BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1, streaming=False)
+    settings = BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1)
     batcher = Batcher(engine, settings, metrics)
     stop_batchers.append(batcher)
     sources = engine.encode_texts(["the dog sees the cat"] * 4 + ["the big red dog sees the small cat"] * 4)
@@ -380,7 +380,8 @@ def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_bat
     backend = FailingBackend(engine.backend, fail_from=4)
     engine.backend = backend  # type: ignore[assignment]
     metrics = ServerMetrics()
-    batcher = Batcher(engine, BatchingSettings(max_batch_size=8, max_queue_delay_s=0.0), metrics)
+    settings = BatchingSettings(max_batch_size=8, max_queue_delay_s=0.0, streaming=True)
+    batcher = Batcher(engine, settings, metrics)
     stop_batchers.append(batcher)
     batcher.start()
     first = Job(engine.encode_texts(["the big red dog sees the small cat"]), TranslateOptions())

@@ -182,7 +182,11 @@ def slow(tiny_repository: Path) -> Iterator[tuple[TranslatorServer, SlowBackend]
     backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
     engine.backend = backend
     config = make_config(
-        tiny_repository, max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0
+        tiny_repository,
+        max_queue_delay_ms=1.0,
+        max_length_limit=256,
+        quality_sample_rate=0.0,
+        iteration_batching="on",
     )
     with running(config, engine=engine) as instance:
         yield instance, backend
