@@ -85,7 +85,7 @@ def test_report_spawns_every_setting_and_compares_with_the_engine(
         check_point(half["point"], "open")
         assert half["point"]["rate"] == pytest.approx(half["saturation_requests_per_s"] / 2)
         assert half["bound_ms"] == pytest.approx(
-            half["unloaded_p50_ms"] + half["max_queue_delay_ms"], abs=1e-3
+            2 * (half["unloaded_p50_ms"] + half["max_queue_delay_ms"]), abs=1e-3
         )
         assert isinstance(half["within_bound"], bool) and half["p99_ms"] > 0
     off, batched = results["settings"]
@@ -153,7 +153,8 @@ def test_batching_specs_and_option_errors(capsys: pytest.CaptureFixture[str]) ->
     assert (b16.max_batch_size, b16.queue_delay_ms) == (16, 2.5)
     assert b16.flags() == ["--max-batch-size", "16", "--max-queue-delay-ms", "2.5"]
     assert parse_batching("d:")[0].queue_delay_ms == 5.0  # the server's default delay
-    assert [s.name for s in parse_batching(bench_load.DEFAULT_BATCHING)] == ["off", "b16", "b64"]
+    assert [s.name for s in parse_batching(bench_load.DEFAULT_BATCHING)] == ["off", "b16", "b64", "b64-iter"]
+    assert parse_batching(bench_load.DEFAULT_BATCHING)[3].flags()[-2:] == ["--iteration-batching", "on"]
     for bad in ("a:nope=1", "a:max_batch_size", "a:port=1", "a:;a:", ":max_batch_size=2", ""):
         with pytest.raises(ValueError):
             parse_batching(bad)
