@@ -173,10 +173,11 @@ class _History:
     def attention(self, rows: list[int], src_length: int) -> tuple[np.ndarray, np.ndarray]:
         """(cross [L,H,T,S_real], self [L,H,T,T]) along a path; self is zero above the diagonal."""
         steps = len(rows)
-        cross = np.stack([self.cross[k][i, :, :, :src_length] for k, i in enumerate(rows)], axis=2)
         first = self.self_[0]
+        cross = np.empty((*first.shape[1:3], steps, src_length), dtype=self.cross[0].dtype)
         self_att = np.zeros((*first.shape[1:3], steps, steps), dtype=first.dtype)
         for k, i in enumerate(rows):
+            cross[:, :, k] = self.cross[k][i, :, :, :src_length]
             self_att[:, :, k, : k + 1] = self.self_[k][i]
         return cross, self_att
 
