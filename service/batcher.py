@@ -230,6 +230,13 @@ class TimedBackend:
         return getattr(self.inner, name)
 
 
+def _emit_token(item: _Item, token_id: int) -> None:
+    """Stream a generated token to the job's RPC thread, unless the job is not streamed or already over."""
+    events = item.job.events
+    if events is not None and not item.job.finished:
+        events.put(int(token_id))
+
+
 def batch_key(options: TranslateOptions) -> tuple:
     """Sentences share a batch only when one search serves them all: search_ids takes one max_length."""
     return (options.search_key(), options.max_length)
@@ -442,14 +449,7 @@ class Batcher:
                 start_at = waiting[0].job.arrival + self.settings.max_queue_delay_s
                 now = time.monotonic()
                 if full or now >= start_at or self._closed or waiting[0].job.urgent:
-                    key = batch_key(chosen[0].job.options)
-                    taken = {id(item) for item in chosen}
-                    rest = [item for item in waiting if id(item) not in taken]
-                    if rest:
-                        self._pending[key] = rest
-                    else:
-                        del self._pending[key]
-                    self._set_depth(self._depth - len(chosen))
+                    self._dequeue(chosen)
                     self._busy += 1
                     self._running[worker] = {item.job for item in chosen}
                     return chosen
@@ -482,16 +482,14 @@ class Batcher:
         start = time.monotonic()
         self._observe_batch(items, start)
         times = self._timed.reset()
-        delivered = [False] * len(items)
 
         def deliver(row: int, hypothesis: Hypothesis) -> None:
             # A text is answered as soon as its row is done, not when the batch's longest one is.
-            delivered[row] = True
             item = items[row]
             queue_ms, compute_ms = (start - item.job.arrival) * 1000, (time.monotonic() - start) * 1000
             self._deliver(item, hypothesis, queue_ms, compute_ms)
 
-        hypotheses = self.engine.search_ids(
+        self.engine.search_ids(  # every result leaves through `deliver` (on_done)
             [item.job.sources[item.index].ids for item in items],
             options,
             on_token=self._token_sink(items),
@@ -501,9 +499,6 @@ class Batcher:
         )
         self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s)
         self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s)
-        for row, hypothesis in enumerate(hypotheses):
-            if hypothesis is not None and not delivered[row]:  # an engine that does not call on_done
-                deliver(row, hypothesis)
 
     def _run_stream(self, worker: int, items: list[_Item]) -> None:
         """Iteration-level batching: the batch decodes step by step, and between steps the queued sentences
@@ -520,12 +515,8 @@ class Batcher:
             now = time.monotonic()
             self._deliver(item, hypothesis, (joined - item.job.arrival) * 1000, (now - joined) * 1000)
 
-        def on_token(item: _Item, token_id: int) -> None:
-            if item.job.events is not None and not item.job.finished:
-                item.job.events.put(int(token_id))
-
         stream = self.engine.stream(
-            options, on_token=on_token, on_done=deliver, is_abandoned=lambda item: self._gone(item.job)
+            options, on_token=_emit_token, on_done=deliver, is_abandoned=lambda item: self._gone(item.job)
         )
         times = self._timed.reset()
         widest = 0
@@ -581,20 +572,20 @@ class Batcher:
                     continue
                 chosen.append(item)
                 widest = width
-            for item in chosen:
-                self._remove_item(item)
-            if chosen:
-                self._set_depth(self._depth - len(chosen))
-                self._running[worker] |= {item.job for item in chosen}
+            self._dequeue(chosen)
+            self._running[worker] |= {item.job for item in chosen}
             return chosen
 
-    def _remove_item(self, item: _Item) -> None:
-        key = batch_key(item.job.options)
-        rest = [queued for queued in self._pending[key] if queued is not item]
-        if rest:
-            self._pending[key] = rest
-        else:
-            del self._pending[key]
+    def _dequeue(self, items: list[_Item]) -> None:
+        """Take sentences that a worker starts out of the queue (one pass per batch key they come from)."""
+        taken = {id(item) for item in items}
+        for key in {batch_key(item.job.options) for item in items}:
+            rest = [item for item in self._pending[key] if id(item) not in taken]
+            if rest:
+                self._pending[key] = rest
+            else:
+                del self._pending[key]
+        self._set_depth(self._depth - len(items))
 
     def _gone(self, job: Job) -> bool:
         """Whether nobody waits for the job any more: failed (cancelled, ...) or past its deadline."""
@@ -622,9 +613,7 @@ class Batcher:
             return None
 
         def on_token(row: int, token_id: int) -> None:
-            events = items[row].job.events
-            if events is not None and not items[row].job.finished:
-                events.put(int(token_id))
+            _emit_token(items[row], token_id)
 
         return on_token
 

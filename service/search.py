@@ -141,6 +141,24 @@ def search(
     return run.beam(src, int(beam_size))
 
 
+def never_specials(log_probs: np.ndarray, pad_id: int, bos_id: int) -> np.ndarray:
+    """log_probs [N,V] with <pad> and <s> at -inf (they are never produced); a writable float copy when the
+    backend handed out a read-only or non-float array."""
+    if not log_probs.flags.writeable or not np.issubdtype(log_probs.dtype, np.floating):
+        log_probs = log_probs.astype(np.float32)
+    log_probs[:, pad_id] = -np.inf
+    log_probs[:, bos_id] = -np.inf
+    return log_probs
+
+
+def padded(sources: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+    """Source ids of different lengths as one right-padded int64 [B, S] array."""
+    src = np.full((len(sources), max(len(source) for source in sources)), pad_id, dtype=np.int64)
+    for row, source in enumerate(sources):
+        src[row, : len(source)] = source
+    return src
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
@@ -211,10 +229,7 @@ class _Run:
             raise ValueError(
                 f"backend.step returned log_probs of shape {log_probs.shape} for {tokens.shape[0]} rows"
             )
-        if not log_probs.flags.writeable or not np.issubdtype(log_probs.dtype, np.floating):
-            log_probs = log_probs.astype(np.float32)
-        log_probs[:, self.pad_id] = -np.inf
-        log_probs[:, self.bos_id] = -np.inf
+        log_probs = never_specials(log_probs, self.pad_id, self.bos_id)
         if self.with_attention and (cross is None or self_att is None):
             raise ValueError("backend.step returned no attention although with_attention=True")
         return state, log_probs, cross, self_att
@@ -543,11 +558,7 @@ class GreedyStream:
             return
         if min(max_lengths) < 1:
             raise ValueError(f"max_length must be at least 1, got {min(max_lengths)}")
-        width = max(len(source) for source in sources)
-        src = np.full((len(sources), width), self.pad_id, dtype=np.int64)
-        for row, source in enumerate(sources):
-            src[row, : len(source)] = source
-        state, _ = self.backend.encode(src, False)
+        state, _ = self.backend.encode(padded(sources, self.pad_id), False)
         self.state = state if self.state is None else self.backend.merge(self.state, state)
         count = len(sources)
         self.keys += list(keys)
@@ -570,11 +581,7 @@ class GreedyStream:
 
     def _decode(self) -> None:
         self.state, log_probs, _, _ = self.backend.step(self.state, self.tokens, False)
-        log_probs = np.asarray(log_probs)
-        if not log_probs.flags.writeable:
-            log_probs = log_probs.copy()
-        log_probs[:, self.pad_id] = -np.inf
-        log_probs[:, self.bos_id] = -np.inf
+        log_probs = never_specials(np.asarray(log_probs), self.pad_id, self.bos_id)
         chosen = log_probs.argmax(axis=1)
         live = np.flatnonzero(self.running)
         self.log_probs[live] += log_probs[live, chosen[live]]
