@@ -107,15 +107,16 @@ class NoCacheTorchBackend:
 
     def __init__(self, model: Any) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device
 
     def encode(self, src_ids: Any, with_attention: bool) -> tuple[NoCacheState, None]:
         import torch
 
         with torch.inference_mode():
-            src = torch.as_tensor(src_ids, dtype=torch.int64)
+            src = torch.as_tensor(src_ids, dtype=torch.int64, device=self.device)
             padding = self.model.padding_mask(src)
             memory, _ = self.model.encode(src, padding)
-            prefix = torch.zeros((src.shape[0], 0), dtype=torch.int64)
+            prefix = torch.zeros((src.shape[0], 0), dtype=torch.int64, device=self.device)
         return NoCacheState(memory, padding, prefix), None
 
     def step(self, state: NoCacheState, tokens: Any,
@@ -123,16 +124,17 @@ class NoCacheTorchBackend:
         import torch
 
         with torch.inference_mode():
-            prefix = torch.cat([state.prefix, torch.as_tensor(tokens, dtype=torch.int64)[:, None]], dim=1)
+            previous = torch.as_tensor(tokens, dtype=torch.int64, device=self.device)
+            prefix = torch.cat([state.prefix, previous[:, None]], dim=1)
             log_probs, _, _ = self.model.decode_full(prefix, state.memory, state.padding)
-            last = log_probs[:, -1].float().numpy()
+            last = log_probs[:, -1].float().cpu().numpy()
         return NoCacheState(state.memory, state.padding, prefix), last, None, None
 
     def select(self, state: NoCacheState, rows: Any) -> NoCacheState:
         import torch
 
         with torch.inference_mode():
-            index = torch.as_tensor(rows, dtype=torch.int64)
+            index = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
             return NoCacheState(state.memory.index_select(0, index), state.padding.index_select(0, index),
                                 state.prefix.index_select(0, index))
 
@@ -152,6 +154,11 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
     from service.search import search
 
     model, _, _ = load_model(spec["checkpoint"])
+    if spec["device"] == "cuda":
+        # Float32 products as float32 (not TF32), as our engine runs them: the tokens must match.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model = model.to("cuda")
     config = model.config
     # translate_ids is TorchBackend + search with one cap per batch; the caps here are per sentence, as in
     # our engine, so the same two calls are made directly.
@@ -168,7 +175,7 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
 def _ours_runner(engine: str, spec: dict) -> Runner:
     from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
 
-    loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device="cpu",
+    loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device=spec["device"],
                          threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT)
     attention = frozenset(ATTENTION_KINDS) if engine == "ours_attention" else frozenset()
     # No max_length: the engine applies its own per-sentence rule, which Batch.max_lengths mirrors for the
@@ -180,7 +187,8 @@ def _ours_runner(engine: str, spec: dict) -> Runner:
     return Runner(run)
 
 
-def load_translator(path: str | Path, threads: int, compute_type: str, workers: int = 1) -> Any:
+def load_translator(path: str | Path, threads: int, compute_type: str, workers: int = 1,
+                    device: str = "cpu") -> Any:
     """A CTranslate2 Translator built on a short-lived thread (REFERENCE.md): built on the main thread it
     leaves idle OpenMP threads behind that make int8 about 10x slower at small batches."""
     import ctranslate2
@@ -189,7 +197,7 @@ def load_translator(path: str | Path, threads: int, compute_type: str, workers: 
 
     def build() -> None:
         try:
-            holder["translator"] = ctranslate2.Translator(str(path), device="cpu", compute_type=compute_type,
+            holder["translator"] = ctranslate2.Translator(str(path), device=device, compute_type=compute_type,
                                                           intra_threads=threads, inter_threads=workers)
         except BaseException as error:  # re-raised on the caller's thread
             holder["error"] = error
@@ -209,7 +217,8 @@ def _ct2_runner(engine: str, spec: dict) -> Runner:
     vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
     compute_type = "int8" if engine == "ct2_int8" else "float32"
     workers = spec["threads"] if engine == "ct2_f32_workers" else 1
-    translator = load_translator(spec["ct2_dir"], spec["threads"] // workers, compute_type, workers)
+    translator = load_translator(spec["ct2_dir"], spec["threads"] // workers, compute_type, workers,
+                                 spec["device"])
     # Our search never produces <pad> or <s> and may stop at the first step (empty translation): ask the same
     # of CTranslate2 (its min_decoding_length defaults to 1).
     suppress = [[PAD], [BOS]]
@@ -362,6 +371,16 @@ def machine_info(threads: int) -> dict:
             "versions": versions, "load_average_at_start": list(os.getloadavg())}
 
 
+def gpu_info() -> str | None:
+    """The GPU as nvidia-smi names it (name, driver, memory); None without one."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def check_same_model(checkpoint: Path, repository: Path, name: str, version: int | None) -> Path:
     """The repository version must be an export of the checkpoint: same architecture and tokenizer."""
     from service.repository import resolve
@@ -454,6 +473,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
     parser.add_argument("--sentences", type=int, default=512, help="test-split sentences per batch size")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every engine runs (cuda: onnxruntime's CUDA provider, PyTorch and "
+                             "CTranslate2 on the GPU)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="least time per measurement")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
@@ -498,10 +520,12 @@ def main(argv: list[str] | None = None) -> dict:
                        for size in args.batch_sizes}
     report: dict[str, Any] = {
         "command": shlex.join(["translator-bench", "engine", *argv]), "argv": argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(args.threads),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine_info(args.threads), "gpu": gpu_info() if args.device == "cuda" else None},
         "settings": {"checkpoint": str(checkpoint), "repository": str(repository), "model": args.model,
                      "model_version_dir": str(version_dir), "batch_sizes": args.batch_sizes,
-                     "sentences": args.sentences, "threads": args.threads, "rounds": args.rounds,
+                     "sentences": args.sentences, "threads": args.threads, "device": args.device,
+                     "rounds": args.rounds,
                      "min_seconds": args.min_seconds, "engines": args.engines,
                      "max_length_rule": "per sentence: min(2 * source length (</s> included) + 10, "
                                         f"{MAX_LENGTH_LIMIT}); CTranslate2 gets the batch maximum and its "
@@ -510,8 +534,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "architecture": meta},
         "engine_labels": {e: ENGINES[e] for e in args.engines},
     }
-    print(f"translator-bench engine: {len(args.engines)} engines, batch sizes {args.batch_sizes}, "
-          f"{args.sentences} sentences each, {args.threads} threads, {args.rounds} rounds", flush=True)
+    print(f"translator-bench engine: {len(args.engines)} engines on {args.device}, batch sizes "
+          f"{args.batch_sizes}, {args.sentences} sentences each, {args.threads} threads, "
+          f"{args.rounds} rounds", flush=True)
+    if args.device == "cuda":
+        print(f"  GPU: {report['machine']['gpu']}", flush=True)
     load = os.getloadavg()[0]
     if load > 0.5:
         # OpenMP engines (PyTorch, CTranslate2) spin at barriers: a preempted worker thread stalls all of
@@ -523,7 +550,8 @@ def main(argv: list[str] | None = None) -> dict:
         work_dir = Path(scratch)
         ct2_dir = Path(args.ct2_dir).resolve() if args.ct2_dir else work_dir / "ctranslate2"
         common = {"checkpoint": str(checkpoint), "repository": str(repository), "model": args.model,
-                  "version": args.version, "ct2_dir": str(ct2_dir), "threads": args.threads}
+                  "version": args.version, "ct2_dir": str(ct2_dir), "threads": args.threads,
+                  "device": args.device}
 
         # Parity on the largest batch size's batches: the same sentences every timed pass translates.
         parity_size = str(max(args.batch_sizes))

@@ -7,7 +7,11 @@ passed from one step to the next.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import functools
+import io
+import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +32,8 @@ from service.repository import (
 )
 from service.search import GreedyStream, Hypothesis, padded, search
 from service.vocabulary import EncodedText, Vocabulary
+
+log = logging.getLogger(__name__)
 
 ATTENTION_KINDS = ("cross", "decoder_self", "encoder_self")
 
@@ -116,12 +122,35 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the `nvidia-*` pip packages before the first CUDA session.
+
+    onnxruntime-gpu does not link them from there itself; without this, a machine whose CUDA comes from pip
+    (no system toolkit) fails to create the CUDA provider and onnxruntime quietly falls back to the CPU.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime < 1.21: the libraries must be on the loader's path
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # it reports what it could not load on stdout
+        preload()
+    if printed.getvalue().strip():
+        log.warning("loading CUDA libraries: %s", " ".join(printed.getvalue().split()))
+
+
+# Float32 matrix products in float32, not TF32 (the CUDA provider's default on Ampere and later): TF32 keeps
+# 10 mantissa bits, which moves log-probs by ~1e-3 and can flip a greedy choice against the PyTorch model.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
 def choose_providers(device: str) -> list[str]:
     """`auto` takes CUDA when onnxruntime-gpu sees a GPU; `cuda` insists on it; `cpu` never uses it."""
     available = available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
+        preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise ModelLoadError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
@@ -144,8 +173,11 @@ def make_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    provider_options = [CUDA_OPTIONS if name == "CUDAExecutionProvider" else {} for name in providers]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=providers, provider_options=provider_options
+        )
     except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelLoadError(f"{path}: onnxruntime cannot load it ({error})") from error
 
@@ -525,6 +557,12 @@ class Engine:
         )
         self.provider = encoder.get_providers()[0]
         on_cuda = self.provider == "CUDAExecutionProvider"
+        if device == "cuda" and not (on_cuda and decoder.get_providers()[0] == self.provider):
+            # onnxruntime logs a failed CUDA provider and carries on with the CPU; asked for CUDA, we do not.
+            raise ModelLoadError(
+                f"{model.path}: device 'cuda' asked for, but onnxruntime could not start its CUDA provider "
+                "(its log above says why: usually a CUDA or cuDNN library it cannot find)"
+            )
         self._lane_pool = (
             ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="engine-lane") if self.lanes > 1 else None
         )

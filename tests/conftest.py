@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 DEFAULT_MODEL = "toy-en-es"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / DEFAULT_MODEL
+# Where the default model's parity tests run the engine: `TRANSLATOR_TEST_DEVICE=cuda` runs them on a GPU
+# (onnxruntime-gpu installed); everything else in the suite is CPU-only.
+ENGINE_DEVICE = os.environ.get("TRANSLATOR_TEST_DEVICE", "cpu")
 
 WORDS = (
     "the a big red small dog cat house sees saw will see her him and with in that el la perro gato casa "

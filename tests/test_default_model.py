@@ -15,7 +15,7 @@ from model.transformer import Transformer
 from service.engine import Engine, TranslateOptions, Translation, lane_parts
 from service.repository import resolve, sha256
 from service.vocabulary import Vocabulary
-from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY
+from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY, ENGINE_DEVICE
 
 PARITY_SENTENCES = 500
 Checkpoint = tuple[Transformer, Vocabulary, dict]
@@ -23,7 +23,21 @@ Checkpoint = tuple[Transformer, Vocabulary, dict]
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
+    """On ENGINE_DEVICE: the parity tests below run unchanged on a GPU."""
+    return Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device=ENGINE_DEVICE, threads=2)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine() -> Engine:
     return Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2)
+
+
+def test_the_engine_runs_on_the_device_asked_for(engine: Engine) -> None:
+    expected = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[ENGINE_DEVICE]
+    assert engine.provider == expected
+    # Caches stay on the GPU between steps (IO binding); on CPU there is nothing to spare.
+    assert engine.io_binding == (ENGINE_DEVICE == "cuda")
+    assert engine.lanes == (1 if ENGINE_DEVICE == "cuda" else 2)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +120,9 @@ def assert_same_translations(ours: list[Translation], expected: list[Translation
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> None:
+def test_io_binding_on_cpu_equals_plain_mode(cpu_engine: Engine, beam_size: int) -> None:
     """IO binding (automatic on CUDA) forced on CPU: the same tokens, scores and maps as numpy feeds."""
+    engine = cpu_engine
     assert not engine.io_binding  # CPU default: plain mode
     bound = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, io_binding=True)
     examples = toy_split("test", 64)  # mixed lengths: rows finish at different steps, `select` runs
@@ -120,8 +135,9 @@ def test_io_binding_on_cpu_equals_plain_mode(engine: Engine, beam_size: int) -> 
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_lanes_give_the_results_of_one_lane(engine: Engine, beam_size: int) -> None:
+def test_lanes_give_the_results_of_one_lane(cpu_engine: Engine, beam_size: int) -> None:
     """A batch split over two parallel lanes: the same tokens, scores and maps as decoded in one piece."""
+    engine = cpu_engine
     assert engine.lanes == 2  # two threads on CPU: two lanes
     single = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lanes=1)
     assert single.lanes == 1
@@ -134,8 +150,9 @@ def test_lanes_give_the_results_of_one_lane(engine: Engine, beam_size: int) -> N
     assert_same_translations(ours, expected)
 
 
-def test_lane_callbacks_get_the_callers_row_numbers(engine: Engine) -> None:
+def test_lane_callbacks_get_the_callers_row_numbers(cpu_engine: Engine) -> None:
     """on_token, is_abandoned and on_done are called from both lanes with the whole batch's row numbers."""
+    engine = cpu_engine
     sources = engine.encode_texts([e.source for e in toy_split("test", 40)])
     ids = [s.ids for s in sources]
     streamed: dict[int, list[int]] = {row: [] for row in range(len(ids))}
@@ -179,7 +196,7 @@ def test_lane_parts_cover_every_row_once_by_length() -> None:
 def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int) -> None:
     """Iteration-level batching: sentences join a running batch at different steps, rows leave when done;
     each gets the tokens and score of the batch search."""
-    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=lanes)
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device=ENGINE_DEVICE, threads=lanes)
     texts = [e.source for e in toy_split("test", 60)]
     sources = [s.ids for s in engine.encode_texts(texts)]
     options = TranslateOptions()
