@@ -265,10 +265,10 @@ def _batches_from(raw: list[dict]) -> list[Batch]:
 
 def worker_prepare(spec: dict) -> dict:
     """Convert the checkpoint for CTranslate2, then translate the parity batches with every engine."""
-    from model.ctranslate2_convert import convert_to_ctranslate2
-
     started = time.perf_counter()
     if any(engine.startswith("ct2") for engine in spec["engines"]):
+        from model.ctranslate2_convert import convert_to_ctranslate2
+
         convert_to_ctranslate2(spec["checkpoint"], spec["ct2_dir"])
         print(f"  converted {spec['checkpoint']} for CTranslate2 in {time.perf_counter() - started:.1f}s",
               flush=True)

@@ -1,6 +1,7 @@
 """`translator-export`: a checkpoint as an encoder graph and a decoder-step graph in a model repository.
 
 Layout, as in Triton: `<repository>/<model-name>/<version>/` holding `encoder.onnx`, `decoder.onnx`,
+`select.onnx` (the decoder state's row selection, so that caches on a GPU never cross to the host),
 `tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums).
 """
 
@@ -14,15 +15,19 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 from model.transformer import Transformer
 from service.repository import (
     ENCODER_INPUTS,
+    GRAPH_FILES,
     MODEL_FORMAT,
     decoder_inputs,
     decoder_outputs,
     encoder_outputs,
+    select_inputs,
+    select_outputs,
     sha256,
 )
 
@@ -147,6 +152,43 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+def select_graph(n_layers: int) -> onnx.ModelProto:
+    """The search's `select` on the decoder state: keep / reorder / repeat rows (Gather on the batch axis),
+    dropping the self-attention cache entries before `cache_start` (left padding no kept row needs) and the
+    cross keys/values beyond `source_width` (source padding no kept row needs). Written node by node: it
+    has no weights, and onnxruntime runs it where the caches are, so on a GPU they never visit the host."""
+    nodes = []
+    inputs = [
+        helper.make_tensor_value_info("rows", TensorProto.INT64, ["kept"]),
+        helper.make_tensor_value_info("cache_start", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("source_width", TensorProto.INT64, [1]),
+    ]
+    outputs = []
+    constants = [
+        helper.make_tensor("length_axis", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("to_the_end", TensorProto.INT64, [1], [2**63 - 1]),
+    ]
+    for name, kept in zip(select_inputs(n_layers)[3:], select_outputs(n_layers), strict=True):
+        if "self" in name:  # a self-attention cache: [cache_start, end) of its length axis
+            length, start, end = "past", "cache_start", "to_the_end"
+        else:  # cross keys/values: [0, source_width) of the source axis
+            length, start, end = "source", "zero", "source_width"
+        inputs.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "heads", length, "head_dim"])
+        )
+        outputs.append(
+            helper.make_tensor_value_info(kept, TensorProto.FLOAT, ["kept", "heads", None, "head_dim"])
+        )
+        nodes.append(helper.make_node("Gather", [name, "rows"], [f"{kept}.rows"], axis=0))
+        nodes.append(helper.make_node("Slice", [f"{kept}.rows", start, end, "length_axis"], [kept]))
+    graph = helper.make_graph(nodes, "select", inputs, outputs, initializer=constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="translator-export")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def export_checkpoint(
     checkpoint: str | Path, repository: str | Path, name: str, version: int, metrics: dict | None = None
 ) -> Path:
@@ -160,6 +202,7 @@ def export_checkpoint(
     started = time.time()
     print(f"exporting {checkpoint} -> {out_dir}", flush=True)
     export_graphs(model, out_dir)
+    onnx.save(select_graph(model.config.n_decoder_layers), str(out_dir / "select.onnx"))
     shutil.copyfile(Path(checkpoint) / "tokenizer.json", out_dir / "tokenizer.json")
     config = model.config
     description = {
@@ -185,13 +228,18 @@ def export_checkpoint(
                 "inputs": list(decoder_inputs(config.n_decoder_layers)),
                 "outputs": list(decoder_outputs(config.n_decoder_layers)),
             },
+            "select": {
+                "file": "select.onnx",
+                "inputs": list(select_inputs(config.n_decoder_layers)),
+                "outputs": list(select_outputs(config.n_decoder_layers)),
+            },
         },
         "training": {
             "metrics": {**meta.get("metrics", {}), **(metrics or {})},
             "data": meta.get("data", {}),
             "config": meta.get("train", {}),
         },
-        "checksums": {f: sha256(out_dir / f) for f in ("encoder.onnx", "decoder.onnx", "tokenizer.json")},
+        "checksums": {f: sha256(out_dir / f) for f in (*GRAPH_FILES, "tokenizer.json")},
     }
     (out_dir / "model.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     print(

@@ -29,6 +29,8 @@ from service.repository import (
     decoder_outputs,
     encoder_outputs,
     resolve,
+    select_inputs,
+    select_outputs,
 )
 from service.search import GreedyStream, Hypothesis, padded, search
 from service.vocabulary import EncodedText, Vocabulary
@@ -219,8 +221,12 @@ class OnnxBackend:
         io_binding: bool = False,
         device_type: str = "cpu",
         device_id: int = 0,
+        selector: ort.InferenceSession | None = None,
     ) -> None:
         self.io_binding = io_binding
+        # select.onnx: row selection where the caches are (IO binding); without it, a host round trip.
+        self.selector = selector
+        self.select_output_names = list(select_outputs(n_layers))
         self.device_type = device_type
         self.device_id = device_id
         self.encoder = encoder
@@ -415,17 +421,19 @@ class OnnxBackend:
         # Trimming the source columns that no kept row uses spares the cross-attention work on padding.
         width = int((~mask).sum(axis=1).max()) if len(rows) else mask.shape[1]
 
-        # np.take, not x[rows]: it returns a contiguous array (onnxruntime would copy a non-contiguous
-        # input again on every later step); the cross keys/values are trimmed to `width` first.
-        # In the IO-binding mode the device OrtValues make a host round trip here (device -> numpy -> take
-        # -> device). The search calls select only when rows are dropped, repeated or reordered (beam
-        # expansion/reordering, finished rows leaving), not on every step, so the caches otherwise stay
-        # on the device.
         # Likewise the leading cache entries that are left padding for every kept row (rows that joined a
         # running batch later): none when the rows started together.
+        # Device caches (IO binding) are selected by the select graph where they are: a round trip through
+        # the host cost a GPU half of a batch-512 decode.
         positions = state.positions[rows]
         lead = cache_length(state.self_key[0]) - int(positions.max()) if len(rows) else 0
+        if self.selector is not None and len(rows) and not isinstance(state.cross_key[0], np.ndarray):
+            self_key, self_value, cross_key, cross_value = self._select_bound(state, rows, lead, width)
+            return DecoderState(self_key, self_value, cross_key, cross_value,
+                                np.ascontiguousarray(mask[:, :width]), positions)
 
+        # np.take, not x[rows]: it returns a contiguous array (onnxruntime would copy a non-contiguous
+        # input again on every later step); the cross keys/values are trimmed to `width` first.
         def take(value: Cache, columns: int | None = None, lead: int = 0) -> Cache:
             host = to_host(value)
             if columns is not None:
@@ -441,6 +449,27 @@ class OnnxBackend:
             np.ascontiguousarray(mask[:, :width]),
             positions,
         )
+
+    def _select_bound(
+        self, state: DecoderState, rows: np.ndarray, cache_start: int, source_width: int
+    ) -> tuple[list[Cache], list[Cache], list[Cache], list[Cache]]:
+        """`select` by the select graph, on the caches' device: kept caches per layer (self key, self
+        value, cross key, cross value), the leading `cache_start` entries and the source columns from
+        `source_width` on dropped."""
+        binding = self.selector.io_binding()
+        binding.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
+        binding.bind_cpu_input("cache_start", np.array([cache_start], dtype=np.int64))
+        binding.bind_cpu_input("source_width", np.array([source_width], dtype=np.int64))
+        for i in range(self.n_layers):
+            self._bind_input(binding, f"self_key.{i}", state.self_key[i])
+            self._bind_input(binding, f"self_value.{i}", state.self_value[i])
+            self._bind_input(binding, f"cross_key.{i}", state.cross_key[i])
+            self._bind_input(binding, f"cross_value.{i}", state.cross_value[i])
+        for name in self.select_output_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.selector.run_with_iobinding(binding)
+        kept = binding.get_outputs()  # per layer: self key, self value, cross key, cross value
+        return kept[0::4], kept[1::4], kept[2::4], kept[3::4]
 
 
 # What one more encoder run costs on CPU, in padded source positions: onnxruntime's fixed cost per run of the
@@ -540,20 +569,28 @@ class Engine:
         graphs = model.description["graphs"]
         encoder = make_session(model.file("encoder.onnx"), self.providers, lane_threads, spinning)
         decoder = make_session(model.file("decoder.onnx"), self.providers, lane_threads, spinning)
+        selector = make_session(model.file("select.onnx"), self.providers, 1, spinning)
         layers = architecture.n_decoder_layers
         check_signature(
             encoder,
             model.file("encoder.onnx"),
             ENCODER_INPUTS,
             encoder_outputs(architecture.n_encoder_layers, layers),
-            graphs["encoder"],
+            graphs.get("encoder", {}),
         )
         check_signature(
             decoder,
             model.file("decoder.onnx"),
             decoder_inputs(layers),
             decoder_outputs(layers),
-            graphs["decoder"],
+            graphs.get("decoder", {}),
+        )
+        check_signature(
+            selector,
+            model.file("select.onnx"),
+            select_inputs(layers),
+            select_outputs(layers),
+            graphs.get("select", {}),
         )
         self.provider = encoder.get_providers()[0]
         on_cuda = self.provider == "CUDAExecutionProvider"
@@ -580,6 +617,7 @@ class Engine:
             io_binding=self.io_binding,
             device_type="cuda" if on_cuda else "cpu",
             device_id=0,
+            selector=selector,
         )
         self.max_length_limit = max_length_limit
         self._check_shapes()

@@ -1,4 +1,4 @@
-"""The model repository: `<repository>/<model>/<version>/` with both graphs, tokenizer.json and model.json.
+"""The model repository: `<repository>/<model>/<version>/` with the graphs, tokenizer.json and model.json.
 
 Loading checks everything it can before a request arrives, and every error names the file at fault.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_FORMAT = "translator-onnx-v3"
+MODEL_FORMAT = "translator-onnx-v4"
 # Graph signatures. Caches and attention maps are one tensor per decoder layer (`name.{i}`, i = 0..L-1), not
 # stacked [L, ...] tensors: stacking and splitting them cost the decoder-step graph a third of its kernel
 # time (Concat/Split every step). Per layer i:
@@ -22,6 +22,10 @@ MODEL_FORMAT = "translator-onnx-v3"
 #   decoder outputs  present_self_key.{i}, present_self_value.{i}  [B, H, t+1, Dh]
 #                    cross_attention.{i}                       [B, H, 1, S]
 #                    self_attention.{i}                        [B, H, 1, t+1]
+#   select inputs    rows [N] int64, cache_start [1] int64, source_width [1] int64,
+#                    self_key.{i}, self_value.{i} [B, H, t, Dh], cross_key.{i}, cross_value.{i} [B, H, S, Dh]
+#   select outputs   kept_self_key.{i}, kept_self_value.{i}    [N, H, t - cache_start, Dh]
+#                    kept_cross_key.{i}, kept_cross_value.{i}  [N, H, source_width, Dh]
 ENCODER_INPUTS = ("src_ids", "src_padding_mask")
 
 
@@ -57,7 +61,21 @@ def decoder_outputs(n_layers: int) -> tuple[str, ...]:
     )
 
 
-REQUIRED_FILES = ("model.json", "encoder.onnx", "decoder.onnx", "tokenizer.json")
+def select_inputs(n_layers: int) -> tuple[str, ...]:
+    return (
+        "rows",
+        "cache_start",
+        "source_width",
+        *per_layer(("self_key", "self_value", "cross_key", "cross_value"), n_layers),
+    )
+
+
+def select_outputs(n_layers: int) -> tuple[str, ...]:
+    return per_layer(("kept_self_key", "kept_self_value", "kept_cross_key", "kept_cross_value"), n_layers)
+
+
+GRAPH_FILES = ("encoder.onnx", "decoder.onnx", "select.onnx")
+REQUIRED_FILES = ("model.json", *GRAPH_FILES, "tokenizer.json")
 
 
 class ModelLoadError(RuntimeError):

@@ -15,7 +15,7 @@ import torch
 
 from model.decoding import translate_ids
 from model.train import load_model
-from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.engine import ATTENTION_KINDS, DecoderState, Engine, TranslateOptions
 from service.repository import (
     MODEL_FORMAT,
     ModelLoadError,
@@ -23,6 +23,8 @@ from service.repository import (
     decoder_outputs,
     encoder_outputs,
     resolve,
+    select_inputs,
+    select_outputs,
 )
 from tests.conftest import ROOT, WORDS
 
@@ -38,13 +40,14 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
         "decoder.onnx",
         "encoder.onnx",
         "model.json",
+        "select.onnx",
         "tokenizer.json",
     ]
-    for graph in ("encoder.onnx", "decoder.onnx"):
+    for graph in ("encoder.onnx", "decoder.onnx", "select.onnx"):
         onnx.checker.check_model(onnx.load(str(folder / graph)), full_check=True)
     description = json.loads((folder / "model.json").read_text())
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
-    assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "tokenizer.json"}
+    assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json"}
     assert description["format"] == MODEL_FORMAT
     architecture = description["architecture"]
     layers = architecture["n_decoder_layers"]
@@ -53,6 +56,8 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert description["graphs"]["encoder"]["outputs"] == list(
         encoder_outputs(architecture["n_encoder_layers"], layers)
     )
+    assert description["graphs"]["select"]["inputs"] == list(select_inputs(layers))
+    assert description["graphs"]["select"]["outputs"] == list(select_outputs(layers))
 
 
 def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_repository: Path) -> None:
@@ -329,3 +334,40 @@ def test_io_binding_on_cpu_equals_plain_mode(tiny_repository: Path, beam_size: i
     )
     assert [h.tokens for h in bound_ids] == [h.tokens for h in plain_ids]
     np.testing.assert_allclose([h.score for h in bound_ids], [h.score for h in plain_ids], rtol=0, atol=1e-6)
+
+
+def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
+    """select.onnx (device-side `select` in the IO-binding mode) against numpy's selection: rows dropped,
+    reordered and repeated, leading cache padding (rows that joined later) and unused source columns cut."""
+    plain = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    bound = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, io_binding=True)
+    assert bound.backend.selector is not None
+    architecture = plain.model.architecture
+    layers, heads, head_dim = architecture.n_decoder_layers, architecture.n_heads, architecture.head_dim
+    rng = np.random.default_rng(3)
+    batch, past, source = 5, 7, 9
+
+    def caches(length: int) -> list[np.ndarray]:
+        shape = (batch, heads, length, head_dim)
+        return [rng.standard_normal(shape).astype(np.float32) for _ in range(layers)]
+
+    self_key, self_value, cross_key, cross_value = caches(past), caches(past), caches(source), caches(source)
+    lengths = np.array([9, 3, 6, 4, 2])
+    mask = np.arange(source)[None, :] >= lengths[:, None]
+    positions = np.array([7, 2, 7, 5, 3])  # rows 1, 3 and 4 joined later: left-padded caches
+    state = DecoderState(self_key, self_value, cross_key, cross_value, mask, positions)
+    on_device = DecoderState(*[[ort.OrtValue.ortvalue_from_numpy(a) for a in part]
+                               for part in (self_key, self_value, cross_key, cross_value)], mask, positions)
+    for rows in ([3, 1, 3, 4], [0, 2], [4]):
+        expected = plain.backend.select(state, np.array(rows))
+        kept = bound.backend.select(on_device, np.array(rows))
+        np.testing.assert_array_equal(kept.src_padding_mask, expected.src_padding_mask)
+        np.testing.assert_array_equal(kept.positions, expected.positions)
+        for name in ("self_key", "self_value", "cross_key", "cross_value"):
+            for ours, theirs in zip(getattr(kept, name), getattr(expected, name), strict=True):
+                assert isinstance(ours, ort.OrtValue)  # stayed on the device: no host round trip
+                np.testing.assert_array_equal(ours.numpy(), theirs)
+    # The cuts were exercised: rows [3, 1, 3, 4] need 5 cache entries of 7 and 4 source columns of 9.
+    cut = plain.backend.select(state, np.array([3, 1, 3, 4]))
+    assert cut.self_key[0].shape == (4, heads, 5, head_dim)
+    assert cut.cross_key[0].shape == (4, heads, 4, head_dim)
