@@ -3,8 +3,11 @@
 * ``translator-bench engine ...``: greedy throughput of our engine against PyTorch and CTranslate2
   (model/bench_engine.py; ``translator-bench engine --help``).
 * ``translator-bench load ...``: load test of the service (service/bench_load.py, when it is there).
+* ``translator-bench phases ...``: where a greedy batch's time goes inside our engine
+  (service/bench_phases.py).
 
-Subcommands are imported only when chosen: ``engine`` needs torch and CTranslate2, ``load`` should not.
+Subcommands are imported only when chosen: ``engine`` needs torch and CTranslate2, ``load`` and ``phases``
+do not.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 SUBCOMMANDS = {
     "engine": ("model.bench_engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
     "load": ("service.bench_load", "load test of the running service"),
+    "phases": ("service.bench_phases", "time per engine phase (encoder, decoder steps, row selection, host)"),
 }
 
 

@@ -32,6 +32,9 @@ from service.repository import (
 )
 
 OPSET = 17
+# The IR version of opset 17 (what the PyTorch exporter writes): the onnx package's newest is newer than
+# onnxruntime releases accept.
+IR_VERSION = 8
 
 
 class EncoderGraph(nn.Module):
@@ -184,7 +187,7 @@ def select_graph(n_layers: int) -> onnx.ModelProto:
         nodes.append(helper.make_node("Slice", [f"{kept}.rows", start, end, "length_axis"], [kept]))
     graph = helper.make_graph(nodes, "select", inputs, outputs, initializer=constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="translator-export")
+                              producer_name="translator-export", ir_version=IR_VERSION)
     onnx.checker.check_model(model, full_check=True)
     return model
 
