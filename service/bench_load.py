@@ -632,7 +632,8 @@ def engine_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """In-process throughput of Engine.translate at each batch size, on batches drawn from the sentences."""
     from service.engine import Engine, TranslateOptions
 
-    engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.server_threads)
+    engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.server_threads,
+                         lanes=args.server_lanes)
     positions = engine.model.description["architecture"].get("max_positions")
     if isinstance(positions, int):  # as the server does (service.server.TranslatorServer._limits)
         engine.max_length_limit = min(engine.max_length_limit, positions)
@@ -698,6 +699,8 @@ def run_engine_baseline(args: argparse.Namespace, batch_sizes: list[int]) -> dic
     ]
     if args.server_threads:
         command += ["--server-threads", str(args.server_threads)]
+    if args.server_lanes:
+        command += ["--server-lanes", str(args.server_lanes)]
     if args.attention:
         command += ["--attention", ",".join(args.attention)]
     if args.beam_size:
@@ -842,6 +845,8 @@ def _spawn_extra(args: argparse.Namespace, concurrency: list[int]) -> dict[str, 
     extra = {"device": args.device, "log_level": "INFO"}
     if args.server_threads:
         extra["threads"] = str(args.server_threads)
+    if args.server_lanes:
+        extra["lanes"] = str(args.server_lanes)
     # Each in-flight call takes one of --max-concurrent-rpcs (and holds a gRPC thread; --grpc-threads follows
     # with its reserve): enough of them that every client can be in the batcher.
     extra["max_concurrent_rpcs"] = str(max(ServerConfig().max_concurrent_rpcs, max([*concurrency, 1])))
@@ -1059,6 +1064,7 @@ def _config(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         "model": None if args.server else args.model,
         "device": args.device,
         "server_threads": args.server_threads,
+        "server_lanes": args.server_lanes,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "timeout_s": args.timeout_s,
@@ -1299,6 +1305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-threads",
         type=int,
         help="onnxruntime threads of spawned servers and the engine baseline (default: one per core)",
+    )
+    target.add_argument(
+        "--server-lanes",
+        type=int,
+        help="decoding lanes of spawned servers and the engine baseline (default: the server's)",
     )
     target.add_argument(
         "--log-dir", type=Path, help="where spawned servers write their logs (default: a temporary folder)"

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (CPU: one lane each)")
+    parser.add_argument("--lanes", type=int, help="decoding lanes (default: one per thread on CPU, 1 on GPU)")
     parser.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
                         help="caches kept as device values between steps (auto: on for CUDA)")
     parser.add_argument("--batch-sizes", default="1,32,128,512", help="comma-separated")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("batch sizes and --sentences must be positive")
     io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
     engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.threads,
-                         io_binding=io_binding)
+                         io_binding=io_binding, lanes=args.lanes)
     texts = read_sentences(args.sentence_file)
     sources = [s.ids for s in engine.encode_texts(texts)]
     print(f"translator-bench phases: {engine.provider}, {engine.lanes} lane(s), IO binding "

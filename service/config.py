@@ -115,10 +115,11 @@ class ServerConfig:
     )
     lanes: int | None = _setting(
         None,
-        "CPU only: parallel decoding lanes a batch is split over; --threads is shared among them",
+        "parallel decoding lanes a batch is split over (CPU: --threads is shared among them; GPU: their "
+        "kernel launches overlap)",
         _optional_int,
         metavar="N",
-        shown="one per thread",
+        shown="one per thread on CPU, 1 on GPU",
     )
     # Dynamic batching.
     iteration_batching: str = _setting(

@@ -545,8 +545,10 @@ class Engine:
         self.providers = choose_providers(device)
         on_cuda = self.providers[0] == "CUDAExecutionProvider"
         threads = threads or os.cpu_count() or 1
-        # A GPU runs the whole batch at once; on CPU every thread is a lane unless told otherwise.
-        self.lanes = 1 if on_cuda else max(1, min(lanes or threads, threads))
+        # On CPU every thread is a lane unless told otherwise. On a GPU the rows run together anyway; lanes
+        # there only overlap the host's kernel launches (a step of this model is launch-bound): 1 unless
+        # asked.
+        self.lanes = max(1, lanes or 1) if on_cuda else max(1, min(lanes or threads, threads))
         lane_threads = max(1, threads // self.lanes)
         self.vocabulary = Vocabulary.from_file(model.file("tokenizer.json"))
         architecture = model.architecture
