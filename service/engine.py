@@ -596,12 +596,15 @@ class Engine:
         )
         self.provider = encoder.get_providers()[0]
         on_cuda = self.provider == "CUDAExecutionProvider"
-        if device == "cuda" and not (on_cuda and decoder.get_providers()[0] == self.provider):
+        if self.providers[0] == "CUDAExecutionProvider" and not on_cuda:
             # onnxruntime logs a failed CUDA provider and carries on with the CPU; asked for CUDA, we do not.
-            raise ModelLoadError(
-                f"{model.path}: device 'cuda' asked for, but onnxruntime could not start its CUDA provider "
-                "(its log above says why: usually a CUDA or cuDNN library it cannot find)"
-            )
+            reason = "its log above says why: usually a CUDA or cuDNN library it cannot find"
+            if device == "cuda":
+                raise ModelLoadError(
+                    f"{model.path}: device 'cuda' asked for, but onnxruntime could not start its CUDA "
+                    f"provider ({reason})"
+                )
+            log.warning("onnxruntime could not start its CUDA provider (%s): running on the CPU", reason)
         self._lane_pool = (
             ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="engine-lane") if self.lanes > 1 else None
         )

@@ -375,3 +375,22 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
     cut = plain.backend.select(state, np.array([3, 1, 3, 4]))
     assert cut.self_key[0].shape == (4, heads, 5, head_dim)
     assert cut.cross_key[0].shape == (4, heads, 4, head_dim)
+
+
+def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--device cuda` never runs on the CPU by accident: without onnxruntime-gpu it fails at once; with a
+    CUDA provider that onnxruntime cannot start (simulated: this onnxruntime lists one it does not have,
+    so it falls back to the CPU as it does when a CUDA library is missing) it fails naming the cause."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a working CUDA provider")
+    with pytest.raises(ModelLoadError, match="device 'cuda' asked for, but onnxruntime offers only"):
+        Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
+    monkeypatch.setattr(
+        "service.engine.available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    with pytest.raises(ModelLoadError, match="could not start its CUDA provider"):
+        Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
+    # `auto` carries on with the CPU.
+    assert Engine.load(tiny_repository, "tiny", device="auto", threads=1).provider == "CPUExecutionProvider"
