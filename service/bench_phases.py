@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,23 +26,32 @@ from service.engine import Engine, TranslateOptions
 PHASES = ("encode", "step", "select")
 
 
-def timed(method: Callable[..., Any], totals: dict[str, list[float]], name: str) -> Callable[..., Any]:
+def timed(
+    method: Callable[..., Any], totals: dict[str, list[float]], name: str, lock: threading.Lock
+) -> Callable[..., Any]:
+    """`method`, adding its calls and seconds to totals[name] (under `lock`: lanes call it concurrently)."""
     def run(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         try:
             return method(*args, **kwargs)
         finally:
-            entry = totals[name]
-            entry[0] += 1
-            entry[1] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            with lock:
+                totals[name][0] += 1
+                totals[name][1] += elapsed
     return run
 
 
 def measure(engine: Engine, sources: list[list[int]], batch_size: int, min_sentences: int) -> dict[str, Any]:
     """Greedy search over consecutive batches of `sources` (at least `min_sentences`, whole batches)."""
+    if not sources:
+        raise ValueError("no sentences to translate")
     totals: dict[str, list[float]] = {name: [0, 0.0] for name in PHASES}
+    lock = threading.Lock()
     backend = engine.backend
     originals = {name: getattr(backend, name) for name in PHASES}
+    # Wrappers go on the instance; whatever the instance itself held before is put back afterwards.
+    own = {name: vars(backend)[name] for name in PHASES if name in vars(backend)}
     options = TranslateOptions()
     engine.search_ids(sources[:batch_size], options)  # warm-up: allocations, kernel selection
     batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
@@ -48,7 +59,7 @@ def measure(engine: Engine, sources: list[list[int]], batch_size: int, min_sente
         batches += batches
     sentences = 0
     for name in PHASES:
-        setattr(backend, name, timed(originals[name], totals, name))
+        setattr(backend, name, timed(originals[name], totals, name, lock))
     try:
         started = time.perf_counter()
         for batch in batches:
@@ -59,7 +70,10 @@ def measure(engine: Engine, sources: list[list[int]], batch_size: int, min_sente
         seconds = time.perf_counter() - started
     finally:
         for name in PHASES:
-            delattr(backend, name)  # the instance attribute hid the class method
+            if name in own:
+                setattr(backend, name, own[name])
+            else:
+                delattr(backend, name)
     phases = {
         name: {"calls": int(calls), "ms_per_call": round(1e3 * spent / calls, 4) if calls else None,
                "share": round(spent / seconds, 4)}
@@ -72,6 +86,7 @@ def measure(engine: Engine, sources: list[list[int]], batch_size: int, min_sente
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per batch size: throughput, then calls, ms per call and share of the time per phase."""
     titles = [f"{name}: calls  ms/call  share" for name in PHASES]
     header = f"{'batch':>6} {'sent/s':>9}" + "".join(f" {title:>34}" for title in titles)
     lines = [header + f" {'host':>6}"]
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wanted = max(1, args.sentences // 8) if size == 1 else args.sentences  # batch 1 is the slow one
         rows.append(measure(engine, sources, size, max(size, wanted)))
         print(f"  batch {size}: {rows[-1]['sentences_per_s']:.1f} sentences/s", file=sys.stderr, flush=True)
-    command = " ".join(["translator-bench", "phases", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["translator-bench", "phases", *(sys.argv[1:] if argv is None else argv)])
     report = {"command": command, "provider": engine.provider, "lanes": engine.lanes,
               "io_binding": engine.io_binding, "threads": args.threads, "rows": rows}
     print(format_table(rows))

@@ -13,6 +13,8 @@ import functools
 import io
 import logging
 import os
+import re
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,6 +126,9 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+_PRELOAD_LOCK = threading.Lock()
+
+
 @functools.cache
 def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from the `nvidia-*` pip packages before the first CUDA session.
@@ -135,10 +140,13 @@ def preload_cuda_libraries() -> None:
     if preload is None:  # onnxruntime < 1.21: the libraries must be on the loader's path
         return
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # it reports what it could not load on stdout
+    # It reports what it could not load on stdout (in colour): caught for the log. redirect_stdout swaps the
+    # process-wide sys.stdout, so engines loading at the same time take turns (functools.cache does not lock).
+    with _PRELOAD_LOCK, contextlib.redirect_stdout(printed):
         preload()
-    if printed.getvalue().strip():
-        log.warning("loading CUDA libraries: %s", " ".join(printed.getvalue().split()))
+    message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", printed.getvalue()).split())
+    if message:
+        log.warning("loading CUDA libraries: %s", message)
 
 
 # Float32 matrix products in float32, not TF32 (the CUDA provider's default on Ampere and later): TF32 keeps
@@ -200,7 +208,7 @@ def check_signature(
 
 
 class OnnxBackend:
-    """The `StepBackend` of service.search over the two exported graphs.
+    """The `StepBackend` of service.search over the exported graphs (encoder, decoder step, select).
 
     `io_binding`: the cross keys/values (encoder outputs) and the decoder's self-attention caches are bound
     as outputs on `device_type`/`device_id` and fed back to the next step as `OrtValue`s, so on a GPU they
@@ -521,14 +529,23 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
     return [part for part in parts if part]
 
 
+def plan_lanes(provider: str, threads: int, lanes: int | None) -> int:
+    """On CPU every thread is a lane unless told otherwise. On a GPU the rows run together anyway; lanes
+    there only overlap the host's kernel launches (a step of this model is launch-bound), and two lanes mean
+    smaller batches in the service (README, "GPU"): 1 unless asked."""
+    if provider == "CUDAExecutionProvider":
+        return max(1, lanes or 1)
+    return max(1, min(lanes or threads, threads))
+
+
 class Engine:
     """Translate texts with a model version: batches, options, attention maps, unknown-word replacement.
 
-    On the CPU provider a batch is decoded in `lanes` parallel parts (rows grouped by source length),
-    each on its own thread running single-threaded onnxruntime calls (onnxruntime releases the GIL while it
-    runs). At this model's size a decoding step is a few hundred small kernels: two threads inside one
-    kernel gain little over one (their hand-offs cost about what the split work saves), while two lanes
-    each on one core give about 1.6x (README, "The engine").
+    A batch is decoded in `lanes` parallel parts (rows grouped by source length), each on its own thread
+    (onnxruntime releases the GIL while it runs). On CPU each lane runs single-threaded onnxruntime calls:
+    at this model's size a decoding step is a few hundred small kernels, and two threads inside one kernel
+    gain little over one (their hand-offs cost about what the split work saves), while two lanes each on
+    one core give about 1.6x (README, "The engine"). On a GPU lanes only overlap kernel launches.
     """
 
     def __init__(
@@ -543,13 +560,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.providers = choose_providers(device)
-        on_cuda = self.providers[0] == "CUDAExecutionProvider"
         threads = threads or os.cpu_count() or 1
-        # On CPU every thread is a lane unless told otherwise. On a GPU the rows run together anyway; lanes
-        # there only overlap the host's kernel launches (a step of this model is launch-bound): 1 unless
-        # asked.
-        self.lanes = max(1, lanes or 1) if on_cuda else max(1, min(lanes or threads, threads))
-        lane_threads = max(1, threads // self.lanes)
         self.vocabulary = Vocabulary.from_file(model.file("tokenizer.json"))
         architecture = model.architecture
         if self.vocabulary.size != architecture.tgt_vocab_size:
@@ -569,9 +580,20 @@ class Engine:
                 f"{model.file('model.json')}: special ids {special} differ from tokenizer.json's {ours}"
             )
         graphs = model.description["graphs"]
-        encoder = make_session(model.file("encoder.onnx"), self.providers, lane_threads, spinning)
-        decoder = make_session(model.file("decoder.onnx"), self.providers, lane_threads, spinning)
-        selector = make_session(model.file("select.onnx"), self.providers, 1, spinning)
+        self.lanes = plan_lanes(self.providers[0], threads, lanes)
+        encoder, decoder, selector = self._sessions(threads, spinning)
+        if self.providers[0] == "CUDAExecutionProvider" and encoder.get_providers()[0] != self.providers[0]:
+            # onnxruntime logs a failed CUDA provider and carries on with the CPU; asked for CUDA, we do not.
+            reason = "its log above says why: usually a CUDA or cuDNN library it cannot find"
+            if device == "cuda":
+                raise ModelLoadError(
+                    f"{model.path}: device 'cuda' asked for, but onnxruntime could not start its CUDA "
+                    f"provider ({reason})"
+                )
+            log.warning("onnxruntime could not start its CUDA provider (%s): running on the CPU", reason)
+            self.providers = ["CPUExecutionProvider"]
+            self.lanes = plan_lanes(self.providers[0], threads, lanes)  # the CPU's lanes, not the GPU's
+            encoder, decoder, selector = self._sessions(threads, spinning)
         layers = architecture.n_decoder_layers
         check_signature(
             encoder,
@@ -596,15 +618,6 @@ class Engine:
         )
         self.provider = encoder.get_providers()[0]
         on_cuda = self.provider == "CUDAExecutionProvider"
-        if self.providers[0] == "CUDAExecutionProvider" and not on_cuda:
-            # onnxruntime logs a failed CUDA provider and carries on with the CPU; asked for CUDA, we do not.
-            reason = "its log above says why: usually a CUDA or cuDNN library it cannot find"
-            if device == "cuda":
-                raise ModelLoadError(
-                    f"{model.path}: device 'cuda' asked for, but onnxruntime could not start its CUDA "
-                    f"provider ({reason})"
-                )
-            log.warning("onnxruntime could not start its CUDA provider (%s): running on the CPU", reason)
         self._lane_pool = (
             ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="engine-lane") if self.lanes > 1 else None
         )
@@ -626,6 +639,17 @@ class Engine:
         )
         self.max_length_limit = max_length_limit
         self._check_shapes()
+
+    def _sessions(
+        self, threads: int, spinning: bool
+    ) -> tuple[ort.InferenceSession, ort.InferenceSession, ort.InferenceSession]:
+        """The encoder, decoder-step and select sessions, each lane's share of the threads per session."""
+        lane_threads = max(1, threads // self.lanes)
+        return (
+            make_session(self.model.file("encoder.onnx"), self.providers, lane_threads, spinning),
+            make_session(self.model.file("decoder.onnx"), self.providers, lane_threads, spinning),
+            make_session(self.model.file("select.onnx"), self.providers, 1, spinning),
+        )
 
     @classmethod
     def load(

@@ -174,6 +174,13 @@ def read_description(path: Path) -> dict[str, Any]:
     for key in ("architecture", "special_ids", "vocabulary_size", "graphs", "checksums"):
         if not isinstance(description.get(key), dict):
             raise ModelLoadError(f"{path}: missing or malformed '{key}'")
+    for graph in GRAPH_FILES:
+        name = graph.removesuffix(".onnx")
+        if not isinstance(description["graphs"].get(name), dict):
+            raise ModelLoadError(f"{path}: missing or malformed 'graphs.{name}'")
+    unchecked = [file for file in (*GRAPH_FILES, "tokenizer.json") if file not in description["checksums"]]
+    if unchecked:
+        raise ModelLoadError(f"{path}: 'checksums' lacks {unchecked}")
     missing = [
         k
         for k in Architecture.__dataclass_fields__

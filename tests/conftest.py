@@ -13,6 +13,8 @@ DEFAULT_CHECKPOINT = ROOT / "checkpoints" / DEFAULT_MODEL
 # Where the default model's parity tests run the engine: `TRANSLATOR_TEST_DEVICE=cuda` runs them on a GPU
 # (onnxruntime-gpu installed); everything else in the suite is CPU-only.
 ENGINE_DEVICE = os.environ.get("TRANSLATOR_TEST_DEVICE", "cpu")
+if ENGINE_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"TRANSLATOR_TEST_DEVICE must be cpu or cuda, not {ENGINE_DEVICE!r}")
 
 WORDS = (
     "the a big red small dog cat house sees saw will see her him and with in that el la perro gato casa "

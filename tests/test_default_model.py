@@ -196,7 +196,7 @@ def test_lane_parts_cover_every_row_once_by_length() -> None:
 def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int) -> None:
     """Iteration-level batching: sentences join a running batch at different steps, rows leave when done;
     each gets the tokens and score of the batch search."""
-    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device=ENGINE_DEVICE, threads=lanes)
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device=ENGINE_DEVICE, threads=lanes, lanes=lanes)
     texts = [e.source for e in toy_split("test", 60)]
     sources = [s.ids for s in engine.encode_texts(texts)]
     options = TranslateOptions()

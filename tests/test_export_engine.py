@@ -264,11 +264,27 @@ def copy_version(tiny_repository: Path, tmp_path: Path) -> Path:
     return tmp_path / "tiny" / "1"
 
 
-def test_missing_file_is_named(tiny_repository: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("graph", ["decoder.onnx", "select.onnx"])
+def test_missing_file_is_named(tiny_repository: Path, tmp_path: Path, graph: str) -> None:
     folder = copy_version(tiny_repository, tmp_path)
-    (folder / "decoder.onnx").unlink()
-    with pytest.raises(ModelLoadError, match=r"decoder\.onnx: missing"):
+    (folder / graph).unlink()
+    with pytest.raises(ModelLoadError, match=rf"{graph}: missing"):
         Engine.load(tmp_path, "tiny")
+
+
+def test_model_json_without_a_graph_entry_or_checksum_is_named(tiny_repository: Path, tmp_path: Path) -> None:
+    folder = copy_version(tiny_repository, tmp_path)
+    description = json.loads((folder / "model.json").read_text())
+    without_select = {**description, "graphs": {**description["graphs"], "select": None}}
+    unchecked = {**description, "checksums": {k: v for k, v in description["checksums"].items()
+                                              if k != "select.onnx"}}
+    for broken, message in (
+        (without_select, r"missing or malformed 'graphs\.select'"),
+        (unchecked, r"'checksums' lacks \['select\.onnx'\]"),
+    ):
+        (folder / "model.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelLoadError, match=rf"model\.json: {message}"):
+            Engine.load(tmp_path, "tiny")
 
 
 def test_corrupt_graph_is_named(tiny_repository: Path, tmp_path: Path) -> None:
@@ -345,7 +361,22 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
     reordered and repeated, leading cache padding (rows that joined later) and unused source columns cut."""
     plain = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     bound = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, io_binding=True)
-    assert bound.backend.selector is not None
+    # The graph must do the work: a host round trip (`_to_device`) would also return OrtValues.
+    graph_runs: list[int] = []
+    selector = bound.backend.selector
+    assert selector is not None
+    real_run = selector.run_with_iobinding
+
+    def counted_run(binding: ort.IOBinding) -> None:
+        graph_runs.append(1)
+        real_run(binding)
+
+    selector.run_with_iobinding = counted_run  # type: ignore[method-assign]
+
+    def no_round_trip(array: np.ndarray) -> ort.OrtValue:
+        raise AssertionError("select copied a device cache through the host")
+
+    bound.backend._to_device = no_round_trip  # type: ignore[method-assign]
     architecture = plain.model.architecture
     layers, heads, head_dim = architecture.n_decoder_layers, architecture.n_heads, architecture.head_dim
     rng = np.random.default_rng(3)
@@ -362,15 +393,22 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
     state = DecoderState(self_key, self_value, cross_key, cross_value, mask, positions)
     on_device = DecoderState(*[[ort.OrtValue.ortvalue_from_numpy(a) for a in part]
                                for part in (self_key, self_value, cross_key, cross_value)], mask, positions)
-    for rows in ([3, 1, 3, 4], [0, 2], [4]):
-        expected = plain.backend.select(state, np.array(rows))
-        kept = bound.backend.select(on_device, np.array(rows))
+    # Step 0: the self-attention caches are still empty host arrays, the cross keys/values on the device.
+    empty = [np.zeros((batch, heads, 0, head_dim), dtype=np.float32) for _ in range(layers)]
+    at_start = DecoderState(empty, empty, cross_key, cross_value, mask, np.zeros(batch, dtype=np.int64))
+    start_on_device = DecoderState(empty, empty, on_device.cross_key, on_device.cross_value, mask,
+                                   at_start.positions)
+    cases = [(state, on_device, rows) for rows in ([3, 1, 3, 4], [0, 2], [4])]
+    for plain_state, device_state, rows in [*cases, (at_start, start_on_device, [2, 0])]:
+        expected = plain.backend.select(plain_state, np.array(rows))
+        kept = bound.backend.select(device_state, np.array(rows))
         np.testing.assert_array_equal(kept.src_padding_mask, expected.src_padding_mask)
         np.testing.assert_array_equal(kept.positions, expected.positions)
         for name in ("self_key", "self_value", "cross_key", "cross_value"):
             for ours, theirs in zip(getattr(kept, name), getattr(expected, name), strict=True):
-                assert isinstance(ours, ort.OrtValue)  # stayed on the device: no host round trip
+                assert isinstance(ours, ort.OrtValue)
                 np.testing.assert_array_equal(ours.numpy(), theirs)
+    assert len(graph_runs) == 4
     # The cuts were exercised: rows [3, 1, 3, 4] need 5 cache entries of 7 and 4 source columns of 9.
     cut = plain.backend.select(state, np.array([3, 1, 3, 4]))
     assert cut.self_key[0].shape == (4, heads, 5, head_dim)
@@ -392,5 +430,6 @@ def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
     )
     with pytest.raises(ModelLoadError, match="could not start its CUDA provider"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
-    # `auto` carries on with the CPU.
-    assert Engine.load(tiny_repository, "tiny", device="auto", threads=1).provider == "CPUExecutionProvider"
+    # `auto` carries on with the CPU, planned as for the CPU (a lane per thread, not the GPU's one).
+    fallen_back = Engine.load(tiny_repository, "tiny", device="auto", threads=2)
+    assert fallen_back.provider == "CPUExecutionProvider" and fallen_back.lanes == 2
