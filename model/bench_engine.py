@@ -149,9 +149,9 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
             torch.set_num_interop_threads(1)  # settable once per process, before any parallel work
         except RuntimeError:
             pass
-    from model.decoding import TorchBackend, pad_batch
+    from model.decoding import TorchBackend
     from model.train import load_model
-    from service.search import search
+    from service.search import padded, search
 
     model, _, _ = load_model(spec["checkpoint"])
     if spec["device"] == "cuda":
@@ -165,7 +165,7 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
     backend = TorchBackend(model) if engine == "torch_cache" else NoCacheTorchBackend(model)
 
     def run(batch: Batch) -> list[list[int]]:
-        results = search(backend, pad_batch(batch.ids, config.pad_id), pad_id=config.pad_id,
+        results = search(backend, padded(batch.ids, config.pad_id), pad_id=config.pad_id,
                          bos_id=config.bos_id, eos_id=config.eos_id,
                          max_length=np.asarray(batch.max_lengths, dtype=np.int64))
         return [h.tokens for h in results if h is not None]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from model.transformer import Transformer
-from service.search import Hypothesis, search
+from service.search import Hypothesis, padded, search
 
 
 @dataclass
@@ -86,14 +86,6 @@ def _to_numpy(x: Tensor) -> np.ndarray:
     return x.float().cpu().numpy()
 
 
-def pad_batch(src_ids: list[list[int]], pad_id: int) -> np.ndarray:
-    """Right-pad token id lists into an int64 [B, S] array."""
-    batch = np.full((len(src_ids), max(map(len, src_ids))), pad_id, dtype=np.int64)
-    for row, ids in enumerate(src_ids):
-        batch[row, : len(ids)] = ids
-    return batch
-
-
 def translate_ids(
     model: Transformer,
     src_ids: list[list[int]],
@@ -118,7 +110,7 @@ def translate_ids(
     try:
         results = search(
             TorchBackend(model),
-            pad_batch(src_ids, config.pad_id),
+            padded(src_ids, config.pad_id),
             pad_id=config.pad_id,
             bos_id=config.bos_id,
             eos_id=config.eos_id,

@@ -75,8 +75,8 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over ``n_heads`` subspaces.
 
     Split into ``project_query`` / ``project_key_value`` / ``attend`` so that incremental decoding can
-    project keys and values once (the source for cross-attention, one new token for self-attention) and
-    hand them back through ``cache``. Key/value tensors in head layout are ``[B, H, Tk, Dh]``.
+    project keys and values once (the source for cross-attention, one new token for self-attention; see the
+    ``step_*`` methods). Key/value tensors in head layout are ``[B, H, Tk, Dh]``.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
@@ -179,21 +179,14 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self,
         query: Tensor,
-        key: Tensor | None,
-        value: Tensor | None,
+        key: Tensor,
+        value: Tensor,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
-        cache: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """query [B,Tq,D], key/value [B,Tk,D] -> (output [B,Tq,D], weights [B,H,Tq,Tk]).
-
-        ``cache``: already projected (key, value) in head layout [B,H,Tk,Dh], used instead of projecting
-        ``key`` and ``value`` (which may then be None).
-        """
-        if cache is None:
-            assert key is not None and value is not None
-            cache = self.project_key_value(key, value)
-        return self.attend(self.project_query(query), *cache, key_padding_mask, attn_mask)
+        """query [B,Tq,D], key/value [B,Tk,D] -> (output [B,Tq,D], weights [B,H,Tq,Tk])."""
+        key, value = self.project_key_value(key, value)
+        return self.attend(self.project_query(query), key, value, key_padding_mask, attn_mask)
 
 
 class FeedForward(nn.Module):
@@ -283,8 +276,7 @@ def cache_padding_bias(positions: Tensor, past: int | Tensor, dtype: torch.dtype
     -> additive [B,1,1,t+1] over the cache plus the new entry (entry j is padding iff j < t - position).
     """
     entries = torch.arange(past + 1, device=positions.device)
-    padded = entries[None, :] < (past - positions)[:, None]
-    return torch.where(padded[:, None, None, :], torch.finfo(dtype).min, 0.0).to(dtype)
+    return padding_bias(entries[None, :] < (past - positions)[:, None], dtype)
 
 
 def padding_bias(padding_mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -50,6 +50,7 @@ import numpy as np
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.attention_kinds import KIND_ENUMS
 from service.config import ROOT, ServerConfig
 
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "test_sentences.txt"
@@ -67,7 +68,6 @@ SATURATION_CONCURRENCY = 64  # closed loop at this many clients measures the sat
 BOUND_FACTOR = 2.0  # p99 at half of saturation must stay within this factor of unloaded p50 + queue delay
 MAX_SOAK_S = 24 * 3600.0
 MIN_SLOPE_SPAN_S = 50.0  # the soak reports an RSS trend only over at least this many seconds
-ATTENTION = {"cross": pb.CROSS, "decoder_self": pb.DECODER_SELF, "encoder_self": pb.ENCODER_SELF}
 SERVER_DEFAULT_DELAY_MS = ServerConfig().max_queue_delay_ms
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -168,7 +168,7 @@ class Workload:
         if self.max_length is not None:
             options.max_length = self.max_length
         if self.attention:
-            options.attention.kinds.extend(ATTENTION[kind] for kind in self.attention)
+            options.attention.kinds.extend(KIND_ENUMS[kind] for kind in self.attention)
         return options
 
     def request(self, rng: random.Random) -> pb.TranslateRequest:
@@ -1406,8 +1406,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     ):
         parser.error("--texts-per-request, --max-requests, --max-inflight and --channels must be at least 1")
     for kind in args.attention or ():
-        if kind not in ATTENTION:
-            parser.error(f"--attention {kind!r}: choose from {', '.join(ATTENTION)}")
+        if kind not in KIND_ENUMS:
+            parser.error(f"--attention {kind!r}: choose from {', '.join(KIND_ENUMS)}")
     if not args.server and not args.engine_baseline:
         try:
             _settings(args)

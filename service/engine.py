@@ -226,6 +226,7 @@ class OnnxBackend:
         self,
         encoder: ort.InferenceSession,
         decoder: ort.InferenceSession,
+        selector: ort.InferenceSession,
         n_layers: int,
         n_heads: int,
         head_dim: int,
@@ -234,11 +235,9 @@ class OnnxBackend:
         io_binding: bool = False,
         device_type: str = "cpu",
         device_id: int = 0,
-        selector: ort.InferenceSession | None = None,
     ) -> None:
         self.io_binding = io_binding
-        # select.onnx: row selection where the caches are (IO binding); without it, a host round trip.
-        self.selector = selector
+        self.selector = selector  # select.onnx: `select` for device caches, where they are
         self.select_output_names = list(select_outputs(n_layers))
         self.device_type = device_type
         self.device_id = device_id
@@ -440,19 +439,17 @@ class OnnxBackend:
         # the host cost a GPU half of a batch-512 decode.
         positions = state.positions[rows]
         lead = cache_length(state.self_key[0]) - int(positions.max()) if len(rows) else 0
-        if self.selector is not None and len(rows) and not isinstance(state.cross_key[0], np.ndarray):
+        if not isinstance(state.cross_key[0], np.ndarray):  # the IO-binding mode: device caches
             self_key, self_value, cross_key, cross_value = self._select_bound(state, rows, lead, width)
             return DecoderState(self_key, self_value, cross_key, cross_value,
                                 np.ascontiguousarray(mask[:, :width]), positions)
 
         # np.take, not x[rows]: it returns a contiguous array (onnxruntime would copy a non-contiguous
         # input again on every later step); the cross keys/values are trimmed to `width` first.
-        def take(value: Cache, columns: int | None = None, lead: int = 0) -> Cache:
-            host = to_host(value)
+        def take(value: np.ndarray, columns: int | None = None, lead: int = 0) -> np.ndarray:
             if columns is not None:
-                host = host[:, :, :columns]
-            taken = np.take(host[:, :, lead:] if lead else host, rows, axis=0)
-            return taken if isinstance(value, np.ndarray) else self._to_device(taken)
+                value = value[:, :, :columns]
+            return np.take(value[:, :, lead:] if lead else value, rows, axis=0)
 
         return DecoderState(
             [take(a, lead=lead) for a in state.self_key],
@@ -550,7 +547,7 @@ class Engine:
     (onnxruntime releases the GIL while it runs). On CPU each lane runs single-threaded onnxruntime calls:
     at this model's size a decoding step is a few hundred small kernels, and two threads inside one kernel
     gain little over one (their hand-offs cost about what the split work saves), while two lanes each on
-    one core give about 1.6x (README, "The engine"). On a GPU lanes only overlap kernel launches.
+    one core give about 1.5-1.6x (README, "The engine"). On a GPU lanes only overlap kernel launches.
     """
 
     def __init__(
@@ -632,6 +629,7 @@ class Engine:
         self.backend = OnnxBackend(
             encoder,
             decoder,
+            selector,
             layers,
             architecture.n_heads,
             architecture.head_dim,
@@ -640,7 +638,6 @@ class Engine:
             io_binding=self.io_binding,
             device_type="cuda" if on_cuda else "cpu",
             device_id=0,
-            selector=selector,
         )
         self.max_length_limit = max_length_limit
         self._check_shapes()
