@@ -167,6 +167,11 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# The lanes run the same sessions at once, and a session's CPU arena serves them under one lock; the system
+# allocator does not (README, "The engine": docs/experiments/arena_ab.py measures both).
+CPU_MEMORY_ARENA = False
+
+
 def make_session(
     path: Path, providers: list[str], threads: int | None, spinning: bool = False
 ) -> ort.InferenceSession:
@@ -184,10 +189,7 @@ def make_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if providers[0] == "CPUExecutionProvider":
-        # The lanes run the same sessions at once, and a session's CPU arena serves them under one lock; the
-        # system allocator does not. Measured with 2 lanes: +18% at batch 8, +14% at 32, +4% at 128, the same
-        # at 1, and no difference with one lane (README, "The engine").
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = CPU_MEMORY_ARENA
     provider_options = [CUDA_OPTIONS if name == "CUDAExecutionProvider" else {} for name in providers]
     try:
         return ort.InferenceSession(
@@ -547,7 +549,7 @@ class Engine:
     (onnxruntime releases the GIL while it runs). On CPU each lane runs single-threaded onnxruntime calls:
     at this model's size a decoding step is a few hundred small kernels, and two threads inside one kernel
     gain little over one (their hand-offs cost about what the split work saves), while two lanes each on
-    one core give about 1.5-1.6x (README, "The engine"). On a GPU lanes only overlap kernel launches.
+    one core give about 1.6-1.8x (README, "The engine"). On a GPU lanes only overlap kernel launches.
     """
 
     def __init__(
