@@ -307,29 +307,52 @@ def spawn_server(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its children (the server and its lane processes)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            children.append(int(entry.name))
+    return [pid, *children]
+
+
 def rss_mib(pid: int | None) -> float | None:
-    """VmRSS of a process in MiB (None where /proc cannot tell)."""
+    """VmRSS of a process and its children (the server's lanes) in MiB (None where /proc cannot tell)."""
     if pid is None:
         return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    total = None
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            if member == pid:
+                return None
+    return total
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process, all its threads (None where /proc cannot tell)."""
+    """User + system CPU seconds of a process and its live children, all their threads (None where /proc
+    cannot tell)."""
     if pid is None:
         return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        parts = stat[stat.rindex(")") + 2 :].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+            parts = stat[stat.rindex(")") + 2 :].split()
+            total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            if member == pid:
+                return None
+    return total
 
 
 def scrape(metrics: str | None, timeout: float = 5.0) -> dict[tuple[str, tuple], float] | None:

@@ -121,6 +121,13 @@ class ServerConfig:
         metavar="N",
         shown="one per thread on CPU, 1 on GPU",
     )
+    lane_processes: str = _setting(
+        "on",
+        "on: on CPU each decoding lane runs in a process of its own, so that its search never waits for the "
+        "server's interpreter lock (docs/LOAD.md); off: lanes are threads of the server",
+        str,
+        choices=("on", "off"),
+    )
     # Dynamic batching.
     iteration_batching: str = _setting(
         "off",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.lane_process import ProcessLanes
 from service.repository import (
     ENCODER_INPUTS,
     ModelLoadError,
@@ -561,6 +562,7 @@ class Engine:
         spinning: bool = False,
         io_binding: bool | None = None,
         lanes: int | None = None,
+        lane_processes: bool = False,
     ) -> None:
         self.model = model
         self.providers = choose_providers(device)
@@ -625,6 +627,13 @@ class Engine:
         self._lane_pool = (
             ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="engine-lane") if self.lanes > 1 else None
         )
+        # On CPU the lanes may run in processes of their own (service.lane_process); `search_ids` then
+        # sends them its parts, and this process's sessions serve everything else (streams, warm-up).
+        self.lane_processes: ProcessLanes | None = None
+        if lane_processes and not on_cuda:
+            self.lane_processes = ProcessLanes(
+                model, self.lanes, max(1, threads // self.lanes), max_length_limit, spinning
+            )
         # IO binding (caches kept on the device between steps) is automatic on CUDA; on CPU there is no
         # copy to spare, so plain numpy feeds stay the default there (`io_binding=True` forces it, for tests).
         self.io_binding = on_cuda if io_binding is None else bool(io_binding)
@@ -667,6 +676,7 @@ class Engine:
         spinning: bool = False,
         io_binding: bool | None = None,
         lanes: int | None = None,
+        lane_processes: bool = False,
     ) -> Engine:
         return cls(
             resolve(repository, name, version),
@@ -676,6 +686,7 @@ class Engine:
             spinning=spinning,
             io_binding=io_binding,
             lanes=lanes,
+            lane_processes=lane_processes,
         )
 
     def _check_shapes(self) -> None:
@@ -721,6 +732,14 @@ class Engine:
         parallel parts. Rows are independent, so the results do not depend on the split; the callbacks
         get the caller's row numbers, possibly from several lane threads at once."""
         parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, self.lanes))
+        if self.lane_processes is not None and parts:
+            results, encode_s, decode_s = self.lane_processes.search(
+                parts, sources, options, self.max_length_limit, on_token, is_abandoned, on_done
+            )
+            times = getattr(self.backend, "times", None)  # the batcher's timing wrapper, when there is one
+            if callable(times):
+                times().add(encode_s=encode_s, decode_s=decode_s)
+            return results
         if len(parts) <= 1:
             return self._search_padded(sources, options, on_token, is_abandoned, on_done)
         results: list[Hypothesis | None] = [None] * len(sources)
@@ -774,6 +793,11 @@ class Engine:
             is_abandoned=is_abandoned,
             on_done=on_done,
         )
+
+    def close(self) -> None:
+        """Stop the lane processes, if any (the in-process sessions need no closing)."""
+        if self.lane_processes is not None:
+            self.lane_processes.close()
 
     def can_stream(self, options: TranslateOptions) -> bool:
         """Whether sentences with these options can join a running batch (`stream`)."""

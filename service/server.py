@@ -296,6 +296,7 @@ class TranslatorServer:
             threads=config.threads,
             max_length_limit=config.max_length_limit,
             lanes=config.lanes,
+            lane_processes=config.lane_processes == "on",
         )
         limits = self._limits(engine)
         engine.max_length_limit = limits.max_length
@@ -419,6 +420,8 @@ class TranslatorServer:
             self.runtime.batcher.close(timeout=max(grace - min(1.0, grace / 4), 0.0))
         if stopped is not None:
             stopped.wait()
+        if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
+            self.runtime.engine.close()
         self.metrics.stop_http()
         log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
 

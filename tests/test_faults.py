@@ -14,6 +14,7 @@ model at start-up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -31,18 +32,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.bench_load import Setting, Target, metric_value, scrape, spawn_server
+from service.bench_load import Setting, Target, metric_value, process_tree, scrape, spawn_server
 from service.config import ROOT
 from service.repository import sha256
+from tests.conftest import process_alive
 
 pytestmark = pytest.mark.timeout(300)
 
-# Runs the real server (service.server.main, its flags after `-c CODE`) with every decoder step of the engine
-# sleeping $FAULTS_STEP_S and "</s>" never chosen, so every translation lasts max_length steps.
-SLOW_LAUNCHER = """
+# Every decoder step of the engine sleeps $FAULTS_STEP_S and "</s>" is never chosen, so every translation
+# lasts max_length steps: in the server process and in its lane processes alike.
+SLOW_ENGINE = """
 import os, sys, time
 import numpy as np
-from service import engine as engine_module, server
+from service import engine as engine_module
 
 STEP_S = float(os.environ["FAULTS_STEP_S"])
 
@@ -68,8 +70,16 @@ def slowed(self, *args, **kwargs):
     self.backend = Slow(self.backend, self.vocabulary.eos_id)
 
 engine_module.Engine.__init__ = slowed
-sys.exit(server.main())
 """
+# The real server (service.server.main, its flags after `-c CODE`), its lanes started the same way.
+SLOW_LAUNCHER = (
+    SLOW_ENGINE
+    + "from service import lane_process, server\n"
+    + "lane_process.LANE_COMMAND = [sys.executable, '-c', "
+    + repr(SLOW_ENGINE + "from service import lane_process\nlane_process.main()\n")
+    + "]\n"
+    + "sys.exit(server.main())\n"
+)
 BASE = {"threads": "1", "max_concurrent_rpcs": "64", "grace_period_s": "10", "quality_sample_rate": "0"}
 
 
@@ -384,12 +394,18 @@ def test_sigterm_while_clients_keep_sending(tiny_repository: Path, tmp_path: Pat
         for thread in threads:
             thread.start()
         wait_for(lambda: metrics.now("translator_inflight_requests") == 8, message="8 calls in flight")
+        lanes = process_tree(target.process.pid)[1:]
+        assert lanes, "the server decodes in lane processes"
         time.sleep(0.15)  # well into their 40 steps (0.4 s)
         signalled = time.monotonic()
-        target.process.send_signal(signal.SIGTERM)
+        # The lanes get the signal too (as from a terminal's Ctrl-C to the process group): they must go on
+        # until the server has answered its in-flight calls, then exit with it.
+        for pid in [target.process.pid, *lanes]:
+            os.kill(pid, signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)
         assert target.process.wait(timeout=30) == 0
+        wait_for(lambda: not any(process_alive(pid) for pid in lanes), message="the lane processes to exit")
         exited = time.monotonic()
         codes = Counter(code for _, _, code in calls)
         assert set(codes) <= {"OK", "UNAVAILABLE"}, codes

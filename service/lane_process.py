@@ -1,0 +1,359 @@
+"""Decoding lanes as processes: each lane process holds its own sessions and runs the search of its part of a
+batch, so its Python never waits for the GIL of another lane or of the server's gRPC threads.
+
+Between steps a search runs Python (argmax, finished rows, feeds); in one process every such stretch waits
+for the interpreter lock that the gRPC threads, the batcher and the other lanes hold in turn, and the
+lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A lane process owns its
+interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
+
+Messages, parent to lane: ("search", sources, options, max_length_limit, stream_tokens), ("abandon", rows),
+("stop",).
+Lane to parent: ("ready", pid) once, then per search ("token", row, token_id) when asked,
+("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from service.repository import ModelLoadError, ModelVersion
+
+log = logging.getLogger("translator.engine")
+
+# A fork of a process already running gRPC and onnxruntime threads may inherit locks held by them: a lane
+# is a fresh interpreter that finds the `service` package where this one did.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# The lane's command line, before the number of its socket's file descriptor.
+LANE_COMMAND = [sys.executable, "-m", "service.lane_process"]
+START_TIMEOUT_S = 120.0
+# How often a running search hears of abandoned rows (each check is a system call on the pipe).
+ABANDON_POLL_S = 0.002
+
+
+def _child_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    path = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = f"{PACKAGE_ROOT}{os.pathsep}{path}" if path else str(PACKAGE_ROOT)
+    return environment
+
+
+class LaneFailed(RuntimeError):
+    """A lane process failed a search, or died."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The lane process: `python -m service.lane_process FD`, FD its end of the parent's socket pair."""
+    # The server stops its lanes itself once its in-flight calls are answered: a SIGTERM or Ctrl-C sent to
+    # the whole process group must not take them away first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    args = sys.argv[1:] if argv is None else argv
+    conn = Connection(int(args[0]))
+    try:
+        _, model, threads, max_length_limit, spinning = conn.recv()
+    except EOFError:
+        return
+    _serve(conn, model, threads, max_length_limit, spinning)
+
+
+def _serve(
+    conn: Connection, model: ModelVersion, threads: int, max_length_limit: int, spinning: bool
+) -> None:
+    from service.batcher import TimedBackend
+    from service.engine import Engine
+
+    try:
+        engine = Engine(
+            model, device="cpu", threads=threads, max_length_limit=max_length_limit, spinning=spinning,
+            lanes=1,
+        )
+    except Exception as error:  # reported to the parent, which raises it as the load error it is
+        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    timed = TimedBackend(engine.backend)
+    engine.backend = timed
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if message[0] == "stop":
+            return
+        if message[0] != "search":
+            continue  # an abandon notice that came after its search ended
+        _, sources, options, engine.max_length_limit, stream_tokens = message
+        stopping = _run_search(conn, engine, timed, sources, options, stream_tokens)
+        if stopping:
+            return
+
+
+def _run_search(
+    conn: Connection, engine: Any, timed: Any, sources: list[list[int]], options: Any, stream_tokens: bool
+) -> bool:
+    """One search, answered row by row; True when a stop came in meanwhile."""
+    abandoned: set[int] = set()
+    stopping = False
+    last_poll = 0.0
+
+    def is_abandoned(row: int) -> bool:
+        nonlocal last_poll, stopping
+        now = time.monotonic()
+        if now - last_poll >= ABANDON_POLL_S:
+            last_poll = now
+            while conn.poll():
+                message = conn.recv()
+                if message[0] == "abandon":
+                    abandoned.update(message[1])
+                elif message[0] == "stop":
+                    stopping = True
+        return stopping or row in abandoned
+
+    def on_token(row: int, token_id: int) -> None:
+        conn.send(("token", row, int(token_id)))
+
+    def on_done(row: int, hypothesis: Any) -> None:
+        conn.send(("done", row, hypothesis))
+
+    times = timed.reset()
+    try:
+        engine.search_ids(
+            sources,
+            options,
+            on_token=on_token if stream_tokens else None,
+            is_abandoned=is_abandoned,
+            on_done=on_done,
+        )
+    except Exception as error:  # the lane survives a failed search; its parent fails that batch
+        log.exception("lane search failed")
+        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        return stopping
+    conn.send(("end", times.encode_s, times.decode_s))
+    return stopping
+
+
+class LaneProcess:
+    """One lane process (`python -m service.lane_process`) and the parent's end of its socket.
+
+    Started as a fresh interpreter rather than through multiprocessing's spawn, which would re-run the
+    caller's main script in the child.
+    """
+
+    def __init__(
+        self, model: ModelVersion, threads: int, max_length_limit: int, spinning: bool, index: int
+    ) -> None:
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [*LANE_COMMAND, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=_child_environment(),
+        )
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.pid: int = self.process.pid
+        self.conn.send(("load", model, threads, max_length_limit, spinning))
+        if not self.conn.poll(START_TIMEOUT_S):
+            self.close()
+            raise ModelLoadError(
+                f"{model.path}: lane process {index} did not start in {START_TIMEOUT_S:.0f} s"
+            )
+        try:
+            message = self.conn.recv()
+        except EOFError:
+            message = ("failed", f"exited with code {self.process.wait()} while loading")
+        if message[0] != "ready":
+            self.close()
+            raise ModelLoadError(
+                f"{model.path}: lane process {index} could not load the model ({message[1]})"
+            )
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(OSError, ValueError):  # already gone
+            self.conn.send(("stop",))
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.conn.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+class ProcessLanes:
+    """`count` lane processes; a search takes as many of them as it has parts, and waits for free ones."""
+
+    def __init__(
+        self, model: ModelVersion, count: int, threads: int, max_length_limit: int, spinning: bool = False
+    ) -> None:
+        self._spec = (model, threads, max_length_limit, spinning)
+        self._lock = threading.Condition()
+        self._free: list[LaneProcess] = []
+        self._all: list[LaneProcess] = []
+        self._next_index = 0
+        try:
+            for _ in range(count):
+                self._all.append(self._start())
+        except BaseException:
+            self.close()
+            raise
+        self._free = list(self._all)
+        self._closed = False
+
+    def _start(self) -> LaneProcess:
+        model, threads, max_length_limit, spinning = self._spec
+        lane = LaneProcess(model, threads, max_length_limit, spinning, self._next_index)
+        self._next_index += 1
+        return lane
+
+    @property
+    def pids(self) -> list[int]:
+        return [lane.pid for lane in self._all]
+
+    def _acquire(self, count: int) -> list[LaneProcess]:
+        with self._lock:
+            while len(self._free) < count:
+                if self._closed:
+                    raise LaneFailed("the engine's lane processes are stopped")
+                self._lock.wait()
+            taken, self._free = self._free[:count], self._free[count:]
+            return taken
+
+    def _release(self, lanes: list[LaneProcess]) -> None:
+        replaced = []
+        for lane in lanes:
+            if lane.alive():
+                replaced.append(lane)
+                continue
+            log.error("lane process %d exited (code %s): starting another", lane.pid, lane.exitcode)
+            lane.close()
+            fresh = self._start()
+            with self._lock:
+                self._all[self._all.index(lane)] = fresh
+            replaced.append(fresh)
+        with self._lock:
+            self._free.extend(replaced)
+            self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def _taken(self, count: int) -> Iterator[list[LaneProcess]]:
+        lanes = self._acquire(count)
+        try:
+            yield lanes
+        finally:
+            self._release(lanes)
+
+    def search(
+        self,
+        parts: list[list[int]],
+        sources: list[list[int]],
+        options: Any,
+        max_length_limit: int,
+        on_token: Callable[[int, int], None] | None,
+        is_abandoned: Callable[[int], bool] | None,
+        on_done: Callable[[int, Any], None] | None,
+    ) -> tuple[list[Any], float, float]:
+        """Each part's rows searched by its own lane process. Returns the hypotheses in the caller's row
+        order (None: abandoned) and the summed encoder and decoder seconds of the lanes."""
+        with self._taken(len(parts)) as lanes:
+            results: list[Any] = [None] * len(sources)
+            running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
+            told: dict[Connection, set[int]] = {}
+            for lane, rows in zip(lanes, parts, strict=True):
+                part = [sources[row] for row in rows]
+                lane.conn.send(("search", part, options, max_length_limit, on_token is not None))
+                running[lane.conn] = (lane, rows)
+                told[lane.conn] = set()
+            encode_s = decode_s = 0.0
+            failures: list[str] = []
+            last_check = 0.0
+            try:
+                while running:
+                    for conn in wait(list(running), timeout=ABANDON_POLL_S):
+                        lane, rows = running[conn]
+                        try:
+                            message = conn.recv()
+                        except EOFError:
+                            failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
+                            del running[conn]
+                            continue
+                        kind = message[0]
+                        if kind == "token":
+                            if on_token is not None:
+                                on_token(rows[message[1]], message[2])
+                        elif kind == "done":
+                            row = rows[message[1]]
+                            results[row] = message[2]
+                            if on_done is not None:
+                                on_done(row, message[2])
+                        elif kind == "end":
+                            encode_s += message[1]
+                            decode_s += message[2]
+                            del running[conn]
+                        elif kind == "failed":
+                            failures.append(f"lane process {lane.pid}: {message[1]}")
+                            del running[conn]
+                    now = time.monotonic()
+                    if is_abandoned is not None and now - last_check >= ABANDON_POLL_S:
+                        last_check = now
+                        for conn, (_, rows) in running.items():
+                            newly = [
+                                local
+                                for local, row in enumerate(rows)
+                                if results[row] is None and local not in told[conn] and is_abandoned(row)
+                            ]
+                            if newly:
+                                told[conn].update(newly)
+                                conn.send(("abandon", newly))
+            finally:
+                # A callback that raised leaves lanes mid-search: drop their rows and wait for their end, so
+                # that the next search on them starts clean.
+                for lane, rows in running.values():
+                    _drain(lane, len(rows))
+            if failures:
+                raise LaneFailed("; ".join(failures))
+            return results, encode_s, decode_s
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            lanes, self._free = list(self._all), []
+            self._lock.notify_all()
+        for lane in lanes:
+            lane.close()
+
+
+def _drain(lane: LaneProcess, rows: int) -> None:
+    try:
+        lane.conn.send(("abandon", list(range(rows))))
+        while lane.conn.poll(START_TIMEOUT_S):
+            if lane.conn.recv()[0] in ("end", "failed"):
+                return
+    except (EOFError, OSError):
+        pass
+    lane.kill()  # silent or broken: _release starts another
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Decoding lanes in processes of their own (service.lane_process): same results as lanes in threads,
+streaming, abandoned rows, a lane that dies, a callback that fails, and closing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine import Engine
+from service.lane_process import LaneFailed
+from service.requests import TranslateOptions
+from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY, process_alive
+
+SENTENCES = [
+    line.strip() for line in (Path(__file__).parent.parent / "service/data/test_sentences.txt").open()
+][:48]
+
+
+@pytest.fixture(scope="module")
+def threads_engine() -> Engine:
+    return Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def process_engine() -> Iterator[Engine]:
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+    yield engine
+    engine.close()
+
+
+def test_lanes_are_other_live_processes(process_engine: Engine) -> None:
+    assert process_engine.lane_processes is not None
+    pids = process_engine.lane_processes.pids
+    assert len(pids) == process_engine.lanes == 2
+    assert os.getpid() not in pids and all(process_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_process_lanes_translate_like_thread_lanes(
+    threads_engine: Engine, process_engine: Engine, beam_size: int
+) -> None:
+    options = TranslateOptions(beam_size=beam_size, attention=frozenset({"cross", "decoder_self"}))
+    expected = threads_engine.translate(SENTENCES, options, batch_size=16)
+    actual = process_engine.translate(SENTENCES, options, batch_size=16)
+    for want, got in zip(expected, actual, strict=True):
+        assert got.text == want.text and got.token_ids == want.token_ids
+        assert got.score == pytest.approx(want.score, abs=1e-6)
+        np.testing.assert_allclose(got.cross_attention, want.cross_attention, atol=1e-6)
+        np.testing.assert_allclose(got.decoder_self_attention, want.decoder_self_attention, atol=1e-6)
+
+
+def test_tokens_stream_back_and_every_row_is_delivered(process_engine: Engine) -> None:
+    sources = [text.ids for text in process_engine.encode_texts(SENTENCES[:12])]
+    streamed: dict[int, list[int]] = {row: [] for row in range(len(sources))}
+    delivered: dict[int, list[int]] = {}
+    results = process_engine.search_ids(
+        sources,
+        TranslateOptions(),
+        on_token=lambda row, token: streamed[row].append(token),
+        on_done=lambda row, hypothesis: delivered.__setitem__(row, list(hypothesis.tokens)),
+    )
+    assert all(result is not None for result in results)
+    assert delivered == {row: list(result.tokens) for row, result in enumerate(results)}
+    assert streamed == delivered  # greedy: every token as it is chosen, in the caller's row numbers
+
+
+def test_abandoned_rows_stop_and_the_others_finish(process_engine: Engine) -> None:
+    sources = [text.ids for text in process_engine.encode_texts(SENTENCES[:16])]
+    dropped = {1, 6, 11}
+    results = process_engine.search_ids(
+        sources, TranslateOptions(max_length=200), is_abandoned=lambda row: row in dropped
+    )
+    assert [row for row, result in enumerate(results) if result is None] == sorted(dropped)
+    alone = process_engine.search_ids([sources[0]], TranslateOptions(max_length=200))
+    assert list(results[0].tokens) == list(alone[0].tokens)
+
+
+def test_a_failing_callback_leaves_the_lanes_usable(process_engine: Engine) -> None:
+    sources = [text.ids for text in process_engine.encode_texts(SENTENCES[:8])]
+
+    def fail(row: int, hypothesis: object) -> None:
+        raise RuntimeError("the caller's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        process_engine.search_ids(sources, TranslateOptions(), on_done=fail)
+    results = process_engine.search_ids(sources, TranslateOptions())
+    assert all(result is not None for result in results)
+
+
+def test_a_killed_lane_fails_its_search_and_is_replaced() -> None:
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+    try:
+        assert engine.lane_processes is not None
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:16])]
+        victim = engine.lane_processes.pids[1]
+        killed = False
+
+        def kill_once(row: int, token: int) -> None:
+            nonlocal killed
+            if not killed:
+                killed = True
+                os.kill(victim, signal.SIGKILL)
+
+        with pytest.raises(LaneFailed, match=f"lane process {victim} exited"):
+            engine.search_ids(sources, TranslateOptions(max_length=200), on_token=kill_once)
+        assert victim not in engine.lane_processes.pids
+        results = engine.search_ids(sources, TranslateOptions())
+        assert all(result is not None for result in results)
+    finally:
+        engine.close()
+
+
+def test_close_stops_the_lane_processes() -> None:
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+    assert engine.lane_processes is not None
+    pids = engine.lane_processes.pids
+    engine.close()
+    deadline = time.monotonic() + 10
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(process_alive(pid) for pid in pids)
+    with pytest.raises(LaneFailed, match="stopped"):
+        engine.search_ids([[5, 6, 2]], TranslateOptions())
