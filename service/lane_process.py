@@ -6,8 +6,8 @@ for the interpreter lock that the gRPC threads, the batcher and the other lanes 
 lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A lane process owns its
 interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
 
-Messages, parent to lane: ("search", sources, options, max_length_limit, stream_tokens), ("abandon", rows),
-("stop",).
+Messages, parent to lane: ("search", sources, options, max_length_limit, stream_tokens, abandoned_rows),
+("abandon", rows), ("stop",).
 Lane to parent: ("ready", pid) once, then per search ("token", row, token_id) when asked,
 ("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason).
 """
@@ -94,17 +94,22 @@ def _serve(
             return
         if message[0] != "search":
             continue  # an abandon notice that came after its search ended
-        _, sources, options, engine.max_length_limit, stream_tokens = message
-        stopping = _run_search(conn, engine, timed, sources, options, stream_tokens)
+        _, sources, options, engine.max_length_limit, stream_tokens, abandoned = message
+        stopping = _run_search(conn, engine, timed, sources, options, stream_tokens, set(abandoned))
         if stopping:
             return
 
 
 def _run_search(
-    conn: Connection, engine: Any, timed: Any, sources: list[list[int]], options: Any, stream_tokens: bool
+    conn: Connection,
+    engine: Any,
+    timed: Any,
+    sources: list[list[int]],
+    options: Any,
+    stream_tokens: bool,
+    abandoned: set[int],
 ) -> bool:
     """One search, answered row by row; True when a stop came in meanwhile."""
-    abandoned: set[int] = set()
     stopping = False
     last_poll = 0.0
 
@@ -282,9 +287,11 @@ class ProcessLanes:
             told: dict[Connection, set[int]] = {}
             for lane, rows in zip(lanes, parts, strict=True):
                 part = [sources[row] for row in rows]
-                lane.conn.send(("search", part, options, max_length_limit, on_token is not None))
+                # Rows abandoned already go with the search, so that none of them takes a step.
+                gone = [] if is_abandoned is None else [i for i, row in enumerate(rows) if is_abandoned(row)]
+                lane.conn.send(("search", part, options, max_length_limit, on_token is not None, gone))
                 running[lane.conn] = (lane, rows)
-                told[lane.conn] = set()
+                told[lane.conn] = set(gone)
             encode_s = decode_s = 0.0
             failures: list[str] = []
             last_check = 0.0
