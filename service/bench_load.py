@@ -13,7 +13,7 @@ Three modes, one command:
   "unloaded p50 + max_queue_delay".
 * ``--soak``: find the saturation throughput quickly, run at ``--target-fraction`` of it for ``--duration``
   seconds; errors (must be zero: exit status 1 otherwise), throughput and latency per time window, and the
-  server's resident memory over time (VmRSS of /proc/<pid>/status).
+  server's resident memory over time (VmRSS of /proc/<pid>/status, its lane processes included).
 
 Every loop is bounded in time (``--warmup`` + ``--duration`` + the per-call ``--timeout-s``) and in count
 (``--max-requests`` per point). Results go to stdout as a table, to ``--json`` and to a ``--plot`` PNG.
@@ -1225,7 +1225,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         samples = point.get("rss_samples", [])
         if samples:
             axes[2].plot([t for t, _ in samples], [v for _, v in samples])
-        axes[2].set_ylabel("server RSS (MiB)")
+        axes[2].set_ylabel("server RSS, lanes included (MiB)")
         axes[2].set_xlabel("seconds into the soak")
         figure.suptitle(f"soak at {results['rate']:.1f} req/s ({results['setting']['name']})")
     else:
