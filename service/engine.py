@@ -731,7 +731,8 @@ class Engine:
         """Run the shared search over a batch of source ids, in up to `lanes` (default: the engine's)
         parallel parts. Rows are independent, so the results do not depend on the split; the callbacks
         get the caller's row numbers, possibly from several lane threads at once."""
-        parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, self.lanes))
+        usable = self.lanes if self.lane_processes is None else min(self.lanes, self.lane_processes.count)
+        parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, usable))
         if self.lane_processes is not None and parts:
             results, encode_s, decode_s = self.lane_processes.search(
                 parts, sources, options, self.max_length_limit, on_token, is_abandoned, on_done

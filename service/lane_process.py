@@ -207,7 +207,11 @@ class LaneProcess:
 
 
 class ProcessLanes:
-    """`count` lane processes; a search takes as many of them as it has parts, and waits for free ones."""
+    """`count` lane processes; a search takes as many of them as it has parts, and waits for free ones.
+
+    A lane found dead (after its search, or while idle) is replaced in the background, so that the batch it
+    failed is answered at once; searches wait for the replacement.
+    """
 
     def __init__(
         self, model: ModelVersion, count: int, threads: int, max_length_limit: int, spinning: bool = False
@@ -216,6 +220,7 @@ class ProcessLanes:
         self._lock = threading.Condition()
         self._free: list[LaneProcess] = []
         self._all: list[LaneProcess] = []
+        self._closed = False
         self._next_index = 0
         try:
             for _ in range(count):
@@ -224,42 +229,75 @@ class ProcessLanes:
             self.close()
             raise
         self._free = list(self._all)
-        self._closed = False
 
     def _start(self) -> LaneProcess:
         model, threads, max_length_limit, spinning = self._spec
-        lane = LaneProcess(model, threads, max_length_limit, spinning, self._next_index)
-        self._next_index += 1
-        return lane
+        with self._lock:
+            index, self._next_index = self._next_index, self._next_index + 1
+        return LaneProcess(model, threads, max_length_limit, spinning, index)
 
     @property
     def pids(self) -> list[int]:
-        return [lane.pid for lane in self._all]
+        with self._lock:
+            return [lane.pid for lane in self._all]
+
+    @property
+    def count(self) -> int:
+        """Lane processes running or being replaced."""
+        with self._lock:
+            return len(self._all)
 
     def _acquire(self, count: int) -> list[LaneProcess]:
         with self._lock:
-            while len(self._free) < count:
+            while True:
                 if self._closed:
                     raise LaneFailed("the engine's lane processes are stopped")
+                if count > len(self._all):
+                    raise LaneFailed(f"{count} lane processes wanted, {len(self._all)} running")
+                for lane in [lane for lane in self._free if not lane.alive()]:  # died while idle
+                    self._free.remove(lane)
+                    self._replace_later(lane)
+                if len(self._free) >= count:
+                    taken, self._free = self._free[:count], self._free[count:]
+                    return taken
                 self._lock.wait()
-            taken, self._free = self._free[:count], self._free[count:]
-            return taken
 
     def _release(self, lanes: list[LaneProcess]) -> None:
-        replaced = []
-        for lane in lanes:
-            if lane.alive():
-                replaced.append(lane)
-                continue
-            log.error("lane process %d exited (code %s): starting another", lane.pid, lane.exitcode)
-            lane.close()
-            fresh = self._start()
-            with self._lock:
-                self._all[self._all.index(lane)] = fresh
-            replaced.append(fresh)
+        closing = []
         with self._lock:
-            self._free[:0] = replaced  # the lanes used last go first: their caches are warm
+            for lane in reversed(lanes):
+                if not lane.alive():
+                    self._replace_later(lane)
+                elif self._closed:
+                    closing.append(lane)
+                else:
+                    self._free.insert(0, lane)  # the lanes used last go first: their caches are warm
             self._lock.notify_all()
+        for lane in closing:
+            lane.close()
+
+    def _replace_later(self, lane: LaneProcess) -> None:
+        """Start another lane in place of a dead one, on a thread of its own (called with the lock held)."""
+        log.error("lane process %d exited (code %s): starting another", lane.pid, lane.exitcode)
+        threading.Thread(target=self._replace, args=(lane,), name="lane-restart", daemon=True).start()
+
+    def _replace(self, dead: LaneProcess) -> None:
+        dead.close()
+        try:
+            fresh: LaneProcess | None = self._start()
+        except Exception:  # logged; the searches that need more lanes than remain fail with LaneFailed
+            log.exception("could not start a lane process in place of %d", dead.pid)
+            fresh = None
+        with self._lock:
+            closed = self._closed
+            if fresh is None or closed:
+                self._all.remove(dead)
+            else:
+                self._all[self._all.index(dead)] = fresh
+                self._free.insert(0, fresh)
+            self._lock.notify_all()
+        if fresh is not None and closed:
+            fresh.close()
 
     @contextlib.contextmanager
     def _taken(self, count: int) -> Iterator[list[LaneProcess]]:
@@ -285,23 +323,27 @@ class ProcessLanes:
             results: list[Any] = [None] * len(sources)
             running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
             told: dict[Connection, set[int]] = {}
-            for lane, rows in zip(lanes, parts, strict=True):
-                part = [sources[row] for row in rows]
-                # Rows abandoned already go with the search, so that none of them takes a step.
-                gone = [] if is_abandoned is None else [i for i, row in enumerate(rows) if is_abandoned(row)]
-                lane.conn.send(("search", part, options, max_length_limit, on_token is not None, gone))
-                running[lane.conn] = (lane, rows)
-                told[lane.conn] = set(gone)
             encode_s = decode_s = 0.0
             failures: list[str] = []
             last_check = 0.0
             try:
+                for lane, rows in zip(lanes, parts, strict=True):
+                    part = [sources[row] for row in rows]
+                    # Rows abandoned already go with the search, so that none of them takes a step.
+                    gone = [] if is_abandoned is None else [i for i, r in enumerate(rows) if is_abandoned(r)]
+                    running[lane.conn] = (lane, rows)  # before sending: `finally` drains whatever was sent
+                    told[lane.conn] = set(gone)
+                    try:
+                        streamed = on_token is not None
+                        lane.conn.send(("search", part, options, max_length_limit, streamed, gone))
+                    except OSError as error:
+                        raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
                 while running:
                     for conn in wait(list(running), timeout=ABANDON_POLL_S):
                         lane, rows = running[conn]
                         try:
                             message = conn.recv()
-                        except EOFError:
+                        except (EOFError, OSError):  # OSError: it died with a message unread
                             failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
                             del running[conn]
                             continue
@@ -332,7 +374,8 @@ class ProcessLanes:
                             ]
                             if newly:
                                 told[conn].update(newly)
-                                conn.send(("abandon", newly))
+                                with contextlib.suppress(OSError):  # a lane that died: its EOF comes next
+                                    conn.send(("abandon", newly))
             finally:
                 # A callback that raised leaves lanes mid-search: drop their rows and wait for their end, so
                 # that the next search on them starts clean.
@@ -343,11 +386,12 @@ class ProcessLanes:
             return results, encode_s, decode_s
 
     def close(self) -> None:
+        """Stop the idle lanes now; a lane still searching stops when its search ends."""
         with self._lock:
             self._closed = True
-            lanes, self._free = list(self._all), []
+            idle, self._free = self._free, []
             self._lock.notify_all()
-        for lane in lanes:
+        for lane in idle:
             lane.close()
 
 
