@@ -307,6 +307,18 @@ def spawn_server(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first); OSError once it has gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_tree(pid: int) -> list[int]:
     """A process and its children (the server and its lane processes)."""
     children = []
@@ -314,10 +326,10 @@ def process_tree(pid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            parent = int(proc_stat(int(entry.name))[1])
         except OSError:
             continue  # exited meanwhile
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+        if parent == pid:
             children.append(int(entry.name))
     return [pid, *children]
 
@@ -346,9 +358,7 @@ def cpu_seconds(pid: int | None) -> float | None:
     total = 0.0
     for member in process_tree(pid):
         try:
-            stat = Path(f"/proc/{member}/stat").read_text()
-            parts = stat[stat.rindex(")") + 2 :].split()
-            total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+            total += own_cpu_seconds(member)
         except (OSError, ValueError, IndexError):
             if member == pid:
                 return None

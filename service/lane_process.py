@@ -320,70 +320,19 @@ class ProcessLanes:
         """Each part's rows searched by its own lane process. Returns the hypotheses in the caller's row
         order (None: abandoned) and the summed encoder and decoder seconds of the lanes."""
         with self._taken(len(parts)) as lanes:
-            results: list[Any] = [None] * len(sources)
-            running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
-            told: dict[Connection, set[int]] = {}
-            encode_s = decode_s = 0.0
-            failures: list[str] = []
-            last_check = 0.0
+            run = _Search(len(sources), on_token, is_abandoned, on_done)
             try:
                 for lane, rows in zip(lanes, parts, strict=True):
-                    part = [sources[row] for row in rows]
-                    # Rows abandoned already go with the search, so that none of them takes a step.
-                    gone = [] if is_abandoned is None else [i for i, r in enumerate(rows) if is_abandoned(r)]
-                    running[lane.conn] = (lane, rows)  # before sending: `finally` drains whatever was sent
-                    told[lane.conn] = set(gone)
-                    try:
-                        streamed = on_token is not None
-                        lane.conn.send(("search", part, options, max_length_limit, streamed, gone))
-                    except OSError as error:
-                        raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
-                while running:
-                    for conn in wait(list(running), timeout=ABANDON_POLL_S):
-                        lane, rows = running[conn]
-                        try:
-                            message = conn.recv()
-                        except (EOFError, OSError):  # OSError: it died with a message unread
-                            failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
-                            del running[conn]
-                            continue
-                        kind = message[0]
-                        if kind == "token":
-                            if on_token is not None:
-                                on_token(rows[message[1]], message[2])
-                        elif kind == "done":
-                            row = rows[message[1]]
-                            results[row] = message[2]
-                            if on_done is not None:
-                                on_done(row, message[2])
-                        elif kind == "end":
-                            encode_s += message[1]
-                            decode_s += message[2]
-                            del running[conn]
-                        elif kind == "failed":
-                            failures.append(f"lane process {lane.pid}: {message[1]}")
-                            del running[conn]
-                    now = time.monotonic()
-                    if is_abandoned is not None and now - last_check >= ABANDON_POLL_S:
-                        last_check = now
-                        for conn, (_, rows) in running.items():
-                            newly = [
-                                local
-                                for local, row in enumerate(rows)
-                                if results[row] is None and local not in told[conn] and is_abandoned(row)
-                            ]
-                            if newly:
-                                told[conn].update(newly)
-                                with contextlib.suppress(OSError):  # a lane that died: its EOF comes next
-                                    conn.send(("abandon", newly))
+                    run.start(lane, rows, [sources[row] for row in rows], options, max_length_limit)
+                while run.running:
+                    for conn in wait(list(run.running), timeout=ABANDON_POLL_S):
+                        run.receive(conn)
+                    run.tell_abandoned()
             finally:
-                # A callback that raised leaves lanes mid-search: drop their rows and wait for their end, so
-                # that the next search on them starts clean.
-                for lane, rows in running.values():
-                    _drain(lane, len(rows))
-            if failures:
-                raise LaneFailed("; ".join(failures))
-            return results, encode_s, decode_s
+                run.drain()
+            if run.failures:
+                raise LaneFailed("; ".join(run.failures))
+            return run.results, run.encode_s, run.decode_s
 
     def close(self) -> None:
         """Stop the idle lanes now; a lane still searching stops when its search ends."""
@@ -393,6 +342,87 @@ class ProcessLanes:
             self._lock.notify_all()
         for lane in idle:
             lane.close()
+
+
+class _Search:
+    """The parent's side of one search over some lanes: what each lane was sent, what came back."""
+
+    def __init__(
+        self,
+        size: int,
+        on_token: Callable[[int, int], None] | None,
+        is_abandoned: Callable[[int], bool] | None,
+        on_done: Callable[[int, Any], None] | None,
+    ) -> None:
+        self.results: list[Any] = [None] * size
+        self.on_token, self.is_abandoned, self.on_done = on_token, is_abandoned, on_done
+        # By connection: the lane and the caller's row of each of its rows, then the rows it was told to drop.
+        self.running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
+        self.told: dict[Connection, set[int]] = {}
+        self.encode_s = self.decode_s = 0.0
+        self.failures: list[str] = []
+        self.last_check = 0.0
+
+    def start(
+        self, lane: LaneProcess, rows: list[int], part: list[list[int]], options: Any, limit: int
+    ) -> None:
+        # Rows abandoned already go with the search, so that none of them takes a step.
+        dropped = self.is_abandoned
+        gone = [] if dropped is None else [i for i, row in enumerate(rows) if dropped(row)]
+        self.running[lane.conn] = (lane, rows)  # before sending: `drain` waits for whatever was sent
+        self.told[lane.conn] = set(gone)
+        try:
+            lane.conn.send(("search", part, options, limit, self.on_token is not None, gone))
+        except OSError as error:
+            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
+
+    def receive(self, conn: Connection) -> None:
+        lane, rows = self.running[conn]
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # OSError: it died with a message unread
+            self.failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
+            del self.running[conn]
+            return
+        kind = message[0]
+        if kind == "token" and self.on_token is not None:
+            self.on_token(rows[message[1]], message[2])
+        elif kind == "done":
+            row = rows[message[1]]
+            self.results[row] = message[2]
+            if self.on_done is not None:
+                self.on_done(row, message[2])
+        elif kind == "end":
+            self.encode_s += message[1]
+            self.decode_s += message[2]
+            del self.running[conn]
+        elif kind == "failed":
+            self.failures.append(f"lane process {lane.pid}: {message[1]}")
+            del self.running[conn]
+
+    def tell_abandoned(self) -> None:
+        """Every ABANDON_POLL_S at most: the running rows the caller gave up, to their lanes."""
+        now = time.monotonic()
+        if self.is_abandoned is None or now - self.last_check < ABANDON_POLL_S:
+            return
+        self.last_check = now
+        for conn, (_, rows) in self.running.items():
+            told = self.told[conn]
+            newly = [
+                local
+                for local, row in enumerate(rows)
+                if self.results[row] is None and local not in told and self.is_abandoned(row)
+            ]
+            if newly:
+                told.update(newly)
+                with contextlib.suppress(OSError):  # a lane that died: its EOF comes next
+                    conn.send(("abandon", newly))
+
+    def drain(self) -> None:
+        """A callback that raised leaves lanes mid-search: drop their rows and wait for their end, so that
+        the next search on them starts clean."""
+        for lane, rows in self.running.values():
+            _drain(lane, len(rows))
 
 
 def _drain(lane: LaneProcess, rows: int) -> None:

@@ -18,11 +18,12 @@ if ENGINE_DEVICE not in ("cpu", "cuda"):
 
 def process_alive(pid: int) -> bool:
     """Whether a process runs (a zombie, exited but not yet reaped, does not)."""
+    from service.bench_load import proc_stat
+
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
 WORDS = (

@@ -11,26 +11,25 @@ the same cores, as in the load report.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.bench_load import DEFAULT_MODEL, DEFAULT_REPOSITORY, Setting, cpu_seconds, spawn_server
+from service.bench_load import (
+    DEFAULT_MODEL,
+    DEFAULT_REPOSITORY,
+    Setting,
+    cpu_seconds,
+    own_cpu_seconds,
+    spawn_server,
+)
 
 CLIENTS = 64
 SECONDS = 10.0
-
-
-def own_cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(pid: int, call: Callable[[], Awaitable[object]]) -> tuple[float, float, float]:
