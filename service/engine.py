@@ -514,24 +514,55 @@ def encoder_groups(lengths: np.ndarray, run_cost: float = ENCODER_RUN_COST) -> l
     return groups[::-1]
 
 
+# A lane's time for a run of rows, in units of one source token: every step costs a fixed share (weights,
+# kernel launches) that the longest row decides, plus a share per row and step. Fitted on the 2-core CPU
+# over 300 runs of 1-64 rows of the test sentences (docs/experiments/lane_split_fit.py; mean error 5-6%,
+# two fits gave 12.6-13.5 and 0.44-0.46).
+LANE_STEP_COST = 13.5  # per position of the run's longest source: the fixed cost of one decoder step
+LANE_ROW_STEP_COST = 0.46  # per row and position of the longest source: padded encoder and step rows
+
+
+def lane_cost(sorted_lengths: np.ndarray) -> np.ndarray:
+    """Predicted time of every contiguous run [i, j) of ascending lengths, as a [n+1, n+1] matrix
+    (inf where j <= i)."""
+    n = len(sorted_lengths)
+    prefix = np.concatenate([[0.0], np.cumsum(sorted_lengths, dtype=np.float64)])
+    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    rows = ends - starts
+    longest = np.concatenate([[0.0], sorted_lengths.astype(np.float64)])[ends]  # run [i, j) ends at j-1
+    cost = longest * (LANE_STEP_COST + LANE_ROW_STEP_COST * rows) + (prefix[ends] - prefix[starts])
+    return np.where(rows > 0, cost, np.inf)
+
+
 def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
-    """Rows split into at most `lanes` runs of similar source length, each about the same total length.
+    """Rows split into at most `lanes` runs of similar source length whose predicted times are as even as
+    possible (the batch is done when its slowest lane is).
 
     Sorted by length so that each run's rows finish at about the same step (a run decodes until its
-    longest row is done); cut by cumulative length because a run's work grows with its rows' lengths.
+    longest row is done). A run's time grows with its longest row much more than with its row count
+    (`lane_cost`), so the lane of long sentences gets fewer rows. Exact minimum of the slowest run over
+    the contiguous splits (dynamic programming); every lane gets a row while there are enough.
     """
-    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    lanes = max(1, min(lanes, len(order)))
-    total = sum(lengths) or 1
-    parts: list[list[int]] = [[] for _ in range(lanes)]
-    done = 0
-    for position, row in enumerate(order):
-        # Never leave a later lane without a row: the last `lanes - lane - 1` rows are kept for them.
-        lane = min(lanes - 1, done * lanes // total, position)
-        lane = max(lane, lanes - (len(order) - position))
-        parts[lane].append(row)
-        done += lengths[row]
-    return [part for part in parts if part]
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    n = len(order)
+    lanes = max(1, min(lanes, n))
+    if lanes == 1:
+        return [order.tolist()] if n else []
+    cost = lane_cost(np.asarray(lengths, dtype=np.int64)[order])
+    # slowest[j]: the best slowest run when the first j rows are split into `parts` runs.
+    slowest = cost[0].copy()
+    cuts = []
+    for _ in range(lanes - 1):
+        candidates = np.maximum(slowest[:, None], cost)  # previous runs over [0, i), one more run [i, j)
+        best_start = np.argmin(candidates, axis=0)
+        slowest = candidates[best_start, np.arange(n + 1)]
+        cuts.append(best_start)
+    bounds = [n]
+    for best_start in reversed(cuts):
+        bounds.append(int(best_start[bounds[-1]]))
+    bounds.append(0)
+    bounds.reverse()
+    return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def plan_lanes(provider: str, threads: int, lanes: int | None) -> int:

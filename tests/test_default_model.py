@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
@@ -12,7 +13,14 @@ from model.data import toy_split
 from model.decoding import translate_ids
 from model.train import load_model
 from model.transformer import Transformer
-from service.engine import Engine, TranslateOptions, Translation, lane_parts
+from service.engine import (
+    LANE_ROW_STEP_COST,
+    LANE_STEP_COST,
+    Engine,
+    TranslateOptions,
+    Translation,
+    lane_parts,
+)
 from service.repository import resolve, sha256
 from service.vocabulary import Vocabulary
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY, ENGINE_DEVICE
@@ -181,15 +189,38 @@ def test_lane_parts_cover_every_row_once_by_length() -> None:
     lengths = [5, 40, 3, 3, 12, 9, 30, 7, 7, 22]
     for lanes in (1, 2, 3, 10, 20):
         parts = lane_parts(lengths, lanes)
-        assert 1 <= len(parts) <= min(lanes, len(lengths))
+        assert len(parts) == min(lanes, len(lengths))  # every lane gets a row while there are enough
         assert sorted(row for part in parts for row in part) == list(range(len(lengths)))
         ordered = [lengths[row] for part in parts for row in part]
         assert ordered == sorted(ordered)  # each lane holds a run of similar lengths
-    two = lane_parts(lengths, 2)
-    totals = [sum(lengths[row] for row in part) for part in two]
-    assert len(two[0]) > len(two[1]) and max(totals) <= sum(lengths) * 0.75  # balanced by length, not count
     assert lane_parts([4], 2) == [[0]]
+    assert lane_parts([], 2) == []
     assert [len(p) for p in lane_parts([1, 1000], 2)] == [1, 1]
+
+
+def predicted_time(lengths: list[int]) -> float:
+    """A run's time as lane_cost models it, written out for one run."""
+    return max(lengths) * (LANE_STEP_COST + LANE_ROW_STEP_COST * len(lengths)) + sum(lengths)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lane_parts_minimise_the_slowest_lane(seed: int) -> None:
+    """The split's slowest run is the best over every way to cut the sorted rows into runs (brute force),
+    and the lane of long sentences gets fewer rows."""
+    rng = np.random.default_rng(seed)
+    lengths = [int(n) for n in rng.integers(2, 40, size=int(rng.integers(2, 12)))]
+    ordered = sorted(lengths)
+    for lanes in (2, 3):
+        if lanes > len(lengths):
+            continue
+        got = max(predicted_time([lengths[row] for row in part]) for part in lane_parts(lengths, lanes))
+        best = min(
+            max(predicted_time(ordered[a:b]) for a, b in zip((0, *cuts), (*cuts, len(ordered)), strict=True))
+            for cuts in itertools.combinations(range(1, len(ordered)), lanes - 1)
+        )
+        assert got == pytest.approx(best)
+    short, long = lane_parts([3] * 8 + [30] * 8, 2)
+    assert set(range(8)) < set(short) and len(short) > len(long)  # the short lane also takes long rows
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
