@@ -47,8 +47,9 @@ class EncoderGraph(nn.Module):
 
     def forward(self, src_ids: torch.Tensor, src_padding_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The padding mask is an input (not re-derived from pad ids), as in the step graph.
-        memory, encoder_attention = self.model.encode_layers(src_ids, src_padding_mask)
-        cross_keys, cross_values = self.model.cross_keys_values_layers(memory)
+        memory, cross_keys, cross_values, encoder_attention = self.model.encode_rows(
+            src_ids, src_padding_mask
+        )
         return (
             memory,
             *[t for pair in zip(cross_keys, cross_values, strict=True) for t in pair],

@@ -101,11 +101,17 @@ class MultiHeadAttention(nn.Module):
     def project_key_value(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(key)), self.split_heads(self.value(value))
 
-    def fused_query_key_value(self, x: Tensor, query_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-        """Self-attention's three projections of x [..., D] as one matrix product -> 3 x [..., D]."""
+    def packed_query_key_value(self, x: Tensor, query_scale: float = 1.0) -> Tensor:
+        """Self-attention's three projections of x [..., D] as one matrix product -> [..., 3D]
+        (query, key, value side by side)."""
         weight = torch.cat([self.query.weight * query_scale, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias * query_scale, self.key.bias, self.value.bias])
-        query, key, value = F.linear(x, weight, bias).split(self.n_heads * self.head_dim, dim=-1)
+        return F.linear(x, weight, bias)
+
+    def fused_query_key_value(self, x: Tensor, query_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention's three projections of x [..., D] as one matrix product -> 3 x [..., D]."""
+        packed = self.packed_query_key_value(x, query_scale)
+        query, key, value = packed.split(self.n_heads * self.head_dim, dim=-1)
         return query, key, value
 
     def attend(
@@ -176,6 +182,20 @@ class MultiHeadAttention(nn.Module):
         context = (weights @ value).view(-1, self.n_heads * self.head_dim)
         return self.output(context), weights
 
+    # -- a whole source at once (the exported encoder graph, inference only) -----------------------------
+    # Rows are [B*S, D], so that every projection exports as one Gemm with its bias fused (onnxruntime
+    # fuses MatMul + Add only for 2-D inputs); the three projections are one product whose heads are split
+    # by one reshape + transpose; the padding mask is an additive bias made once for every layer.
+
+    def rows_self_attend(self, x: Tensor, batch: int, length: int, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B*S, D], additive bias [B,1,1,S] (see padding_bias) -> (output [B*S, D], weights [B,H,S,S])."""
+        packed = self.packed_query_key_value(x, query_scale=1 / math.sqrt(self.head_dim))
+        heads = packed.view(batch, length, 3 * self.n_heads, self.head_dim).transpose(1, 2)
+        query, key, value = heads.split(self.n_heads, dim=1)
+        weights = (query @ key.transpose(-2, -1) + bias).softmax(dim=-1)
+        context = (weights @ value).transpose(1, 2).reshape(batch * length, self.n_heads * self.head_dim)
+        return self.output(context), weights
+
     def forward(
         self,
         query: Tensor,
@@ -215,6 +235,14 @@ class EncoderLayer(nn.Module):
         attended, weights = self.self_attn(h, h, h, key_padding_mask=src_mask)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return x, weights
+
+    def rows_forward(self, x: Tensor, batch: int, length: int, src_bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference on rows (see MultiHeadAttention.rows_self_attend): x [B*S, D], src_bias [B,1,1,S]
+        -> (x, self-attention weights [B,H,S,S])."""
+        attended, weights = self.self_attn.rows_self_attend(self.norm1(x), batch, length, src_bias)
+        x = x + attended
+        x = x + self.feed_forward(self.norm2(x))
         return x, weights
 
 
@@ -387,6 +415,31 @@ class Transformer(nn.Module):
         """``cross_keys_values`` as one [B,H,S,Dh] tensor per layer (what the ONNX encoder graph outputs)."""
         projected = [layer.cross_attn.project_key_value(memory, memory) for layer in self.decoder_layers]
         return [key for key, _ in projected], [value for _, value in projected]
+
+    def encode_rows(
+        self, src_ids: Tensor, src_padding_mask: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        """What the ONNX encoder graph computes (inference only): ``encode_layers`` followed by
+        ``cross_keys_values_layers``, with the encoder on rows (EncoderLayer.rows_forward) and every decoder
+        layer's cross keys and values as one matrix product.
+
+        -> (memory [B,S,D], L cross keys [B,H,S,Dh], L cross values, L encoder self-attention [B,H,S,S]).
+        """
+        batch, length = src_ids.shape
+        x = self._embed(self.src_embed, src_ids).reshape(batch * length, self.config.d_model)
+        src_bias = padding_bias(src_padding_mask, x.dtype)
+        weights = []
+        for layer in self.encoder_layers:
+            x, layer_weights = layer.rows_forward(x, batch, length, src_bias)
+            weights.append(layer_weights)
+        memory = self.encoder_norm(x)
+        cross = [layer.cross_attn for layer in self.decoder_layers]
+        projections = [linear for attention in cross for linear in (attention.key, attention.value)]
+        weight = torch.cat([linear.weight for linear in projections])
+        packed = F.linear(memory, weight, torch.cat([linear.bias for linear in projections]))
+        heads = packed.view(batch, length, len(projections) * self.config.n_heads, self.config.head_dim)
+        keys_values = heads.transpose(1, 2).split(self.config.n_heads, dim=1)
+        return memory.view(batch, length, -1), list(keys_values[0::2]), list(keys_values[1::2]), weights
 
     # -- decoder ---------------------------------------------------------------------------------------
 
