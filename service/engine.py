@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
-import ctypes.util
 import functools
 import io
 import logging
 import os
-import platform
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -172,41 +168,6 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-# A padded key's attention score is the most negative float. onnxruntime's CPU softmax takes exp of it
-# through denormal intermediates, which this CPU runs about 9x slower: a [16,4,18,18] softmax with half
-# its keys padded takes 240 us instead of 27 us. With flush-to-zero and denormals-are-zero the weights are
-# the same (0 either way) at full speed. onnxruntime sets these bits for its own pool threads
-# (session.set_denormal_as_zero), but a single-threaded session runs on the caller's thread, so every
-# thread that runs the model sets them itself (the search reads nothing below 1.2e-38 either).
-_MXCSR_FLUSH_DENORMALS = 0x8040  # bit 15: flush to zero; bit 6: denormals are zero
-_threads_flushing = threading.local()
-
-
-@functools.cache
-def _libm() -> ctypes.CDLL | None:
-    """glibc's libm on x86-64 (its fenv_t holds the SSE control word MXCSR as the 8th 32-bit field)."""
-    if platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    except OSError:
-        return None
-
-
-def flush_denormals() -> bool:
-    """Flush denormal floats to zero on the calling thread, once per thread; False where that cannot be
-    done (not x86-64 Linux), which only costs speed."""
-    if getattr(_threads_flushing, "on", False):
-        return True
-    libm = _libm()
-    environment = (ctypes.c_uint32 * 16)()  # fenv_t is 32 bytes; room to spare
-    if libm is None or libm.fegetenv(environment) != 0:
-        return False
-    environment[7] |= _MXCSR_FLUSH_DENORMALS
-    _threads_flushing.on = libm.fesetenv(environment) == 0
-    return _threads_flushing.on
-
-
 # The lanes run the same sessions at once, and a session's CPU arena serves them under one lock; the system
 # allocator does not (README, "The engine": docs/experiments/arena_ab.py measures both).
 CPU_MEMORY_ARENA = False
@@ -228,7 +189,6 @@ def make_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")  # see flush_denormals
     if providers[0] == "CPUExecutionProvider":
         options.enable_cpu_mem_arena = CPU_MEMORY_ARENA
     provider_options = [CUDA_OPTIONS if name == "CUDAExecutionProvider" else {} for name in providers]
@@ -307,7 +267,6 @@ class OnnxBackend:
         self.group_encoder_by_length = encoder.get_providers()[0] == "CPUExecutionProvider"
 
     def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[DecoderState, np.ndarray | None]:
-        flush_denormals()
         padding = src_ids == self.pad_id
         wanted = self.cross_names + (self.encoder_attention_names if with_attention else [])
         groups = encoder_groups((~padding).sum(axis=1)) if self.group_encoder_by_length else []
@@ -375,7 +334,6 @@ class OnnxBackend:
     def step(
         self, state: DecoderState, tokens: np.ndarray, with_attention: bool
     ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        flush_denormals()
         if self.io_binding:
             return self._step_bound(state, tokens, with_attention)
         feeds = {"tokens": tokens, "src_padding_mask": state.src_padding_mask, "positions": state.positions}

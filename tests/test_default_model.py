@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 import json
-import platform
 import threading
 
 import numpy as np
@@ -186,39 +183,6 @@ def test_lane_callbacks_get_the_callers_row_numbers(cpu_engine: Engine) -> None:
         else:
             assert hypothesis is not None and streamed[row] == hypothesis.tokens
             assert handed[row] is hypothesis
-
-
-def denormals_flushed() -> bool:
-    """Whether this thread flushes denormal floats to zero (half of 1e-38 is a denormal float32)."""
-    return bool(np.float32(1e-38) * np.float32(0.5) == 0)
-
-
-def default_float_environment() -> None:
-    """This thread back to the C library's default floating-point environment (threads inherit their
-    creator's, and onnxruntime's session set-up flushes denormals on the thread that builds a session)."""
-    libm = ctypes.CDLL(ctypes.util.find_library("m"))
-    assert libm.fesetenv(ctypes.c_void_p(-1)) == 0  # FE_DFL_ENV is ((const fenv_t *) -1) in glibc
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="flush_denormals sets the x86-64 SSE control word")
-def test_a_thread_that_runs_the_model_flushes_denormals(cpu_engine: Engine) -> None:
-    """Softmax over padded keys runs through denormals unless they are flushed: a thread that did not flush
-    them does once it runs the model (seen from inside the search)."""
-    ids = [s.ids for s in cpu_engine.encode_texts([e.source for e in toy_split("test", 8)])]
-    seen: dict[str, bool] = {}
-
-    def on_token(row: int, token: int) -> None:
-        seen.setdefault("during the search", denormals_flushed())
-
-    def run() -> None:
-        default_float_environment()
-        seen["before"] = denormals_flushed()
-        cpu_engine.search_ids(ids, TranslateOptions(), on_token=on_token, lanes=1)  # on this thread
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    assert seen == {"before": False, "during the search": True}
 
 
 def test_lane_parts_cover_every_row_once_by_length() -> None:
