@@ -72,7 +72,7 @@ def _serve(
     conn: Connection, model: ModelVersion, threads: int, max_length_limit: int, spinning: bool
 ) -> None:
     from service.batcher import TimedBackend
-    from service.engine import Engine
+    from service.engine import Engine, flush_denormals_on_this_thread
 
     try:
         engine = Engine(
@@ -82,6 +82,9 @@ def _serve(
     except Exception as error:  # reported to the parent, which raises it as the load error it is
         conn.send(("failed", f"{type(error).__name__}: {error}"))
         return
+    # This process runs nothing but the search: its thread may flush denormals for good (after the sessions
+    # are built: building one resets the building thread's setting).
+    flush_denormals_on_this_thread()
     timed = TimedBackend(engine.backend)
     engine.backend = timed
     conn.send(("ready", os.getpid()))

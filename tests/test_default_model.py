@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import json
+import platform
 import threading
 
 import numpy as np
@@ -183,6 +186,46 @@ def test_lane_callbacks_get_the_callers_row_numbers(cpu_engine: Engine) -> None:
         else:
             assert hypothesis is not None and streamed[row] == hypothesis.tokens
             assert handed[row] is hypothesis
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread flushes denormal floats to zero (half of 1e-38 is a denormal float32)."""
+    return bool(np.float32(1e-38) * np.float32(0.5) == 0)
+
+
+def default_float_environment() -> None:
+    """This thread back to the C library's default floating-point environment (a thread inherits its
+    creator's, and building an onnxruntime session sets the building thread's)."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    assert libm.fesetenv(ctypes.c_void_p(-1)) == 0  # FE_DFL_ENV is ((const fenv_t *) -1) in glibc
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the flush sets the x86-64 SSE control word")
+def test_lane_threads_flush_denormals_and_the_caller_never_does() -> None:
+    """Softmax over padded keys runs through denormals unless they are flushed: every part of a batch runs
+    on a lane thread that flushes them (seen from the search's callbacks), while the thread that loads the
+    engine and asks for the search keeps its own floating-point environment."""
+    seen: dict[str, list[bool]] = {"lanes": [], "caller": []}
+    lane_threads: set[str] = set()
+
+    def on_token(row: int, token: int) -> None:
+        lane_threads.add(threading.current_thread().name)
+        seen["lanes"].append(denormals_flushed())
+
+    def run() -> None:
+        default_float_environment()
+        engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2)
+        seen["caller"].append(denormals_flushed())
+        ids = [s.ids for s in engine.encode_texts([e.source for e in toy_split("test", 16)])]
+        engine.search_ids(ids, TranslateOptions(), on_token=on_token)
+        seen["caller"].append(denormals_flushed())
+
+    thread = threading.Thread(target=run, name="caller")
+    thread.start()
+    thread.join()
+    assert len(lane_threads) == 2 and all(name.startswith("engine-lane") for name in lane_threads)
+    assert len(seen["lanes"]) > 16 and all(seen["lanes"])
+    assert seen["caller"] == [False, False]
 
 
 def test_lane_parts_cover_every_row_once_by_length() -> None:
