@@ -584,7 +584,7 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
     if lanes == 1:
         return [order.tolist()] if n else []
     cost = lane_cost(np.asarray(lengths, dtype=np.int64)[order])
-    # slowest[j]: the best slowest run when the first j rows are split into `parts` runs.
+    # slowest[j]: the best slowest run over the first j rows, split into as many runs as made so far.
     slowest = cost[0].copy()
     cuts = []
     for _ in range(lanes - 1):
