@@ -800,7 +800,8 @@ class Engine:
     ) -> list[Hypothesis | None]:
         """Run the shared search over a batch of source ids, in up to `lanes` (default: the engine's)
         parallel parts. Rows are independent, so the results do not depend on the split; the callbacks
-        get the caller's row numbers, possibly from several lane threads at once."""
+        get the caller's row numbers, possibly from several lane threads at once, and must not call this
+        engine's search themselves (a lane would wait for itself)."""
         usable = self.lanes if self.lane_processes is None else min(self.lanes, self.lane_processes.count)
         parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, usable))
         if self.lane_processes is not None and parts:

@@ -166,6 +166,23 @@ def test_padding_changes_no_real_position(model: Transformer) -> None:
     torch.testing.assert_close(logits_batch[1, :t], logits_alone[0], atol=ATOL, rtol=0)
 
 
+def test_encoder_on_rows_equals_the_encoder_and_cross_projections(model: Transformer) -> None:
+    """encode_rows (what the exported encoder graph computes) gives the memory, every layer's cross keys and
+    values and every encoder self-attention map of encode_layers + cross_keys_values_layers, padding
+    included."""
+    rng = random.Random(5)
+    src = padded([source(rng, 9), source(rng, 2), source(rng, 5)])
+    with torch.no_grad():
+        memory, weights = model.encode_layers(src)
+        keys, values = model.cross_keys_values_layers(memory)
+        rows_memory, rows_keys, rows_values, rows_weights = model.encode_rows(src, src == PAD)
+    torch.testing.assert_close(rows_memory, memory, atol=ATOL, rtol=0)
+    expected_all, got_all = [*keys, *values, *weights], [*rows_keys, *rows_values, *rows_weights]
+    for expected, got in zip(expected_all, got_all, strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
 def test_attention_rows_sum_to_one_and_padding_gets_zero(model: Transformer) -> None:
     rng = random.Random(5)
     src = padded([source(rng, 7), source(rng, 2), source(rng, 4)])
