@@ -557,16 +557,11 @@ LANE_STEP_COST = 13.5  # per position of the run's longest source: the fixed cos
 LANE_ROW_STEP_COST = 0.46  # per row and position of the longest source: padded encoder and step rows
 
 
-def lane_cost(sorted_lengths: np.ndarray) -> np.ndarray:
-    """Predicted time of every contiguous run [i, j) of ascending lengths, as a [n+1, n+1] matrix
-    (inf where j <= i)."""
-    n = len(sorted_lengths)
+def lane_cost(sorted_lengths: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Predicted time of the runs [starts, ends) of ascending lengths (ends > starts)."""
     prefix = np.concatenate([[0.0], np.cumsum(sorted_lengths, dtype=np.float64)])
-    starts, ends = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
-    rows = ends - starts
-    longest = np.concatenate([[0.0], sorted_lengths.astype(np.float64)])[ends]  # run [i, j) ends at j-1
-    cost = longest * (LANE_STEP_COST + LANE_ROW_STEP_COST * rows) + (prefix[ends] - prefix[starts])
-    return np.where(rows > 0, cost, np.inf)
+    longest = sorted_lengths[ends - 1].astype(np.float64)
+    return longest * (LANE_STEP_COST + LANE_ROW_STEP_COST * (ends - starts)) + prefix[ends] - prefix[starts]
 
 
 def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
@@ -576,28 +571,45 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
     Sorted by length so that each run's rows finish at about the same step (a run decodes until its
     longest row is done). A run's time grows with its longest row much more than with its row count
     (`lane_cost`), so the lane of long sentences gets fewer rows. Exact minimum of the slowest run over
-    the contiguous splits (dynamic programming); every lane gets a row while there are enough.
+    the contiguous splits; every lane gets a row while there are enough.
+
+    Dynamic programming, one layer per run: slowest[j] is the best slowest run over the first j rows in
+    the runs made so far. For the run [i, j) added next, slowest[i] grows with i and the run's time shrinks
+    with i, so the best i is where they cross: a binary search per j (all j at once), O(lanes x n log n)
+    time and O(n) memory.
     """
     order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
     n = len(order)
     lanes = max(1, min(lanes, n))
     if lanes == 1:
         return [order.tolist()] if n else []
-    cost = lane_cost(np.asarray(lengths, dtype=np.int64)[order])
-    # slowest[j]: the best slowest run over the first j rows, split into as many runs as made so far.
-    slowest = cost[0].copy()
-    cuts = []
-    for _ in range(lanes - 1):
-        candidates = np.maximum(slowest[:, None], cost)  # previous runs over [0, i), one more run [i, j)
-        best_start = np.argmin(candidates, axis=0)
-        slowest = candidates[best_start, np.arange(n + 1)]
-        cuts.append(best_start)
+    ordered = np.asarray(lengths, dtype=np.int64)[order]
+    ends = np.arange(n + 1)
+    slowest = np.full(n + 1, np.inf)
+    slowest[1:] = lane_cost(ordered, np.zeros(n, dtype=np.int64), ends[1:])
+    starts_by_run = []
+    for runs in range(2, lanes + 1):
+        # The new run [i, j) needs i >= runs - 1 (one row per earlier run) and i <= j - 1.
+        j = ends[runs:]
+        low, high = np.full(j.size, runs - 1), j - 1
+        while np.any(low < high):  # smallest i in [low, high] with slowest[i] >= time of [i, j)
+            middle = (low + high) // 2
+            crossed = slowest[middle] >= lane_cost(ordered, middle, j)
+            high = np.where(crossed, middle, high)
+            low = np.where(crossed, low, middle + 1)
+        before = np.maximum(low - 1, runs - 1)  # the crossing may be just past the best start
+        at = np.maximum(slowest[low], lane_cost(ordered, low, j))
+        just_before = np.maximum(slowest[before], lane_cost(ordered, before, j))
+        best_start = np.where(just_before < at, before, low)
+        slowest = np.full(n + 1, np.inf)
+        slowest[runs:] = np.minimum(at, just_before)
+        starts_by_run.append(np.concatenate([np.zeros(runs, dtype=np.int64), best_start]))
     bounds = [n]
-    for best_start in reversed(cuts):
+    for best_start in reversed(starts_by_run):
         bounds.append(int(best_start[bounds[-1]]))
     bounds.append(0)
     bounds.reverse()
-    return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def plan_lanes(provider: str, threads: int, lanes: int | None) -> int:

@@ -262,6 +262,20 @@ def test_lane_parts_minimise_the_slowest_lane(seed: int) -> None:
             for cuts in itertools.combinations(range(1, len(ordered)), lanes - 1)
         )
         assert got == pytest.approx(best)
+    # Larger batches and more lanes: the same optimum as a plain O(lanes x n^2) dynamic program.
+    ordered = sorted(int(n) for n in rng.integers(2, 60, size=int(rng.integers(20, 90))))
+    lengths = [int(n) for n in rng.permutation(ordered)]
+    for lanes in (2, 5, 8):
+        best = [0.0] + [predicted_time(ordered[:j]) for j in range(1, len(ordered) + 1)]
+        for runs in range(2, lanes + 1):
+            best = [float("inf")] * runs + [
+                min(max(best[i], predicted_time(ordered[i:j])) for i in range(runs - 1, j))
+                for j in range(runs, len(ordered) + 1)
+            ]
+        parts = lane_parts(lengths, lanes)
+        assert len(parts) == lanes and sorted(r for part in parts for r in part) == list(range(len(lengths)))
+        got = max(predicted_time([lengths[row] for row in part]) for part in parts)
+        assert got == pytest.approx(best[-1])
     short, long = lane_parts([3] * 8 + [30] * 8, 2)
     assert set(range(8)) < set(short) and len(short) > len(long)  # the short lane also takes long rows
 
