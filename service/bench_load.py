@@ -38,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -334,35 +334,37 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *children]
 
 
-def rss_mib(pid: int | None) -> float | None:
-    """VmRSS of a process and its children (the server's lanes) in MiB (None where /proc cannot tell)."""
-    if pid is None:
-        return None
-    total = None
-    for member in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total = (total or 0.0) + int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            if member == pid:
-                return None
-    return total
+def own_rss_mib(pid: int) -> float:
+    """VmRSS of one process in MiB; OSError once it has gone, ValueError if /proc does not say (a zombie)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process and its live children, all their threads (None where /proc
-    cannot tell)."""
+def tree_total(pid: int | None, measure: Callable[[int], float]) -> float | None:
+    """`measure` summed over a process and its live children (the server's lanes); None where /proc cannot
+    tell for the process itself (a child that exits meanwhile is left out)."""
     if pid is None:
         return None
     total = 0.0
     for member in process_tree(pid):
         try:
-            total += own_cpu_seconds(member)
+            total += measure(member)
         except (OSError, ValueError, IndexError):
             if member == pid:
                 return None
     return total
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """VmRSS of a process and its children (the server's lanes) in MiB."""
+    return tree_total(pid, own_rss_mib)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and its live children, all their threads."""
+    return tree_total(pid, own_cpu_seconds)
 
 
 def scrape(metrics: str | None, timeout: float = 5.0) -> dict[tuple[str, tuple], float] | None:

@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -557,10 +557,12 @@ LANE_STEP_COST = 13.5  # per position of the run's longest source: the fixed cos
 LANE_ROW_STEP_COST = 0.46  # per row and position of the longest source: padded encoder and step rows
 
 
-def lane_cost(sorted_lengths: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Predicted time of the runs [starts, ends) of ascending lengths (ends > starts)."""
-    prefix = np.concatenate([[0.0], np.cumsum(sorted_lengths, dtype=np.float64)])
-    longest = sorted_lengths[ends - 1].astype(np.float64)
+def lane_cost(
+    sorted_lengths: np.ndarray, prefix: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> np.ndarray:
+    """Predicted time of the runs [starts, ends) of ascending lengths (ends > starts); prefix[k] is the sum
+    of the first k lengths."""
+    longest = sorted_lengths[ends - 1]
     return longest * (LANE_STEP_COST + LANE_ROW_STEP_COST * (ends - starts)) + prefix[ends] - prefix[starts]
 
 
@@ -583,10 +585,11 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
     lanes = max(1, min(lanes, n))
     if lanes == 1:
         return [order.tolist()] if n else []
-    ordered = np.asarray(lengths, dtype=np.int64)[order]
+    ordered = np.asarray(lengths, dtype=np.float64)[order]
+    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
     ends = np.arange(n + 1)
     slowest = np.full(n + 1, np.inf)
-    slowest[1:] = lane_cost(ordered, np.zeros(n, dtype=np.int64), ends[1:])
+    slowest[1:] = lane_cost(ordered, prefix, np.zeros(n, dtype=np.int64), ends[1:])
     starts_by_run = []
     for runs in range(2, lanes + 1):
         # The new run [i, j) needs i >= runs - 1 (one row per earlier run) and i <= j - 1.
@@ -594,12 +597,12 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
         low, high = np.full(j.size, runs - 1), j - 1
         while np.any(low < high):  # smallest i in [low, high] with slowest[i] >= time of [i, j)
             middle = (low + high) // 2
-            crossed = slowest[middle] >= lane_cost(ordered, middle, j)
+            crossed = slowest[middle] >= lane_cost(ordered, prefix, middle, j)
             high = np.where(crossed, middle, high)
             low = np.where(crossed, low, middle + 1)
         before = np.maximum(low - 1, runs - 1)  # the crossing may be just past the best start
-        at = np.maximum(slowest[low], lane_cost(ordered, low, j))
-        just_before = np.maximum(slowest[before], lane_cost(ordered, before, j))
+        at = np.maximum(slowest[low], lane_cost(ordered, prefix, low, j))
+        just_before = np.maximum(slowest[before], lane_cost(ordered, prefix, before, j))
         best_start = np.where(just_before < at, before, low)
         slowest = np.full(n + 1, np.inf)
         slowest[runs:] = np.minimum(at, just_before)
@@ -845,8 +848,7 @@ class Engine:
         futures: list[Future] = [
             self._lane_pool.submit(contextvars.copy_context().run, run, rows) for rows in parts
         ]
-        for future in futures:  # every lane has stopped before this returns or raises
-            future.exception()
+        wait(futures)  # every lane has stopped before this returns or raises
         for future in futures:
             future.result()
         return results
