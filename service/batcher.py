@@ -27,8 +27,9 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -42,6 +43,12 @@ from service.vocabulary import EncodedText
 log = logging.getLogger("translator.batcher")
 
 STREAM_END = None  # last item of a streaming job's event queue; token ids are ints
+
+
+class EventSink(Protocol):
+    """Where a streaming job's token ids (then STREAM_END) go: a queue.SimpleQueue, or the RPC's own."""
+
+    def put(self, item: int | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Job:
         deadline: float | None = None,
         stream: bool = False,
         urgent: bool = False,
+        events: EventSink | None = None,
     ) -> None:
         if not sources:
             raise ValueError("a job needs at least one text")
@@ -99,15 +107,26 @@ class Job:
         self.results: list[TextResult | None] = [None] * len(sources)  # filled by outcome()
         self.error: RequestFailed | None = None
         self.finished = False  # completed or failed; guarded by the batcher's lock
-        # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC thread.
-        self.events: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if stream else None
+        # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC.
+        self.events: EventSink | None = (events or queue.SimpleQueue()) if stream else None
         self._remaining = len(sources)
         self._done = threading.Event()
+        self._done_callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
         self._settle_lock = threading.Lock()
         self._settled = False  # outcome() did the post-processing (or observed what was delivered)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once the job is answered (at once if it is): from the thread that answers it, so
+        it must be quick and thread-safe (an event loop's call_soon_threadsafe)."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(callback)
+                return
+        callback()
 
     def outcome(self) -> list[TextResult]:
         """The results in text order, or the error the job failed with. Call it once the job is answered:
@@ -147,9 +166,13 @@ class Job:
 
     def _close(self) -> None:
         self.finished = True
-        self._done.set()
         if self.events is not None:
             self.events.put(STREAM_END)
+        with self._callbacks_lock:
+            self._done.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 def observe(raw: RawResult) -> None:

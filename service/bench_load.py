@@ -882,8 +882,8 @@ def _spawn_extra(args: argparse.Namespace, concurrency: list[int]) -> dict[str, 
         extra["threads"] = str(args.server_threads)
     if args.server_lanes:
         extra["lanes"] = str(args.server_lanes)
-    # Each in-flight call takes one of --max-concurrent-rpcs (and holds a gRPC thread; --grpc-threads follows
-    # with its reserve): enough of them that every client can be in the batcher.
+    # Each in-flight call takes one of --max-concurrent-rpcs (--grpc-max-calls follows with its reserve):
+    # enough of them that every client can be in the batcher.
     extra["max_concurrent_rpcs"] = str(max(ServerConfig().max_concurrent_rpcs, max([*concurrency, 1])))
     return extra
 

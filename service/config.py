@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "TRANSLATOR_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# gRPC threads beyond --max-concurrent-rpcs when --grpc-threads is not given: health checks, metadata and the
-# refusals of excess calls answer at once, so they always find a free thread.
-RESERVED_GRPC_THREADS = 8
+# Calls gRPC admits beyond --max-concurrent-rpcs when --grpc-max-calls is not given: health checks, metadata
+# and the refusals of excess translation calls are answered while every translation slot is busy.
+RESERVED_GRPC_CALLS = 256
 # gRPC channel arguments are C ints.
 INT32_MAX = 2**31 - 1
 
@@ -63,17 +63,18 @@ class ServerConfig:
     )
     max_concurrent_rpcs: int = _setting(
         256,
-        "most translation calls (Translate, TranslateStream, ModelInfer) handled at once: each holds a gRPC "
-        "thread while its texts wait in the batcher; one more gets RESOURCE_EXHAUSTED at once",
+        "most translation calls (Translate, TranslateStream, ModelInfer) handled at once (their texts in the "
+        "batcher); one more gets RESOURCE_EXHAUSTED at once",
         int,
     )
-    grpc_threads: int | None = _setting(
+    grpc_max_calls: int | None = _setting(
         None,
-        "gRPC worker threads; must exceed --max-concurrent-rpcs: the threads beyond the translation calls "
-        "answer health checks, metadata and refusals while every translation slot is busy",
+        "calls of every method gRPC admits at once (beyond them it answers RESOURCE_EXHAUSTED itself); must "
+        "exceed --max-concurrent-rpcs: the calls beyond the translation calls are health checks, metadata "
+        "and the refusals of excess translation calls",
         _optional_int,
         metavar="N",
-        shown=f"--max-concurrent-rpcs + {RESERVED_GRPC_THREADS}",
+        shown=f"--max-concurrent-rpcs + {RESERVED_GRPC_CALLS}",
     )
     max_message_bytes: int = _setting(
         64 * 1024 * 1024,
@@ -177,11 +178,11 @@ class ServerConfig:
     log_level: str = _setting("INFO", "logging level", str.upper, choices=LOG_LEVELS)
 
     @property
-    def grpc_worker_threads(self) -> int:
-        """--grpc-threads, or --max-concurrent-rpcs plus the reserve when it is not given."""
-        if self.grpc_threads is not None:
-            return self.grpc_threads
-        return self.max_concurrent_rpcs + RESERVED_GRPC_THREADS
+    def grpc_call_limit(self) -> int:
+        """--grpc-max-calls, or --max-concurrent-rpcs plus the reserve when it is not given."""
+        if self.grpc_max_calls is not None:
+            return self.grpc_max_calls
+        return self.max_concurrent_rpcs + RESERVED_GRPC_CALLS
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting out of range."""
@@ -202,9 +203,9 @@ class ServerConfig:
                 f"must be between {low} and {high}",
             )
         need(
-            self.grpc_threads is None or self.grpc_threads > self.max_concurrent_rpcs,
-            "grpc_threads",
-            f"must exceed --max-concurrent-rpcs ({self.max_concurrent_rpcs}): health checks need a thread "
+            self.grpc_max_calls is None or self.grpc_max_calls > self.max_concurrent_rpcs,
+            "grpc_max_calls",
+            f"must exceed --max-concurrent-rpcs ({self.max_concurrent_rpcs}): health checks need room "
             "while every translation call waits",
         )
         need(
@@ -232,7 +233,7 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "port": (0, 65535),
     "metrics_port": (-1, 65535),
     "max_concurrent_rpcs": (1, 100_000),
-    "grpc_threads": (2, 100_000),
+    "grpc_max_calls": (2, 100_000),
     "max_message_bytes": (1, INT32_MAX),
     "max_receive_message_bytes": (1, INT32_MAX),
     "model_version": (0, 2**63 - 1),

@@ -113,20 +113,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ----------------------------------------------------------------------------------------------------
 
     @tracked("ServerLive")
-    def ServerLive(
-        self, request: pb.ServerLiveRequest, context: grpc.ServicerContext
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @tracked("ServerReady")
-    def ServerReady(
-        self, request: pb.ServerReadyRequest, context: grpc.ServicerContext
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
 
     @tracked("ModelReady")
-    def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.ServicerContext
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         try:
             self._model(request.name, request.version)
@@ -135,14 +135,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     @tracked("ServerMetadata")
-    def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
 
     @tracked("ModelMetadata")
-    def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         engine = self._model(request.name, request.version)
         architecture = engine.model.architecture
@@ -188,8 +188,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # ----------------------------------------------------------------------------------------------------
 
     @tracked("ModelInfer", limited=True)
-    def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         wanted: list[str] = []
         shape: list[int] = []
@@ -220,8 +220,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             sources = encode_texts(engine, texts, limits, field=INPUT_TEXT)
             return Work(sources, options, None if timeout_us is None else timeout_us / 1e6)
 
-        call = submit_job(self.runtime, context, prepare)
-        results = call.results()
+        with submit_job(self.runtime, context, prepare) as call:
+            results = await call.results()
         model = call.engine.model
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=str(model.version), id=request.id

@@ -8,13 +8,14 @@ metrics by method and code, and keep the in-flight gauge right whatever happens.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import math
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -56,9 +57,8 @@ class Runtime:
     def translation_slot(self) -> Iterator[None]:
         """One of the --max-concurrent-rpcs translation calls, or RESOURCE_EXHAUSTED at once.
 
-        Each translation call holds a gRPC thread while its texts wait in the batcher; the slots keep some of
-        the --grpc-threads free for health checks, metadata and these refusals, instead of letting excess
-        calls wait unseen in gRPC's executor queue.
+        The slots bound the work queued for the batcher and leave some of gRPC's --grpc-max-calls for health
+        checks, metadata and these refusals.
         """
         if not self._slots.acquire(blocking=False):
             limit = self.config.max_concurrent_rpcs
@@ -91,7 +91,7 @@ class Runtime:
             )
 
 
-def deadline_of(context: grpc.ServicerContext, extra_timeout_s: float | None = None) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext, extra_timeout_s: float | None = None) -> float | None:
     """The call's deadline on the time.monotonic() clock (None: none), the tighter of gRPC's and extra's."""
     remaining = context.time_remaining()
     candidates = (
@@ -113,50 +113,103 @@ class Work:
     timeout_s: float | None = None  # a deadline of the request's own, besides gRPC's (KServe's `timeout`)
 
 
+class LoopEvents:
+    """A streaming job's token events, handed from the batcher's threads to the RPC's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def put(self, item: int | None) -> None:
+        _call_soon(self._loop, self._queue.put_nowait, item)
+
+    async def get(self) -> int | None:
+        return await self._queue.get()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object) -> None:
+    """`callback(*args)` on the loop's thread, from any thread; nothing once the loop is closed (the server
+    stopped: nobody waits any more)."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 @dataclass(frozen=True)
 class Submitted:
-    """A translation call's job, queued in the batcher and watched for the call ending early."""
+    """A translation call's job, queued in the batcher. Use it as a context manager around the waiting:
+    however the call ends (client cancel, gRPC's deadline, an error), its job does not outlive it."""
 
     engine: Engine
     batcher: Batcher
     job: Job
 
-    def results(self) -> list[TextResult]:
+    def __enter__(self) -> Submitted:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        job = self.job
+        if job.finished:
+            return
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            self.batcher.expire(job)
+        else:
+            self.batcher.abandon(
+                job, grpc.StatusCode.CANCELLED, "the client cancelled the call", reason="cancelled"
+            )
+
+    async def results(self) -> list[TextResult]:
         """Wait for the answer (until the deadline): the results in text order, or raise RequestFailed."""
-        self.batcher.wait(self.job)
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[None] = loop.create_future()
+        self.job.add_done_callback(functools.partial(_call_soon, loop, _resolve, answered))
+        timer = self._deadline_timer(loop)
+        try:
+            await answered
+        finally:
+            if timer is not None:
+                timer.cancel()
         return self.job.outcome()
 
-    def tokens(self) -> Iterator[int]:
+    async def tokens(self) -> AsyncIterator[int]:
         """A streaming job's token ids as the worker generates them; ends when the job is answered (then read
         `job.outcome()`); at the deadline the job is expired, which ends it."""
         events = self.job.events
-        assert events is not None, "not a streaming job"
-        while True:
-            deadline = self.job.deadline
-            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                token_id = events.get(timeout=timeout)
-            except queue.Empty:
-                self.batcher.expire(self.job)
-                continue
-            if token_id is STREAM_END:
-                return
-            yield token_id
+        assert isinstance(events, LoopEvents), "not a streaming job"
+        timer = self._deadline_timer(asyncio.get_running_loop())
+        try:
+            while (token_id := await events.get()) is not STREAM_END:
+                yield token_id
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _deadline_timer(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        deadline = self.job.deadline
+        if deadline is None:
+            return None
+        return loop.call_later(max(deadline - time.monotonic(), 0.0), self.batcher.expire, self.job)
 
 
 def submit_job(
     runtime: Runtime,
-    context: grpc.ServicerContext,
+    context: grpc.aio.ServicerContext,
     prepare: Callable[[Engine, Limits], Work],
     *,
     stream: bool = False,
 ) -> Submitted:
     """The one path of every translation call (Translate, TranslateStream, ModelInfer): arrival -> the
-    served model -> the request's checks (`prepare`) -> Job -> submit -> watch; the caller then waits with
-    `results()` or `tokens()`.
+    served model -> the request's checks (`prepare`) -> Job -> submit; the caller then waits with
+    `results()` or `tokens()` inside `with submitted:`. Call it from the call's coroutine.
 
-    The job is watched only once it is queued: a refused submit (RESOURCE_EXHAUSTED, UNAVAILABLE) leaves
-    nothing to abandon, and a call that already ended is not queued at all.
+    A refused submit (RESOURCE_EXHAUSTED, UNAVAILABLE) leaves nothing to abandon, and a call that already
+    ended is not queued at all.
     """
     arrival = time.monotonic()
     engine, batcher, limits = runtime.serving()
@@ -167,30 +220,12 @@ def submit_job(
         arrival=arrival,
         deadline=deadline_of(context, work.timeout_s),
         stream=stream,
+        events=LoopEvents(asyncio.get_running_loop()) if stream else None,
     )
-    if not context.is_active():
+    if context.done():
         raise RequestFailed(grpc.StatusCode.CANCELLED, "the client cancelled the call")
     batcher.submit(job)
-    watch(job, batcher, context)
     return Submitted(engine, batcher, job)
-
-
-def watch(job: Job, batcher: Batcher, context: grpc.ServicerContext) -> None:
-    """Abandon the (queued) job when the call ends early: client cancel, or gRPC enforcing the deadline
-    itself. Call it after `batcher.submit(job)` succeeded."""
-
-    def on_termination() -> None:
-        if job.finished:
-            return
-        if job.deadline is not None and time.monotonic() >= job.deadline:
-            batcher.expire(job)
-        else:
-            batcher.abandon(
-                job, grpc.StatusCode.CANCELLED, "the client cancelled the call", reason="cancelled"
-            )
-
-    if not context.add_callback(on_termination):
-        on_termination()  # the call already ended
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -212,33 +247,31 @@ def _slot(runtime: Runtime, limited: bool) -> Any:
 
 
 def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
-    """For unary handlers `def M(self, request, context)`, where `self.runtime` is the Runtime; `limited`:
-    a translation call, which needs one of the --max-concurrent-rpcs slots."""
+    """For unary handlers `async def M(self, request, context)`, where `self.runtime` is the Runtime;
+    `limited`: a translation call, which needs one of the --max-concurrent-rpcs slots."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
             metrics.inflight.inc()
             start = time.perf_counter()
             try:
                 with _slot(runtime, limited):
-                    response = handler(self, request, context)
+                    response = await handler(self, request, context)
             except RequestFailed as failure:
                 error = failure
+            except asyncio.CancelledError:  # the client cancelled, or gRPC enforced the deadline
+                _record(metrics, method, grpc.StatusCode.CANCELLED, start)
+                raise
             except Exception as other:
                 error = _unexpected(method, other)
             else:
-                _record(
-                    metrics,
-                    method,
-                    grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED,
-                    start,
-                )
+                _record(metrics, method, grpc.StatusCode.OK, start)
                 return response
             _record(metrics, method, error.code, start)
-            context.abort(error.code, error.message)
+            await context.abort(error.code, error.message)
 
         return wrapper  # type: ignore[return-value]
 
@@ -246,12 +279,12 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
 
 
 def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
-    """For server-streaming handlers (generators) `def M(self, request, context)`; `limited` as in
-    `tracked`, the slot held until the stream ends."""
+    """For server-streaming handlers (async generators) `async def M(self, request, context)`; `limited` as
+    in `tracked`, the slot held until the stream ends."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
             metrics.inflight.inc()
@@ -259,17 +292,19 @@ def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Ha
             code = grpc.StatusCode.OK
             try:
                 with _slot(runtime, limited):
-                    yield from handler(self, request, context)
-            except GeneratorExit:  # gRPC closes the generator when the client goes away
+                    async with contextlib.aclosing(handler(self, request, context)) as messages:
+                        async for message in messages:
+                            yield message
+            except (GeneratorExit, asyncio.CancelledError):  # the client went away, or the deadline passed
                 code = grpc.StatusCode.CANCELLED
                 raise
             except RequestFailed as failure:
                 code = failure.code
-                context.abort(failure.code, failure.message)
+                await context.abort(failure.code, failure.message)
             except Exception as other:
                 failure = _unexpected(method, other)
                 code = failure.code
-                context.abort(failure.code, failure.message)
+                await context.abort(failure.code, failure.message)
             finally:
                 _record(metrics, method, code, start)
 

@@ -12,6 +12,9 @@ reflection; Prometheus metrics have their own HTTP port. Lifecycle:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import os
@@ -19,8 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,7 +81,7 @@ def add_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
     """Server reflection as v1alpha (grpcio-reflection) and v1: the messages are identical on the wire, and
     newer tools (grpcurl, Postman) ask for v1 first."""
     names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-    servicer = reflection.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
@@ -91,13 +93,13 @@ def add_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
     server.add_registered_method_handlers(REFLECTION_V1, handlers)
 
 
-class HealthService(health.HealthServicer):
+class HealthService(health.aio.HealthServicer):
     """grpcio-health-checking's servicer plus List, which grpc.health.v1 has and the library lacks (its stub
     raises NotImplementedError: UNIMPLEMENTED, and an ERROR with a traceback in the log, per call)."""
 
-    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> Any:
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> Any:
         statuses = {
-            name: self.Check(health_pb2.HealthCheckRequest(service=name), context)
+            name: await self.Check(health_pb2.HealthCheckRequest(service=name), context)
             for name in ("", *SERVICE_NAMES)
         }
         return health_pb2.HealthListResponse(statuses=statuses)
@@ -131,44 +133,59 @@ def validated(
                 f"{path}: the request is not a valid protobuf message for this method ({error})"
             )
 
-    def reject(request: Any, context: grpc.ServicerContext) -> None:
-        if isinstance(request, _Malformed):
-            if metrics is not None:  # counted like every answered call: requests_total and its duration
-                code = grpc.StatusCode.INVALID_ARGUMENT.name
-                metrics.requests.labels(method=method, code=code).inc()
-                metrics.request_duration.labels(method=method, code=code).observe(
-                    time.perf_counter() - request.received
-                )
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if not isinstance(request, _Malformed):
+            return
+        if metrics is not None:  # counted like every answered call: requests_total and its duration
+            code = grpc.StatusCode.INVALID_ARGUMENT.name
+            metrics.requests.labels(method=method, code=code).inc()
+            metrics.request_duration.labels(method=method, code=code).observe(
+                time.perf_counter() - request.received
+            )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
+    # Every servicer here is asynchronous: ours, grpcio-health's and grpcio-reflection's aio ones.
     serialize = handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        bidi = handler.stream_stream
+        bidi = handler.stream_stream  # server reflection
 
-        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            def checked() -> Iterator[Any]:
-                for request in requests:
-                    reject(request, context)
+        async def stream_stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    await reject(request, context)
                     yield request
 
-            yield from bidi(checked(), context)
+            async with contextlib.aclosing(bidi(checked(), context)) as messages:
+                async for message in messages:
+                    yield message
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
     if handler.request_streaming:
         return handler  # no client-streaming method is served
     if handler.response_streaming:
         streaming = handler.unary_stream
+        if inspect.isasyncgenfunction(streaming):  # TranslateStream
 
-        def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            reject(request, context)
-            yield from streaming(request, context)
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await reject(request, context)
+                async with contextlib.aclosing(streaming(request, context)) as messages:
+                    async for message in messages:
+                        yield message
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+
+        async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await reject(request, context)  # grpcio-health's Watch writes with context.write
+            await streaming(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, deserialize, serialize)
     unary = handler.unary_unary
 
-    def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-        reject(request, context)
-        return unary(request, context)
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await reject(request, context)
+        return await unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
 
@@ -203,9 +220,14 @@ class _Registrar:
             self._generic = []
 
 
+def server_credentials_configured(config: ServerConfig) -> bool:
+    return config.tls_cert is not None and config.tls_key is not None
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    if config.tls_cert is None or config.tls_key is None:
+    if not server_credentials_configured(config):
         return None
+    assert config.tls_cert is not None and config.tls_key is not None
     client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca is not None else None
     return grpc.ssl_server_credentials(
         [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
@@ -231,24 +253,66 @@ class TranslatorServer:
         self.metrics_port: int | None = None
         self._engine = engine
         self._seed = seed
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Bind and start serving: health and metadata answer at once, inference once `load()` is done."""
+        """Bind and start serving: health and metadata answer at once, inference once `load()` is done.
+
+        The gRPC server is asyncio's (grpc.aio), on an event loop of its own thread: a call is a coroutine
+        (a translation call waits for its job without holding a thread), which costs the server process less
+        CPU per call than gRPC's thread-per-call server (docs/experiments/server_cost.py).
+        """
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self._on_loop(self._start_server())
+        except BaseException:
+            self._close_loop()
+            raise
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+        log.info(
+            "listening",
+            extra=_fields(
+                port=self.port,
+                metrics_port=self.metrics_port,
+                host=self.config.host,
+                tls=server_credentials_configured(self.config),
+                mutual_tls=self.config.tls_client_ca is not None,
+            ),
+        )
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run a coroutine on the server's event loop and wait for its result (from any other thread)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _close_loop(self) -> None:
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        self._loop = self._loop_thread = None
+
+    async def _start_server(self) -> None:
         config = self.config
-        threads = config.grpc_worker_threads
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
             # Translation calls beyond --max-concurrent-rpcs are refused by the handlers (Runtime.
-            # translation_slot), which leaves threads free for health checks. This is gRPC's own backstop
-            # (it counts every call, health included): calls waiting for a thread stay bounded.
-            maximum_concurrent_rpcs=2 * threads,
+            # translation_slot), which keeps health checks answered. This is gRPC's own backstop (it counts
+            # every call, health included): calls in flight stay bounded.
+            maximum_concurrent_rpcs=config.grpc_call_limit,
         )
         ours, theirs = _Registrar(server, self.metrics), _Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
@@ -259,7 +323,7 @@ class TranslatorServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, theirs)
         for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         add_reflection(theirs, SERVICE_NAMES)  # type: ignore[arg-type]
         ours.flush()
         theirs.flush()
@@ -271,20 +335,8 @@ class TranslatorServer:
             if credentials is not None
             else server.add_insecure_port(address)
         )
-        server.start()
+        await server.start()
         self._server = server
-        if config.metrics_port >= 0:
-            self.metrics_port = self.metrics.start_http(config.host, config.metrics_port)
-        log.info(
-            "listening",
-            extra=_fields(
-                port=self.port,
-                metrics_port=self.metrics_port,
-                host=config.host,
-                tls=credentials is not None,
-                mutual_tls=config.tls_client_ca is not None,
-            ),
-        )
 
     def load(self) -> None:
         """Load and warm up the model, then report SERVING."""
@@ -332,7 +384,7 @@ class TranslatorServer:
         ).set(1)
         self.runtime.ready = True
         for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         log.info(
             "ready",
             extra=_fields(
@@ -411,15 +463,21 @@ class TranslatorServer:
             ),
         )
         self.runtime.draining = True
-        self.health.enter_graceful_shutdown()
+        if self._loop is not None:
+            self._on_loop(self.health.enter_graceful_shutdown())
         # gRPC refuses new calls from now on and cancels whatever still runs when the grace period ends. The
         # batcher closes a little before that: it finishes the queued and running work until then and fails
         # the rest with UNAVAILABLE (dropped as "shutdown"), so no in-flight call is merely cancelled.
-        stopped = self._server.stop(grace) if self._server is not None else None
+        stopped = (
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+            if self._server is not None and self._loop is not None
+            else None
+        )
         if self.runtime.batcher is not None:
             self.runtime.batcher.close(timeout=max(grace - min(1.0, grace / 4), 0.0))
         if stopped is not None:
-            stopped.wait()
+            stopped.result()
+        self._close_loop()
         if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
             self.runtime.engine.close()
         self.metrics.stop_http()

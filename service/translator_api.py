@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -146,7 +147,9 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         self.runtime = runtime
 
     @tracked("Translate", limited=True)
-    def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
+    async def Translate(
+        self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TranslateResponse:
         selection = AttentionSelection()
 
         def prepare(engine: Engine, limits: Limits) -> Work:
@@ -154,8 +157,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             options, selection = parse_options(request.options, limits, engine)
             return Work(encode_texts(engine, list(request.texts), limits), options)
 
-        call = submit_job(self.runtime, context, prepare)
-        results = call.results()
+        with submit_job(self.runtime, context, prepare) as call:
+            results = await call.results()
         arrival = call.job.arrival
         response = pb.TranslateResponse(
             translations=[translation_message(r, selection, arrival) for r in results]
@@ -164,9 +167,9 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         return response
 
     @tracked_stream("TranslateStream", limited=True)
-    def TranslateStream(
-        self, request: pb.TranslateStreamRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.TranslateStreamResponse]:
+    async def TranslateStream(
+        self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
         selection = AttentionSelection()
 
         def prepare(engine: Engine, limits: Limits) -> Work:
@@ -174,15 +177,18 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             options, selection = parse_options(request.options, limits, engine)
             return Work(encode_texts(engine, [request.text], limits, field="text"), options)
 
-        call = submit_job(self.runtime, context, prepare, stream=True)
-        vocabulary = call.engine.vocabulary
-        sent = 0
-        for token_id in call.tokens():
-            yield pb.TranslateStreamResponse(
-                token=pb.TokenEvent(index=sent, token_id=token_id, token=vocabulary.id_to_token(token_id))
-            )
-            sent += 1
-        (result,) = call.job.outcome()
+        with submit_job(self.runtime, context, prepare, stream=True) as call:
+            vocabulary = call.engine.vocabulary
+            sent = 0
+            async with contextlib.aclosing(call.tokens()) as tokens:
+                async for token_id in tokens:
+                    yield pb.TranslateStreamResponse(
+                        token=pb.TokenEvent(
+                            index=sent, token_id=token_id, token=vocabulary.id_to_token(token_id)
+                        )
+                    )
+                    sent += 1
+            (result,) = call.job.outcome()
         translation = result.translation
         # The search never streams "</s>"; the events still cover every target token, like target_tokens.
         ids = list(translation.token_ids)
@@ -201,5 +207,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         yield message
 
     @tracked("GetModelInfo")
-    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         return model_info(self.runtime)

@@ -788,14 +788,11 @@ def test_full_queue_gives_resource_exhausted_at_once(tiny_repository: Path) -> N
 class _EndedCall:
     """A ServicerContext whose call already ended (the client cancelled before the job was submitted)."""
 
-    def is_active(self) -> bool:
-        return False
+    def done(self) -> bool:
+        return True
 
     def time_remaining(self) -> None:
         return None
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return False
 
 
 def test_a_call_that_already_ended_is_not_queued(server: TranslatorServer) -> None:
@@ -828,7 +825,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering
         max_length_limit=256,
         quality_sample_rate=0.0,
     )
-    assert config.grpc_worker_threads == 10  # 8 threads beyond the translation calls
+    assert config.grpc_call_limit == 258  # room beyond the translation calls
     with running(config, engine=engine) as server, ThreadPoolExecutor(16) as pool:
         assert server.port and server.metrics_port
         client = Client(server.port)
@@ -1127,15 +1124,15 @@ def test_settings_from_flags_environment_and_defaults() -> None:
     ) == (64, 4096, 5.0, 1024, 30.0)
     # What the server accepts and what it sends are limited apart; translation calls and threads too.
     assert (defaults.max_receive_message_bytes, defaults.max_message_bytes) == (4 * 1024**2, 64 * 1024**2)
-    threads = (defaults.max_concurrent_rpcs, defaults.grpc_threads, defaults.grpc_worker_threads)
-    assert threads == (256, None, 264)
+    calls = (defaults.max_concurrent_rpcs, defaults.grpc_max_calls, defaults.grpc_call_limit)
+    assert calls == (256, None, 512)
     environ = {env_name("port"): "7000", env_name("max_batch_size"): "8", env_name("tls_cert"): ""}
     environ[env_name("max_receive_message_bytes")] = "1000"
     config = load_config(["--port", "9000", "--model-version", "3"], environ=environ)
     assert (config.port, config.max_batch_size, config.model_version, config.tls_cert) == (9000, 8, 3, None)
     assert config.max_receive_message_bytes == 1000
-    config = load_config(["--max-concurrent-rpcs", "4", "--grpc-threads", "5"], environ={})
-    assert config.grpc_worker_threads == 5
+    config = load_config(["--max-concurrent-rpcs", "4", "--grpc-max-calls", "5"], environ={})
+    assert config.grpc_call_limit == 5
     for argv, environ in (
         ([], {env_name("port"): "eighty"}),
         (["--max-batch-size", "0"], {}),
@@ -1155,7 +1152,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         assert name in help_text
     assert "(default: 8001; env TRANSLATOR_PORT)" in help_text
     assert "largest gRPC message the server sends" in help_text
-    assert "rpcs + 8; env TRANSLATOR_GRPC_THREADS)" in help_text  # argparse may wrap at the flag's hyphens
+    assert "rpcs + 256; env TRANSLATOR_GRPC_MAX_CALLS)" in help_text  # argparse may wrap at the flag's hyphens
 
 
 @pytest.mark.parametrize(
@@ -1172,7 +1169,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         (["--threads", "0"], {}, "--threads must be between 1"),
         (["--model-version", "-2"], {}, "--model-version must be between 0"),
         (["--quality-sample-rate", "nan"], {}, "--quality-sample-rate must be between 0 and 1"),
-        (["--grpc-threads", "8"], {}, "--grpc-threads must exceed --max-concurrent-rpcs (256)"),
+        (["--grpc-max-calls", "8"], {}, "--grpc-max-calls must exceed --max-concurrent-rpcs (256)"),
     ],
 )
 def test_every_numeric_setting_is_bounded(
