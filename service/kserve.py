@@ -220,18 +220,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             sources = encode_texts(engine, texts, limits, field=INPUT_TEXT)
             return Work(sources, options, None if timeout_us is None else timeout_us / 1e6)
 
+        def build(results: list[TextResult]) -> pb.ModelInferResponse:
+            model = call.engine.model
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=str(model.version), id=request.id
+            )
+            for name in wanted:
+                data, dims = self._output(name, results, shape)
+                response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=dims)
+                response.raw_output_contents.append(data)
+            self.runtime.check_size(response)
+            return response
+
         with submit_job(self.runtime, context, prepare) as call:
-            results = await call.results()
-        model = call.engine.model
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=str(model.version), id=request.id
-        )
-        for name in wanted:
-            data, dims = self._output(name, results, shape)
-            response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=dims)
-            response.raw_output_contents.append(data)
-        self.runtime.check_size(response)
-        return response
+            return await call.answer(build)
 
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
         if len(request.outputs) > len(OUTPUT_DATATYPES):

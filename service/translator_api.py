@@ -157,14 +157,16 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             options, selection = parse_options(request.options, limits, engine)
             return Work(encode_texts(engine, list(request.texts), limits), options)
 
+        def build(results: list[TextResult]) -> pb.TranslateResponse:
+            arrival = call.job.arrival
+            response = pb.TranslateResponse(
+                translations=[translation_message(r, selection, arrival) for r in results]
+            )
+            self.runtime.check_size(response)
+            return response
+
         with submit_job(self.runtime, context, prepare) as call:
-            results = await call.results()
-        arrival = call.job.arrival
-        response = pb.TranslateResponse(
-            translations=[translation_message(r, selection, arrival) for r in results]
-        )
-        self.runtime.check_size(response)
-        return response
+            return await call.answer(build)
 
     @tracked_stream("TranslateStream", limited=True)
     async def TranslateStream(
@@ -177,6 +179,14 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             options, selection = parse_options(request.options, limits, engine)
             return Work(encode_texts(engine, [request.text], limits, field="text"), options)
 
+        def build(results: list[TextResult]) -> tuple[TextResult, pb.TranslateStreamResponse]:
+            (result,) = results
+            message = pb.TranslateStreamResponse(
+                translation=translation_message(result, selection, call.job.arrival)
+            )
+            self.runtime.check_size(message)
+            return result, message
+
         with submit_job(self.runtime, context, prepare, stream=True) as call:
             vocabulary = call.engine.vocabulary
             sent = 0
@@ -188,7 +198,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                         )
                     )
                     sent += 1
-            (result,) = call.job.outcome()
+            result, message = await call.answer(build)
         translation = result.translation
         # The search never streams "</s>"; the events still cover every target token, like target_tokens.
         ids = list(translation.token_ids)
@@ -200,10 +210,6 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                     index=index, token_id=ids[index], token=vocabulary.id_to_token(ids[index])
                 )
             )
-        message = pb.TranslateStreamResponse(
-            translation=translation_message(result, selection, call.job.arrival)
-        )
-        self.runtime.check_size(message)
         yield message
 
     @tracked("GetModelInfo")

@@ -1152,7 +1152,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         assert name in help_text
     assert "(default: 8001; env TRANSLATOR_PORT)" in help_text
     assert "largest gRPC message the server sends" in help_text
-    assert "rpcs + 256; env TRANSLATOR_GRPC_MAX_CALLS)" in help_text  # argparse may wrap at the flag's hyphens
+    assert "rpcs + 256; env TRANSLATOR_GRPC_MAX_CALLS)" in help_text  # argparse may wrap at hyphens
 
 
 @pytest.mark.parametrize(
