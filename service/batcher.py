@@ -1,8 +1,8 @@
 """Dynamic batching: one queue for every client and RPC kind, `workers` threads that run its batches.
 
-RPC threads put a `Job` (one request's texts) in the queue and wait for it. A worker only searches: it hands
-each text's raw `Hypothesis` back to its job, and the waiting RPC thread does the per-sentence
-post-processing (`Engine.finish`, the translation metrics) in `Job.outcome`. With several workers (on CPU,
+RPCs put a `Job` (one request's texts) in the queue and wait for it. A worker only searches: it hands each
+text's raw `Hypothesis` back to its job, and the waiting RPC does the per-sentence post-processing
+(`Engine.finish`, the translation metrics) in `Job.outcome`. With several workers (on CPU,
 one per engine lane: Triton's instance count) a batch can start while another runs, so a request arriving
 during a long batch does not wait for it to end; each worker's batch runs on its share of the lanes. A
 worker forms batches:
@@ -108,7 +108,9 @@ class Job:
         self.error: RequestFailed | None = None
         self.finished = False  # completed or failed; guarded by the batcher's lock
         # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC.
-        self.events: EventSink | None = (events or queue.SimpleQueue()) if stream else None
+        self.events: EventSink | None = None
+        if stream:
+            self.events = events if events is not None else queue.SimpleQueue()
         self._remaining = len(sources)
         self._done = threading.Event()
         self._done_callbacks: list[Callable[[], None]] = []
@@ -120,8 +122,9 @@ class Job:
         return self._done.wait(timeout)
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` once the job is answered (at once if it is): from the thread that answers it, so
-        it must be quick and thread-safe (an event loop's call_soon_threadsafe)."""
+        """Call `callback()` once the job is answered (at once if it is): from the thread that answers it,
+        often with the batcher's lock held, so it must be quick, thread-safe and take no batcher lock (an
+        event loop's call_soon_threadsafe)."""
         with self._callbacks_lock:
             if not self._done.is_set():
                 self._done_callbacks.append(callback)
@@ -254,7 +257,7 @@ class TimedBackend:
 
 
 def _emit_token(item: _Item, token_id: int) -> None:
-    """Stream a generated token to the job's RPC thread, unless the job is not streamed or already over."""
+    """Stream a generated token to the job's RPC, unless the job is not streamed or already over."""
     events = item.job.events
     if events is not None and not item.job.finished:
         events.put(int(token_id))
@@ -620,7 +623,7 @@ class Batcher:
         return False
 
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
-        """Hand the raw result to its job; the RPC thread waiting for the job finishes it (`Job.outcome`)."""
+        """Hand the raw result to its job; the RPC waiting for the job finishes it (`Job.outcome`)."""
         job = item.job
         raw = RawResult(hypothesis, queue_ms, compute_ms, self.engine, self.metrics)
         with self._cond:

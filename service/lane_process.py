@@ -1,8 +1,8 @@
 """Decoding lanes as processes: each lane process holds its own sessions and runs the search of its part of a
-batch, so its Python never waits for the GIL of another lane or of the server's gRPC threads.
+batch, so its Python never waits for the GIL of another lane or of the server's gRPC loop and batcher.
 
 Between steps a search runs Python (argmax, finished rows, feeds); in one process every such stretch waits
-for the interpreter lock that the gRPC threads, the batcher and the other lanes hold in turn, and the
+for the interpreter lock that gRPC, the batcher and the other lanes hold in turn, and the
 lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A lane process owns its
 interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
 

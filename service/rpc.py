@@ -179,7 +179,8 @@ class Submitted:
 
         With attention maps the post-processing (trimming the maps, copying them into messages) takes tens of
         milliseconds for a large request (64 long texts, every map: ~45 ms, 5.4 MB): it then runs on a worker
-        thread, so that the event loop keeps serving the other calls meanwhile."""
+        thread, so that the event loop is not held for all of it (gRPC still serializes the answer on the
+        loop)."""
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[None] = loop.create_future()
         self.job.add_done_callback(functools.partial(_call_soon, loop, _resolve, answered))
@@ -193,11 +194,18 @@ class Submitted:
         def finish() -> Answer:
             return build(self.job.outcome())
 
-        return await asyncio.to_thread(finish) if self.job.options.needs_attention else finish()
+        return await asyncio.to_thread(finish) if self._has_maps() else finish()
+
+    def _has_maps(self) -> bool:
+        """Maps asked for, or sampled for the attention metrics (--quality-sample-rate: the entropy of each
+        cross-attention map is computed while the job is finished)."""
+        return self.job.options.needs_attention or any(
+            raw is not None and raw.hypothesis.cross_attention is not None for raw in self.job.raw
+        )
 
     async def tokens(self) -> AsyncIterator[int]:
-        """A streaming job's token ids as the worker generates them; ends when the job is answered (then read
-        `job.outcome()`); at the deadline the job is expired, which ends it."""
+        """A streaming job's token ids as the worker generates them; ends when the job is answered (then
+        `answer()` gives the rest); at the deadline the job is expired, which ends it."""
         events = self.job.events
         assert isinstance(events, LoopEvents), "not a streaming job"
         timer = self._deadline_timer(asyncio.get_running_loop())
@@ -226,8 +234,8 @@ def submit_job(
     served model -> the request's checks (`prepare`) -> Job -> submit; the caller then waits with
     `answer()` or `tokens()` inside `with submitted:`. Call it from the call's coroutine.
 
-    A refused submit (RESOURCE_EXHAUSTED, UNAVAILABLE) leaves nothing to abandon, and a call that already
-    ended is not queued at all.
+    A refused submit (RESOURCE_EXHAUSTED, UNAVAILABLE) leaves nothing to abandon. A call that ends while its
+    job is queued (grpc.aio cancels the coroutine at its first await) has it abandoned by `Submitted`.
     """
     arrival = time.monotonic()
     engine, batcher, limits = runtime.serving()
@@ -240,8 +248,6 @@ def submit_job(
         stream=stream,
         events=LoopEvents(asyncio.get_running_loop()) if stream else None,
     )
-    if context.done():
-        raise RequestFailed(grpc.StatusCode.CANCELLED, "the client cancelled the call")
     batcher.submit(job)
     return Submitted(engine, batcher, job, context)
 
@@ -291,6 +297,7 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
             except Exception as other:
                 error = _unexpected(method, other)
             else:
+                # A client that cancels after this point still counts as OK: grpc.aio has no is_active().
                 _record(metrics, method, grpc.StatusCode.OK, start)
                 return response
             _record(metrics, method, error.code, start)

@@ -293,13 +293,29 @@ class TranslatorServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def _close_loop(self) -> None:
+        """Cancel what still runs on the loop (after the server stopped: nothing that can still answer),
+        finish its async generators and worker threads, then stop and close it."""
         loop, thread = self._loop, self._loop_thread
         if loop is None or thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-        self._loop = self._loop_thread = None
+
+        async def drain() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await loop.shutdown_asyncgens()
+            await loop.shutdown_default_executor()
+
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=10.0)
+        except Exception:
+            log.exception("closing the server's event loop")
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            self._loop = self._loop_thread = None
 
     async def _start_server(self) -> None:
         config = self.config
@@ -473,14 +489,16 @@ class TranslatorServer:
             if self._server is not None and self._loop is not None
             else None
         )
-        if self.runtime.batcher is not None:
-            self.runtime.batcher.close(timeout=max(grace - min(1.0, grace / 4), 0.0))
-        if stopped is not None:
-            stopped.result()
-        self._close_loop()
-        if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
-            self.runtime.engine.close()
-        self.metrics.stop_http()
+        try:
+            if self.runtime.batcher is not None:
+                self.runtime.batcher.close(timeout=max(grace - min(1.0, grace / 4), 0.0))
+            if stopped is not None:
+                stopped.result()
+        finally:
+            self._close_loop()
+            if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
+                self.runtime.engine.close()
+            self.metrics.stop_http()
         log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
 
 

@@ -36,10 +36,8 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import ROOT, ServerConfig, build_parser, env_name, load_config
 from service.engine import Engine, TranslateOptions
-from service.errors import RequestFailed
 from service.kserve import deserialize_bytes, serialize_bytes
 from service.metrics import ALL_METRICS
-from service.rpc import Work, submit_job
 from service.server import TranslatorServer
 from tests.conftest import WORDS
 
@@ -127,6 +125,13 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0, message: str =
         time.sleep(0.01)
 
 
+def wait_for_increase(port: int, before: str, name: str, message: str, **labels: str) -> None:
+    """Wait until the metric `name{labels}` scraped from `port` is one more than in the `before` scrape."""
+    wait_for(
+        lambda: value(scrape(port), name, **labels) == 1 + value(before, name, **labels), message=message
+    )
+
+
 class SlowBackend:
     """Wraps the engine's backend: every step sleeps and "</s>" is never chosen, so decoding lasts."""
 
@@ -176,11 +181,17 @@ def client(server: TranslatorServer) -> Iterator[Client]:
     connection.close()
 
 
-@pytest.fixture(scope="module")
-def slow(tiny_repository: Path) -> Iterator[tuple[TranslatorServer, SlowBackend]]:
+def slow_engine(tiny_repository: Path) -> tuple[Engine, SlowBackend]:
+    """The tiny model with every decoding step taking 20 ms: calls stay in flight long enough to act on."""
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
     engine.backend = backend
+    return engine, backend
+
+
+@pytest.fixture(scope="module")
+def slow(tiny_repository: Path) -> Iterator[tuple[TranslatorServer, SlowBackend]]:
+    engine, backend = slow_engine(tiny_repository)
     config = make_config(
         tiny_repository,
         max_queue_delay_ms=1.0,
@@ -397,9 +408,7 @@ BAD_TRANSLATE = [
     (
         pb.TranslateRequest(
             texts=["a"],
-            options=pb.TranslateOptions(
-                attention=pb.AttentionRequest(kinds=[pb.CROSS], heads=[0] * 50_000)
-            ),
+            options=pb.TranslateOptions(attention=pb.AttentionRequest(kinds=[pb.CROSS], heads=[0] * 50_000)),
         ),
         ["attention.heads has 50000 entries", "4 heads"],
     ),
@@ -611,7 +620,9 @@ def _bad_kserve() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str
     case("too many outputs", invalid, "outputs has 5 entries", outputs=("TRANSLATION",) * 5)
     # Event.wait overflowed on ~9.2e15 us (INTERNAL); the most accepted is 1e14 us (1e8 s).
     case(
-        "huge timeout", invalid, "parameter timeout must be between 1 and 100000000000000 microseconds",
+        "huge timeout",
+        invalid,
+        "parameter timeout must be between 1 and 100000000000000 microseconds",
         timeout=2**62,
     )
     return cases
@@ -785,39 +796,49 @@ def test_full_queue_gives_resource_exhausted_at_once(tiny_repository: Path) -> N
         client.close()
 
 
-class _EndedCall:
-    """A ServicerContext whose call already ended (the client cancelled before the job was submitted)."""
-
-    def done(self) -> bool:
-        return True
-
-    def time_remaining(self) -> None:
-        return None
-
-
-def test_a_call_that_already_ended_is_not_queued(server: TranslatorServer) -> None:
-    batcher = server.runtime.batcher
-    assert batcher is not None and server.metrics_port
-    before = scrape(server.metrics_port)
-
-    def prepare(engine: Engine, limits: Any) -> Work:
-        return Work(engine.encode_texts(["the cat"]), TranslateOptions(max_length=4))
-
-    with pytest.raises(RequestFailed) as failure:
-        submit_job(server.runtime, _EndedCall(), prepare)  # type: ignore[arg-type]
-    assert failure.value.code == grpc.StatusCode.CANCELLED
-    assert batcher.depth == 0
-    after = scrape(server.metrics_port)
-    assert value(after, "translator_dropped_sentences_total", reason="cancelled") == value(
-        before, "translator_dropped_sentences_total", reason="cancelled"
+def test_a_call_cancelled_while_queued_leaves_the_queue(tiny_repository: Path) -> None:
+    engine, _ = slow_engine(tiny_repository)
+    config = make_config(
+        tiny_repository,
+        max_queue_delay_ms=1.0,
+        max_length_limit=256,
+        quality_sample_rate=0.0,
+        batch_workers=1,
     )
+    with running(config, engine=engine) as server:
+        assert server.port and server.metrics_port and server.runtime.batcher
+        batcher = server.runtime.batcher
+        client = Client(server.port)
+        before = scrape(server.metrics_port)
+
+        # One 60-step batch (~1.2 s) holds the only worker; a call with another search waits behind it.
+        busy = client.translator.Translate.future(
+            pb.TranslateRequest(texts=["the cat"], options=pb.TranslateOptions(max_length=60)), timeout=30
+        )
+        wait_for(lambda: value(scrape(server.metrics_port), "translator_inflight_requests") == 1)
+        options = pb.TranslateOptions(max_length=20, length_penalty=0.8)
+        waiting = client.translator.Translate.future(
+            pb.TranslateRequest(texts=["a dog"], options=options), timeout=30
+        )
+        wait_for(lambda: batcher.depth == 1, message="the second call to be queued")
+        waiting.cancel()
+        wait_for(lambda: batcher.depth == 0, message="the cancelled call to leave the queue")
+        dropped = "translator_dropped_sentences_total"
+        message = "its sentence dropped as cancelled"
+        wait_for_increase(server.metrics_port, before, dropped, message, reason="cancelled", stage="queued")
+        assert not busy.done() and len(busy.result().translations[0].target_tokens) == 60
+        message = "the call counted as CANCELLED"
+        requests = "translator_requests_total"
+        wait_for_increase(
+            server.metrics_port, before, requests, message, method="Translate", code="CANCELLED"
+        )
+        client.close()
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering(
     tiny_repository: Path,
 ) -> None:
-    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    engine.backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
+    engine, _ = slow_engine(tiny_repository)
     config = make_config(
         tiny_repository,
         max_concurrent_rpcs=2,
@@ -834,9 +855,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering
         wait_for(lambda: server.metrics.inflight._value.get() == 2, message="two calls in flight")
         started = time.monotonic()
         extra = [
-            pool.submit(
-                client.translator.Translate, pb.TranslateRequest(texts=["a dog"]), timeout=10
-            )
+            pool.submit(client.translator.Translate, pb.TranslateRequest(texts=["a dog"]), timeout=10)
             for _ in range(12)
         ]
         health = client.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
@@ -859,9 +878,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering
 
 
 def test_shutdown_fails_unfinished_calls_with_unavailable(tiny_repository: Path) -> None:
-    engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
-    engine.backend = backend
+    engine, backend = slow_engine(tiny_repository)
     config = make_config(
         tiny_repository, max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0
     )
@@ -922,7 +939,9 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
 
     def dropped_while_decoding() -> float:
         return value(
-            scrape(server.metrics_port), "translator_dropped_sentences_total", reason="deadline_exceeded",
+            scrape(server.metrics_port),
+            "translator_dropped_sentences_total",
+            reason="deadline_exceeded",
             stage="decoding",
         )
 
@@ -987,18 +1006,9 @@ def test_cancelled_stream_stops_decoding(slow: tuple[TranslatorServer, SlowBacke
     received = [next(call) for _ in range(3)]
     assert [m.token.index for m in received] == [0, 1, 2]
     call.cancel()
-    wait_for(
-        lambda: (
-            value(
-                scrape(server.metrics_port),
-                "translator_dropped_sentences_total",
-                reason="cancelled",
-                stage="decoding",
-            )
-            == 1 + value(before, "translator_dropped_sentences_total", reason="cancelled", stage="decoding")
-        ),
-        message="the cancelled row to be dropped",
-    )
+    message = "the cancelled row to be dropped"
+    dropped = "translator_dropped_sentences_total"
+    wait_for_increase(server.metrics_port, before, dropped, message, reason="cancelled", stage="decoding")
     time.sleep(0.05)
     steps = backend.steps
     time.sleep(0.15)
