@@ -731,6 +731,37 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) 
         server.stop(0.5)
 
 
+def test_health_watch_and_list_follow_loading_and_shutdown(tiny_repository: Path) -> None:
+    """What an orchestrator watching grpc.health.v1 sees: NOT_SERVING while the model loads, SERVING once it
+    is warm, NOT_SERVING as soon as shutdown begins (before the in-flight calls are done)."""
+    server = TranslatorServer(make_config(tiny_repository))
+    server.start()
+    assert server.port
+    client = Client(server.port)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    stopping = threading.Thread(target=server.stop, args=(2.0,))
+
+    def statuses() -> dict[str, int]:
+        listed = client.health.List(health_pb2.HealthListRequest()).statuses
+        return {name: answer.status for name, answer in listed.items()}
+
+    try:
+        watch = client.health.Watch(health_pb2.HealthCheckRequest(service=SERVICES[0]), timeout=60)
+        assert next(watch).status == not_serving
+        assert statuses() == dict.fromkeys(("", *SERVICES), not_serving)
+        server.load()
+        assert next(watch).status == serving
+        assert statuses() == dict.fromkeys(("", *SERVICES), serving)
+        stopping.start()
+        assert next(watch).status == not_serving
+    finally:
+        client.close()
+        if stopping.ident is None:
+            server.stop(0.5)
+        else:
+            stopping.join()
+
+
 def test_metrics_endpoint_serves_every_named_metric(server: TranslatorServer, client: Client) -> None:
     assert server.metrics_port
     client.translator.Translate(
