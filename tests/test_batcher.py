@@ -399,3 +399,51 @@ def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_bat
     backend.fail_from = 10**9  # the engine recovers: the worker goes on serving
     (result,) = batcher.run(Job(engine.encode_texts(["the cat"]), TranslateOptions()))
     assert result.translation.text
+
+
+def test_done_callbacks_run_once_from_the_answering_thread_or_at_once(stop_batchers: list[Batcher]) -> None:
+    """What the asyncio server waits on: each callback runs exactly once, when the job is answered (completed
+    or abandoned), and a callback added to an answered job runs at once."""
+    batcher, _, _ = make(step_s=0.01)
+    stop_batchers.append(batcher)
+    batcher.start()
+    calls: list[tuple[str, str]] = []
+
+    def recorder(name: str) -> object:
+        return lambda: calls.append((name, threading.current_thread().name))
+
+    done = Job([source(6)], TranslateOptions())
+    done.add_done_callback(recorder("completed"))
+    assert calls == []
+    batcher.submit(done)
+    assert done.wait(5)
+    assert [name for name, _ in calls] == ["completed"]
+    assert calls[0][1] != threading.current_thread().name  # the worker that delivered it
+    done.add_done_callback(recorder("late"))
+    assert calls[-1] == ("late", threading.current_thread().name)
+    abandoned = Job([source(80)], TranslateOptions())
+    abandoned.add_done_callback(recorder("abandoned"))
+    batcher.submit(abandoned)
+    batcher.abandon(abandoned, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    batcher.abandon(abandoned, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    time.sleep(0.05)  # the worker's next step sees the abandoned row: no second answer
+    assert [name for name, _ in calls] == ["completed", "late", "abandoned"]
+
+
+def test_a_streaming_job_puts_its_events_into_the_sink_it_was_given(stop_batchers: list[Batcher]) -> None:
+    batcher, _, _ = make()
+    stop_batchers.append(batcher)
+    batcher.start()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.items: list[int | None] = []
+
+        def put(self, item: int | None) -> None:
+            self.items.append(item)
+
+    sink = Sink()
+    job = Job([source(4, first=7)], TranslateOptions(), stream=True, events=sink)
+    batcher.submit(job)
+    assert job.wait(5)
+    assert job.events is sink and sink.items == [7, 5, 5, STREAM_END]
