@@ -48,6 +48,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from service import event_loop
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.attention_kinds import KIND_ENUMS
@@ -900,7 +901,7 @@ def run_sweep(args: argparse.Namespace, workload: Workload, report: bool) -> dic
     if args.server:
         target = Target(args.server, args.metrics, args.server_pid)
         progress(f"target {args.server} (metrics {args.metrics or 'not read'})")
-        outcome = asyncio.run(
+        outcome = event_loop.run(
             _drive_setting(
                 args,
                 "server",
@@ -924,7 +925,7 @@ def run_sweep(args: argparse.Namespace, workload: Workload, report: bool) -> dic
             with spawn_server(
                 setting, args.model_repository, args.model, extra=extra, log_dir=args.log_dir
             ) as target:
-                outcome = asyncio.run(
+                outcome = event_loop.run(
                     _drive_setting(
                         args,
                         setting.name,
@@ -1046,7 +1047,7 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
             await driver.close()
 
     if args.server:
-        asyncio.run(soak(Target(args.server, args.metrics, args.server_pid)))
+        event_loop.run(soak(Target(args.server, args.metrics, args.server_pid)))
     else:
         extra = _spawn_extra(args, [SATURATION_CONCURRENCY])
         results["config"]["spawn_defaults"] = extra
@@ -1054,7 +1055,7 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         with spawn_server(
             setting, args.model_repository, args.model, extra=extra, log_dir=args.log_dir
         ) as target:
-            asyncio.run(soak(target))
+            event_loop.run(soak(target))
     point = results["soak"]
     start, end = results.get("rss_mib_start"), results.get("rss_mib_end")
     samples = point.get("rss_samples", [])

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.event_loop import EVENT_LOOPS
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "TRANSLATOR_"
 DEVICES = ("auto", "cpu", "cuda")
@@ -128,6 +130,13 @@ class ServerConfig:
         "server's interpreter lock (docs/LOAD.md); off: lanes are threads of the server",
         str,
         choices=("on", "off"),
+    )
+    event_loop: str = _setting(
+        "auto",
+        "the gRPC server's asyncio event loop: uvloop (less server CPU per call: docs/LOAD.md), asyncio (the "
+        "standard library's), or auto (uvloop where installed)",
+        str,
+        choices=EVENT_LOOPS,
     )
     # Dynamic batching.
     iteration_batching: str = _setting(

@@ -38,6 +38,7 @@ from service.batcher import Batcher, BatchingSettings, Job
 from service.config import ServerConfig, load_config
 from service.engine import Engine, TranslateOptions
 from service.errors import RequestFailed
+from service.event_loop import new_event_loop
 from service.metrics import ServerMetrics
 from service.repository import ModelLoadError, resolve
 from service.requests import Limits
@@ -261,11 +262,12 @@ class TranslatorServer:
     def start(self) -> None:
         """Bind and start serving: health and metadata answer at once, inference once `load()` is done.
 
-        The gRPC server is asyncio's (grpc.aio), on an event loop of its own thread: a call is a coroutine
-        (a translation call waits for its job without holding a thread), which costs the server process less
-        CPU per call than gRPC's thread-per-call server (docs/experiments/server_cost.py).
+        The gRPC server is asyncio's (grpc.aio), on an event loop of its own thread (uvloop's by default,
+        --event-loop): a call is a coroutine (a translation call waits for its job without holding a thread),
+        which costs the server process less CPU per call than gRPC's thread-per-call server
+        (docs/experiments/server_cost.py).
         """
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop(self.config.event_loop)
         self._loop = loop
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
         self._loop_thread.start()

@@ -694,6 +694,19 @@ def test_reflection_lists_every_service(client: Client) -> None:
     assert answer.file_descriptor_response.file_descriptor_proto  # enough for grpcurl to call it
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_the_server_runs_on_either_event_loop(tiny_repository: Path, event_loop: str) -> None:
+    with running(make_config(tiny_repository, event_loop=event_loop)) as server:
+        assert server.port and server._loop is not None
+        assert type(server._loop).__module__.split(".")[0] == event_loop
+        client = Client(server.port)
+        options = pb.TranslateOptions(max_length=4, attention=pb.AttentionRequest(kinds=[pb.CROSS]))
+        answer = client.translator.Translate(pb.TranslateRequest(texts=["the cat", "a dog"], options=options))
+        assert [len(t.target_tokens) for t in answer.translations] == [4, 4]
+        assert all(t.attention for t in answer.translations)
+        client.close()
+
+
 def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) -> None:
     server = TranslatorServer(make_config(tiny_repository))
     server.start()

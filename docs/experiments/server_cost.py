@@ -1,15 +1,17 @@
 """What one call costs the server process in CPU: a health check (gRPC's own floor) against a Translate.
 
-    .venv/bin/python docs/experiments/server_cost.py
+    .venv/bin/python docs/experiments/server_cost.py [--event-loop asyncio|uvloop]
 
 Spawns the default server (lane processes on), then for 10 s each keeps 64 calls in flight from an asyncio
 client: `grpc.health.v1.Health/Check`, then `Translate` of one short sentence. Prints calls/s and CPU
 milliseconds per call of the server process alone and with its lane processes (from /proc). The client runs on
-the same cores, as in the load report.
+the same cores, as in the load report (on asyncio's own loop whatever the server runs). `--event-loop asyncio`
+or `uvloop` picks the server's loop (default: auto, uvloop where installed).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,7 @@ from service.bench_load import (
     own_cpu_seconds,
     spawn_server,
 )
+from service.event_loop import EVENT_LOOPS
 
 CLIENTS = 64
 SECONDS = 10.0
@@ -68,7 +71,10 @@ async def run(address: str, pid: int) -> None:
 
 
 def main() -> None:
-    setting = Setting("default", {"max_concurrent_rpcs": "256"})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto", help="the server's --event-loop")
+    args = parser.parse_args()
+    setting = Setting("default", {"max_concurrent_rpcs": "256", "event_loop": args.event_loop})
     with spawn_server(setting, DEFAULT_REPOSITORY, DEFAULT_MODEL) as target:
         assert target.pid is not None
         asyncio.run(run(target.address, target.pid))

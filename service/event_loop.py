@@ -1,0 +1,40 @@
+"""The asyncio event loop that the server and the load generator run on: uvloop's where it is installed.
+
+uvloop (libuv underneath) spends less of the interpreter on each call than asyncio's own loop: on this
+project's 2-core CPU a one-sentence Translate costs the server process ~13% less CPU with it
+(docs/experiments/server_cost.py, docs/LOAD.md). It has no Windows build; asyncio's loop is the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+Result = TypeVar("Result")
+
+
+def uvloop_available() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    """A new loop of `kind`: "uvloop", "asyncio", or "auto" (uvloop where installed)."""
+    if kind not in EVENT_LOOPS:
+        raise ValueError(f"unknown event loop {kind!r}: use one of {', '.join(EVENT_LOOPS)}")
+    if kind == "asyncio" or (kind == "auto" and not uvloop_available()):
+        return asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:
+        raise RuntimeError("event loop 'uvloop' asked for, but the uvloop package is not installed") from None
+    return uvloop.new_event_loop()
+
+
+def run(coroutine: Coroutine[Any, Any, Result], kind: str = "auto") -> Result:
+    """`asyncio.run(coroutine)` on a loop from `new_event_loop(kind)`."""
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(kind)) as runner:
+        return runner.run(coroutine)
