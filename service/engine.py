@@ -16,11 +16,12 @@ import io
 import logging
 import os
 import platform
+import queue
 import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,51 @@ def check_signature(
         )
     if described.get("inputs") != actual_inputs or described.get("outputs") != actual_outputs:
         raise ModelLoadError(f"{path}: its inputs/outputs do not match those listed in model.json")
+
+
+class LaneThreads:
+    """One thread per engine lane, each with a queue of its own: part i of a batch always runs on thread i.
+
+    A ThreadPoolExecutor does not promise that (its workers take their work from one shared queue): with one,
+    a batch's two parts sometimes ran one after the other on the same thread while the other lane idled, in
+    1 of 8 first batches and 1 of 40 later ones of a fresh two-lane engine, and in 2 to 3 of 8 runs of
+    tests/test_batcher.py's two-lane test. Each thread runs `initializer()` first (the denormal flush).
+    """
+
+    def __init__(self, count: int, name: str, initializer: Callable[[], object]) -> None:
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(count)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(q, initializer), name=f"{name}_{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _work(work: queue.SimpleQueue, initializer: Callable[[], object]) -> None:
+        initializer()
+        while (item := work.get()) is not None:
+            future, function, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
+
+    def submit(self, lane: int, function: Callable[..., object], *args: object) -> Future:
+        """Run `function(*args)` on lane `lane`'s thread, after what that lane already has."""
+        future: Future = Future()
+        self._queues[lane].put((future, function, args))
+        return future
+
+    def close(self) -> None:
+        """Stop the threads once they are done with what they have."""
+        for work in self._queues:
+            work.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
 
 class OnnxBackend:
@@ -705,12 +751,8 @@ class Engine:
         )
         self.provider = encoder.get_providers()[0]
         on_cuda = self.provider == "CUDAExecutionProvider"
-        self._lane_pool = (
-            ThreadPoolExecutor(
-                self.lanes, thread_name_prefix="engine-lane", initializer=flush_denormals_on_this_thread
-            )
-            if self.lanes > 1
-            else None
+        self._lane_threads = (
+            LaneThreads(self.lanes, "engine-lane", flush_denormals_on_this_thread) if self.lanes > 1 else None
         )
         # On CPU the lanes may run in processes of their own (service.lane_process); `search_ids` then
         # sends them its parts, and this process's sessions serve everything else (streams, warm-up).
@@ -841,12 +883,13 @@ class Engine:
             for row, hypothesis in zip(rows, found, strict=True):
                 results[row] = hypothesis
 
-        assert self._lane_pool is not None
+        assert self._lane_threads is not None
         # Each lane runs in a copy of the caller's context (context variables, such as the batcher's timing
-        # of the running batch, follow the batch into the lane threads). Every part runs on a lane thread,
-        # none on the caller's: the lane threads flush denormals (flush_denormals_on_this_thread).
+        # of the running batch, follow the batch into the lane threads). Every part runs on a lane thread of
+        # its own, none on the caller's: the lane threads flush denormals (flush_denormals_on_this_thread).
         futures: list[Future] = [
-            self._lane_pool.submit(contextvars.copy_context().run, run, rows) for rows in parts
+            self._lane_threads.submit(lane, contextvars.copy_context().run, run, rows)
+            for lane, rows in enumerate(parts)
         ]
         wait(futures)  # every lane has stopped before this returns or raises
         for future in futures:
@@ -879,9 +922,12 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Stop the lane processes, if any (the in-process sessions need no closing)."""
+        """Stop the lane processes and threads, if any (the in-process sessions need no closing)."""
         if self.lane_processes is not None:
             self.lane_processes.close()
+        if self._lane_threads is not None:
+            self._lane_threads.close()
+            self._lane_threads = None
 
     def can_stream(self, options: TranslateOptions) -> bool:
         """Whether sentences with these options can join a running batch (`stream`)."""
