@@ -20,6 +20,7 @@ import queue
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
@@ -252,48 +253,87 @@ def check_signature(
 
 
 class LaneThreads:
-    """One thread per engine lane, each with a queue of its own: part i of a batch always runs on thread i.
+    """Threads for the parts of a batch: each part on a thread of its own, each thread with its own queue.
 
-    A ThreadPoolExecutor does not promise that (its workers take their work from one shared queue): with one,
-    a batch's two parts sometimes ran one after the other on the same thread while the other lane idled, in
-    1 of 8 first batches and 1 of 40 later ones of a fresh two-lane engine, and in 2 to 3 of 8 runs of
-    tests/test_batcher.py's two-lane test. Each thread runs `initializer()` first (the denormal flush).
+    A ThreadPoolExecutor does not promise one part per thread (its workers take their work from one shared
+    queue): with one, a batch's two parts sometimes ran one after the other on the same thread while the
+    other lane idled, in 1 of 8 first batches and 1 of 40 later ones of a fresh two-lane engine, and in 2 to 3
+    of 8 runs of tests/test_batcher.py's two-lane test. Batches that run at once (several batch workers) take
+    distinct free lanes, most recently used first. The threads start with the first batch that needs them and
+    run `initializer()` first (the denormal flush).
     """
 
     def __init__(self, count: int, name: str, initializer: Callable[[], object]) -> None:
-        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(count)]
-        self._threads = [
-            threading.Thread(target=self._work, args=(q, initializer), name=f"{name}_{i}", daemon=True)
-            for i, q in enumerate(self._queues)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self.count = count
+        self._name = name
+        self._initializer = initializer
+        self._queues: list[queue.SimpleQueue] = []
+        self._threads: list[threading.Thread] = []
+        self._free: list[int] = []
+        self._condition = threading.Condition()
+        self._closed = False
 
-    @staticmethod
-    def _work(work: queue.SimpleQueue, initializer: Callable[[], object]) -> None:
-        initializer()
-        while (item := work.get()) is not None:
-            future, function, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(function(*args))
-            except BaseException as error:  # handed to the caller through the future
-                future.set_exception(error)
-
-    def submit(self, lane: int, function: Callable[..., object], *args: object) -> Future:
-        """Run `function(*args)` on lane `lane`'s thread, after what that lane already has."""
-        future: Future = Future()
-        self._queues[lane].put((future, function, args))
-        return future
+    def run(self, calls: list[Callable[[], object]]) -> list[Future]:
+        """Start each call on a free lane thread of its own (waiting for enough free lanes); their futures."""
+        if len(calls) > self.count:
+            raise ValueError(f"{len(calls)} parts for {self.count} lane threads")
+        with self._condition:
+            if not self._threads and not self._closed:
+                self._start()
+            while not self._closed and len(self._free) < len(calls):
+                self._condition.wait()
+            if self._closed:
+                raise RuntimeError("the engine is closed: its lane threads are stopped")
+            lanes = [self._free.pop() for _ in calls]
+        futures: list[Future] = []
+        for lane, call in zip(lanes, calls, strict=True):
+            future: Future = Future()
+            future.add_done_callback(lambda _, lane=lane: self._release(lane))
+            self._queues[lane].put((future, call))
+            futures.append(future)
+        return futures
 
     def close(self) -> None:
-        """Stop the threads once they are done with what they have."""
+        """Refuse new calls; the threads stop once they are done with what they have."""
+        with self._condition:
+            if self._closed:
+                return
+            self._closed = True
+            self._condition.notify_all()
         for work in self._queues:
             work.put(None)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
+
+    def _start(self) -> None:
+        self._queues = [queue.SimpleQueue() for _ in range(self.count)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(work,), name=f"{self._name}_{i}", daemon=True)
+            for i, work in enumerate(self._queues)
+        ]
+        self._free = list(range(self.count))
+        for thread in self._threads:
+            thread.start()
+
+    def _release(self, lane: int) -> None:
+        with self._condition:
+            self._free.append(lane)
+            self._condition.notify_all()
+
+    def _work(self, work: queue.SimpleQueue) -> None:
+        try:
+            self._initializer()
+        except Exception:  # the lane still runs, only without what the initializer sets (speed)
+            log.exception("a lane thread's initializer failed")
+        while (item := work.get()) is not None:
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as error:  # handed to the caller through the future
+                future.set_exception(error)
 
 
 class OnnxBackend:
@@ -754,6 +794,8 @@ class Engine:
         self._lane_threads = (
             LaneThreads(self.lanes, "engine-lane", flush_denormals_on_this_thread) if self.lanes > 1 else None
         )
+        if self._lane_threads is not None:  # an engine nobody closes does not keep its threads
+            weakref.finalize(self, self._lane_threads.close)
         # On CPU the lanes may run in processes of their own (service.lane_process); `search_ids` then
         # sends them its parts, and this process's sessions serve everything else (streams, warm-up).
         self.lane_processes: ProcessLanes | None = None
@@ -883,14 +925,15 @@ class Engine:
             for row, hypothesis in zip(rows, found, strict=True):
                 results[row] = hypothesis
 
-        assert self._lane_threads is not None
+        lane_threads = self._lane_threads
+        if lane_threads is None:
+            raise RuntimeError("the engine is closed: its lane threads are stopped")
         # Each lane runs in a copy of the caller's context (context variables, such as the batcher's timing
         # of the running batch, follow the batch into the lane threads). Every part runs on a lane thread of
         # its own, none on the caller's: the lane threads flush denormals (flush_denormals_on_this_thread).
-        futures: list[Future] = [
-            self._lane_threads.submit(lane, contextvars.copy_context().run, run, rows)
-            for lane, rows in enumerate(parts)
-        ]
+        futures = lane_threads.run(
+            [functools.partial(contextvars.copy_context().run, run, rows) for rows in parts]
+        )
         wait(futures)  # every lane has stopped before this returns or raises
         for future in futures:
             future.result()
@@ -927,7 +970,6 @@ class Engine:
             self.lane_processes.close()
         if self._lane_threads is not None:
             self._lane_threads.close()
-            self._lane_threads = None
 
     def can_stream(self, options: TranslateOptions) -> bool:
         """Whether sentences with these options can join a running batch (`stream`)."""

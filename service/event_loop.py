@@ -8,7 +8,6 @@ project's 2-core CPU a one-sentence Translate costs the server process ~13% less
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -17,20 +16,18 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 Result = TypeVar("Result")
 
 
-def uvloop_available() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
-
-
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """A new loop of `kind`: "uvloop", "asyncio", or "auto" (uvloop where installed)."""
+    """A new loop of `kind`: "uvloop", "asyncio", or "auto" (uvloop where it imports, else asyncio's)."""
     if kind not in EVENT_LOOPS:
         raise ValueError(f"unknown event loop {kind!r}: use one of {', '.join(EVENT_LOOPS)}")
-    if kind == "asyncio" or (kind == "auto" and not uvloop_available()):
+    if kind == "asyncio":
         return asyncio.new_event_loop()
     try:
         import uvloop
-    except ImportError:
-        raise RuntimeError("event loop 'uvloop' asked for, but the uvloop package is not installed") from None
+    except ImportError as error:
+        if kind == "auto":
+            return asyncio.new_event_loop()
+        raise RuntimeError(f"--event-loop uvloop, but uvloop cannot be imported: {error}") from error
     return uvloop.new_event_loop()
 
 

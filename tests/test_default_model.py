@@ -20,6 +20,7 @@ from service.engine import (
     LANE_ROW_STEP_COST,
     LANE_STEP_COST,
     Engine,
+    LaneThreads,
     TranslateOptions,
     Translation,
     lane_parts,
@@ -324,3 +325,21 @@ def test_only_greedy_requests_without_maps_stream(engine: Engine) -> None:
     assert not engine.can_stream(TranslateOptions(attention=frozenset({"cross"})))
     with pytest.raises(ValueError, match="greedy"):
         engine.stream(TranslateOptions(beam_size=2))
+
+
+def test_lane_threads_give_each_part_its_own_free_thread_and_refuse_work_once_closed() -> None:
+    lanes = LaneThreads(4, "test-lane", lambda: 1 / 0)  # a failing initializer leaves the lanes working
+    started = threading.Barrier(4, timeout=10)
+
+    def part() -> str:
+        started.wait()  # all four parts must run at once: two batches of two, each part on its own thread
+        return threading.current_thread().name
+
+    first, second = lanes.run([part, part]), lanes.run([part, part])
+    names = [future.result(timeout=10) for future in first + second]
+    assert sorted(names) == [f"test-lane_{i}" for i in range(4)]
+    with pytest.raises(ValueError, match="5 parts for 4 lane threads"):
+        lanes.run([part] * 5)
+    lanes.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        lanes.run([part])

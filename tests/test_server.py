@@ -696,6 +696,8 @@ def test_reflection_lists_every_service(client: Client) -> None:
 
 @pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 def test_the_server_runs_on_either_event_loop(tiny_repository: Path, event_loop: str) -> None:
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop")  # a dependency, except on Windows
     with running(make_config(tiny_repository, event_loop=event_loop)) as server:
         assert server.port and server._loop is not None
         assert type(server._loop).__module__.split(".")[0] == event_loop

@@ -3,7 +3,7 @@ without the flush.
 
     .venv/bin/python docs/experiments/lane_flush_ab.py
 
-Two engines in one process, identical but for their lane pool (the second one's threads keep denormals);
+Two engines in one process, identical but for their lane threads (the second one's keep denormals);
 both hand every part of a batch to a lane thread, so only the flush differs. Greedy, the test sentences,
 whole passes for at least 2.5 s, 6 interleaved rounds; medians per batch size.
 """
@@ -11,12 +11,11 @@ whole passes for at least 2.5 s, 6 interleaved rounds; medians per batch size.
 from __future__ import annotations
 
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 
 from arena_ab import rate  # this folder's arena A/B: the same timing loop
 
 from service.bench_load import DEFAULT_SENTENCES, read_sentences
-from service.engine import Engine
+from service.engine import Engine, LaneThreads
 
 BATCH_SIZES = (8, 32, 128)
 ROUNDS = 6
@@ -25,7 +24,10 @@ ROUNDS = 6
 def main() -> None:
     flushing = Engine.load("model_repository", "toy-en-es", device="cpu", threads=2)
     keeping = Engine.load("model_repository", "toy-en-es", device="cpu", threads=2)
-    keeping._lane_pool = ThreadPoolExecutor(keeping.lanes, thread_name_prefix="engine-lane")
+    # The same engine whose lane threads skip the flush (no initializer).
+    assert keeping._lane_threads is not None
+    keeping._lane_threads.close()
+    keeping._lane_threads = LaneThreads(keeping.lanes, "engine-lane", lambda: None)
     engines = {"flush": flushing, "keep": keeping}
     sources = [s.ids for s in flushing.encode_texts(read_sentences(DEFAULT_SENTENCES)[:512])]
     print(f"{'batch':>5} {'keep':>8} {'flush':>8} {'ratio':>6}  (sentences/s, two lanes, median of {ROUNDS})")
