@@ -709,6 +709,33 @@ def test_the_server_runs_on_either_event_loop(tiny_repository: Path, event_loop:
         client.close()
 
 
+def test_answers_with_maps_are_built_off_the_event_loop(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building an answer with attention maps takes tens of milliseconds for a large request: it runs on a
+    worker thread, not on the loop that serves every other call; a plain answer is built on the loop."""
+    from service import translator_api
+
+    threads: list[str] = []
+    build = translator_api.translation_message
+
+    def recording(*args: Any, **kwargs: Any) -> pb.Translation:
+        threads.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(translator_api, "translation_message", recording)
+    plain = pb.TranslateOptions(max_length=4)
+    maps = pb.TranslateOptions(max_length=4, attention=pb.AttentionRequest(kinds=[pb.CROSS]))
+    # No batch sampled for the attention metrics: those are built off the loop too.
+    with running(make_config(tiny_repository, quality_sample_rate=0.0)) as server:
+        assert server.port
+        client = Client(server.port)
+        client.translator.Translate(pb.TranslateRequest(texts=["the cat"], options=plain))
+        client.translator.Translate(pb.TranslateRequest(texts=["the cat"], options=maps))
+        client.close()
+    assert threads[0] == "grpc-loop" and threads[1] != "grpc-loop", threads
+
+
 def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) -> None:
     server = TranslatorServer(make_config(tiny_repository))
     server.start()
