@@ -926,8 +926,7 @@ class Engine:
                 results[row] = hypothesis
 
         lane_threads = self._lane_threads
-        if lane_threads is None:
-            raise RuntimeError("the engine is closed: its lane threads are stopped")
+        assert lane_threads is not None  # more than one part: the engine has lanes (closed: `run` refuses)
         # Each lane runs in a copy of the caller's context (context variables, such as the batcher's timing
         # of the running batch, follow the batch into the lane threads). Every part runs on a lane thread of
         # its own, none on the caller's: the lane threads flush denormals (flush_denormals_on_this_thread).

@@ -31,7 +31,7 @@ def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(coroutine: Coroutine[Any, Any, Result], kind: str = "auto") -> Result:
-    """`asyncio.run(coroutine)` on a loop from `new_event_loop(kind)`."""
-    with asyncio.Runner(loop_factory=lambda: new_event_loop(kind)) as runner:
+def run(coroutine: Coroutine[Any, Any, Result]) -> Result:
+    """`asyncio.run(coroutine)` on uvloop's loop where it imports (the load generator's)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(coroutine)

@@ -189,16 +189,16 @@ def slow_engine(tiny_repository: Path) -> tuple[Engine, SlowBackend]:
     return engine, backend
 
 
+def slow_config(tiny_repository: Path, **overrides: Any) -> ServerConfig:
+    """A server for `slow_engine`: batches start at once, long decodes allowed, no quality sampling."""
+    values: dict[str, Any] = dict(max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0)
+    return make_config(tiny_repository, **{**values, **overrides})
+
+
 @pytest.fixture(scope="module")
 def slow(tiny_repository: Path) -> Iterator[tuple[TranslatorServer, SlowBackend]]:
     engine, backend = slow_engine(tiny_repository)
-    config = make_config(
-        tiny_repository,
-        max_queue_delay_ms=1.0,
-        max_length_limit=256,
-        quality_sample_rate=0.0,
-        iteration_batching="on",
-    )
+    config = slow_config(tiny_repository, iteration_batching="on")
     with running(config, engine=engine) as instance:
         yield instance, backend
 
@@ -871,13 +871,7 @@ def test_full_queue_gives_resource_exhausted_at_once(tiny_repository: Path) -> N
 
 def test_a_call_cancelled_while_queued_leaves_the_queue(tiny_repository: Path) -> None:
     engine, _ = slow_engine(tiny_repository)
-    config = make_config(
-        tiny_repository,
-        max_queue_delay_ms=1.0,
-        max_length_limit=256,
-        quality_sample_rate=0.0,
-        batch_workers=1,
-    )
+    config = slow_config(tiny_repository, batch_workers=1)
     with running(config, engine=engine) as server:
         assert server.port and server.metrics_port and server.runtime.batcher
         batcher = server.runtime.batcher
@@ -912,13 +906,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering
     tiny_repository: Path,
 ) -> None:
     engine, _ = slow_engine(tiny_repository)
-    config = make_config(
-        tiny_repository,
-        max_concurrent_rpcs=2,
-        max_queue_delay_ms=1.0,
-        max_length_limit=256,
-        quality_sample_rate=0.0,
-    )
+    config = slow_config(tiny_repository, max_concurrent_rpcs=2)
     assert config.grpc_call_limit == 258  # room beyond the translation calls
     with running(config, engine=engine) as server, ThreadPoolExecutor(16) as pool:
         assert server.port and server.metrics_port
@@ -952,9 +940,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_and_health_keeps_answering
 
 def test_shutdown_fails_unfinished_calls_with_unavailable(tiny_repository: Path) -> None:
     engine, backend = slow_engine(tiny_repository)
-    config = make_config(
-        tiny_repository, max_queue_delay_ms=1.0, max_length_limit=256, quality_sample_rate=0.0
-    )
+    config = slow_config(tiny_repository)
     with running(config, engine=engine) as server:
         assert server.port
         client = Client(server.port)
