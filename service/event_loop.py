@@ -1,7 +1,7 @@
 """The asyncio event loop that the server and the load generator run on: uvloop's where it is installed.
 
 uvloop (libuv underneath) spends less of the interpreter on each call than asyncio's own loop: on this
-project's 2-core CPU a one-sentence Translate costs the server process ~13% less CPU with it
+project's 2-core CPU a one-sentence Translate costs the server process ~14% less CPU with it
 (docs/experiments/server_cost.py, docs/LOAD.md). It has no Windows build; asyncio's loop is the fallback.
 """
 
