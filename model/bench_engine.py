@@ -30,7 +30,7 @@ leaves no idle thread pools behind.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib
 import json
 import os
 import platform
@@ -360,9 +360,11 @@ def machine_info(threads: int) -> dict:
         pass
     versions = {}
     for package in ("onnxruntime", "ctranslate2", "torch", "numpy"):
+        # The imported module's own version: onnxruntime and onnxruntime-gpu both provide `onnxruntime`, and
+        # the installed distribution's metadata can name the one that is not imported.
         try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
+            versions[package] = importlib.import_module(package).__version__
+        except ImportError:
             versions[package] = None
     return {"cpu_model": cpu_model or platform.processor(), "physical_cores": len(cores) or None,
             "logical_cores": os.cpu_count(),
