@@ -126,7 +126,7 @@ class ServerConfig:
     )
     lane_processes: str = _setting(
         "on",
-        "on: on CPU each decoding lane runs in a process of its own, so that its search never waits for the "
+        "on: each decoding lane runs in a process of its own, so that its search never waits for the "
         "server's interpreter lock (docs/LOAD.md); off: lanes are threads of the server",
         str,
         choices=("on", "off"),

@@ -796,12 +796,18 @@ class Engine:
         )
         if self._lane_threads is not None:  # an engine nobody closes does not keep its threads
             weakref.finalize(self, self._lane_threads.close)
-        # On CPU the lanes may run in processes of their own (service.lane_process); `search_ids` then
-        # sends them its parts, and this process's sessions serve everything else (streams, warm-up).
+        # The lanes may run in processes of their own (service.lane_process); `search_ids` then sends them
+        # its parts, and this process's sessions serve everything else (streams, warm-up). On a GPU each
+        # lane process holds a CUDA context of its own.
         self.lane_processes: ProcessLanes | None = None
-        if lane_processes and not on_cuda:
+        if lane_processes:
             self.lane_processes = ProcessLanes(
-                model, self.lanes, max(1, threads // self.lanes), max_length_limit, spinning
+                model,
+                self.lanes,
+                max(1, threads // self.lanes),
+                max_length_limit,
+                spinning,
+                device="cuda" if on_cuda else "cpu",
             )
         # IO binding (caches kept on the device between steps) is automatic on CUDA; on CPU there is no
         # copy to spare, so plain numpy feeds stay the default there (`io_binding=True` forces it, for tests).

@@ -6,7 +6,8 @@ for the interpreter lock that gRPC, the batcher and the other lanes hold in turn
 lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A lane process owns its
 interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
 
-Messages, parent to lane: ("search", sources, options, max_length_limit, stream_tokens, abandoned_rows),
+Messages, parent to lane: ("load", model, device, threads, max_length_limit, spinning) once, then
+("search", sources, options, max_length_limit, stream_tokens, abandoned_rows),
 ("abandon", rows), ("stop",).
 Lane to parent: ("ready", pid) once, then per search ("token", row, token_id) when asked,
 ("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason).
@@ -62,21 +63,21 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     conn = Connection(int(args[0]))
     try:
-        _, model, threads, max_length_limit, spinning = conn.recv()
+        _, model, device, threads, max_length_limit, spinning = conn.recv()
     except EOFError:
         return
-    _serve(conn, model, threads, max_length_limit, spinning)
+    _serve(conn, model, device, threads, max_length_limit, spinning)
 
 
 def _serve(
-    conn: Connection, model: ModelVersion, threads: int, max_length_limit: int, spinning: bool
+    conn: Connection, model: ModelVersion, device: str, threads: int, max_length_limit: int, spinning: bool
 ) -> None:
     from service.batcher import TimedBackend
     from service.engine import Engine, flush_denormals_on_this_thread
 
     try:
         engine = Engine(
-            model, device="cpu", threads=threads, max_length_limit=max_length_limit, spinning=spinning,
+            model, device=device, threads=threads, max_length_limit=max_length_limit, spinning=spinning,
             lanes=1,
         )
     except Exception as error:  # reported to the parent, which raises it as the load error it is
@@ -160,7 +161,13 @@ class LaneProcess:
     """
 
     def __init__(
-        self, model: ModelVersion, threads: int, max_length_limit: int, spinning: bool, index: int
+        self,
+        model: ModelVersion,
+        device: str,
+        threads: int,
+        max_length_limit: int,
+        spinning: bool,
+        index: int,
     ) -> None:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
@@ -172,7 +179,7 @@ class LaneProcess:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.pid: int = self.process.pid
-        self.conn.send(("load", model, threads, max_length_limit, spinning))
+        self.conn.send(("load", model, device, threads, max_length_limit, spinning))
         if not self.conn.poll(START_TIMEOUT_S):
             self.close()
             raise ModelLoadError(
@@ -217,9 +224,16 @@ class ProcessLanes:
     """
 
     def __init__(
-        self, model: ModelVersion, count: int, threads: int, max_length_limit: int, spinning: bool = False
+        self,
+        model: ModelVersion,
+        count: int,
+        threads: int,
+        max_length_limit: int,
+        spinning: bool = False,
+        device: str = "cpu",
     ) -> None:
-        self._spec = (model, threads, max_length_limit, spinning)
+        # `device` is "cpu" or "cuda", never "auto": a lane must not fall back to the CPU on its own.
+        self._spec = (model, device, threads, max_length_limit, spinning)
         self._lock = threading.Condition()
         self._free: list[LaneProcess] = []
         self._all: list[LaneProcess] = []
@@ -234,10 +248,10 @@ class ProcessLanes:
         self._free = list(self._all)
 
     def _start(self) -> LaneProcess:
-        model, threads, max_length_limit, spinning = self._spec
+        model, device, threads, max_length_limit, spinning = self._spec
         with self._lock:
             index, self._next_index = self._next_index, self._next_index + 1
-        return LaneProcess(model, threads, max_length_limit, spinning, index)
+        return LaneProcess(model, device, threads, max_length_limit, spinning, index)
 
     @property
     def pids(self) -> list[int]:

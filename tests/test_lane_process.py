@@ -180,3 +180,20 @@ def test_close_stops_the_lane_processes() -> None:
     assert not any(process_alive(pid) for pid in pids)
     with pytest.raises(LaneFailed, match="stopped"):
         engine.search_ids([[5, 6, 2]], TranslateOptions())
+
+
+def test_a_lane_loads_on_the_device_it_is_given() -> None:
+    """The device travels to the lane process: asked for CUDA, it runs there or fails, never on the CPU."""
+    import onnxruntime as ort
+
+    from service.lane_process import ProcessLanes
+    from service.repository import ModelLoadError, resolve
+
+    model = resolve(DEFAULT_REPOSITORY, DEFAULT_MODEL, None)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        lanes = ProcessLanes(model, 1, 1, 256, device="cuda")
+        assert lanes.count == 1
+        lanes.close()
+        return
+    with pytest.raises(ModelLoadError, match=r"lane process 0 could not load the model .*'cuda' asked for"):
+        ProcessLanes(model, 1, 1, 256, device="cuda")
