@@ -284,13 +284,14 @@ class LaneThreads:
                 self._condition.wait()
             if self._closed:
                 raise RuntimeError("the engine is closed: its lane threads are stopped")
-            lanes = [self._free.pop() for _ in calls]
-        futures: list[Future] = []
-        for lane, call in zip(lanes, calls, strict=True):
-            future: Future = Future()
-            future.add_done_callback(lambda _, lane=lane: self._release(lane))
-            self._queues[lane].put((future, call))
-            futures.append(future)
+            # Queued under the lock, so that a `close` cannot put its stop marker ahead of this work.
+            futures: list[Future] = []
+            for call in calls:
+                lane = self._free.pop()
+                future: Future = Future()
+                future.add_done_callback(lambda _, lane=lane: self._release(lane))
+                self._queues[lane].put((future, call))
+                futures.append(future)
         return futures
 
     def close(self) -> None:

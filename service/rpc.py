@@ -266,6 +266,19 @@ def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if ended_by_deadline(context) else grpc.StatusCode.CANCELLED
 
 
+def _failed_code(context: grpc.aio.ServicerContext, failure: RequestFailed) -> grpc.StatusCode:
+    """The status the client gets for a failed call: gRPC's own once the deadline has passed."""
+    return grpc.StatusCode.DEADLINE_EXCEEDED if ended_by_deadline(context) else failure.code
+
+
+async def _abort(context: grpc.aio.ServicerContext, failure: RequestFailed) -> None:
+    """End the call with the failure's status, unless gRPC already ended it at its deadline: aborting such a
+    call makes gRPC log an error ("ExecuteBatchError") for what is a client's timeout."""
+    if ended_by_deadline(context):
+        raise asyncio.CancelledError
+    await context.abort(failure.code, failure.message)
+
+
 def _unexpected(method: str, error: Exception) -> RequestFailed:
     log.exception("unexpected error in %s", method)
     return RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
@@ -300,8 +313,8 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
                 # A client that cancels after this point still counts as OK: grpc.aio has no is_active().
                 _record(metrics, method, grpc.StatusCode.OK, start)
                 return response
-            _record(metrics, method, error.code, start)
-            await context.abort(error.code, error.message)
+            _record(metrics, method, _failed_code(context, error), start)
+            await _abort(context, error)
 
         return wrapper  # type: ignore[return-value]
 
@@ -329,12 +342,12 @@ def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Ha
                 code = _ended_code(context)
                 raise
             except RequestFailed as failure:
-                code = failure.code
-                await context.abort(failure.code, failure.message)
+                code = _failed_code(context, failure)
+                await _abort(context, failure)
             except Exception as other:
                 failure = _unexpected(method, other)
-                code = failure.code
-                await context.abort(failure.code, failure.message)
+                code = _failed_code(context, failure)
+                await _abort(context, failure)
             finally:
                 _record(metrics, method, code, start)
 

@@ -58,17 +58,24 @@ class Vocabulary:
         if not encoding.ids:
             raise EmptyTextError("the text is empty: there is nothing to translate")
         pieces = [text[start:end] for start, end in encoding.offsets]
-        unknown = [piece for i, piece in zip(encoding.ids, pieces, strict=True) if i == self.unk_id]
+        ids = self._word_ids(encoding.ids)
+        unknown = [piece for i, piece in zip(ids, pieces, strict=True) if i == self.unk_id]
+        tokens = [UNK if i == self.unk_id else token for i, token in zip(ids, encoding.tokens, strict=True)]
         return EncodedText(
-            ids=[*encoding.ids, self.eos_id],
-            tokens=[*encoding.tokens, EOS],
+            ids=[*ids, self.eos_id],
+            tokens=[*tokens, EOS],
             pieces=[*pieces, EOS],
             unknown_words=unknown,
         )
 
     def encode_target(self, text: str) -> list[int]:
         """Decoder ids of a reference: <s> words </s> (teacher forcing splits it into input and output)."""
-        return [self.bos_id, *self.tokenizer.encode(text).ids, self.eos_id]
+        return [self.bos_id, *self._word_ids(self.tokenizer.encode(text).ids), self.eos_id]
+
+    def _word_ids(self, ids: list[int]) -> list[int]:
+        """A word of a text is never a special token: "<pad>" or "</s>" typed by a user is an unknown word
+        (as a pad or end id it would shorten the source the model sees, and its attention columns with it)."""
+        return [self.unk_id if i in self._special_ids else i for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids; special tokens other than <unk> are dropped."""

@@ -271,6 +271,27 @@ def test_attention_maps_follow_the_selection(client: Client, reference: Engine) 
     assert list(full.attention[0].layers) == [0, 1] and list(full.attention[0].heads) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_special_tokens_typed_in_a_text_are_unknown_words(client: Client, beam_size: int) -> None:
+    """"<pad>", "</s>" and "<s>" written by a user are words the vocabulary lacks, like any other."""
+    typed = "the big dog <pad> sees </s> a <s> cat"
+    plain = "the big dog zqx sees zqx a zqx cat"
+    options = pb.TranslateOptions(
+        beam_size=beam_size,
+        replace_unknowns=True,
+        attention=pb.AttentionRequest(kinds=[pb.CROSS, pb.ENCODER_SELF]),
+    )
+    got, want, _ = client.translator.Translate(
+        pb.TranslateRequest(texts=[typed, plain, "the cat sees a dog"], options=options)
+    ).translations
+    assert list(got.unknown_words) == ["<pad>", "</s>", "<s>"]
+    assert list(got.source_tokens) == list(want.source_tokens) and len(got.source_tokens) == 10
+    assert list(got.target_tokens) == list(want.target_tokens) and got.score == pytest.approx(want.score)
+    for attention_map in got.attention:
+        assert list(attention_map.column_tokens) == list(got.source_tokens)
+        assert list(attention_map.weights.shape)[-1] == len(got.source_tokens)
+
+
 def test_concurrent_callers_are_batched_and_get_their_own_results(
     server: TranslatorServer, client: Client, reference: Engine
 ) -> None:
@@ -1028,6 +1049,58 @@ def test_deadline_exceeded_frees_queued_and_running_work(slow: tuple[TranslatorS
         client.kserve.ModelInfer(infer_request(["the big dog"], max_length=200, timeout=100_000), timeout=10)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     client.close()
+
+
+class PastDeadlineContext:
+    """What a handler's context looks like once gRPC has ended the call at its deadline."""
+
+    def __init__(self) -> None:
+        self.aborted: list[grpc.StatusCode] = []
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted.append(code)
+        raise AssertionError("aborted a call that gRPC had already ended")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_failure_found_after_the_deadline_is_not_sent_again(streaming: bool) -> None:
+    """gRPC answered DEADLINE_EXCEEDED already: aborting again makes it log an error for a timeout."""
+    import asyncio
+
+    from service.errors import RequestFailed
+    from service.metrics import ServerMetrics
+    from service.rpc import Runtime, tracked, tracked_stream
+
+    class Servicer:
+        def __init__(self) -> None:
+            self.runtime = Runtime(config=ServerConfig(), metrics=ServerMetrics())
+
+        @tracked("Translate")
+        async def unary(self, request: Any, context: Any) -> Any:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while queued")
+
+        @tracked_stream("TranslateStream")
+        async def stream(self, request: Any, context: Any) -> Any:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while decoding")
+            yield  # an async generator
+
+    async def call(servicer: Servicer, context: PastDeadlineContext) -> None:
+        if streaming:
+            async for _ in servicer.stream(None, context):
+                pass
+        else:
+            await servicer.unary(None, context)
+
+    servicer, context = Servicer(), PastDeadlineContext()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call(servicer, context))
+    assert context.aborted == []
+    method = "TranslateStream" if streaming else "Translate"
+    counted = servicer.runtime.metrics.requests.labels(method=method, code="DEADLINE_EXCEEDED")._value.get()
+    assert counted == 1
 
 
 def test_a_request_joins_the_running_batch(slow: tuple[TranslatorServer, SlowBackend]) -> None:
