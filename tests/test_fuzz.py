@@ -187,6 +187,10 @@ def fuzzer(
 # ---------------------------------------------------------------------------------------------------------
 
 sentences = st.lists(st.sampled_from(WORDS), min_size=1, max_size=40).map(" ".join)
+# The vocabulary's special tokens written as words, among ordinary ones.
+with_special_tokens = st.lists(
+    st.sampled_from([*WORDS[:20], "<pad>", "<s>", "</s>", "<unk>"]), min_size=1, max_size=40
+).map(" ".join)
 huge = st.builds(
     lambda word, count: (word + " ") * count,
     st.sampled_from(["dog", "é", "\x00", ""]),
@@ -194,6 +198,7 @@ huge = st.builds(
 )
 texts = st.one_of(
     sentences,
+    with_special_tokens,
     st.text(max_size=60),  # any unicode but surrogates (which protobuf strings cannot hold)
     st.text(st.characters(categories=["Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Co"]), max_size=40),
     st.builds(lambda a, b: a + " " + b, sentences, st.text(max_size=20)),
