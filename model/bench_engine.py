@@ -30,7 +30,6 @@ leaves no idle thread pools behind.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -358,19 +357,34 @@ def machine_info(threads: int) -> dict:
                 cores.add((physical, value))
     except OSError:
         pass
-    versions = {}
-    for package in ("onnxruntime", "ctranslate2", "torch", "numpy"):
-        # The imported module's own version: onnxruntime and onnxruntime-gpu both provide `onnxruntime`, and
-        # the installed distribution's metadata can name the one that is not imported.
-        try:
-            versions[package] = importlib.import_module(package).__version__
-        except ImportError:
-            versions[package] = None
     return {"cpu_model": cpu_model or platform.processor(), "physical_cores": len(cores) or None,
             "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "threads": threads, "platform": platform.platform(), "python": platform.python_version(),
-            "versions": versions, "load_average_at_start": list(os.getloadavg())}
+            "versions": library_versions(), "load_average_at_start": list(os.getloadavg())}
+
+
+# The imported modules' own versions (onnxruntime and onnxruntime-gpu both provide `onnxruntime`, and the
+# installed distributions' metadata can name the one that is not imported), read in a subprocess so that this
+# one never loads the libraries.
+VERSIONS_SCRIPT = """
+import importlib, json
+versions = {}
+for name in ("onnxruntime", "ctranslate2", "torch", "numpy"):
+    try:
+        versions[name] = importlib.import_module(name).__version__
+    except ImportError:
+        versions[name] = None
+print(json.dumps(versions))
+"""
+
+
+def library_versions() -> dict[str, str | None]:
+    command = [sys.executable, "-c", VERSIONS_SCRIPT]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not read the libraries' versions: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def gpu_info() -> str | None:
