@@ -541,28 +541,35 @@ class Batcher:
             now = time.monotonic()
             self._deliver(item, hypothesis, (joined - item.job.arrival) * 1000, (now - joined) * 1000)
 
-        stream = self.engine.stream(
-            options, on_token=_emit_token, on_done=deliver, is_abandoned=lambda item: self._gone(item.job)
-        )
         times = self._timed.reset()
-        widest = 0
-        joining: list[_Item] = items
-        while joining:
-            now = time.monotonic()
-            self._observe_batch(joining, now)
-            for item in joining:
-                started[id(item)] = now
-            before = times.encode_s
-            sources = [item.job.sources[item.index].ids for item in joining]
-            self.engine.stream_add(stream, joining, sources, [item.job.options for item in joining])
-            self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s - before)
-            widest = max([widest, *(item.length for item in joining)])
-            decoded = times.decode_s
-            joining = []
-            while stream.size and not joining:
-                stream.step()
-                joining = self._joiners(worker, key, stream.size, widest)
-            self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s - decoded)
+        stream = self.engine.stream(
+            options,
+            on_token=_emit_token,
+            on_done=deliver,
+            is_abandoned=lambda item: self._gone(item.job),
+            wants_tokens=lambda item: item.job.events is not None,
+        )
+        try:
+            widest = 0
+            joining: list[_Item] = items
+            while joining:
+                now = time.monotonic()
+                self._observe_batch(joining, now)
+                for item in joining:
+                    started[id(item)] = now
+                before = times.encode_s
+                sources = [item.job.sources[item.index].ids for item in joining]
+                self.engine.stream_add(stream, joining, sources, [item.job.options for item in joining])
+                self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s - before)
+                widest = max([widest, *(item.length for item in joining)])
+                decoded = times.decode_s
+                joining = []
+                while stream.size and not joining:
+                    stream.step()
+                    joining = self._joiners(worker, key, stream.size, widest)
+                self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s - decoded)
+        finally:
+            stream.close()
 
     def _joiners(self, worker: int, key: tuple, rows: int, widest: int) -> list[_Item]:
         """Queued sentences that join a running stream of `rows` rows now: oldest first, within the batch

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.lane_process import ProcessLanes
+from service.lane_process import ProcessLanes, ProcessStream
 from service.repository import (
     ENCODER_INPUTS,
     ModelLoadError,
@@ -914,9 +914,7 @@ class Engine:
             results, encode_s, decode_s = self.lane_processes.search(
                 parts, sources, options, self.max_length_limit, on_token, is_abandoned, on_done
             )
-            times = getattr(self.backend, "times", None)  # the batcher's timing wrapper, when there is one
-            if callable(times):
-                times().add(encode_s=encode_s, decode_s=decode_s)
+            self._record_times(encode_s, decode_s)
             return results
         if len(parts) <= 1:
             return self._search_padded(sources, options, on_token, is_abandoned, on_done)
@@ -987,11 +985,19 @@ class Engine:
         on_token: Callable[[object, int], object] | None = None,
         on_done: Callable[[object, Hypothesis], object] | None = None,
         is_abandoned: Callable[[object], bool] | None = None,
-    ) -> GreedyStream:
-        """A running batch that sentences join between steps (greedy, no attention maps: `can_stream`).
-        It runs on the calling thread (one lane); add sentences with `stream_add`."""
+        wants_tokens: Callable[[object], bool] | None = None,
+    ) -> GreedyStream | ProcessStream:
+        """A running batch that sentences join between steps (greedy, no attention maps: `can_stream`),
+        on one lane: a lane process of its own when the engine has them (`wants_tokens(key)`: whether that
+        row's tokens cross to this process; all of them when None), else the calling thread. Add sentences
+        with `stream_add`, `step` it, and `close` it when done."""
         if not self.can_stream(options):
             raise ValueError("only greedy search without attention maps runs as a stream")
+        if self.lane_processes is not None:
+            every_row = wants_tokens or (lambda key: True)
+            return self.lane_processes.stream(
+                options, on_token, on_done, is_abandoned, every_row, self._record_times
+            )
         return GreedyStream(
             self.backend,
             pad_id=self.vocabulary.pad_id,
@@ -1003,9 +1009,14 @@ class Engine:
             is_abandoned=is_abandoned,
         )
 
+    def _record_times(self, encode_s: float, decode_s: float) -> None:
+        times = getattr(self.backend, "times", None)  # the batcher's timing wrapper, when there is one
+        if callable(times):
+            times().add(encode_s=encode_s, decode_s=decode_s)
+
     def stream_add(
         self,
-        stream: GreedyStream,
+        stream: GreedyStream | ProcessStream,
         keys: list[object],
         sources: list[list[int]],
         options: TranslateOptions | list[TranslateOptions],

@@ -96,6 +96,10 @@ def _serve(
             return
         if message[0] == "stop":
             return
+        if message[0] == "stream":
+            if _run_stream(conn, engine, timed, message[1]):
+                return
+            continue
         if message[0] != "search":
             continue  # an abandon notice that came after its search ended
         _, sources, options, engine.max_length_limit, stream_tokens, abandoned = message
@@ -151,6 +155,51 @@ def _run_search(
         return stopping
     conn.send(("end", times.encode_s, times.decode_s))
     return stopping
+
+
+def _run_stream(conn: Connection, engine: Any, timed: Any, options: Any) -> bool:
+    """A running batch (iteration-level batching) driven by the parent one message at a time: "add" joins
+    rows (answered "added"), "step" decodes one position (answered by the rows' tokens and results, then
+    "stepped" with the rows still running), "close" ends it. True when a stop came in (or the parent left)."""
+    abandoned: set[int] = set()
+    wants_tokens: set[int] = set()
+
+    def on_token(row: int, token_id: int) -> None:
+        if row in wants_tokens:
+            conn.send(("token", row, int(token_id)))
+
+    def on_done(row: int, hypothesis: Any) -> None:
+        wants_tokens.discard(row)
+        conn.send(("done", row, hypothesis))
+
+    stream = engine.stream(options, on_token=on_token, on_done=on_done, is_abandoned=abandoned.__contains__)
+    times = timed.reset()
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return True
+        kind = message[0]
+        try:
+            if kind == "add":
+                _, rows, sources, max_lengths, streamed = message
+                wants_tokens.update(streamed)
+                before = times.encode_s
+                stream.add(rows, sources, max_lengths)
+                conn.send(("added", times.encode_s - before))
+            elif kind == "step":
+                abandoned.update(message[1])
+                before = times.decode_s
+                stream.step()
+                conn.send(("stepped", stream.size, times.decode_s - before))
+            elif kind == "close":
+                return False
+            elif kind == "stop":
+                return True
+        except Exception as error:  # the lane survives; its parent fails the stream's rows
+            log.exception("lane stream failed")
+            conn.send(("failed", f"{type(error).__name__}: {error}"))
+            return False
 
 
 class LaneProcess:
@@ -351,6 +400,24 @@ class ProcessLanes:
                 raise LaneFailed("; ".join(run.failures))
             return run.results, run.encode_s, run.decode_s
 
+    def stream(
+        self,
+        options: Any,
+        on_token: Callable[[object, int], object] | None,
+        on_done: Callable[[object, Any], object] | None,
+        is_abandoned: Callable[[object], bool] | None,
+        wants_tokens: Callable[[object], bool] | None,
+        record: Callable[[float, float], object],
+    ) -> ProcessStream:
+        """A running batch on one lane process, held until the stream is closed (see `ProcessStream`)."""
+        (lane,) = self._acquire(1)
+        try:
+            lane.conn.send(("stream", options))
+        except OSError as error:
+            self._release([lane])
+            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
+        return ProcessStream(self, lane, on_token, on_done, is_abandoned, wants_tokens, record)
+
     def close(self) -> None:
         """Stop the idle lanes now; a lane still searching stops when its search ends."""
         with self._lock:
@@ -359,6 +426,109 @@ class ProcessLanes:
             self._lock.notify_all()
         for lane in idle:
             lane.close()
+
+
+class ProcessStream:
+    """The parent's side of a running batch on a lane process, with `GreedyStream`'s interface (`add`,
+    `step`, `size`, `close`): each call is one message to the lane and waits for its answer, so the caller
+    decides between steps who joins, as with a stream of its own. The caller's keys stay here; the lane
+    knows its rows by number. Tokens cross only for the rows `wants_tokens` names."""
+
+    def __init__(
+        self,
+        lanes: ProcessLanes,
+        lane: LaneProcess,
+        on_token: Callable[[object, int], object] | None,
+        on_done: Callable[[object, Any], object] | None,
+        is_abandoned: Callable[[object], bool] | None,
+        wants_tokens: Callable[[object], bool] | None,
+        record: Callable[[float, float], object],
+    ) -> None:
+        self._lanes, self._lane = lanes, lane
+        self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
+        self._wants_tokens, self._record = wants_tokens, record
+        self._keys: dict[int, object] = {}  # running rows: lane row number -> the caller's key
+        self._told: set[int] = set()  # rows the lane was told are abandoned
+        self._next_row = 0
+        self._open = True
+        self._awaiting: str | None = None  # the answer of a message sent and not yet read to its end
+        self.size = 0
+
+    @property
+    def pid(self) -> int:
+        """The lane process running this stream."""
+        return self._lane.pid
+
+    def add(self, keys: list[object], sources: list[list[int]], max_lengths: list[int]) -> None:
+        rows = list(range(self._next_row, self._next_row + len(keys)))
+        self._next_row += len(keys)
+        self._keys.update(zip(rows, keys, strict=True))
+        streamed = [] if self.on_token is None or self._wants_tokens is None else [
+            row for row, key in zip(rows, keys, strict=True) if self._wants_tokens(key)
+        ]
+        (encode_s,) = self._ask(("add", rows, sources, max_lengths, streamed), "added")
+        self.size += len(keys)
+        self._record(encode_s, 0.0)
+
+    def step(self) -> None:
+        gone = [] if self.is_abandoned is None else [
+            row for row, key in self._keys.items() if row not in self._told and self.is_abandoned(key)
+        ]
+        self._told.update(gone)
+        self.size, decode_s = self._ask(("step", gone), "stepped")
+        self._record(0.0, decode_s)
+
+    def close(self) -> None:
+        """Give the lane back (after telling it the stream is over, unless it failed or died)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if self._awaiting is not None:  # a callback raised mid-answer: read the rest, or give up the lane
+                while self._lane.conn.poll(START_TIMEOUT_S):
+                    reply = self._lane.conn.recv()
+                    if reply[0] in (self._awaiting, "failed"):
+                        break
+                else:
+                    self._lane.kill()
+            if self._lane.alive():
+                self._lane.conn.send(("close",))
+        except (EOFError, OSError):
+            pass  # dead: _release starts another
+        self._lanes._release([self._lane])
+
+    def _ask(self, message: tuple, answer: str) -> tuple:
+        """Send one message; deliver the rows' tokens and results until its answer comes."""
+        if not self._open:
+            raise LaneFailed("the stream is closed")
+        conn, pid = self._lane.conn, self._lane.pid
+        try:
+            self._awaiting = answer
+            conn.send(message)
+            while True:
+                reply = conn.recv()
+                kind = reply[0]
+                if kind == "token":
+                    if self.on_token is not None:
+                        self.on_token(self._keys[reply[1]], reply[2])
+                elif kind == "done":
+                    key = self._keys.pop(reply[1])
+                    self._told.discard(reply[1])
+                    if self.on_done is not None:
+                        self.on_done(key, reply[2])
+                elif kind == answer:
+                    self._awaiting = None
+                    return reply[1:]
+                elif kind == "failed":  # the lane left the stream and is free again
+                    self._awaiting = None
+                    self._open = False
+                    self._lanes._release([self._lane])
+                    raise LaneFailed(f"lane process {pid}: {reply[1]}")
+        except (EOFError, OSError) as error:
+            self._awaiting = None
+            self._open = False
+            self._lanes._release([self._lane])  # dead: replaced in the background
+            raise LaneFailed(f"lane process {pid} exited (code {self._lane.exitcode})") from error
 
 
 class _Search:

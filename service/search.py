@@ -550,6 +550,9 @@ class GreedyStream:
         """Rows still decoding."""
         return int(self.running.sum())
 
+    def close(self) -> None:
+        """Nothing to give back (a stream in a lane process gives back its lane)."""
+
     def add(
         self, keys: Sequence[object], sources: Sequence[Sequence[int]], max_lengths: Sequence[int]
     ) -> None:

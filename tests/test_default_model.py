@@ -25,6 +25,7 @@ from service.engine import (
     Translation,
     lane_parts,
 )
+from service.lane_process import ProcessStream
 from service.repository import resolve, sha256
 from service.vocabulary import Vocabulary
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY, ENGINE_DEVICE
@@ -281,11 +282,18 @@ def test_lane_parts_minimise_the_slowest_lane(seed: int) -> None:
     assert set(range(8)) < set(short) and len(short) > len(long)  # the short lane also takes long rows
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int) -> None:
+@pytest.mark.parametrize(("lanes", "lane_processes"), [(1, False), (2, False), (2, True)])
+def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int, lane_processes: bool) -> None:
     """Iteration-level batching: sentences join a running batch at different steps, rows leave when done;
-    each gets the tokens and score of the batch search."""
-    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device=ENGINE_DEVICE, threads=lanes, lanes=lanes)
+    each gets the tokens and score of the batch search (in this process, or in a lane process)."""
+    engine = Engine.load(
+        DEFAULT_REPOSITORY,
+        DEFAULT_MODEL,
+        device=ENGINE_DEVICE,
+        threads=lanes,
+        lanes=lanes,
+        lane_processes=lane_processes,
+    )
     texts = [e.source for e in toy_split("test", 60)]
     sources = [s.ids for s in engine.encode_texts(texts)]
     options = TranslateOptions()
@@ -316,7 +324,14 @@ def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int) 
         assert streamed[row] == reference.tokens
         assert hypothesis.score == pytest.approx(reference.score, abs=1e-4)
         assert hypothesis.finished == reference.finished
-    assert stream.state is None  # everything left: nothing is held
+    if lane_processes:
+        assert isinstance(stream, ProcessStream)
+        stream.close()  # the lane goes back: a batch search can use both lanes again
+        again = engine.search_ids(sources[:8], options)
+        assert [h.tokens for h in again if h] == [h.tokens for h in expected[:8] if h]
+        engine.close()
+    else:
+        assert stream.state is None  # everything left: nothing is held
 
 
 def test_only_greedy_requests_without_maps_stream(engine: Engine) -> None:

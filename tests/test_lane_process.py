@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.engine import Engine
-from service.lane_process import LaneFailed
+from service.lane_process import LaneFailed, ProcessStream
 from service.requests import TranslateOptions
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY, process_alive
 
@@ -197,3 +197,89 @@ def test_a_lane_loads_on_the_device_it_is_given() -> None:
         return
     with pytest.raises(ModelLoadError, match=r"lane process 0 could not load the model .*'cuda' asked for"):
         ProcessLanes(model, 1, 1, 256, device="cuda")
+
+
+def stream_engine() -> Engine:
+    return Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+
+
+def test_a_stream_holds_one_lane_and_gives_it_back(threads_engine: Engine) -> None:
+    engine = stream_engine()
+    try:
+        assert engine.lane_processes is not None
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:12])]
+        expected = threads_engine.search_ids(sources, TranslateOptions())
+        done: dict[int, object] = {}
+        tokens: dict[int, list[int]] = {row: [] for row in range(12)}
+        stream = engine.stream(
+            TranslateOptions(),
+            on_token=lambda row, token: tokens[row].append(token),
+            on_done=lambda row, hypothesis: done.setdefault(row, hypothesis),
+            wants_tokens=lambda row: row % 2 == 0,  # only these rows' tokens cross
+        )
+        engine.stream_add(stream, list(range(6)), sources[:6], TranslateOptions())
+        stream.step()
+        # While the stream holds one lane, a batch search runs on the other one.
+        assert [h.tokens for h in engine.search_ids(sources[:4], TranslateOptions(), lanes=1) if h] == [
+            h.tokens for h in expected[:4] if h
+        ]
+        engine.stream_add(stream, list(range(6, 12)), sources[6:], TranslateOptions())
+        while stream.size:
+            stream.step()
+        stream.close()
+        assert [done[row].tokens for row in range(12)] == [h.tokens for h in expected if h]
+        assert all(tokens[row] == done[row].tokens for row in range(0, 12, 2))
+        assert all(tokens[row] == [] for row in range(1, 12, 2))
+        assert len(engine.search_ids(sources, TranslateOptions())) == 12  # both lanes free again
+    finally:
+        engine.close()
+
+
+def test_a_lane_killed_mid_stream_fails_it_and_is_replaced() -> None:
+    engine = stream_engine()
+    try:
+        assert engine.lane_processes is not None
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
+        before = set(engine.lane_processes.pids)
+        stream = engine.stream(TranslateOptions())
+        engine.stream_add(stream, list(range(8)), sources, TranslateOptions(max_length=200))
+        stream.step()
+        assert isinstance(stream, ProcessStream) and stream.pid in before
+        victim = stream.pid
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(LaneFailed, match=f"lane process {victim} exited"):
+            while stream.size:
+                stream.step()
+        stream.close()
+        assert all(result is not None for result in engine.search_ids(sources, TranslateOptions()))
+        assert victim not in engine.lane_processes.pids and len(engine.lane_processes.pids) == 2
+    finally:
+        engine.close()
+
+
+def test_a_callback_that_raises_mid_step_leaves_the_lane_clean(threads_engine: Engine) -> None:
+    engine = stream_engine()
+    try:
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
+        expected = threads_engine.search_ids(sources, TranslateOptions())
+
+        def explode(row: int, token: int) -> None:
+            raise RuntimeError("callback exploded")
+
+        stream = engine.stream(TranslateOptions(), on_token=explode)
+        engine.stream_add(stream, list(range(8)), sources, TranslateOptions())
+        with pytest.raises(RuntimeError, match="exploded"):
+            stream.step()
+        stream.close()  # reads the rest of that step's answer before the lane is used again
+        for _ in range(2):  # whichever lane comes next answers its own search, nothing stale
+            streamed: dict[int, list[int]] = {row: [] for row in range(8)}
+            got = engine.search_ids(
+                sources,
+                TranslateOptions(),
+                lanes=1,
+                on_token=lambda row, token, into=streamed: into[row].append(token),
+            )
+            assert [h.tokens for h in got if h] == [h.tokens for h in expected if h]
+            assert [streamed[row] for row in range(8)] == [h.tokens for h in expected if h]
+    finally:
+        engine.close()

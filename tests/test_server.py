@@ -341,6 +341,50 @@ def test_stream_sends_every_token_then_the_translation(client: Client, beam_size
     assert last.translation.timings.total_ms > 0
 
 
+def test_iteration_batching_in_lane_processes(tiny_repository: Path, reference: Engine) -> None:
+    """Requests join running batches in the lane processes: each gets what the engine gives it alone, and a
+    streamed one its tokens as they come."""
+    config = make_config(
+        tiny_repository, iteration_batching="on", lane_processes="on", threads=2, max_queue_delay_ms=1.0,
+        quality_sample_rate=0.0,  # a sampled request runs as a whole batch, with maps
+    )
+    texts = sentences(24, seed=3)
+    expected = [t.text for t in reference.translate(texts)]
+    with running(config) as server:
+        assert server.port and server.runtime.engine and server.runtime.engine.lane_processes
+        lanes = server.runtime.engine.lane_processes
+        opened: list[int] = []
+        open_stream = lanes.stream
+
+        def counted_stream(*args: Any, **kwargs: Any) -> Any:
+            stream = open_stream(*args, **kwargs)
+            opened.append(stream.pid)
+            return stream
+
+        lanes.stream = counted_stream  # type: ignore[method-assign]
+        client = Client(server.port)
+        try:
+
+            def translate(text: str) -> str:
+                (got,) = client.translator.Translate(pb.TranslateRequest(texts=[text])).translations
+                return got.text
+
+            def stream(text: str) -> tuple[list[str], pb.Translation]:
+                messages = list(client.translator.TranslateStream(pb.TranslateStreamRequest(text=text)))
+                return [m.token.token for m in messages[:-1]], messages[-1].translation
+
+            with ThreadPoolExecutor(8) as pool:
+                streamed = [pool.submit(stream, text) for text in texts[:4]]
+                answers = list(pool.map(translate, texts))
+            assert answers == expected
+            for future, want in zip(streamed, expected, strict=False):
+                tokens, translation = future.result()
+                assert translation.text == want and tokens == list(translation.target_tokens)
+            assert opened, "no running batch went to a lane process"
+        finally:
+            client.close()
+
+
 def test_model_info_reports_the_settings(client: Client, server: TranslatorServer) -> None:
     info = client.translator.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.name, info.version, info.execution_provider) == ("tiny", "1", "CPUExecutionProvider")
