@@ -34,9 +34,9 @@ MAX_LABEL_CHARS = 16
 def png_paths(path: str | Path, count: int) -> list[Path]:
     """The file for each of `count` texts: `path` itself for one text, else stem-1.png, stem-2.png, ..."""
     path = Path(path)
+    suffix = path.suffix or ".png"  # matplotlib adds it to a name without one: the name we report must too
     if count == 1:
-        return [path]
-    suffix = path.suffix or ".png"
+        return [path.with_suffix(suffix)]
     return [path.with_name(f"{path.stem}-{i}{suffix}") for i in range(1, count + 1)]
 
 

@@ -328,7 +328,8 @@ def _print_info(info: ModelInfo, as_json: bool, out: TextIO) -> None:
 def _read_texts(arguments: list[str], stdin: TextIO) -> list[str]:
     if arguments:
         return arguments
-    return [line.strip() for line in stdin if line.strip()]
+    # A byte-order mark that an editor put at the start of the file is not part of the first text.
+    return [line.lstrip("\ufeff").strip() for line in stdin if line.lstrip("\ufeff").strip()]
 
 
 def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
@@ -361,7 +362,7 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
             if len(texts) > 1:
                 chunk = client.model_info().limits.get("max_texts_per_request") or len(texts)
             for start in range(0, len(texts), chunk):
-                batch = client.translate(texts[start:start + chunk], **options)
+                batch = _translate_fitting(client, texts[start:start + chunk], options)
                 for result in batch:
                     _print_result(result, args.json, args.json_attention, out)
                 results.extend(batch)
@@ -382,6 +383,23 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
         write_attention_html(args.html, results)
         print(f"wrote {args.html}", file=err)
     return 0
+
+
+def _translate_fitting(
+    client: TranslatorClient, texts: list[str], options: dict[str, Any]
+) -> list[ClientTranslation]:
+    """One request for the texts, or, when its answer (attention maps grow with the square of a text's
+    length) would exceed the server's max_message_bytes, two requests of half as many, and so on down to one
+    text, whose own answer must fit."""
+    try:
+        return client.translate(texts, **options)
+    except TranslatorError as error:
+        too_big = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_bytes" in error.message
+        if not too_big or len(texts) == 1:
+            raise
+    half = len(texts) // 2
+    first = _translate_fitting(client, texts[:half], options)
+    return first + _translate_fitting(client, texts[half:], options)
 
 
 def _print_result(result: ClientTranslation, as_json: bool, with_attention: bool, out: TextIO) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -104,15 +105,27 @@ def translation_message(result: TextResult, selection: AttentionSelection, arriv
     )
 
 
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """model.json's training metrics as the API names them: a number by its name, one of a split's numbers
+    (`{"test": {"bleu": 99.5}}`) as `test_bleu`; lists (per layer and head) and flags are left out."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    flat: dict[str, float] = {}
+    for name, value in metrics.items():
+        if number(value):
+            flat[name] = float(value)
+        elif isinstance(value, dict):
+            flat.update({f"{name}_{key}": float(inner) for key, inner in value.items() if number(inner)})
+    return flat
+
+
 def model_info(runtime: Runtime) -> pb.ModelInfo:
     engine, _, limits = runtime.serving()
     model, config = engine.model, runtime.config
     architecture = model.architecture
-    metrics = {
-        name: float(value)
-        for name, value in model.metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
-    }
+    metrics = flat_metrics(model.metrics)
     return pb.ModelInfo(
         name=model.name,
         version=str(model.version),

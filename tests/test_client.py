@@ -131,6 +131,8 @@ def test_png_rejects_weights_that_do_not_match_the_tokens(tmp_path: Path) -> Non
 def test_png_paths_one_file_per_text(tmp_path: Path) -> None:
     assert png_paths(tmp_path / "maps.png", 1) == [tmp_path / "maps.png"]
     assert png_paths(tmp_path / "maps.png", 3) == [tmp_path / f"maps-{i}.png" for i in (1, 2, 3)]
+    # matplotlib writes maps.png for a name without a suffix: the path reported must be that file.
+    assert png_paths(tmp_path / "maps", 1) == [tmp_path / "maps.png"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,7 +443,8 @@ def test_cli_reads_stdin_in_chunks_the_server_accepts(fake: tuple[str, FakeTrans
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSLATOR_SERVER", fake[0])
     before = len(fake[1].requests)
-    code, out, _ = run_cli([], capsys, monkeypatch, stdin="one two\n\nthree\nfour five\n")
+    # An editor's byte-order mark before the first line is not part of its text.
+    code, out, _ = run_cli([], capsys, monkeypatch, stdin="\ufeffone two\n\nthree\nfour five\n")
     assert code == 0 and out.splitlines() == ["two one", "three", "five four"]
     # max_texts_per_request is 2 on the fake server: two requests, blank line skipped.
     assert [list(r.texts) for r in fake[1].requests[before:]] == [["one two", "three"], ["four five"]]
@@ -611,6 +614,29 @@ def test_real_server_errors(real_server: str) -> None:
         with pytest.raises(TranslatorError) as caught:
             client.translate(["the cat"], attention=["cross"], layers=[99])
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_splits_requests_whose_maps_exceed_the_servers_answer_limit(
+    tiny_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every map of 8 texts does not fit the server's max_message_bytes, one text's does: the CLI halves its
+    requests until they fit, and every text is answered, in order."""
+    from tests.test_server import make_config, running
+
+    texts = [f"the big dog sees the small cat {i}" for i in range(8)]  # ~25 kB of maps each
+    with running(make_config(tiny_repository, max_message_bytes=60_000)) as server:
+        with TranslatorClient(f"127.0.0.1:{server.port}") as client:
+            with pytest.raises(TranslatorError, match="max_message_bytes"):
+                client.translate(texts, attention=["cross", "decoder_self", "encoder_self"])
+            alone = [client.translate(text)[0].text for text in texts]
+        page = tmp_path / "view.html"
+        code, out, err = run_cli(
+            ["--server", f"127.0.0.1:{server.port}", "--html", str(page)], capsys, monkeypatch,
+            stdin="\n".join(texts) + "\n",
+        )
+    assert code == 0, err
+    assert out.splitlines() == alone
+    assert len(embedded_data(page.read_text("utf-8"))["items"]) == 8
 
 
 def test_real_server_cli_end_to_end(real_server: str, tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from service.engine import Engine, TranslateOptions
 from service.kserve import deserialize_bytes, serialize_bytes
 from service.metrics import ALL_METRICS
 from service.server import TranslatorServer
-from tests.conftest import WORDS
+from tests.conftest import DEFAULT_REPOSITORY, WORDS
 
 HOST = "127.0.0.1"
 SERVICES = ("translator.v1.Translator", "inference.GRPCInferenceService")
@@ -407,6 +407,24 @@ def test_model_info_reports_the_settings(client: Client, server: TranslatorServe
         limits.max_beam_size,
         limits.max_length,
     ) == (8, 16, 4, 64)
+
+
+def test_model_info_carries_the_default_models_evaluation() -> None:
+    """model.json keeps its metrics by split; the API names them `<split>_<metric>`."""
+    config = make_config(DEFAULT_REPOSITORY, model="toy-en-es", threads=1, lane_processes="off")
+    description = json.loads((DEFAULT_REPOSITORY / "toy-en-es/1/model.json").read_text())
+    stored = description["training"]["metrics"]
+    with running(config) as server:
+        assert server.port
+        client = Client(server.port)
+        try:
+            metrics = dict(client.translator.GetModelInfo(pb.GetModelInfoRequest()).training_metrics)
+        finally:
+            client.close()
+    assert metrics["valid_bleu"] == pytest.approx(stored["valid"]["bleu"])
+    assert metrics["test_exact_match"] == pytest.approx(stored["test"]["exact_match"])
+    assert "test_aer_per_layer_head" not in metrics  # a list per layer and head is no single number
+    assert all(name.split("_", 1)[0] in stored for name in metrics)
 
 
 BAD_TRANSLATE = [
