@@ -8,8 +8,8 @@ The model is `<name>` (its folder in the repository) at version `<version>` (the
   `CROSS_ATTENTION` FP32 [N, L, H, T, S] (decoder layers, heads, target steps, source tokens; zero-padded to
   the longest T and S of the request), `SOURCE_LENGTH` / `TARGET_LENGTH` INT32 [N] (the real T and S).
 - request parameters: `beam_size` (int), `max_length` (int), `length_penalty` (double or int),
-  `replace_unknowns` (bool); Triton's `timeout` (int, microseconds, at most 1e14) adds a deadline, `priority`
-  is accepted and ignored.
+  `replace_unknowns` (bool); Triton's `timeout` (int, microseconds, at most 1e14; 0: none) adds a deadline,
+  `priority` is accepted and ignored.
 
 Answers always use raw_output_contents, as Triton does: tritonclient's `InferResult.as_numpy` reads outputs
 from there (typed contents only for BYTES), so raw is what every client understands.
@@ -102,6 +102,17 @@ def _parameter(name: str, value: pb.InferParameter, kind: type) -> int | float |
     raise invalid(
         f"parameter {name} must be a {expected}, got {which or 'no value'}" + (f" ({got!r})" if which else "")
     )
+
+
+def cross_attention_bytes(results: list[TextResult]) -> int:
+    """The size of the CROSS_ATTENTION output: every map zero-padded to the request's longest T and S."""
+    maps = [result.translation.cross_attention for result in results]
+    if not maps or any(m is None for m in maps):
+        return 0
+    layers, heads = maps[0].shape[:2]  # type: ignore[union-attr]
+    steps = max(m.shape[2] for m in maps)  # type: ignore[union-attr]
+    width = max(m.shape[3] for m in maps)  # type: ignore[union-attr]
+    return len(maps) * layers * heads * steps * width * 4
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -206,10 +217,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 values[name] = _parameter(name, value, kind)
             timeout_us = values.pop("timeout", None)
             values.pop("priority", None)
-            if timeout_us is not None and not 1 <= timeout_us <= MAX_TIMEOUT_US:
+            if timeout_us is not None and not 0 <= timeout_us <= MAX_TIMEOUT_US:
                 raise invalid(
-                    f"parameter timeout must be between 1 and {MAX_TIMEOUT_US} microseconds, got {timeout_us}"
+                    f"parameter timeout must be between 0 (none) and {MAX_TIMEOUT_US} microseconds, got "
+                    f"{timeout_us}"
                 )
+            if timeout_us == 0:  # Triton's "no timeout"
+                timeout_us = None
             options = make_options(
                 limits,
                 attention=["cross"] if OUTPUT_CROSS_ATTENTION in wanted else [],
@@ -221,6 +235,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return Work(sources, options, None if timeout_us is None else timeout_us / 1e6)
 
         def build(results: list[TextResult]) -> pb.ModelInferResponse:
+            if OUTPUT_CROSS_ATTENTION in wanted:  # refused before hundreds of megabytes are padded and copied
+                self.runtime.check_bytes(cross_attention_bytes(results))
             model = call.engine.model
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
@@ -247,10 +263,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise invalid(
                     f"unknown output {output.name!r}; the model's outputs are {', '.join(OUTPUT_DATATYPES)}"
                 )
-            if output.parameters:
+            # `binary_data` is HTTP's choice of encoding: over gRPC every output is raw already.
+            unsupported = sorted(set(output.parameters) - {"binary_data"})
+            if unsupported:
                 raise invalid(
-                    f"output {output.name}: output parameters are not supported (got "
-                    f"{', '.join(sorted(output.parameters))})"
+                    f"output {output.name}: output parameters other than binary_data are not supported "
+                    f"(got {', '.join(unsupported)})"
                 )
         repeated = repeated_values(names)
         if repeated:

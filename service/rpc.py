@@ -83,7 +83,10 @@ class Runtime:
 
     def check_size(self, response: Message) -> None:
         """gRPC would fail an oversized answer with a bare error; say what to change instead."""
-        size = response.ByteSize()
+        self.check_bytes(response.ByteSize())
+
+    def check_bytes(self, size: int) -> None:
+        """An answer of `size` bytes (or at least that many) must fit max_message_bytes."""
         if size > self.config.max_message_bytes:
             raise RequestFailed(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -705,7 +705,7 @@ def _bad_kserve() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str
     case(
         "huge timeout",
         invalid,
-        "parameter timeout must be between 1 and 100000000000000 microseconds",
+        "parameter timeout must be between 0 (none) and 100000000000000 microseconds",
         timeout=2**62,
     )
     return cases
@@ -731,9 +731,48 @@ def test_kserve_timeout_parameter_is_bounded(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as failure:
         client.kserve.ModelInfer(infer_request(["the cat"], timeout=2**62))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "timeout must be between 1 and 100000000000000 microseconds" in failure.value.details()
+    assert "timeout must be between 0 (none) and 100000000000000 microseconds" in failure.value.details()
     out = outputs_of(client.kserve.ModelInfer(infer_request(["the cat"], timeout=10**14)))
     assert out["TRANSLATION"].shape == (1,)
+    # 0 is Triton's "no timeout" (tritonclient sends it as given).
+    out = outputs_of(client.kserve.ModelInfer(infer_request(["the cat"], timeout=0)))
+    assert out["TRANSLATION"].shape == (1,)
+
+
+def test_kserve_output_parameters(client: Client) -> None:
+    """`binary_data` (how HTTP encodes an output; gRPC outputs are raw anyway) is accepted, others refused."""
+    request = infer_request(["the cat"], outputs=("TRANSLATION",))
+    request.outputs[0].parameters["binary_data"].bool_param = True
+    assert outputs_of(client.kserve.ModelInfer(request))["TRANSLATION"].shape == (1,)
+    request.outputs[0].parameters["classification"].int64_param = 2
+    with pytest.raises(grpc.RpcError) as failure:
+        client.kserve.ModelInfer(request)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "other than binary_data are not supported (got classification)" in failure.value.details()
+
+
+def test_kserve_oversized_maps_are_refused_from_their_size(client: Client, tiny_repository: Path) -> None:
+    """Refused before the padded maps are built: the size named is that of the maps alone."""
+    texts = sentences(8, seed=5, longest=16)
+    options = pb.TranslateOptions(max_length=64, attention=pb.AttentionRequest(kinds=[pb.CROSS]))
+    maps = [
+        t.attention[0].weights.shape
+        for t in client.translator.Translate(pb.TranslateRequest(texts=texts, options=options)).translations
+    ]
+    layers, heads = maps[0][:2]
+    size = len(maps) * layers * heads * max(m[2] for m in maps) * max(m[3] for m in maps) * 4
+    limit = size // 2
+    with running(make_config(tiny_repository, max_message_bytes=limit)) as small:
+        assert small.port
+        other = Client(small.port)
+        try:
+            request = infer_request(texts, max_length=64, outputs=("TRANSLATION", "CROSS_ATTENTION"))
+            with pytest.raises(grpc.RpcError) as failure:
+                other.kserve.ModelInfer(request, timeout=10)
+        finally:
+            other.close()
+    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"the answer would be {size} bytes, more than max_message_bytes={limit}" in failure.value.details()
 
 
 def test_message_size_limits(client: Client) -> None:
