@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,11 @@ class Vocabulary:
         return self.tokenizer.get_vocab_size()
 
     def encode_source(self, text: str) -> EncodedText:
-        """Ids of a source text, </s> appended; raises EmptyTextError when nothing is left to translate."""
+        """Ids of a source text, </s> appended; raises EmptyTextError when nothing is left to translate.
+
+        Invisible format characters (zero-width spaces, byte-order marks, soft hyphens: Unicode category Cf)
+        are dropped first: pasted into a word they would make it unknown, and alone they are no text."""
+        text = "".join(character for character in text if unicodedata.category(character) != "Cf")
         encoding = self.tokenizer.encode(text)
         if not encoding.ids:
             raise EmptyTextError("the text is empty: there is nothing to translate")

@@ -385,6 +385,15 @@ def test_iteration_batching_in_lane_processes(tiny_repository: Path, reference: 
             client.close()
 
 
+def test_invisible_format_characters_are_not_part_of_a_word(client: Client) -> None:
+    """A zero-width space, byte-order mark or soft hyphen pasted into a text does not make a word unknown."""
+    clean, pasted = client.translator.Translate(
+        pb.TranslateRequest(texts=["the big dog sees her", "\ufeffthe b\u200big dog se\u00ades her"])
+    ).translations
+    assert pasted.text == clean.text and list(pasted.source_tokens) == list(clean.source_tokens)
+    assert list(pasted.unknown_words) == []
+
+
 def test_model_info_reports_the_settings(client: Client, server: TranslatorServer) -> None:
     info = client.translator.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.name, info.version, info.execution_provider) == ("tiny", "1", "CPUExecutionProvider")
@@ -430,6 +439,7 @@ def test_model_info_carries_the_default_models_evaluation() -> None:
 BAD_TRANSLATE = [
     (pb.TranslateRequest(), ["texts is empty"]),
     (pb.TranslateRequest(texts=["the dog", "  "]), ["texts[1]", "empty"]),
+    (pb.TranslateRequest(texts=["\u200b\ufeff\u00ad"]), ["texts[0]", "empty"]),  # invisible format characters
     (pb.TranslateRequest(texts=["the"] * 9), ["9 texts", "max_texts_per_request=8"]),
     (pb.TranslateRequest(texts=[" ".join(["dog"] * 17)]), ["17 tokens", "max_tokens_per_text=16"]),
     (
