@@ -29,6 +29,11 @@ from matplotlib.patches import Rectangle
 COLORMAP = "viridis"
 DPI = 150
 MAX_LABEL_CHARS = 16
+# Long texts shrink the cells rather than grow the picture: the average panel's longer side and the grid of
+# layer/head panels stay within these (at DPI, about 3,600 and 4,800 pixels), and labels thin out to every
+# k-th token once a cell is smaller than a line of text.
+MAX_PANEL_INCHES = 24.0
+MAX_GRID_INCHES = 32.0
 
 
 def png_paths(path: str | Path, count: int) -> list[Path]:
@@ -49,8 +54,13 @@ def _clip(value: float, low: float, high: float) -> float:
     return float(min(max(value, low), high))
 
 
+def _label_stride(cell: float, fontsize: float) -> int:
+    """Label every k-th token: as many as fit one text line per label in cells of `cell` inches."""
+    return max(1, int(np.ceil(fontsize * 1.15 / 72 / cell - 1e-9)))
+
+
 def _heatmap(ax: Axes, weights: np.ndarray, norm: PowerNorm, source: Sequence[str] | None,
-             target: Sequence[str] | None, fontsize: float) -> AxesImage:
+             target: Sequence[str] | None, fontsize: float, every: int = 1) -> AxesImage:
     image = ax.imshow(weights, cmap=COLORMAP, norm=norm, aspect="equal", interpolation="nearest")
     rows, cols = weights.shape
     # Thin gaps between cells make it easy to follow a row or a column by eye. Drawn as two line collections:
@@ -60,11 +70,11 @@ def _heatmap(ax: Axes, weights: np.ndarray, norm: PowerNorm, source: Sequence[st
     ax.vlines(np.arange(0.5, cols - 1), -0.5, rows - 0.5, **style)
     ax.tick_params(length=2, pad=1.5, labelsize=fontsize)
     if source is not None:
-        ax.set_xticks(range(cols), [_label(t) for t in source], rotation=90)
+        ax.set_xticks(range(0, cols, every), [_label(t) for t in source[::every]], rotation=90)
     else:
         ax.set_xticks([])
     if target is not None:
-        ax.set_yticks(range(rows), [_label(t) for t in target])
+        ax.set_yticks(range(0, rows, every), [_label(t) for t in target[::every]])
     else:
         ax.set_yticks([])
     for spine in ax.spines.values():
@@ -73,8 +83,9 @@ def _heatmap(ax: Axes, weights: np.ndarray, norm: PowerNorm, source: Sequence[st
 
 
 def _alignment_list(ax: Axes, average: np.ndarray, source: Sequence[str], target: Sequence[str],
-                    fontsize: float) -> None:
-    """The alignment spelled out, one line per target token: "perro  ←  dog  0.62"."""
+                    fontsize: float, every: int = 1) -> None:
+    """The alignment spelled out, one line per target token: "perro  ←  dog  0.62" (every k-th one when the
+    heatmap's rows are thinner than a line)."""
     ax.set_axis_off()
     rows = len(target)
     if not rows or not len(source):
@@ -83,7 +94,7 @@ def _alignment_list(ax: Axes, average: np.ndarray, source: Sequence[str], target
     ax.set_ylim(rows - 0.5, -1.5)  # one line per heatmap row, aligned with it when the heights agree
     ax.text(0.0, -1.2, "target  ←  most attended source", fontsize=fontsize, fontweight="bold", va="center")
     repeated = {t for t in source if list(source).count(t) > 1}
-    for row in range(rows):
+    for row in range(0, rows, every):
         col = int(average[row].argmax())
         # "the" may occur three times; its position says which one.
         where = f" (#{col})" if source[col] in repeated else ""
@@ -115,10 +126,12 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
     longest = max(rows, cols, 1)
 
     # Sizes in inches, chosen so that a cell stays legible from 5 to ~50 tokens; fonts follow the cell size.
-    big_cell = _clip(7.5 / longest, 0.17, 0.42)
+    big_cell = min(_clip(7.5 / longest, 0.17, 0.42), MAX_PANEL_INCHES / longest)
     big_font = _clip(big_cell * 72 * 0.62, 6.5, 11)
-    small_cell = _clip(3.0 / longest, 0.085, 0.2)
+    grid_cells = longest * max(n_heads, n_layers, 1)
+    small_cell = min(_clip(3.0 / longest, 0.085, 0.2), MAX_GRID_INCHES / grid_cells)
     small_font = _clip(small_cell * 72 * 0.68, 5.0, 8.5)
+    big_every, small_every = _label_stride(big_cell, big_font), _label_stride(small_cell, small_font)
     longest_label = max([len(_label(t)) for t in [*source_tokens, *target_tokens]] or [1])
     big_label = longest_label * big_font * 0.62 / 72 + 0.3  # room for tick labels beside the panel
     small_label = longest_label * small_font * 0.62 / 72 + 0.2
@@ -144,8 +157,8 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
         top, bottom = figure.subfigures(2, 1, height_ratios=[top_h, grid_h])
 
         ax, legend = top.subplots(1, 2, width_ratios=[big_w + big_label, legend_w])
-        image = _heatmap(ax, average, norm, source_tokens, target_tokens, big_font)
-        _alignment_list(legend, average, source_tokens, target_tokens, big_font)
+        image = _heatmap(ax, average, norm, source_tokens, target_tokens, big_font, big_every)
+        _alignment_list(legend, average, source_tokens, target_tokens, big_font, big_every)
         ax.xaxis.tick_top()  # source words above the big panel, where the eye starts reading
         ax.xaxis.set_label_position("top")
         for row in range(rows):
@@ -168,7 +181,7 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
                 for j, head in enumerate(heads):
                     panel = axes[i][j]
                     _heatmap(panel, weights[i, j], norm, source_tokens if i == n_layers - 1 else None,
-                             target_tokens if j == 0 else None, small_font)
+                             target_tokens if j == 0 else None, small_font, small_every)
                     panel.set_title(f"layer {layer} · head {head}", fontsize=small_font + 1.5, pad=3)
         figure.savefig(path, dpi=DPI, facecolor="white")
     return Path(path)

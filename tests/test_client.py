@@ -115,6 +115,17 @@ def test_cross_attention_png_for_a_realistic_example(tmp_path: Path) -> None:
     assert path.stat().st_size > 50_000
 
 
+def test_png_of_a_long_text_stays_a_readable_size(tmp_path: Path) -> None:
+    """256 tokens each way, 3 layers x 4 heads: the cells shrink and labels thin out instead of the picture
+    growing to ~13,500 x 17,000 pixels."""
+    source = [f"word{i}" for i in range(255)] + ["</s>"]
+    target = [f"palabra{i}" for i in range(255)] + ["</s>"]
+    weights = alignment_attention(len(target), len(source), 3, 4, list(range(len(target))))
+    path = render_cross_attention_png(tmp_path / "long.png", source, target, weights, [0, 1, 2], [0, 1, 2, 3])
+    width, height = png_size(path)
+    assert 1200 <= width <= 6000 and 1500 <= height <= 9000, (width, height)
+
+
 def test_png_survives_hostile_tokens_and_a_subset_of_heads(tmp_path: Path) -> None:
     target = ["<unk>", "$", "</s>"]
     weights = alignment_attention(len(target), len(HOSTILE), 1, 2, [0, 6, 8])
