@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from model import toy_language
-from service.vocabulary import Vocabulary
+from service.vocabulary import Vocabulary, without_invisible
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def read_tsv(path: str | Path) -> list[Example]:
             if not line.strip():
                 continue
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            if len(parts) != 2 or not without_invisible(parts[0]).strip() or not parts[1].strip():
                 raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line[:80]!r}")
             examples.append(Example(parts[0].strip(), parts[1].strip()))
     if not examples:

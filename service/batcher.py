@@ -577,6 +577,10 @@ class Batcher:
         starts a stream of its own with the rest (on its own lane); none join while sentences of other
         options have waited max_queue_delay, so that the stream drains and they get a worker."""
         settings = self.settings
+        # A stream holds a lane process while it runs: with a batch waiting for one (more workers than lanes),
+        # it takes nobody in, so that it ends and gives its lane up.
+        if getattr(self.engine, "lanes_waited_for", 0):
+            return []
         with self._cond:
             if not self._pending:
                 return []

@@ -1009,6 +1009,11 @@ class Engine:
             is_abandoned=is_abandoned,
         )
 
+    @property
+    def lanes_waited_for(self) -> int:
+        """Callers waiting for a free lane process (0 without them)."""
+        return 0 if self.lane_processes is None else self.lane_processes.waiting
+
     def _record_times(self, encode_s: float, decode_s: float) -> None:
         times = getattr(self.backend, "times", None)  # the batcher's timing wrapper, when there is one
         if callable(times):

@@ -189,8 +189,10 @@ def _run_stream(conn: Connection, engine: Any, timed: Any, options: Any) -> bool
                 conn.send(("added", times.encode_s - before))
             elif kind == "step":
                 abandoned.update(message[1])
+                wants_tokens.difference_update(message[1])
                 before = times.decode_s
                 stream.step()
+                abandoned.clear()  # the step dropped them for good
                 conn.send(("stepped", stream.size, times.decode_s - before))
             elif kind == "close":
                 return False
@@ -288,6 +290,7 @@ class ProcessLanes:
         self._all: list[LaneProcess] = []
         self._closed = False
         self._next_index = 0
+        self._waiting: list[object] = []  # callers waiting for free lanes, first come first served
         try:
             for _ in range(count):
                 self._all.append(self._start())
@@ -313,20 +316,35 @@ class ProcessLanes:
         with self._lock:
             return len(self._all)
 
-    def _acquire(self, count: int) -> list[LaneProcess]:
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for free lanes: a running stream stops taking joiners while there are any, so
+        that it ends and gives its lane up."""
         with self._lock:
-            while True:
-                if self._closed:
-                    raise LaneFailed("the engine's lane processes are stopped")
-                if count > len(self._all):
-                    raise LaneFailed(f"{count} lane processes wanted, {len(self._all)} running")
-                for lane in [lane for lane in self._free if not lane.alive()]:  # died while idle
-                    self._free.remove(lane)
-                    self._replace_later(lane)
-                if len(self._free) >= count:
-                    taken, self._free = self._free[:count], self._free[count:]
-                    return taken
-                self._lock.wait()
+            return len(self._waiting)
+
+    def _acquire(self, count: int) -> list[LaneProcess]:
+        ticket = object()
+        with self._lock:
+            self._waiting.append(ticket)
+            try:
+                while True:
+                    if self._closed:
+                        raise LaneFailed("the engine's lane processes are stopped")
+                    if count > len(self._all):
+                        raise LaneFailed(f"{count} lane processes wanted, {len(self._all)} running")
+                    for lane in [lane for lane in self._free if not lane.alive()]:  # died while idle
+                        self._free.remove(lane)
+                        self._replace_later(lane)
+                    # In turn: a worker that just gave a lane back must not take it again ahead of one
+                    # that has waited for it.
+                    if self._waiting[0] is ticket and len(self._free) >= count:
+                        taken, self._free = self._free[:count], self._free[count:]
+                        return taken
+                    self._lock.wait()
+            finally:
+                self._waiting.remove(ticket)
+                self._lock.notify_all()  # the next in turn may go now
 
     def _release(self, lanes: list[LaneProcess]) -> None:
         closing = []
@@ -448,7 +466,6 @@ class ProcessStream:
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
         self._wants_tokens, self._record = wants_tokens, record
         self._keys: dict[int, object] = {}  # running rows: lane row number -> the caller's key
-        self._told: set[int] = set()  # rows the lane was told are abandoned
         self._next_row = 0
         self._open = True
         self._awaiting: str | None = None  # the answer of a message sent and not yet read to its end
@@ -458,6 +475,10 @@ class ProcessStream:
     def pid(self) -> int:
         """The lane process running this stream."""
         return self._lane.pid
+
+    def running_keys(self) -> list[object]:
+        """The caller's keys of the rows still decoding (neither done nor abandoned)."""
+        return list(self._keys.values())
 
     def add(self, keys: list[object], sources: list[list[int]], max_lengths: list[int]) -> None:
         rows = list(range(self._next_row, self._next_row + len(keys)))
@@ -472,9 +493,10 @@ class ProcessStream:
 
     def step(self) -> None:
         gone = [] if self.is_abandoned is None else [
-            row for row, key in self._keys.items() if row not in self._told and self.is_abandoned(key)
+            row for row, key in self._keys.items() if self.is_abandoned(key)
         ]
-        self._told.update(gone)
+        for row in gone:  # the lane drops them before this step and never answers for them
+            del self._keys[row]
         self.size, decode_s = self._ask(("step", gone), "stepped")
         self._record(0.0, decode_s)
 
@@ -498,37 +520,44 @@ class ProcessStream:
         self._lanes._release([self._lane])
 
     def _ask(self, message: tuple, answer: str) -> tuple:
-        """Send one message; deliver the rows' tokens and results until its answer comes."""
+        """Send one message; deliver the rows' tokens and results until its answer comes. A callback that
+        raises leaves the rest of the answer unread (`close` reads it)."""
         if not self._open:
             raise LaneFailed("the stream is closed")
-        conn, pid = self._lane.conn, self._lane.pid
+        self._awaiting = answer
+        self._transport(lambda: self._lane.conn.send(message))
+        while True:
+            reply = self._transport(self._lane.conn.recv)
+            kind = reply[0]
+            if kind == "token":
+                if self.on_token is not None:
+                    self.on_token(self._keys[reply[1]], reply[2])
+            elif kind == "done":
+                key = self._keys.pop(reply[1])
+                if self.on_done is not None:
+                    self.on_done(key, reply[2])
+            elif kind == answer:
+                self._awaiting = None
+                return reply[1:]
+            elif kind == "failed":  # the lane left the stream and is free again
+                self._awaiting = None
+                self._open = False
+                self._lanes._release([self._lane])
+                raise LaneFailed(f"lane process {self._lane.pid}: {reply[1]}")
+
+    def _transport(self, call: Callable[[], Any]) -> Any:
+        """One send or receive on the lane's socket; a broken socket is a dead lane (only there: an OSError
+        raised by a callback is the callback's)."""
         try:
-            self._awaiting = answer
-            conn.send(message)
-            while True:
-                reply = conn.recv()
-                kind = reply[0]
-                if kind == "token":
-                    if self.on_token is not None:
-                        self.on_token(self._keys[reply[1]], reply[2])
-                elif kind == "done":
-                    key = self._keys.pop(reply[1])
-                    self._told.discard(reply[1])
-                    if self.on_done is not None:
-                        self.on_done(key, reply[2])
-                elif kind == answer:
-                    self._awaiting = None
-                    return reply[1:]
-                elif kind == "failed":  # the lane left the stream and is free again
-                    self._awaiting = None
-                    self._open = False
-                    self._lanes._release([self._lane])
-                    raise LaneFailed(f"lane process {pid}: {reply[1]}")
+            return call()
         except (EOFError, OSError) as error:
             self._awaiting = None
             self._open = False
-            self._lanes._release([self._lane])  # dead: replaced in the background
-            raise LaneFailed(f"lane process {pid} exited (code {self._lane.exitcode})") from error
+            # Make sure it is dead (a killed process is not reaped at once, and one that still looks alive
+            # would go back to the free lanes), so that it is replaced.
+            self._lane.kill()
+            self._lanes._release([self._lane])
+            raise LaneFailed(f"lane process {self._lane.pid} exited (code {self._lane.exitcode})") from error
 
 
 class _Search:
@@ -568,6 +597,7 @@ class _Search:
         try:
             message = conn.recv()
         except (EOFError, OSError):  # OSError: it died with a message unread
+            lane.kill()  # reaped now, so that it is not taken for alive and put back among the free lanes
             self.failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
             del self.running[conn]
             return

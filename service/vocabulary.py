@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +9,15 @@ from tokenizers import Tokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+
+
+# Zero-width space, byte-order mark, soft hyphen, word joiner: they carry no letter of a word. Other invisible
+# format characters do (zero-width joiners inside emoji and Persian words, tag characters) and stay.
+INVISIBLE = str.maketrans("", "", "\u200b\ufeff\u00ad\u2060")
+
+
+def without_invisible(text: str) -> str:
+    return text.translate(INVISIBLE)
 
 
 class EmptyTextError(ValueError):
@@ -56,10 +64,9 @@ class Vocabulary:
     def encode_source(self, text: str) -> EncodedText:
         """Ids of a source text, </s> appended; raises EmptyTextError when nothing is left to translate.
 
-        Invisible format characters (zero-width spaces, byte-order marks, soft hyphens: Unicode category Cf)
-        are dropped first: pasted into a word they would make it unknown, and alone they are no text."""
-        text = "".join(character for character in text if unicodedata.category(character) != "Cf")
-        encoding = self.tokenizer.encode(text)
+        Invisible characters that only mark where a line may break (`without_invisible`) are dropped first:
+        pasted into a word they would make it unknown, and alone they are no text."""
+        encoding = self.tokenizer.encode(without_invisible(text))
         if not encoding.ids:
             raise EmptyTextError("the text is empty: there is nothing to translate")
         pieces = [text[start:end] for start, end in encoding.offsets]

@@ -447,3 +447,37 @@ def test_a_streaming_job_puts_its_events_into_the_sink_it_was_given(stop_batcher
     batcher.submit(job)
     assert job.wait(5)
     assert job.events is sink and sink.items == [7, 5, 5, STREAM_END]
+
+
+def test_streams_give_their_lane_process_up_to_a_waiting_worker(stop_batchers: list[Batcher]) -> None:
+    """Two workers, one lane process: a running stream holds the lane, so while the other worker waits for
+    it the stream takes nobody in and ends; no request waits for the whole run."""
+    from service.engine import Engine
+    from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
+
+    engine = Engine.load(
+        DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1, lanes=1, lane_processes=True
+    )
+    try:
+        settings = BatchingSettings(max_batch_size=8, max_queue_delay_s=0.002, streaming=True, workers=2)
+        batcher = Batcher(engine, settings, ServerMetrics())
+        stop_batchers.append(batcher)
+        batcher.start()
+        jobs: list[Job] = []
+        answered: dict[int, float] = {}
+        texts = ["the big red dog sees the small cat", "a cat", "the dog sees her"]
+        stop_at = time.monotonic() + 3.0
+        while time.monotonic() < stop_at:  # a steady stream of arrivals, well below what one lane can do
+            index = len(jobs)
+            job = Job(engine.encode_texts([texts[index % 3]]), TranslateOptions())
+            job.add_done_callback(lambda index=index: answered.setdefault(index, time.monotonic()))
+            batcher.submit(job)
+            jobs.append(job)
+            time.sleep(0.0025)
+        for job in jobs:
+            assert job.wait(10), "a request was never answered"
+            job.outcome()
+        waits = [answered[index] - job.arrival for index, job in enumerate(jobs)]
+        assert max(waits) < 1.5, f"a request waited {max(waits):.2f} s of a 3 s run"
+    finally:
+        engine.close()

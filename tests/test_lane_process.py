@@ -283,3 +283,51 @@ def test_a_callback_that_raises_mid_step_leaves_the_lane_clean(threads_engine: E
             assert [streamed[row] for row in range(8)] == [h.tokens for h in expected if h]
     finally:
         engine.close()
+
+
+def test_abandoned_stream_rows_are_forgotten_on_both_sides() -> None:
+    engine = stream_engine()
+    try:
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
+        gone: set[int] = set()
+        done: list[int] = []
+        stream = engine.stream(
+            TranslateOptions(),
+            on_done=lambda row, hypothesis: done.append(row),
+            is_abandoned=gone.__contains__,
+        )
+        assert isinstance(stream, ProcessStream)
+        for round_ in range(3):
+            rows = list(range(8 * round_, 8 * round_ + 8))
+            engine.stream_add(stream, rows, sources, TranslateOptions())
+            gone.update(rows[:6])  # six of each eight leave before their first step
+            while stream.size:
+                stream.step()
+            assert stream.running_keys() == [] and sorted(done[-2:]) == rows[6:]
+        stream.close()
+    finally:
+        engine.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_os_error_raised_by_a_callback_is_not_a_dead_lane(threads_engine: Engine) -> None:
+    engine = stream_engine()
+    try:
+        assert engine.lane_processes is not None
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
+        expected = threads_engine.search_ids(sources, TranslateOptions())
+        pids = engine.lane_processes.pids
+
+        def broken(row: int, token: int) -> None:
+            raise BrokenPipeError("the caller's own pipe")
+
+        stream = engine.stream(TranslateOptions(), on_token=broken)
+        engine.stream_add(stream, list(range(8)), sources, TranslateOptions())
+        with pytest.raises(BrokenPipeError, match="the caller's own pipe"):
+            stream.step()
+        stream.close()
+        assert engine.lane_processes.pids == pids  # nobody was taken for dead and replaced
+        got = engine.search_ids(sources, TranslateOptions())  # both lanes answer their own search
+        assert [h.tokens for h in got if h] == [h.tokens for h in expected if h]
+    finally:
+        engine.close()

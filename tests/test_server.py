@@ -439,7 +439,7 @@ def test_model_info_carries_the_default_models_evaluation() -> None:
 BAD_TRANSLATE = [
     (pb.TranslateRequest(), ["texts is empty"]),
     (pb.TranslateRequest(texts=["the dog", "  "]), ["texts[1]", "empty"]),
-    (pb.TranslateRequest(texts=["\u200b\ufeff\u00ad"]), ["texts[0]", "empty"]),  # invisible format characters
+    (pb.TranslateRequest(texts=["\u200b\ufeff\u00ad\u2060"]), ["texts[0]", "empty"]),  # invisible characters
     (pb.TranslateRequest(texts=["the"] * 9), ["9 texts", "max_texts_per_request=8"]),
     (pb.TranslateRequest(texts=[" ".join(["dog"] * 17)]), ["17 tokens", "max_tokens_per_text=16"]),
     (
