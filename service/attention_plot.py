@@ -25,6 +25,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
+from matplotlib.transforms import blended_transform_factory
 
 COLORMAP = "viridis"
 DPI = 150
@@ -82,24 +83,25 @@ def _heatmap(ax: Axes, weights: np.ndarray, norm: PowerNorm, source: Sequence[st
     return image
 
 
-def _alignment_list(ax: Axes, average: np.ndarray, source: Sequence[str], target: Sequence[str],
-                    fontsize: float, every: int = 1) -> None:
-    """The alignment spelled out, one line per target token: "perro  ←  dog  0.62" (every k-th one when the
-    heatmap's rows are thinner than a line)."""
+def _alignment_list(ax: Axes, heatmap: Axes, average: np.ndarray, source: Sequence[str],
+                    target: Sequence[str], fontsize: float, every: int = 1) -> None:
+    """The alignment spelled out in `ax`, one line per target token beside its heatmap row: "perro  ←  dog
+    0.62" (every k-th one when the rows are thinner than a line)."""
     ax.set_axis_off()
     rows = len(target)
     if not rows or not len(source):
         return
-    ax.set_xlim(0, 1)
-    ax.set_ylim(rows - 0.5, -1.5)  # one line per heatmap row, aligned with it when the heights agree
-    ax.text(0.0, -1.2, "target  ←  most attended source", fontsize=fontsize, fontweight="bold", va="center")
+    # x in this panel, y in the heatmap's rows: each line sits level with its row whatever the panel heights.
+    beside = blended_transform_factory(ax.transAxes, heatmap.transData)
+    ax.text(0.0, -1.2, "target  ←  most attended source", fontsize=fontsize, fontweight="bold", va="center",
+            transform=beside, clip_on=False)
     repeated = {t for t in source if list(source).count(t) > 1}
     for row in range(0, rows, every):
         col = int(average[row].argmax())
         # "the" may occur three times; its position says which one.
         where = f" (#{col})" if source[col] in repeated else ""
         ax.text(0.0, row, f"{_label(target[row])}  ←  {_label(source[col])}{where}   {average[row, col]:.2f}",
-                fontsize=fontsize, va="center")
+                fontsize=fontsize, va="center", transform=beside, clip_on=False)
 
 
 def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], target_tokens: Sequence[str],
@@ -158,7 +160,7 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
 
         ax, legend = top.subplots(1, 2, width_ratios=[big_w + big_label, legend_w])
         image = _heatmap(ax, average, norm, source_tokens, target_tokens, big_font, big_every)
-        _alignment_list(legend, average, source_tokens, target_tokens, big_font, big_every)
+        _alignment_list(legend, ax, average, source_tokens, target_tokens, big_font, big_every)
         ax.xaxis.tick_top()  # source words above the big panel, where the eye starts reading
         ax.xaxis.set_label_position("top")
         for row in range(rows):
