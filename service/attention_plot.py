@@ -104,6 +104,10 @@ def _alignment_list(ax: Axes, heatmap: Axes, average: np.ndarray, source: Sequen
                 fontsize=fontsize, va="center", transform=beside, clip_on=False)
 
 
+# Tokens are data, not markup: "$" in a token must not switch matplotlib into mathtext.
+STYLE = {"text.parse_math": False, "font.family": "DejaVu Sans"}
+
+
 def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], target_tokens: Sequence[str],
                                weights: np.ndarray, layers: Sequence[int], heads: Sequence[int],
                                title: str | None = None) -> Path:
@@ -112,6 +116,15 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
     `weights` is [layers, heads, target, source], rows labelled by `target_tokens` and columns by
     `source_tokens`; `layers` and `heads` are the model indices of its first two dimensions.
     """
+    figure = cross_attention_figure(source_tokens, target_tokens, weights, layers, heads, title)
+    with rc_context(STYLE):
+        figure.savefig(path, dpi=DPI, facecolor="white")
+    return Path(path)
+
+
+def cross_attention_figure(source_tokens: Sequence[str], target_tokens: Sequence[str], weights: np.ndarray,
+                           layers: Sequence[int], heads: Sequence[int], title: str | None = None) -> Figure:
+    """The figure `render_cross_attention_png` writes (same arguments)."""
     weights = np.asarray(weights, dtype=np.float32)
     if weights.ndim != 4:
         raise ValueError(f"weights must be [layers, heads, target, source], got shape {weights.shape}")
@@ -149,8 +162,7 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
     height = top_h + grid_h + 0.25 * title_lines + 0.2
 
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
-    # Tokens are data, not markup: "$" in a token must not switch matplotlib into mathtext.
-    with rc_context({"text.parse_math": False, "font.family": "DejaVu Sans"}):
+    with rc_context(STYLE):
         figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
         FigureCanvasAgg(figure)
         if title:
@@ -185,5 +197,4 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
                     _heatmap(panel, weights[i, j], norm, source_tokens if i == n_layers - 1 else None,
                              target_tokens if j == 0 else None, small_font, small_every)
                     panel.set_title(f"layer {layer} · head {head}", fontsize=small_font + 1.5, pad=3)
-        figure.savefig(path, dpi=DPI, facecolor="white")
-    return Path(path)
+    return figure

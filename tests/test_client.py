@@ -126,6 +126,24 @@ def test_png_of_a_long_text_stays_a_readable_size(tmp_path: Path) -> None:
     assert 1200 <= width <= 6000 and 1500 <= height <= 9000, (width, height)
 
 
+@pytest.mark.parametrize("length", [5, 14, 80])
+def test_png_alignment_list_sits_level_with_the_heatmap_rows(length: int) -> None:
+    from service.attention_plot import cross_attention_figure
+
+    source = [f"w{i}" for i in range(length - 1)] + ["</s>"]
+    target = [f"p{i}" for i in range(length - 1)] + ["</s>"]
+    weights = alignment_attention(length, length, 2, 2, list(range(length)))
+    figure = cross_attention_figure(source, target, weights, [0, 1], [0, 1], title="a title")
+    figure.canvas.draw()  # the constrained layout places the panels when drawn
+    heatmap = next(ax for ax in figure.get_axes() if ax.get_title().startswith("average over"))
+    lines = [text for ax in figure.get_axes() for text in ax.texts if "←" in text.get_text()][1:]
+    assert lines, "no alignment list drawn"
+    for text in lines:
+        row = target.index(text.get_text().split("  ←")[0])
+        y = text.get_transform().transform(text.get_position())[1]
+        assert abs(y - heatmap.transData.transform((0, row))[1]) < 1.0, (row, text.get_text())
+
+
 def test_png_survives_hostile_tokens_and_a_subset_of_heads(tmp_path: Path) -> None:
     target = ["<unk>", "$", "</s>"]
     weights = alignment_attention(len(target), len(HOSTILE), 1, 2, [0, 6, 8])
