@@ -329,7 +329,7 @@ def _read_texts(arguments: list[str], stdin: TextIO) -> list[str]:
     if arguments:
         return arguments
     # A byte-order mark that an editor put at the start of the file is not part of the first text.
-    return [line.lstrip("\ufeff").strip() for line in stdin if line.lstrip("\ufeff").strip()]
+    return [text for line in stdin if (text := line.lstrip("\ufeff").strip())]
 
 
 def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:

@@ -994,10 +994,8 @@ class Engine:
         if not self.can_stream(options):
             raise ValueError("only greedy search without attention maps runs as a stream")
         if self.lane_processes is not None:
-            every_row = wants_tokens or (lambda key: True)
-            return self.lane_processes.stream(
-                options, on_token, on_done, is_abandoned, every_row, self._record_times
-            )
+            lanes, record = self.lane_processes, self._record_times
+            return ProcessStream(lanes, options, on_token, on_done, is_abandoned, wants_tokens, record)
         return GreedyStream(
             self.backend,
             pad_id=self.vocabulary.pad_id,

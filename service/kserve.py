@@ -104,15 +104,15 @@ def _parameter(name: str, value: pb.InferParameter, kind: type) -> int | float |
     )
 
 
-def cross_attention_bytes(results: list[TextResult]) -> int:
-    """The size of the CROSS_ATTENTION output: every map zero-padded to the request's longest T and S."""
+def cross_attention_maps(results: list[TextResult]) -> tuple[list[np.ndarray], tuple[int, ...]]:
+    """Each text's cross-attention and the CROSS_ATTENTION output's shape [N, L, H, T, S]: every map
+    zero-padded to the request's longest T and S."""
     maps = [result.translation.cross_attention for result in results]
-    if not maps or any(m is None for m in maps):
-        return 0
+    assert all(m is not None for m in maps), "CROSS_ATTENTION requested but not computed"
     layers, heads = maps[0].shape[:2]  # type: ignore[union-attr]
     steps = max(m.shape[2] for m in maps)  # type: ignore[union-attr]
     width = max(m.shape[3] for m in maps)  # type: ignore[union-attr]
-    return len(maps) * layers * heads * steps * width * 4
+    return maps, (len(maps), layers, heads, steps, width)  # type: ignore[return-value]
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -236,7 +236,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         def build(results: list[TextResult]) -> pb.ModelInferResponse:
             if OUTPUT_CROSS_ATTENTION in wanted:  # refused before hundreds of megabytes are padded and copied
-                self.runtime.check_bytes(cross_attention_bytes(results))
+                self.runtime.check_bytes(4 * int(np.prod(cross_attention_maps(results)[1])))
             model = call.engine.model
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
@@ -337,13 +337,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return np.array([len(t.target_tokens) for t in translations], dtype="<i4").tobytes(), [
                 len(results)
             ]
-        maps = [t.cross_attention for t in translations]
-        assert all(m is not None for m in maps), "CROSS_ATTENTION requested but not computed"
-        layers, heads = maps[0].shape[:2]  # type: ignore[union-attr]
-        steps = max(m.shape[2] for m in maps)  # type: ignore[union-attr]
-        width = max(m.shape[3] for m in maps)  # type: ignore[union-attr]
-        padded = np.zeros((len(maps), layers, heads, steps, width), dtype="<f4")
+        maps, dims = cross_attention_maps(results)
+        padded = np.zeros(dims, dtype="<f4")
         for row, weights in enumerate(maps):
-            assert weights is not None
             padded[row, :, :, : weights.shape[2], : weights.shape[3]] = weights
         return padded.tobytes(), list(padded.shape)

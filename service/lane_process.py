@@ -7,10 +7,12 @@ lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A 
 interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
 
 Messages, parent to lane: ("load", model, device, threads, max_length_limit, spinning) once, then
-("search", sources, options, max_length_limit, stream_tokens, abandoned_rows),
-("abandon", rows), ("stop",).
+("search", sources, options, max_length_limit, stream_tokens, abandoned_rows), ("abandon", rows), ("stop",);
+or a running batch (`ProcessStream`): ("stream", options), then ("add", rows, sources, max_lengths,
+streamed_rows) and ("step", abandoned_rows) until ("close",).
 Lane to parent: ("ready", pid) once, then per search ("token", row, token_id) when asked,
-("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason).
+("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason); per "add" ("added",
+encode_s), per "step" its rows' "token" and "done" messages, then ("stepped", rows_running, decode_s).
 """
 
 from __future__ import annotations
@@ -418,24 +420,6 @@ class ProcessLanes:
                 raise LaneFailed("; ".join(run.failures))
             return run.results, run.encode_s, run.decode_s
 
-    def stream(
-        self,
-        options: Any,
-        on_token: Callable[[object, int], object] | None,
-        on_done: Callable[[object, Any], object] | None,
-        is_abandoned: Callable[[object], bool] | None,
-        wants_tokens: Callable[[object], bool] | None,
-        record: Callable[[float, float], object],
-    ) -> ProcessStream:
-        """A running batch on one lane process, held until the stream is closed (see `ProcessStream`)."""
-        (lane,) = self._acquire(1)
-        try:
-            lane.conn.send(("stream", options))
-        except OSError as error:
-            self._release([lane])
-            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
-        return ProcessStream(self, lane, on_token, on_done, is_abandoned, wants_tokens, record)
-
     def close(self) -> None:
         """Stop the idle lanes now; a lane still searching stops when its search ends."""
         with self._lock:
@@ -447,21 +431,27 @@ class ProcessLanes:
 
 
 class ProcessStream:
-    """The parent's side of a running batch on a lane process, with `GreedyStream`'s interface (`add`,
-    `step`, `size`, `close`): each call is one message to the lane and waits for its answer, so the caller
-    decides between steps who joins, as with a stream of its own. The caller's keys stay here; the lane
-    knows its rows by number. Tokens cross only for the rows `wants_tokens` names."""
+    """A running batch on one lane process of `lanes`, held until `close`, with `GreedyStream`'s interface
+    (`add`, `step`, `size`, `close`): each call is one message to the lane and waits for its answer, so the
+    caller decides between steps who joins, as with a stream of its own. The caller's keys stay here; the
+    lane knows its rows by number. Tokens cross only for the rows `wants_tokens` names (None: every row)."""
 
     def __init__(
         self,
         lanes: ProcessLanes,
-        lane: LaneProcess,
+        options: Any,
         on_token: Callable[[object, int], object] | None,
         on_done: Callable[[object, Any], object] | None,
         is_abandoned: Callable[[object], bool] | None,
         wants_tokens: Callable[[object], bool] | None,
         record: Callable[[float, float], object],
     ) -> None:
+        (lane,) = lanes._acquire(1)
+        try:
+            lane.conn.send(("stream", options))
+        except OSError as error:
+            lanes._release([lane])
+            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
         self._lanes, self._lane = lanes, lane
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
         self._wants_tokens, self._record = wants_tokens, record
@@ -484,8 +474,9 @@ class ProcessStream:
         rows = list(range(self._next_row, self._next_row + len(keys)))
         self._next_row += len(keys)
         self._keys.update(zip(rows, keys, strict=True))
-        streamed = [] if self.on_token is None or self._wants_tokens is None else [
-            row for row, key in zip(rows, keys, strict=True) if self._wants_tokens(key)
+        wanted = self._wants_tokens
+        streamed = [] if self.on_token is None else [
+            row for row, key in zip(rows, keys, strict=True) if wanted is None or wanted(key)
         ]
         (encode_s,) = self._ask(("add", rows, sources, max_lengths, streamed), "added")
         self.size += len(keys)

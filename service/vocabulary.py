@@ -66,7 +66,8 @@ class Vocabulary:
 
         Invisible characters that only mark where a line may break (`without_invisible`) are dropped first:
         pasted into a word they would make it unknown, and alone they are no text."""
-        encoding = self.tokenizer.encode(without_invisible(text))
+        text = without_invisible(text)  # the offsets below are into this text
+        encoding = self.tokenizer.encode(text)
         if not encoding.ids:
             raise EmptyTextError("the text is empty: there is nothing to translate")
         pieces = [text[start:end] for start, end in encoding.offsets]

@@ -37,6 +37,7 @@ from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.config import ROOT, ServerConfig, build_parser, env_name, load_config
 from service.engine import Engine, TranslateOptions
 from service.kserve import deserialize_bytes, serialize_bytes
+from service.lane_process import ProcessStream
 from service.metrics import ALL_METRICS
 from service.server import TranslatorServer
 from tests.conftest import DEFAULT_REPOSITORY, WORDS
@@ -351,17 +352,18 @@ def test_iteration_batching_in_lane_processes(tiny_repository: Path, reference: 
     texts = sentences(24, seed=3)
     expected = [t.text for t in reference.translate(texts)]
     with running(config) as server:
-        assert server.port and server.runtime.engine and server.runtime.engine.lane_processes
-        lanes = server.runtime.engine.lane_processes
+        engine = server.runtime.engine
+        assert server.port and engine and engine.lane_processes
         opened: list[int] = []
-        open_stream = lanes.stream
+        open_stream = engine.stream
 
         def counted_stream(*args: Any, **kwargs: Any) -> Any:
             stream = open_stream(*args, **kwargs)
+            assert isinstance(stream, ProcessStream)
             opened.append(stream.pid)
             return stream
 
-        lanes.stream = counted_stream  # type: ignore[method-assign]
+        engine.stream = counted_stream  # type: ignore[method-assign]
         client = Client(server.port)
         try:
 
