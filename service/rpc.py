@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -146,6 +147,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+# How the running call's job ended when gRPC ended the call first (set by `Submitted` as it drops the job):
+# the status recorded for the call is the one its dropped sentences are counted under, decided once.
+ENDED_CODE: contextvars.ContextVar[grpc.StatusCode | None] = contextvars.ContextVar(
+    "ended_code", default=None
+)
+
+
 def ended_by_deadline(context: grpc.aio.ServicerContext) -> bool:
     """Whether gRPC ended the call at its deadline (rather than the client cancelling it)."""
     remaining = context.time_remaining()
@@ -170,8 +178,10 @@ class Submitted:
         if job.finished:
             return
         if (job.deadline is not None and time.monotonic() >= job.deadline) or ended_by_deadline(self.context):
+            ENDED_CODE.set(grpc.StatusCode.DEADLINE_EXCEEDED)
             self.batcher.expire(job)
         else:
+            ENDED_CODE.set(grpc.StatusCode.CANCELLED)
             self.batcher.abandon(
                 job, grpc.StatusCode.CANCELLED, "the client cancelled the call", reason="cancelled"
             )
@@ -265,7 +275,11 @@ def _record(metrics: ServerMetrics, method: str, code: grpc.StatusCode, start: f
 
 
 def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call that gRPC ended before its handler answered."""
+    """The status of a call that gRPC ended before its handler answered: as its job was dropped, if it had
+    one (the deadline may pass between that and now), else from the deadline."""
+    decided = ENDED_CODE.get()
+    if decided is not None:
+        return decided
     return grpc.StatusCode.DEADLINE_EXCEEDED if ended_by_deadline(context) else grpc.StatusCode.CANCELLED
 
 
