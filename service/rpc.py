@@ -176,6 +176,10 @@ class Submitted:
     def __exit__(self, *exc_info: object) -> None:
         job = self.job
         if job.finished:
+            if job.error is not None and job.error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Our timer expired the job at its deadline, then the client's cancel (its side of the same
+                # deadline, which it may see first) ended the call: recorded as its sentences were dropped.
+                ENDED_CODE.set(grpc.StatusCode.DEADLINE_EXCEEDED)
             return
         if (job.deadline is not None and time.monotonic() >= job.deadline) or ended_by_deadline(self.context):
             ENDED_CODE.set(grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -1216,6 +1216,49 @@ def test_a_failure_found_after_the_deadline_is_not_sent_again(streaming: bool) -
     assert counted == 1
 
 
+class BeforeDeadlineContext(PastDeadlineContext):
+    """A handler's context when the client's cancel arrives just before the server's copy of the deadline."""
+
+    def time_remaining(self) -> float:
+        return 0.005
+
+
+def test_a_call_its_deadline_timer_dropped_counts_as_deadline_exceeded() -> None:
+    """The server's timer expires the job at its deadline; the client, at its side of the same deadline, then
+    cancels the call before the server's clock has passed it. The call is recorded DEADLINE_EXCEEDED, the
+    reason its sentence was dropped for (it was recorded CANCELLED: 1 run in ~8 of
+    test_faults.py::test_deadlines_shorter_than_the_queue_wait saw the counts disagree)."""
+    import asyncio
+
+    from service.batcher import Job
+    from service.metrics import ServerMetrics
+    from service.rpc import Runtime, Submitted, tracked
+    from tests.test_batcher import make, source
+
+    batcher, engine, batcher_metrics = make()
+
+    class Servicer:
+        def __init__(self) -> None:
+            self.runtime = Runtime(config=ServerConfig(), metrics=ServerMetrics())
+
+        @tracked("Translate")
+        async def unary(self, request: Any, context: Any) -> Any:
+            job = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.001)
+            batcher.submit(job)
+            with Submitted(engine, batcher, job, context):  # type: ignore[arg-type]
+                batcher.expire(job)  # what Submitted's deadline timer does
+                raise asyncio.CancelledError  # grpc.aio ending the call on the client's cancel
+
+    servicer = Servicer()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(servicer.unary(None, BeforeDeadlineContext()))
+    requests = servicer.runtime.metrics.requests
+    assert requests.labels(method="Translate", code="DEADLINE_EXCEEDED")._value.get() == 1
+    assert requests.labels(method="Translate", code="CANCELLED")._value.get() == 0
+    dropped = batcher_metrics.dropped_sentences
+    assert dropped.labels(reason="deadline_exceeded", stage="queued")._value.get() == 1
+
+
 def test_a_request_joins_the_running_batch(slow: tuple[TranslatorServer, SlowBackend]) -> None:
     """Iteration-level batching: with one worker, a short request arriving while a long one decodes joins
     its batch at the next step and is answered long before the long one ends."""
