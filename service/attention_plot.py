@@ -93,7 +93,7 @@ def _alignment_list(ax: Axes, heatmap: Axes, average: np.ndarray, source: Sequen
         return
     # x in this panel, y in the heatmap's rows: each line sits level with its row whatever the panel heights.
     beside = blended_transform_factory(ax.transAxes, heatmap.transData)
-    ax.text(0.0, -1.2, "target  ←  most attended source", fontsize=fontsize, fontweight="bold", va="center",
+    ax.text(0.0, -1.2, LEGEND_HEADING, fontsize=fontsize, fontweight="bold", va="center",
             transform=beside, clip_on=False)
     repeated = {t for t in source if list(source).count(t) > 1}
     for row in range(0, rows, every):
@@ -103,6 +103,31 @@ def _alignment_list(ax: Axes, heatmap: Axes, average: np.ndarray, source: Sequen
         ax.text(0.0, row, f"{_label(target[row])}  ←  {_label(source[col])}{where}   {average[row, col]:.2f}",
                 fontsize=fontsize, va="center", transform=beside, clip_on=False)
 
+
+def _colorbar_text(length: float, fontsize: float) -> tuple[str, list[float]]:
+    """The colorbar's label and ticks for a bar `length` inches long. Along the bar the constrained layout
+    leaves text alone, so a label longer than the bar ran into the panels above and below it (short texts):
+    the label is the longest wording that fits in three lines, and a short bar gets fewer ticks."""
+    per_line = max(6, int(length * 72 / (fontsize * 0.62)))
+    for wording in COLORBAR_LABELS:
+        lines = textwrap.wrap(wording, per_line, break_long_words=False, break_on_hyphens=False)
+        if len(lines) <= 3 and max(map(len, lines)) <= per_line:
+            break
+    ticks = COLORBAR_TICKS if length * 72 >= len(COLORBAR_TICKS) * fontsize * 1.6 else COLORBAR_FEW_TICKS
+    return "\n".join(lines), ticks
+
+
+COLORBAR_LABELS = (
+    # No-break spaces keep "(√ scale)" together when a label wraps.
+    "attention weight, every panel (square-root\u00a0scale)",
+    "attention weight (square-root\u00a0scale)",
+    "weight (√\u00a0scale)",
+    "weight",
+)
+COLORBAR_SHRINK = 0.8  # the bar's length, a fraction of the average panel's height
+COLORBAR_TICKS = [0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0]
+COLORBAR_FEW_TICKS = [0, 0.1, 0.4, 1.0]  # evenly spaced on the square-root scale
+LEGEND_HEADING = "target  ←  most attended source"
 
 # Tokens are data, not markup: "$" in a token must not switch matplotlib into mathtext.
 STYLE = {"text.parse_math": False, "font.family": "DejaVu Sans"}
@@ -156,7 +181,8 @@ def cross_attention_figure(source_tokens: Sequence[str], target_tokens: Sequence
     grid_w = n_heads * (panel_w + 0.25) + small_label + 1.0
     grid_h = n_layers * (panel_h + 0.35) + small_label + 0.2
     top_h = big_h + big_label + 0.8
-    legend_w = (longest_label * 2 + 12) * big_font * 0.6 / 72
+    # The bold heading is wider per character than the lines below it (wider than they are for short tokens).
+    legend_w = max((longest_label * 2 + 12) * 0.6, len(LEGEND_HEADING) * 0.68) * big_font / 72 + 0.1
     width = max(big_w + big_label + legend_w + 1.6, grid_w, 8.0)
     title_lines = len(textwrap.wrap(title, width=max(40, int(width * 72 / (12 * 0.6))))) if title else 0
     height = top_h + grid_h + 0.25 * title_lines + 0.2
@@ -184,8 +210,9 @@ def cross_attention_figure(source_tokens: Sequence[str], target_tokens: Sequence
                      pad=8)
         ax.set_xlabel("source", fontsize=big_font)
         ax.set_ylabel("target", fontsize=big_font)
-        colorbar = top.colorbar(image, ax=ax, shrink=0.8, aspect=30, ticks=[0, 0.05, 0.2, 0.4, 0.6, 0.8, 1.0])
-        colorbar.set_label("attention weight, every panel (square-root scale)", fontsize=big_font)
+        label, ticks = _colorbar_text(COLORBAR_SHRINK * big_h, big_font)
+        colorbar = top.colorbar(image, ax=ax, shrink=COLORBAR_SHRINK, aspect=30, ticks=ticks)
+        colorbar.set_label(label, fontsize=big_font)
         colorbar.ax.tick_params(labelsize=big_font - 1)
 
         if n_layers and n_heads:

@@ -1005,6 +1005,7 @@ class Engine:
             on_token=on_token,
             on_done=on_done,
             is_abandoned=is_abandoned,
+            max_positions=self.model.description["architecture"].get("max_positions"),
         )
 
     @property

@@ -531,9 +531,13 @@ class GreedyStream:
         on_token: Callable[[object, int], object] | None = None,
         on_done: Callable[[object, Hypothesis], object] | None = None,
         is_abandoned: Callable[[object], bool] | None = None,
+        max_positions: int | None = None,
     ) -> None:
         self.backend = backend
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        # The model's position table. A done row is decoded along until compaction; in a stream that rows keep
+        # joining, it could be carried past the table (INTERNAL for every row of the batch): it leaves first.
+        self.max_positions = max_positions
         self.length_penalty = float(length_penalty)
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
         self.state: object | None = None
@@ -541,6 +545,7 @@ class GreedyStream:
         self.running = np.zeros(0, dtype=bool)  # rows still decoding (done rows wait for compaction)
         self.tokens = np.zeros(0, dtype=np.int64)  # the token each row feeds next
         self.steps = np.zeros(0, dtype=np.int64)  # steps each row has taken
+        self.positions = np.zeros(0, dtype=np.int64)  # the position each row of the state is fed next
         self.max_lengths = np.zeros(0, dtype=np.int64)
         self.log_probs = np.zeros(0, dtype=np.float64)
         self.generated: list[list[int]] = []
@@ -568,6 +573,7 @@ class GreedyStream:
         self.running = np.concatenate([self.running, np.ones(count, dtype=bool)])
         self.tokens = np.concatenate([self.tokens, np.full(count, self.bos_id, dtype=np.int64)])
         self.steps = np.concatenate([self.steps, np.zeros(count, dtype=np.int64)])
+        self.positions = np.concatenate([self.positions, np.zeros(count, dtype=np.int64)])
         self.max_lengths = np.concatenate([self.max_lengths, np.asarray(max_lengths, dtype=np.int64)])
         self.log_probs = np.concatenate([self.log_probs, np.zeros(count)])
         self.generated += [[] for _ in range(count)]
@@ -589,6 +595,7 @@ class GreedyStream:
         live = np.flatnonzero(self.running)
         self.log_probs[live] += log_probs[live, chosen[live]]
         self.steps[live] += 1
+        self.positions += 1
         is_eos = chosen == self.eos_id
         for row in live.tolist():
             if not is_eos[row]:
@@ -611,15 +618,19 @@ class GreedyStream:
         self.tokens = chosen
 
     def _compact(self) -> None:
-        """Drop the rows that left once enough have (as greedy ``search`` does), or all when none runs."""
+        """Drop the rows that left once enough have (as greedy ``search`` does), or all when none runs, or
+        before a row that left would be fed a position past the model's."""
         rows = len(self.keys)
         left = rows - self.size
-        if left == 0 or (self.size and left < GREEDY_COMPACT_FRACTION * rows):
+        at_the_end = self.max_positions is not None and bool(
+            (~self.running & (self.positions >= self.max_positions)).any()
+        )
+        if left == 0 or (self.size and left < GREEDY_COMPACT_FRACTION * rows and not at_the_end):
             return
         kept = np.flatnonzero(self.running)
         self.keys = [self.keys[row] for row in kept.tolist()]
         self.generated = [self.generated[row] for row in kept.tolist()]
-        for name in ("running", "tokens", "steps", "max_lengths", "log_probs"):
+        for name in ("running", "tokens", "steps", "positions", "max_lengths", "log_probs"):
             setattr(self, name, getattr(self, name)[kept])
         self.state = self.backend.select(self.state, kept) if kept.size else None
 

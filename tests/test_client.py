@@ -144,6 +144,28 @@ def test_png_alignment_list_sits_level_with_the_heatmap_rows(length: int) -> Non
         assert abs(y - heatmap.transData.transform((0, row))[1]) < 1.0, (row, text.get_text())
 
 
+@pytest.mark.parametrize("length", [2, 3, 5, 7, 40])
+def test_png_text_stays_clear_of_the_panels_for_short_and_long_texts(length: int) -> None:
+    """The colorbar's label stays within the bar's length (on texts of 2-5 tokens it ran into the titles
+    above and below it) and the alignment list's heading within the picture (it was clipped at the right)."""
+    from service.attention_plot import LEGEND_HEADING, cross_attention_figure
+
+    source = [f"w{i}" for i in range(length - 1)] + ["</s>"]
+    target = [f"p{i}" for i in range(length - 1)] + ["</s>"]
+    weights = alignment_attention(length, length, 3, 4, list(range(length)))
+    figure = cross_attention_figure(source, target, weights, [0, 1, 2], [0, 1, 2, 3], title="a → b")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    bar = next(ax for ax in figure.get_axes() if ax.get_label() == "<colorbar>")
+    label = bar.yaxis.label.get_window_extent(renderer)
+    extent = bar.get_window_extent(renderer)
+    assert extent.y0 - 1 <= label.y0 and label.y1 <= extent.y1 + 1, (label, extent)
+    heading = next(t for ax in figure.get_axes() for t in ax.texts if t.get_text() == LEGEND_HEADING)
+    assert heading.get_window_extent(renderer).x1 <= figure.bbox.x1, "the heading runs off the picture"
+    titles = [ax.title.get_window_extent(renderer) for ax in figure.get_axes() if ax.get_title()]
+    assert not any(label.overlaps(title) for title in titles)
+
+
 def test_png_survives_hostile_tokens_and_a_subset_of_heads(tmp_path: Path) -> None:
     target = ["<unk>", "$", "</s>"]
     weights = alignment_attention(len(target), len(HOSTILE), 1, 2, [0, 6, 8])

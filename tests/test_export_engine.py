@@ -26,7 +26,8 @@ from service.repository import (
     select_inputs,
     select_outputs,
 )
-from tests.conftest import ROOT, WORDS
+from service.search import Hypothesis
+from tests.conftest import DEFAULT_REPOSITORY, ROOT, WORDS
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
@@ -168,6 +169,29 @@ def test_a_row_joining_a_running_batch_decodes_as_alone(tiny_checkpoint: Path, t
         past_key = np.stack([out[f"present_self_key.{i}"] for i in range(layers)])
         past_value = np.stack([out[f"present_self_value.{i}"] for i in range(layers)])
         positions = positions + 1
+
+
+def test_a_stream_never_feeds_a_done_row_past_the_position_table() -> None:
+    """Iteration-level batching: a done row stays in the running batch until enough rows are done; rows that
+    joined later kept it there until its position passed the model's 512 (onnxruntime's Gather then failed
+    the whole batch: INTERNAL for 20 rows in the probe that found it). Row A runs 300 steps; four rows join
+    at step 250 and run 300 more, so A, done at 300 (1 of 5 done: no compaction), would reach 550."""
+    engine = Engine.load(DEFAULT_REPOSITORY, "toy-en-es", threads=1, lanes=1)
+    assert engine.model.description["architecture"]["max_positions"] == 512
+    source = engine.vocabulary.encode_source("and " * 60).ids  # never ends with </s>: rows run to their max
+    done: dict[object, Hypothesis] = {}
+    stream = engine.stream(TranslateOptions(), on_done=lambda key, found: done.setdefault(key, found))
+    try:
+        stream.add(["A"], [source], [300])
+        for _ in range(250):
+            stream.step()
+        stream.add(["B", "C", "D", "E"], [source] * 4, [300] * 4)
+        while stream.size:
+            stream.step()
+    finally:
+        stream.close()
+    assert sorted(done) == ["A", "B", "C", "D", "E"]
+    assert all(len(hypothesis.tokens) == 300 and not hypothesis.finished for hypothesis in done.values())
 
 
 def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> None:

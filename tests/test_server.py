@@ -909,13 +909,14 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_repository: Path) 
 
 def test_health_watch_and_list_follow_loading_and_shutdown(tiny_repository: Path) -> None:
     """What an orchestrator watching grpc.health.v1 sees: NOT_SERVING while the model loads, SERVING once it
-    is warm, NOT_SERVING as soon as shutdown begins (before the in-flight calls are done)."""
+    is warm, NOT_SERVING as soon as shutdown begins (before the in-flight calls are done); then the watch
+    ends, so that it does not hold the server for the grace period (it did: 30 s with the default)."""
     server = TranslatorServer(make_config(tiny_repository))
     server.start()
     assert server.port
     client = Client(server.port)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    stopping = threading.Thread(target=server.stop, args=(2.0,))
+    stopping = threading.Thread(target=server.stop, args=(30.0,))
 
     def statuses() -> dict[str, int]:
         listed = client.health.List(health_pb2.HealthListRequest()).statuses
@@ -930,6 +931,9 @@ def test_health_watch_and_list_follow_loading_and_shutdown(tiny_repository: Path
         assert statuses() == dict.fromkeys(("", *SERVICES), serving)
         stopping.start()
         assert next(watch).status == not_serving
+        assert list(watch) == []  # ended by the server, OK
+        stopping.join(timeout=5.0)
+        assert not stopping.is_alive(), "an open health watch held the shutdown"
     finally:
         client.close()
         if stopping.ident is None:
