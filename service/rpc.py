@@ -86,12 +86,14 @@ class Runtime:
         """gRPC would fail an oversized answer with a bare error; say what to change instead."""
         self.check_bytes(response.ByteSize())
 
-    def check_bytes(self, size: int) -> None:
-        """An answer of `size` bytes (or at least that many) must fit max_message_bytes."""
+    def check_bytes(self, size: int, at_least: bool = False) -> None:
+        """An answer of `size` bytes (`at_least`: a lower bound, known before any work) must fit
+        max_message_bytes."""
         if size > self.config.max_message_bytes:
+            bound = "at least " if at_least else ""
             raise RequestFailed(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the answer would be {size} bytes, more than max_message_bytes="
+                f"the answer would be {bound}{size} bytes, more than max_message_bytes="
                 f"{self.config.max_message_bytes}; ask for fewer texts, attention kinds, layers "
                 "or heads",
             )

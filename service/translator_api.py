@@ -87,6 +87,24 @@ def attention_maps(translation: Translation, selection: AttentionSelection) -> l
     return maps
 
 
+def attention_bytes(
+    engine: Engine, selection: AttentionSelection, source_length: int, target_length: int
+) -> int:
+    """The float32 bytes of the maps `selection` asks for, for one text of these lengths (</s> included)."""
+    architecture = engine.model.architecture
+    cells = {
+        "cross": target_length * source_length,
+        "decoder_self": target_length * target_length,
+        "encoder_self": source_length * source_length,
+    }
+    total = 0
+    for kind in selection.kinds:
+        layers = architecture.n_encoder_layers if kind == "encoder_self" else architecture.n_decoder_layers
+        heads = len(selection.heads) or architecture.n_heads
+        total += (len(selection.layers) or layers) * heads * cells[kind]
+    return 4 * total
+
+
 def translation_message(result: TextResult, selection: AttentionSelection, arrival: float) -> pb.Translation:
     translation = result.translation
     return pb.Translation(
@@ -168,10 +186,21 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         def prepare(engine: Engine, limits: Limits) -> Work:
             nonlocal selection
             options, selection = parse_options(request.options, limits, engine)
-            return Work(encode_texts(engine, list(request.texts), limits), options)
+            sources = encode_texts(engine, list(request.texts), limits)
+            # Refused before any work when the maps alone, at one target token each, cannot fit: the encoder
+            # maps of 128 long texts are ~400 MB, known from the request.
+            least = sum(attention_bytes(engine, selection, len(source.ids), 1) for source in sources)
+            self.runtime.check_bytes(least, at_least=True)
+            return Work(sources, options)
 
         def build(results: list[TextResult]) -> pb.TranslateResponse:
             arrival = call.job.arrival
+            # Measured on the maps before building the message: a 1 GB answer was built (~4 GB of Python
+            # floats at the peak) only to be refused.
+            self.runtime.check_bytes(sum(
+                attention_bytes(call.engine, selection, len(t.source_tokens), len(t.target_tokens))
+                for t in (result.translation for result in results)
+            ))
             response = pb.TranslateResponse(
                 translations=[translation_message(r, selection, arrival) for r in results]
             )

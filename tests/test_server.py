@@ -811,6 +811,48 @@ def test_message_size_limits(client: Client) -> None:
     assert "max_message_bytes=300000" in failure.value.details()
 
 
+def test_oversized_maps_are_refused_before_the_answer_is_built(client: Client, tiny_repository: Path) -> None:
+    """Translate: refused from the maps' size once they are computed (the size named is the maps' alone, not
+    the built message's), and before any work when the maps cannot fit even at one target token each (the
+    encoder maps are known from the request). Before, a 1 GB answer was built, ~4 GB of memory at the peak,
+    only to be refused."""
+    kinds = [pb.CROSS, pb.DECODER_SELF, pb.ENCODER_SELF]
+    options = pb.TranslateOptions(max_length=64, attention=pb.AttentionRequest(kinds=kinds))
+    short = sentences(2, seed=5, longest=16)
+    answer = client.translator.Translate(pb.TranslateRequest(texts=short, options=options))
+    size = sum(int(np.prod(m.weights.shape)) * 4 for t in answer.translations for m in t.attention)
+    architecture = client.translator.GetModelInfo(pb.GetModelInfoRequest()).architecture
+    encoder_cells = architecture.n_encoder_layers * architecture.n_heads
+    decoder_cells = architecture.n_decoder_layers * architecture.n_heads
+    long = [" ".join(random.Random(seed).choices(WORDS, k=40)) for seed in range(8)]
+    with running(make_config(tiny_repository, max_message_bytes=size - 1, max_tokens_per_text=48)) as small:
+        assert small.port and small.metrics_port
+        other = Client(small.port)
+
+        def encoded() -> float:
+            metrics = scrape(small.metrics_port)
+            return value(metrics, "translator_compute_duration_seconds_count", stage="encode")
+
+        try:
+            with pytest.raises(grpc.RpcError) as failure:
+                other.translator.Translate(pb.TranslateRequest(texts=short, options=options), timeout=10)
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"the answer would be {size} bytes, more than" in failure.value.details()
+            one_token = pb.TranslateOptions(max_length=1)
+            plain = other.translator.Translate(pb.TranslateRequest(texts=long, options=one_token))
+            # One target token each: encoder maps S x S, cross 1 x S, decoder self 1 x 1.
+            lengths = [len(t.source_tokens) for t in plain.translations]
+            least = 4 * sum(encoder_cells * s * s + decoder_cells * (s + 1) for s in lengths)
+            before = encoded()
+            with pytest.raises(grpc.RpcError) as failure:
+                other.translator.Translate(pb.TranslateRequest(texts=long, options=options), timeout=10)
+            assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"the answer would be at least {least} bytes, more than" in failure.value.details()
+            assert encoded() == before  # nothing computed
+        finally:
+            other.close()
+
+
 def test_reflection_lists_every_service(client: Client) -> None:
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (answer,) = list(client.reflection.ServerReflectionInfo(iter([request])))
