@@ -98,6 +98,45 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in out
 
 
+def test_error_and_drop_panels_show_zero_rather_than_no_data(tmp_path: Path) -> None:
+    """On a healthy server (only OK calls, nothing dropped) the error-ratio panel has a 0 line per method and
+    the dropped-sentences panel one 0 line: they showed "No data". Real errors still show as their ratio."""
+    queries = dict(dashboard_queries("a:8002"))
+    errors = queries["Error ratio by method and code [A]"]
+    dropped = queries["Dropped sentences by reason [A]"]
+    labels = 'job="translator",instance="a:8002"'
+
+    def calls(method: str, code: str, per_15s: int) -> dict[str, str]:
+        return {"series": f'translator_requests_total{{{labels},method="{method}",code="{code}"}}',
+                "values": f"0+{per_15s}x40"}
+
+    info = {"series": f'translator_model_info{{{labels},model="{MODEL}",version="1",provider="CPU"}}',
+            "values": "1x40"}
+    healthy = {
+        "interval": "15s",
+        "input_series": [calls("Translate", "OK", 15), calls("GetModelInfo", "OK", 1), info],
+        "promql_expr_test": [
+            {"expr": errors, "eval_time": "5m", "exp_samples": [
+                {"labels": '{method="Translate"}', "value": 0},
+                {"labels": '{method="GetModelInfo"}', "value": 0},
+            ]},
+            {"expr": dropped, "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 0}]},
+        ],
+    }
+    failing = {
+        "interval": "15s",
+        "input_series": [calls("Translate", "OK", 9), calls("Translate", "INVALID_ARGUMENT", 1), info],
+        "promql_expr_test": [
+            {"expr": errors, "eval_time": "5m", "exp_samples": [
+                {"labels": '{method="Translate",code="INVALID_ARGUMENT"}', "value": 0.1},
+            ]},
+        ],
+    }
+    path = tmp_path / "panels.test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [], "tests": [healthy, failing]}))
+    assert "SUCCESS" in run(tool("promtool"), "test", "rules", path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The live stack
 # ---------------------------------------------------------------------------------------------------------
