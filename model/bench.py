@@ -17,6 +17,8 @@ import importlib
 import importlib.util
 import sys
 
+from service.cli import run_command
+
 SUBCOMMANDS = {
     "engine": ("model.bench_engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
     "load": ("service.bench_load", "load test of the running service"),
@@ -45,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     if not _available(module_name):
         parser.exit(2, f"translator-bench: '{args.command}' needs {module_name}, which is not here yet\n")
     module = importlib.import_module(module_name)
-    # Both subcommands take their own argv; their return value is for callers in Python, not an exit code.
-    module.main(args.args)
+    # Each subcommand takes its own argv; its return value is for callers in Python, not an exit code.
+    run_command(f"translator-bench {args.command}", lambda: module.main(args.args))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from service.cli import nonnegative_float, nonnegative_int, output_file, positive_int, positive_ints
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES: dict[str, str] = {
     "torch_nocache": "PyTorch eager, no cache",
@@ -482,28 +484,35 @@ def format_table(summary: dict, ratio_rows: dict, engines: list[str], batch_size
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="translator-bench engine", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="checkpoints/toy-en-es", help="translator-train checkpoint")
-    parser.add_argument("--repository", default="model_repository", help="repository of the ONNX export")
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "toy-en-es"),
+                        help="translator-train checkpoint")
+    parser.add_argument("--repository", default=str(ROOT / "model_repository"),
+                        help="repository of the ONNX export")
     parser.add_argument("--model", default="toy-en-es", help="model name in the repository")
-    parser.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
-    parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated (default 1,8,32,128)")
-    parser.add_argument("--sentences", type=int, default=512, help="test-split sentences per batch size")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every engine")
+    parser.add_argument("--version", type=positive_int, default=None,
+                        help="model version (default: the latest)")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 32, 128],
+                        help="comma-separated (default 1,8,32,128)")
+    parser.add_argument("--sentences", type=positive_int, default=512,
+                        help="test-split sentences per batch size")
+    parser.add_argument("--threads", type=positive_int, default=2, help="intra-op threads for every engine")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where every engine runs (cuda: onnxruntime's CUDA provider, PyTorch and "
                              "CTranslate2 on the GPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
-    parser.add_argument("--min-seconds", type=float, default=3.0, help="least time per measurement")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="interleaved rounds; the median is reported")
+    parser.add_argument("--min-seconds", type=nonnegative_float, default=3.0,
+                        help="least time per measurement")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
     parser.add_argument("--no-int8", action="store_true", help="leave out the CTranslate2 int8 row")
-    parser.add_argument("--max-mismatches", type=int, default=0,
+    parser.add_argument("--max-mismatches", type=nonnegative_int, default=0,
                         help="sentences an engine may translate differently from ours before timing "
                              "is refused")
     parser.add_argument("--ct2-dir", default=None, help="where to write the CTranslate2 conversion "
                                                         "(default: a temporary folder)")
-    parser.add_argument("--json", default=None, help="write every figure and the machine description here")
+    parser.add_argument("--json", type=output_file, default=None,
+                        help="write every figure and the machine description here")
     args = parser.parse_args(argv)
-    args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.no_int8:
         args.engines = [e for e in args.engines if e != "ct2_int8"]
@@ -513,8 +522,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if REFERENCE not in args.engines:
         parser.error(f"'{REFERENCE}' is the reference of the parity check and the ratios: keep it in "
                      "--engines")
-    if not args.batch_sizes or min(args.batch_sizes) < 1 or args.sentences < 1 or args.rounds < 1:
-        parser.error("batch sizes, --sentences and --rounds must be positive")
     return args
 
 

@@ -16,6 +16,7 @@ import torch
 from model.data import Example, read_tsv, toy_split
 from model.decoding import translate_ids
 from model.transformer import Transformer
+from service.cli import finite_float, input_file, output_file, positive_int, run_command
 from service.search import Hypothesis
 from service.vocabulary import Vocabulary
 
@@ -128,6 +129,10 @@ def load_examples(split: str, tsv: str | None, seed: int | None, limit: int | No
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_command("translator-eval", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
     from model.train import load_model
 
     parser = argparse.ArgumentParser(prog="translator-eval", description=__doc__.splitlines()[0])
@@ -136,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--split", default="test", choices=["train", "valid", "test", "long"])
     parser.add_argument("--seed", type=int, help="sample the split from this seed instead of its own")
-    parser.add_argument("--tsv", help="evaluate on this `source<TAB>target` file instead of a toy split")
-    parser.add_argument("--limit", type=int, help="evaluate on the first N pairs only")
-    parser.add_argument("--beam-size", type=int, default=1)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
-    parser.add_argument("--aer-limit", type=int, default=300, help="pairs used for the alignment error rate")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--tsv", type=input_file,
+                        help="evaluate on this `source<TAB>target` file instead of a toy split")
+    parser.add_argument("--limit", type=positive_int, help="evaluate on the first N pairs only")
+    parser.add_argument("--beam-size", type=positive_int, default=1)
+    parser.add_argument("--length-penalty", type=finite_float, default=1.0)
+    parser.add_argument("--aer-limit", type=positive_int, default=300,
+                        help="pairs used for the alignment error rate")
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--json", type=output_file, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from model.transformer import Transformer
+from service.cli import positive_int, run_command
 from service.repository import (
     ENCODER_INPUTS,
     GRAPH_FILES,
@@ -252,12 +254,23 @@ def export_checkpoint(
     return out_dir
 
 
+def model_name(text: str) -> str:
+    """A model's folder name in the repository: one path component (no separator, not '.' or '..')."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"a model name is one folder name, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
+    run_command("translator-export", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="translator-export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/default")
     parser.add_argument("--repository", default="model_repository")
-    parser.add_argument("--name", default="toy-en-es")
-    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--name", type=model_name, default="toy-en-es")
+    parser.add_argument("--version", type=positive_int, default=1)
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME=PATH",
                         help="evaluation results (translator-eval --json) to record in model.json under NAME")
     args = parser.parse_args(argv)
@@ -266,7 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         name, _, path = item.partition("=")
         if not path:
             parser.error(f"--metrics expects NAME=PATH, got {item!r}")
-        metrics[name] = json.loads(Path(path).read_text())
+        try:
+            metrics[name] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--metrics {name}={path}: {error}") from error
+    target = Path(args.repository) / args.name / str(args.version)
+    if target.exists():
+        print(f"translator-export: replacing {target}", file=sys.stderr)
     export_checkpoint(args.checkpoint, args.repository, args.name, args.version, metrics)
 
 

@@ -28,6 +28,7 @@ from model.data import Example, encode_examples, read_tsv, token_batches, toy_sp
 from model.evaluate import corpus_scores, translate_texts
 from model.tokenizer import build_bpe, build_word_level
 from model.transformer import Transformer, TransformerConfig
+from service.cli import run_command
 from service.vocabulary import Vocabulary
 
 
@@ -60,6 +61,30 @@ class TrainConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     out_dir: str = "runs/default"
 
+    def problems(self) -> list[str]:
+        """What is out of range, as flag names: refused before any work (a valid-size of 0 crashed after an
+        epoch of training, an epoch count of 0 ended "done" with no checkpoint)."""
+        at_least_one = ("train_size", "valid_size", "bpe_vocab_size", "d_model", "n_heads",
+                        "n_encoder_layers", "n_decoder_layers", "d_ff", "max_tokens", "warmup_steps",
+                        "epochs", "threads")
+        found = [f"--{name.replace('_', '-')} must be at least 1" for name in at_least_one
+                 if getattr(self, name) < 1]
+        if self.d_model >= 1 and self.n_heads >= 1 and self.d_model % self.n_heads:
+            found.append(f"--d-model ({self.d_model}) must be a multiple of --n-heads ({self.n_heads})")
+        for name, low, high in (("dropout", 0.0, 1.0), ("label_smoothing", 0.0, 1.0)):
+            if not low <= getattr(self, name) < high:
+                found.append(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g})")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            found.append("--betas must be in [0, 1)")
+        for name in ("learning_rate", "clip_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                found.append(f"--{name.replace('_', '-')} must be a finite number above 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            found.append("--weight-decay must be a finite number of at least 0")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            found.append("--max-minutes must be a finite number above 0")
+        return found
+
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
         values = json.loads(Path(path).read_text())
@@ -83,7 +108,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
     args = parser.parse_args(argv)
-    config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    try:
+        config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"--config {args.config}: {error}")
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
@@ -91,7 +119,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     }
     if "betas" in overrides:
         overrides["betas"] = tuple(overrides["betas"])
-    return dataclasses.replace(config, **overrides), args.resume
+    config = dataclasses.replace(config, **overrides)
+    if problems := config.problems():
+        parser.error("; ".join(problems))
+    return config, args.resume
 
 
 def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
@@ -138,16 +169,30 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, param_groups: l
 
 
 def load_model(checkpoint: str | Path) -> tuple[Transformer, Vocabulary, dict]:
-    """Best weights of a checkpoint folder, in eval mode."""
+    """Best weights of a checkpoint folder, in eval mode. A folder that is not a checkpoint, or a file of it
+    that is missing or unreadable, raises ValueError naming the file."""
     folder = Path(checkpoint)
-    meta = json.loads((folder / "config.json").read_text())
-    model = Transformer(TransformerConfig.from_dict(meta["model"]))
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such checkpoint folder (translator-train writes one)")
+    try:
+        meta = json.loads(config.read_text())
+        model = Transformer(TransformerConfig.from_dict(meta["model"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config}: not a translator-train checkpoint config ({error!r})") from error
+    try:
+        model.load_state_dict(load_file(weights))
+    except Exception as error:  # safetensors' own error type for a truncated or foreign file
+        raise ValueError(f"{weights}: cannot load the weights ({error})") from error
     model.eval()
     return model, Vocabulary.from_file(folder / "tokenizer.json"), meta
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_command("translator-train", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> None:
     config, resume = parse_config(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import math
 import os
@@ -52,6 +53,16 @@ from service import event_loop
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.attention_kinds import KIND_ENUMS
+from service.cli import (
+    absolute_path,
+    finite_float,
+    input_file,
+    nonnegative_float,
+    output_file,
+    positive_float,
+    positive_int,
+    server_address,
+)
 from service.config import ROOT, ServerConfig
 
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "test_sentences.txt"
@@ -138,10 +149,13 @@ def parse_batching(spec: str) -> list[Setting]:
 
 
 def parse_numbers(text: str, kind: type = int) -> list[Any]:
-    values = [kind(v) for v in text.replace(" ", "").split(",") if v]
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}")
-    return values
+    """'1,8,64' -> [1, 8, 64]: positive (finite) numbers separated by commas, none empty."""
+    parse = positive_int if kind is int else positive_float
+    try:
+        return [parse(part) for part in text.replace(" ", "").split(",")]
+    except argparse.ArgumentTypeError:
+        expected = "positive numbers separated by commas"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
 def read_sentences(path: Path) -> list[str]:
@@ -377,7 +391,7 @@ def scrape(metrics: str | None, timeout: float = 5.0) -> dict[tuple[str, tuple],
     try:
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=timeout) as answer:
             text = answer.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # down, or not an HTTP endpoint (a gRPC port given)
         return None
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -1321,9 +1335,16 @@ def build_parser() -> argparse.ArgumentParser:
         "  translator-bench load --server localhost:8001 --rate 50,100 --arrivals uniform --attention cross",
     )
     target = parser.add_argument_group("target")
-    target.add_argument("--server", metavar="HOST:PORT", help="drive this running server (default: spawn)")
-    target.add_argument("--metrics", metavar="HOST:PORT", help="its /metrics endpoint (mean batch size)")
-    target.add_argument("--server-pid", type=int, help="its process id (RSS and CPU from /proc)")
+    target.add_argument(
+        "--server",
+        type=server_address,
+        metavar="HOST:PORT",
+        help="drive this running server (default: spawn)",
+    )
+    target.add_argument(
+        "--metrics", type=server_address, metavar="HOST:PORT", help="its /metrics endpoint (mean batch size)"
+    )
+    target.add_argument("--server-pid", type=positive_int, help="its process id (RSS and CPU from /proc)")
     target.add_argument(
         "--spawn",
         action="store_true",
@@ -1334,21 +1355,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"spawned servers: 'name:key=value,...;...' (default: "
         f"{DEFAULT_BATCHING!r}; soak: {SOAK_BATCHING!r})",
     )
-    target.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, metavar="PATH")
+    # Resolved here: spawned servers run in the project folder, not the caller's.
+    target.add_argument("--model-repository", type=absolute_path, default=DEFAULT_REPOSITORY, metavar="PATH")
     target.add_argument("--model", default=DEFAULT_MODEL)
     target.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     target.add_argument(
         "--server-threads",
-        type=int,
+        type=positive_int,
         help="onnxruntime threads of spawned servers and the engine baseline (default: one per core)",
     )
     target.add_argument(
         "--server-lanes",
-        type=int,
+        type=positive_int,
         help="decoding lanes of spawned servers and the engine baseline (default: the server's)",
     )
     target.add_argument(
-        "--log-dir", type=Path, help="where spawned servers write their logs (default: a temporary folder)"
+        "--log-dir",
+        type=absolute_path,
+        help="where spawned servers write their logs (default: a temporary folder)",
     )
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -1362,48 +1386,50 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
     load.add_argument(
         "--duration",
-        type=float,
+        type=finite_float,
         help="seconds measured per point (default 10); the soak's length (default 120)",
     )
     load.add_argument(
-        "--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)"
+        "--warmup", type=finite_float, default=2.0, help="seconds of load before measuring (default 2)"
     )
-    load.add_argument("--timeout-s", type=float, default=30.0, help="deadline of each call (default 30)")
     load.add_argument(
-        "--max-requests", type=int, default=2_000_000, help="at most this many requests per point"
+        "--timeout-s", type=finite_float, default=30.0, help="deadline of each call (default 30)"
+    )
+    load.add_argument(
+        "--max-requests", type=positive_int, default=2_000_000, help="at most this many requests per point"
     )
     load.add_argument(
         "--max-inflight",
-        type=int,
+        type=positive_int,
         default=4096,
         help="open loop: past this many outstanding calls an arrival is a CLIENT_OVERLOAD (default 4096)",
     )
-    load.add_argument("--channels", type=int, help="gRPC connections (default: min(clients, 16))")
+    load.add_argument("--channels", type=positive_int, help="gRPC connections (default: min(clients, 16))")
     load.add_argument(
         "--sentences",
-        type=Path,
+        type=input_file,
         default=DEFAULT_SENTENCES,
         help="one source sentence a line (default: 1000 toy test-split sentences)",
     )
-    load.add_argument("--texts-per-request", type=int, default=1)
+    load.add_argument("--texts-per-request", type=positive_int, default=1)
     load.add_argument(
         "--attention",
         type=lambda t: [k for k in t.split(",") if k],
         help="attention maps to ask for: cross,decoder_self,encoder_self",
     )
-    load.add_argument("--beam-size", type=int)
-    load.add_argument("--max-length", type=int)
+    load.add_argument("--beam-size", type=positive_int)
+    load.add_argument("--max-length", type=positive_int)
     load.add_argument("--seed", type=int, default=0)
     modes = parser.add_argument_group("modes")
     modes.add_argument(
         "--report",
-        type=Path,
+        type=output_file,
         metavar="JSON",
         help="the batching report (spawns the servers; "
         "adds the engine baseline and the half-saturation latency)",
     )
     modes.add_argument(
-        "--engine-seconds", type=float, default=3.0, help="report: seconds per engine batch size"
+        "--engine-seconds", type=nonnegative_float, default=3.0, help="report: seconds per engine batch size"
     )
     modes.add_argument("--no-engine", action="store_true", help="report: skip the engine baseline")
     modes.add_argument(
@@ -1411,13 +1437,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run at --target-fraction of saturation for --duration seconds; exit status 1 on any error",
     )
-    modes.add_argument("--target-fraction", type=float, default=0.7)
-    modes.add_argument("--saturation-s", type=float, default=5.0, help="soak: seconds to measure saturation")
-    modes.add_argument("--window", type=float, default=10.0, help="soak: seconds per reported window")
-    modes.add_argument("--rss-interval", type=float, default=1.0, help="soak: seconds between RSS samples")
+    modes.add_argument("--target-fraction", type=finite_float, default=0.7)
+    modes.add_argument(
+        "--saturation-s", type=finite_float, default=5.0, help="soak: seconds to measure saturation"
+    )
+    modes.add_argument("--window", type=finite_float, default=10.0, help="soak: seconds per reported window")
+    modes.add_argument(
+        "--rss-interval", type=positive_float, default=1.0, help="soak: seconds between RSS samples"
+    )
     output = parser.add_argument_group("output")
-    output.add_argument("--json", type=Path, help="write the results here")
-    output.add_argument("--plot", type=Path, help="write a PNG here")
+    output.add_argument("--json", type=output_file, help="write the results here")
+    output.add_argument("--plot", type=output_file, help="write a PNG here")
     parser.add_argument("--engine-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-sizes", type=parse_numbers, help=argparse.SUPPRESS)
     return parser

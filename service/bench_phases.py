@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from service.bench_load import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SENTENCES, read_sentences
+from service.cli import input_file, output_file, positive_int, positive_ints
 from service.engine import Engine, TranslateOptions
 
 PHASES = ("encode", "step", "select")
@@ -107,19 +108,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads (CPU: one lane each)")
-    parser.add_argument("--lanes", type=int, help="decoding lanes (default: one per thread on CPU, 1 on GPU)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="onnxruntime threads (CPU: one lane each)")
+    parser.add_argument("--lanes", type=positive_int,
+                        help="decoding lanes (default: one per thread on CPU, 1 on GPU)")
     parser.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
                         help="caches kept as device values between steps (auto: on for CUDA)")
-    parser.add_argument("--batch-sizes", default="1,32,128,512", help="comma-separated")
-    parser.add_argument("--sentences", type=int, default=512, help="sentences timed per batch size (batch "
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32, 128, 512],
+                        help="comma-separated")
+    parser.add_argument("--sentences", type=positive_int, default=512,
+                        help="sentences timed per batch size (batch "
                         "1: an eighth of them)")
-    parser.add_argument("--sentence-file", type=Path, default=DEFAULT_SENTENCES)
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--sentence-file", type=input_file, default=DEFAULT_SENTENCES)
+    parser.add_argument("--json", type=output_file, help="write the figures here")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
-    if not sizes or min(sizes) < 1 or args.sentences < 1:
-        parser.error("batch sizes and --sentences must be positive")
+    sizes = args.batch_sizes
     io_binding = {"auto": None, "on": True, "off": False}[args.io_binding]
     engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.threads,
                          io_binding=io_binding, lanes=args.lanes)

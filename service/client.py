@@ -30,6 +30,7 @@ import numpy as np
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.attention_kinds import KIND_ENUMS, KIND_NAMES
+from service.cli import output_file, positive_float, server_address
 
 DEFAULT_SERVER = "localhost:8001"
 SERVER_ENV = "TRANSLATOR_SERVER"
@@ -280,21 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Translate English texts with a translator server. Texts come from the arguments, or one "
                     "per line from stdin when none are given.")
     parser.add_argument("texts", nargs="*", help="texts to translate (default: read stdin, one per line)")
-    parser.add_argument("--server", default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+    parser.add_argument("--server", type=server_address, default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
                         help=f"host:port of the server (default: ${SERVER_ENV} or {DEFAULT_SERVER})")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
     parser.add_argument("--root-certificates", type=Path,
                         help="PEM file of root certificates (implies --tls)")
-    parser.add_argument("--timeout", type=float, help="deadline of each call, in seconds")
+    parser.add_argument("--timeout", type=positive_float, help="deadline of each call, in seconds")
     parser.add_argument("--beam-size", type=int, help="number of beams (1: greedy; default: the server's)")
     parser.add_argument("--max-length", type=int, help="most decoding steps (default: the server's)")
     parser.add_argument("--length-penalty", type=float, help="length penalty alpha (default: the server's)")
     parser.add_argument("--replace-unknowns", action="store_true",
                         help="replace <unk> in the output with the source word it attends to most")
-    parser.add_argument("--attention", type=Path, metavar="MAPS.png",
+    parser.add_argument("--attention", type=output_file, metavar="MAPS.png",
                         help="render cross-attention heatmaps to this PNG (one file per text when there are "
                              "several: MAPS-1.png, MAPS-2.png, ...)")
-    parser.add_argument("--html", type=Path, metavar="VIEW.html",
+    parser.add_argument("--html", type=output_file, metavar="VIEW.html",
                         help="write an offline attention explorer page (all attention kinds, all texts)")
     parser.add_argument("--layers", type=_indices, default=[], help="attention layers to keep, e.g. 0,2")
     parser.add_argument("--heads", type=_indices, default=[], help="attention heads to keep, e.g. 0,1")

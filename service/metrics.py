@@ -165,7 +165,10 @@ class ServerMetrics:
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics; returns the bound port (useful with port 0)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:  # say which of the two ports it is
+            raise OSError(error.errno, f"metrics port {host}:{port}: {error.strerror}") from error
         self._http, self._http_thread = server, thread
         return int(server.server_port)
 
