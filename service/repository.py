@@ -124,7 +124,9 @@ def available_versions(repository: Path, name: str) -> list[int]:
         raise ModelLoadError(
             f"{folder}: no such model in repository {repository} (models there: {known or 'none'})"
         )
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+    versions = (p.name for p in folder.iterdir() if p.is_dir())
+    return sorted(int(name) for name in versions if name.isascii() and name.isdigit())
 
 
 def sha256(path: Path) -> str:

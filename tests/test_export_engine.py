@@ -343,6 +343,15 @@ def test_unknown_model_and_version_are_named(tiny_repository: Path) -> None:
         Engine.load(tiny_repository, "tiny", version=7)
 
 
+def test_non_ascii_digit_folders_are_not_versions(tiny_repository: Path, tmp_path: Path) -> None:
+    """'²' passes str.isdigit() but not int(): such a folder was a crash at start-up, naming no file."""
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository, repository)
+    (repository / "tiny" / "\u00b2").mkdir()
+    (repository / "tiny" / "draft").mkdir()
+    assert resolve(repository, "tiny").version == 1
+
+
 ALL_MAPS = ("cross_attention", "decoder_self_attention", "encoder_attention")
 
 
