@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,12 +29,16 @@ from service.api.inference import grpc_service_pb2_grpc as pb_grpc
 from service.batcher import TextResult
 from service.engine import Engine
 from service.errors import RequestFailed, invalid
+from service.repository import available_versions
 from service.requests import Limits, encode_texts, make_options, repeated_values
 from service.rpc import Runtime, Work, submit_job, tracked
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "translator"
 PLATFORM = "onnxruntime_onnx"
+# Triton's names of the protocol extensions served (ModelConfig, ModelStatistics; RepositoryIndex alone is not
+# the whole "model_repository" extension, which also loads and unloads models).
+EXTENSIONS = ["model_configuration", "statistics"]
 
 INPUT_TEXT = "TEXT"
 OUTPUT_TRANSLATION = "TRANSLATION"
@@ -83,6 +88,26 @@ def deserialize_bytes(buffer: bytes, where: str) -> list[bytes]:
         elements.append(bytes(buffer[offset : offset + length]))
         offset += length
     return elements
+
+
+TensorSpec = tuple[str, str, list[int]]  # name, datatype, shape
+
+
+def model_tensors(engine: Engine) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(inputs, outputs) as (name, datatype, shape): what ModelMetadata and ModelConfig describe."""
+    architecture = engine.model.architecture
+    inputs = [(INPUT_TEXT, "BYTES", [-1])]
+    outputs = [
+        (OUTPUT_TRANSLATION, "BYTES", [-1]),
+        (OUTPUT_CROSS_ATTENTION, "FP32", [-1, architecture.n_decoder_layers, architecture.n_heads, -1, -1]),
+        (OUTPUT_SOURCE_LENGTH, "INT32", [-1]),
+        (OUTPUT_TARGET_LENGTH, "INT32", [-1]),
+    ]
+    return inputs, outputs
+
+
+# model_config.proto's names of the protocol's datatypes (BYTES is its TYPE_STRING).
+CONFIG_DATATYPES = {"BYTES": pb.TYPE_STRING, "FP32": pb.TYPE_FP32, "INT32": pb.TYPE_INT32}
 
 
 def _tensor_metadata(name: str, datatype: str, shape: list[int]) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -149,30 +174,120 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     @tracked("ModelMetadata")
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         engine = self._model(request.name, request.version)
-        architecture = engine.model.architecture
+        inputs, outputs = model_tensors(engine)
         return pb.ModelMetadataResponse(
             name=engine.model.name,
             versions=[str(engine.model.version)],
             platform=PLATFORM,
-            inputs=[_tensor_metadata(INPUT_TEXT, "BYTES", [-1])],
-            outputs=[
-                _tensor_metadata(OUTPUT_TRANSLATION, "BYTES", [-1]),
-                _tensor_metadata(
-                    OUTPUT_CROSS_ATTENTION,
-                    "FP32",
-                    [-1, architecture.n_decoder_layers, architecture.n_heads, -1, -1],
-                ),
-                _tensor_metadata(OUTPUT_SOURCE_LENGTH, "INT32", [-1]),
-                _tensor_metadata(OUTPUT_TARGET_LENGTH, "INT32", [-1]),
-            ],
+            inputs=[_tensor_metadata(*tensor) for tensor in inputs],
+            outputs=[_tensor_metadata(*tensor) for tensor in outputs],
         )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Triton's extensions: model configuration, statistics, repository index
+    # ----------------------------------------------------------------------------------------------------
+
+    @tracked("ModelConfig")
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        engine = self._model(request.name, request.version)
+        _, _, limits = self.runtime.serving()
+        config = self.runtime.config
+        inputs, outputs = model_tensors(engine)
+        settings = {
+            "max_texts_per_request": limits.max_texts_per_request,
+            "max_tokens_per_text": limits.max_tokens_per_text,
+            "max_beam_size": limits.max_beam_size,
+            "max_length": limits.max_length,
+            "max_batch_tokens": config.max_batch_tokens,
+            "execution_provider": engine.provider,
+            "request_parameters": ",".join(PARAMETERS),
+        }
+        return pb.ModelConfigResponse(
+            config=pb.ModelConfig(
+                name=engine.model.name,
+                platform=PLATFORM,
+                backend="onnxruntime",
+                max_batch_size=0,  # TEXT carries the batch: one request's texts are its first dimension
+                input=[pb.ModelInput(name=n, data_type=CONFIG_DATATYPES[t], dims=s) for n, t, s in inputs],
+                output=[pb.ModelOutput(name=n, data_type=CONFIG_DATATYPES[t], dims=s) for n, t, s in outputs],
+                dynamic_batching=pb.ModelDynamicBatching(
+                    preferred_batch_size=[config.max_batch_size],
+                    max_queue_delay_microseconds=round(config.max_queue_delay_ms * 1000),
+                    preserve_ordering=False,  # each request is answered when its texts are done
+                ),
+                parameters={k: pb.ModelParameter(string_value=str(v)) for k, v in settings.items()},
+            )
+        )
+
+    @tracked("ModelStatistics")
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        engine, _, _ = self.runtime.serving()
+        if request.name or request.version:
+            self._check_model(engine, request.name or engine.model.name, request.version)
+        stats = self.runtime.metrics.inference_statistics()
+
+        def duration(pair: tuple[int, int]) -> pb.StatisticDuration:
+            return pb.StatisticDuration(count=pair[0], ns=pair[1])
+
+        return pb.ModelStatisticsResponse(
+            model_stats=[
+                pb.ModelStatistics(
+                    name=engine.model.name,
+                    version=str(engine.model.version),
+                    last_inference=stats.last_inference_ms,
+                    inference_count=stats.inference_count,
+                    execution_count=stats.execution_count,
+                    inference_stats=pb.InferStatistics(
+                        success=duration(stats.success),
+                        fail=duration(stats.fail),
+                        queue=duration(stats.queue),
+                        compute_input=duration((stats.compute_infer[0], 0)),
+                        compute_infer=duration(stats.compute_infer),
+                        compute_output=duration((stats.compute_infer[0], 0)),
+                    ),
+                )
+            ]
+        )
+
+    @tracked("RepositoryIndex")
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        engine, _, _ = self.runtime.serving()
+        repository = Path(self.runtime.config.model_repository)
+        if request.repository_name not in ("", repository.name):
+            raise RequestFailed(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown repository {request.repository_name!r}: this server reads {repository.name!r}",
+            )
+        served = (engine.model.name, engine.model.version)
+        not_loaded = f"not loaded: this server serves {served[0]} version {served[1]}"
+        models = []
+        for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
+            for version in available_versions(repository, folder.name):
+                ready = (folder.name, version) == served
+                if request.ready and not ready:
+                    continue
+                models.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=folder.name,
+                        version=str(version),
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else not_loaded,
+                    )
+                )
+        return pb.RepositoryIndexResponse(models=models)
 
     def _model(self, name: str, version: str) -> Engine:
         """The engine when name/version designate the served model (NOT_FOUND otherwise)."""

@@ -17,6 +17,7 @@ Model-quality signals:
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
 import numpy as np
@@ -37,6 +38,9 @@ QUEUE_DEPTH = "translator_queue_depth_sentences"  # gauge: sentences waiting for
 MODEL_INFO = "translator_model_info"  # gauge = 1 {model, version, provider}
 MEAN_LOGPROB = "translator_translation_mean_logprob"  # histogram: log_prob / steps per translation
 ATTENTION_ENTROPY = "translator_cross_attention_entropy_nats"  # histogram per translation
+
+# The RPCs that run the model: what Triton's statistics call inference requests.
+TRANSLATION_METHODS = ("Translate", "TranslateStream", "ModelInfer")
 
 ALL_METRICS = (
     REQUEST_DURATION,
@@ -87,11 +91,29 @@ LOGPROB_BUCKETS = (-10.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1
 ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 
 
+@dataclass(frozen=True)
+class InferenceStatistics:
+    """Counts and (count, nanoseconds) pairs, as Triton's ModelStatistics reports them."""
+
+    last_inference_ms: int
+    inference_count: int  # texts run in batches
+    execution_count: int  # batches
+    success: tuple[int, int]  # translation calls answered OK, time from arrival to answer
+    fail: tuple[int, int]  # translation calls that failed
+    queue: tuple[int, int]  # texts, time waited for a batch
+    compute_infer: tuple[int, int]  # batches, engine time
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
 class ServerMetrics:
     """Every metric of one server, registered in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.last_inference_ms = 0  # when the last translation call was answered OK (Triton's statistics)
         r = self.registry
         self.request_duration = Histogram(
             REQUEST_DURATION,
@@ -184,6 +206,31 @@ class ServerMetrics:
             self.mean_logprob.observe(log_prob / steps)
         if cross_attention is not None and cross_attention.size:
             self.attention_entropy.observe(cross_attention_entropy(cross_attention))
+
+    def inference_statistics(self) -> InferenceStatistics:
+        """Triton's cumulative statistics, read from the same series /metrics exposes."""
+        totals: dict[tuple[str, bool], float] = {}  # (sample name, call succeeded) -> value
+        for family in self.registry.collect():
+            for sample in family.samples:
+                method = sample.labels.get("method")
+                if method is not None and method not in TRANSLATION_METHODS:
+                    continue
+                key = (sample.name, sample.labels.get("code", "OK") == "OK")
+                totals[key] = totals.get(key, 0.0) + sample.value
+
+        def total(name: str, succeeded: bool = True) -> float:
+            return totals.get((name, succeeded), 0.0)
+
+        return InferenceStatistics(
+            last_inference_ms=self.last_inference_ms,
+            inference_count=int(total(BATCH_SENTENCES + "_sum")),
+            execution_count=int(total(BATCH_SENTENCES + "_count")),
+            success=(int(total(REQUESTS)), _ns(total(REQUEST_DURATION + "_sum"))),
+            fail=(int(total(REQUESTS, False)), _ns(total(REQUEST_DURATION + "_sum", False))),
+            queue=(int(total(QUEUE_WAIT + "_count")), _ns(total(QUEUE_WAIT + "_sum"))),
+            # Each batch observes one encode and one decode duration: a batch counts once.
+            compute_infer=(int(total(BATCH_SENTENCES + "_count")), _ns(total(COMPUTE_DURATION + "_sum"))),
+        )
 
     def drop(self, reason: str, stage: str, count: int = 1) -> None:
         if count:

@@ -28,7 +28,7 @@ from service.batcher import STREAM_END, Batcher, Job, TextResult
 from service.config import ServerConfig
 from service.engine import Engine, TranslateOptions
 from service.errors import RequestFailed
-from service.metrics import ServerMetrics
+from service.metrics import TRANSLATION_METHODS, ServerMetrics
 from service.requests import Limits
 from service.vocabulary import EncodedText
 
@@ -278,6 +278,8 @@ def _record(metrics: ServerMetrics, method: str, code: grpc.StatusCode, start: f
     metrics.inflight.dec()
     metrics.requests.labels(method=method, code=code.name).inc()
     metrics.request_duration.labels(method=method, code=code.name).observe(time.perf_counter() - start)
+    if code == grpc.StatusCode.OK and method in TRANSLATION_METHODS:
+        metrics.last_inference_ms = int(time.time() * 1000)
 
 
 def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

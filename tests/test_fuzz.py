@@ -363,6 +363,9 @@ VALID = {
     "/inference.GRPCInferenceService/ModelReady": kpb.ModelReadyRequest(name="tiny"),
     "/inference.GRPCInferenceService/ServerMetadata": kpb.ServerMetadataRequest(),
     "/inference.GRPCInferenceService/ModelMetadata": kpb.ModelMetadataRequest(name="tiny", version="1"),
+    "/inference.GRPCInferenceService/ModelConfig": kpb.ModelConfigRequest(name="tiny", version="1"),
+    "/inference.GRPCInferenceService/ModelStatistics": kpb.ModelStatisticsRequest(name="tiny"),
+    "/inference.GRPCInferenceService/RepositoryIndex": kpb.RepositoryIndexRequest(ready=True),
     "/inference.GRPCInferenceService/ModelInfer": kpb.ModelInferRequest(
         model_name="tiny",
         inputs=[kpb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])],
@@ -459,7 +462,8 @@ def test_fuzz_kserve_infer(fuzzer: Fuzzer, request: kpb.ModelInferRequest) -> No
 
 @_settings("kserve_metadata")
 @given(
-    method=st.sampled_from(["ModelReady", "ModelMetadata", "ServerLive", "ServerReady", "ServerMetadata"]),
+    method=st.sampled_from(["ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics",
+                            "RepositoryIndex", "ServerLive", "ServerReady", "ServerMetadata"]),
     name=st.one_of(st.just("tiny"), st.text(max_size=12)),
     version=st.one_of(st.sampled_from(["", "1", "2"]), st.text(max_size=6)),
 )
@@ -467,6 +471,9 @@ def test_fuzz_kserve_metadata(fuzzer: Fuzzer, method: str, name: str, version: s
     message = {
         "ModelReady": kpb.ModelReadyRequest(name=name, version=version),
         "ModelMetadata": kpb.ModelMetadataRequest(name=name, version=version),
+        "ModelConfig": kpb.ModelConfigRequest(name=name, version=version),
+        "ModelStatistics": kpb.ModelStatisticsRequest(name=name, version=version),
+        "RepositoryIndex": kpb.RepositoryIndexRequest(repository_name=name, ready=bool(version)),
         "ServerLive": kpb.ServerLiveRequest(),
         "ServerReady": kpb.ServerReadyRequest(),
         "ServerMetadata": kpb.ServerMetadataRequest(),

@@ -278,7 +278,54 @@ KSERVE_LAYOUT: dict[str, dict[str, tuple[int, str]]] = {
         "parameters": (4, PARAMETERS),
         "contents": (5, "inference.InferTensorContents"),
     },
+    # Triton's extensions (grpc_service.proto, and the subset of model_config.proto's messages served),
+    # numbered as Triton numbers them.
+    "ModelConfigRequest": {"name": (1, "string"), "version": (2, "string")},
+    "ModelConfigResponse": {"config": (1, "inference.ModelConfig")},
+    "ModelConfig": {
+        "name": (1, "string"),
+        "platform": (2, "string"),
+        "backend": (17, "string"),
+        "max_batch_size": (4, "int32"),
+        "input": (5, "repeated inference.ModelInput"),
+        "output": (6, "repeated inference.ModelOutput"),
+        "dynamic_batching": (11, "inference.ModelDynamicBatching"),
+        "parameters": (14, "map<string, inference.ModelParameter>"),
+    },
+    "ModelInput": {"name": (1, "string"), "data_type": (2, "inference.DataType"),
+                   "dims": (4, "repeated int64"), "optional": (8, "bool")},
+    "ModelOutput": {"name": (1, "string"), "data_type": (2, "inference.DataType"),
+                    "dims": (3, "repeated int64")},
+    "ModelDynamicBatching": {"preferred_batch_size": (1, "repeated int32"),
+                             "max_queue_delay_microseconds": (2, "uint64"), "preserve_ordering": (3, "bool")},
+    "ModelParameter": {"string_value": (1, "string")},
+    "ModelStatisticsRequest": {"name": (1, "string"), "version": (2, "string")},
+    "ModelStatisticsResponse": {"model_stats": (1, "repeated inference.ModelStatistics")},
+    "ModelStatistics": {
+        "name": (1, "string"),
+        "version": (2, "string"),
+        "last_inference": (3, "uint64"),
+        "inference_count": (4, "uint64"),
+        "execution_count": (5, "uint64"),
+        "inference_stats": (6, "inference.InferStatistics"),
+    },
+    "InferStatistics": {
+        name: (number, "inference.StatisticDuration")
+        for number, name in enumerate(
+            ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"), start=1
+        )
+    },
+    "StatisticDuration": {"count": (1, "uint64"), "ns": (2, "uint64")},
+    "RepositoryIndexRequest": {"repository_name": (1, "string"), "ready": (2, "bool")},
+    "RepositoryIndexResponse": {"models": (1, "repeated inference.RepositoryIndexResponse.ModelIndex")},
+    "RepositoryIndexResponse.ModelIndex": {"name": (1, "string"), "version": (2, "string"),
+                                           "state": (3, "string"), "reason": (4, "string")},
 }
+
+# model_config.proto's DataType, as Triton numbers it.
+TRITON_DATATYPES = ["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64",
+                    "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32",
+                    "TYPE_FP64", "TYPE_STRING", "TYPE_BF16"]
 
 
 def _message(module, dotted: str) -> Descriptor:
@@ -306,7 +353,10 @@ def _all_messages(module) -> set[str]:
 def test_kserve_package_and_message_set() -> None:
     assert kserve.DESCRIPTOR.package == "inference"
     assert _all_messages(kserve) == set(KSERVE_LAYOUT)
-    assert not kserve.DESCRIPTOR.enum_types_by_name
+    assert set(kserve.DESCRIPTOR.enum_types_by_name) == {"DataType"}
+    assert [(v.name, v.number) for v in kserve.DataType.DESCRIPTOR.values] == [
+        (name, number) for number, name in enumerate(TRITON_DATATYPES)
+    ]
 
 
 @pytest.mark.parametrize("message", sorted(KSERVE_LAYOUT))
@@ -476,6 +526,11 @@ KSERVE_METHODS = [
     ("ServerMetadata", "inference.ServerMetadataRequest", "inference.ServerMetadataResponse", False, False),
     ("ModelMetadata", "inference.ModelMetadataRequest", "inference.ModelMetadataResponse", False, False),
     ("ModelInfer", "inference.ModelInferRequest", "inference.ModelInferResponse", False, False),
+    ("ModelConfig", "inference.ModelConfigRequest", "inference.ModelConfigResponse", False, False),
+    ("ModelStatistics", "inference.ModelStatisticsRequest", "inference.ModelStatisticsResponse",
+     False, False),
+    ("RepositoryIndex", "inference.RepositoryIndexRequest", "inference.RepositoryIndexResponse",
+     False, False),
 ]
 TRANSLATOR_METHODS = [
     ("Translate", "translator.v1.TranslateRequest", "translator.v1.TranslateResponse", False, False),

@@ -684,6 +684,55 @@ def test_kserve_health_and_metadata(client: Client) -> None:
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND and "'other'" in failure.value.details()
 
 
+def test_kserve_model_config_statistics_and_repository_index(tiny_repository: Path, tmp_path: Path) -> None:
+    """Triton's extensions: the config describes what ModelMetadata does plus the batcher's settings; the
+    statistics count what /metrics counts; the index lists every model version, the served one READY."""
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository, repository)
+    shutil.copytree(repository / "tiny" / "1", repository / "tiny" / "2")  # the server takes the latest
+    shutil.copytree(repository / "tiny", repository / "other")
+    with running(make_config(repository, max_queue_delay_ms=7.0, max_batch_size=12)) as server:
+        assert server.port and server.metrics_port
+        kserve = Client(server.port).kserve
+        config = kserve.ModelConfig(kpb.ModelConfigRequest(name="tiny")).config
+        metadata = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="tiny"))
+        names = {kpb.TYPE_STRING: "BYTES", kpb.TYPE_FP32: "FP32", kpb.TYPE_INT32: "INT32"}
+        assert [(t.name, names[t.data_type], list(t.dims)) for t in (*config.input, *config.output)] == [
+            (t.name, t.datatype, list(t.shape)) for t in (*metadata.inputs, *metadata.outputs)
+        ]
+        assert (config.name, config.max_batch_size) == ("tiny", 0)
+        batching = config.dynamic_batching
+        assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([12], 7000)
+        assert config.parameters["max_texts_per_request"].string_value == "8"
+        with pytest.raises(grpc.RpcError) as failure:
+            kserve.ModelConfig(kpb.ModelConfigRequest(name="tiny", version="1"))
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+        for texts in (["the cat", "a dog"], ["the red house"]):
+            kserve.ModelInfer(infer_request(texts, max_length=6))
+        with pytest.raises(grpc.RpcError):
+            kserve.ModelInfer(infer_request([""]))
+        [stats] = kserve.ModelStatistics(kpb.ModelStatisticsRequest()).model_stats
+        assert (stats.name, stats.version, stats.inference_count) == ("tiny", "2", 3)
+        scraped = scrape(server.metrics_port)
+        batches = value(scraped, "translator_batch_size_sentences_count")
+        assert stats.execution_count == batches == stats.inference_stats.compute_infer.count
+        assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (2, 1)
+        assert stats.inference_stats.queue.count == 3 and stats.last_inference > 0
+        encode = value(scraped, "translator_compute_duration_seconds_sum", stage="encode")
+        decode = value(scraped, "translator_compute_duration_seconds_sum", stage="decode")
+        assert stats.inference_stats.compute_infer.ns == pytest.approx((encode + decode) * 1e9, rel=1e-6)
+
+        index = kserve.RepositoryIndex(kpb.RepositoryIndexRequest())
+        assert [(m.name, m.version, m.state) for m in index.models] == [
+            ("other", "1", "UNAVAILABLE"), ("other", "2", "UNAVAILABLE"),
+            ("tiny", "1", "UNAVAILABLE"), ("tiny", "2", "READY"),
+        ]
+        assert "serves tiny version 2" in index.models[0].reason
+        ready = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=True))
+        assert [(m.name, m.version) for m in ready.models] == [("tiny", "2")]
+
+
 def _bad_kserve() -> list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str]]:
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     cases = []

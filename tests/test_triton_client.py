@@ -35,7 +35,14 @@ outputs = [grpcclient.InferRequestedOutput(name)
            for name in ("TRANSLATION", "CROSS_ATTENTION", "SOURCE_LENGTH", "TARGET_LENGTH")]
 result = client.infer(model, [text], outputs=outputs, request_id="triton-1")
 metadata = client.get_model_metadata(model, as_json=True)
+config = client.get_model_config(model, as_json=True)["config"]
+statistics = client.get_inference_statistics(model, as_json=True)["model_stats"]
+index = client.get_model_repository_index(as_json=True)["models"]
 print(json.dumps({
+    "extensions": client.get_server_metadata(as_json=True).get("extensions", []),
+    "config": config,
+    "statistics": statistics,
+    "index": index,
     "live": client.is_server_live(),
     "ready": client.is_server_ready(),
     "model_ready": client.is_model_ready(model),
@@ -81,6 +88,24 @@ def test_tritonclient_infers_translations_and_attention(triton_python: Path, tmp
     assert not answer["unknown_model_ready"]
     assert answer["metadata_name"] == DEFAULT_MODEL and "TEXT" in answer["metadata_inputs"]
     assert answer["id"] == "triton-1"
+    # Triton's extensions, read by Triton's client with its own model_config.proto.
+    assert {"model_configuration", "statistics"} <= set(answer["extensions"])
+    config = answer["config"]
+    assert (config["name"], config["platform"], config["backend"]) == (DEFAULT_MODEL, "onnxruntime_onnx",
+                                                                       "onnxruntime")
+    assert [(i["name"], i["data_type"]) for i in config["input"]] == [("TEXT", "TYPE_STRING")]
+    assert ("CROSS_ATTENTION", "TYPE_FP32") in [(o["name"], o["data_type"]) for o in config["output"]]
+    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) > 0
+    assert config["parameters"]["execution_provider"]["string_value"] == "CPUExecutionProvider"
+    [stats] = answer["statistics"]
+    assert (stats["name"], stats["version"]) == (DEFAULT_MODEL, "1")
+    # The one infer call: its 2 texts ran (warm-up is not counted), in at least one batch.
+    assert int(stats["inference_count"]) == len(TEXTS) and int(stats["execution_count"]) >= 1
+    assert int(stats["inference_stats"]["success"]["count"]) == 1
+    durations = {name: int(value["ns"]) for name, value in stats["inference_stats"].items() if "ns" in value}
+    assert durations["success"] > durations["compute_infer"] > 0
+    assert int(stats["last_inference"]) > 0
+    assert {"name": DEFAULT_MODEL, "version": "1", "state": "READY"} in answer["index"]
 
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
     expected = engine.translate(TEXTS, TranslateOptions(attention=frozenset({"cross"})))
