@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import sacrebleu
@@ -166,7 +165,7 @@ def _main(argv: list[str] | None) -> None:
     )
     results: dict = {
         "checkpoint": args.checkpoint,
-        "split": "tsv:" + args.tsv if args.tsv else args.split,
+        "split": f"tsv:{args.tsv}" if args.tsv else args.split,
         "seed": args.seed,
         "pairs": len(examples),
         "beam_size": args.beam_size,
@@ -191,7 +190,8 @@ def _main(argv: list[str] | None) -> None:
         if key in results:
             print(f"{key:>24}: {results[key]}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
     sys.stdout.flush()
 
 

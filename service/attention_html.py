@@ -108,6 +108,7 @@ def write_attention_html(path: str | Path, items: Sequence[Any] | Iterable[Any],
                          title: str = "Attention explorer") -> Path:
     """Write the explorer for `items` (one per text) to `path` and return the path."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(attention_page(items, title), encoding="utf-8")
     return path
 

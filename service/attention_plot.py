@@ -142,6 +142,7 @@ def render_cross_attention_png(path: str | Path, source_tokens: Sequence[str], t
     `source_tokens`; `layers` and `heads` are the model indices of its first two dimensions.
     """
     figure = cross_attention_figure(source_tokens, target_tokens, weights, layers, heads, title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with rc_context(STYLE):
         figure.savefig(path, dpi=DPI, facecolor="white")
     return Path(path)

@@ -8,9 +8,11 @@ load, a value out of range found later) into one line on stderr and exit status 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -67,24 +69,26 @@ def positive_ints(text: str) -> list[int]:
 
 
 def output_file(text: str) -> Path:
-    """A file the command will write: refused at once if its folder is missing or not writable, rather
-    than after minutes of work."""
+    """A file the command will write (creating missing folders, as the commands do): refused at once if it
+    cannot be, rather than after minutes of work."""
     path = Path(text)
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} does not exist")
     # Tried rather than judged from permission bits, which root passes even where nothing can be written
-    # (/proc, a read-only mount).
-    existed = path.exists()
+    # (/proc, a read-only mount): the file itself if it exists, else a scratch file in the nearest folder
+    # that exists.
     try:
-        with open(path, "a"):
-            pass
+        if path.exists():
+            with open(path, "a"):
+                pass
+        else:
+            folder = next(p for p in path.absolute().parents if p.exists())
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder))
+            with tempfile.TemporaryFile(dir=folder):
+                pass
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {error.strerror}") from None
-    if not existed:
-        path.unlink()
     return path
 
 
@@ -130,8 +134,11 @@ def run_command(prog: str, main: Callable[[], Any]) -> Any:
         if os.environ.get(TRACEBACK_VARIABLE):
             raise
         message = str(error) or type(error).__name__
-        if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
-            message = f"{error.filename}: {message}"
+        if isinstance(error, OSError):
+            if error.filename is not None and str(error.filename) not in message:
+                message = f"{error.filename}: {message}"
+        else:  # a ValueError or RuntimeError may also be a bug: say how to see where it came from
+            message += f" ({TRACEBACK_VARIABLE}=1 shows the traceback)"
         fail(prog, message)
 
 

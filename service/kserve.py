@@ -29,7 +29,7 @@ from service.api.inference import grpc_service_pb2_grpc as pb_grpc
 from service.batcher import TextResult
 from service.engine import Engine
 from service.errors import RequestFailed, invalid
-from service.repository import available_versions
+from service.repository import ModelLoadError, available_versions
 from service.requests import Limits, encode_texts, make_options, repeated_values
 from service.rpc import Runtime, Work, submit_job, tracked
 
@@ -108,6 +108,27 @@ def model_tensors(engine: Engine) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 # model_config.proto's names of the protocol's datatypes (BYTES is its TYPE_STRING).
 CONFIG_DATATYPES = {"BYTES": pb.TYPE_STRING, "FP32": pb.TYPE_FP32, "INT32": pb.TYPE_INT32}
+
+
+def repository_entries(repository: Path) -> list[tuple[str, str, str]]:
+    """(model, version, reason) for every model version in a repository folder; version "" and the reason
+    for a model folder with no version or one that cannot be read. Hidden folders are not models."""
+    try:
+        folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        return [("", "", f"cannot read the repository {repository}: {error.strerror}")]
+    entries = []
+    for folder in folders:
+        try:
+            versions = available_versions(repository, folder.name)
+        except (OSError, ModelLoadError) as error:
+            entries.append((folder.name, "", f"cannot read {folder}: {error}"))
+            continue
+        # set(): "1" and "01" are both version 1, as for loading.
+        entries += [(folder.name, str(version), "") for version in sorted(set(versions))]
+        if not versions:
+            entries.append((folder.name, "", "no version folder (1, 2, ...) in it"))
+    return entries
 
 
 def _tensor_metadata(name: str, datatype: str, shape: list[int]) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -271,22 +292,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown repository {request.repository_name!r}: this server reads {repository.name!r}",
             )
-        served = (engine.model.name, engine.model.version)
-        not_loaded = f"not loaded: this server serves {served[0]} version {served[1]}"
-        models = []
-        for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
-            for version in available_versions(repository, folder.name):
-                ready = (folder.name, version) == served
-                if request.ready and not ready:
-                    continue
-                models.append(
-                    pb.RepositoryIndexResponse.ModelIndex(
-                        name=folder.name,
-                        version=str(version),
-                        state="READY" if ready else "UNAVAILABLE",
-                        reason="" if ready else not_loaded,
-                    )
-                )
+        served = engine.model
+        entries = [(served.name, str(served.version), "")]  # listed even if its folder is gone meanwhile
+        not_loaded = f"not loaded: this server serves {served.name} version {served.version}"
+        for name, version, reason in repository_entries(repository):
+            if (name, version) != entries[0][:2]:
+                entries.append((name, version, reason or not_loaded))
+        models = [
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=name, version=version, state="UNAVAILABLE" if reason else "READY", reason=reason
+            )
+            for name, version, reason in sorted(entries, key=lambda e: (e[0], int(e[1] or -1)))
+            if not (request.ready and reason)
+        ]
         return pb.RepositoryIndexResponse(models=models)
 
     def _model(self, name: str, version: str) -> Engine:

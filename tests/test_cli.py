@@ -32,7 +32,7 @@ def failure(main: Main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> 
     [
         (export.main, ["--name", "../../elsewhere"], "a model name is one folder name"),
         (export.main, ["--version", "-1"], "expected an integer of at least 1"),
-        (evaluate.main, ["--json", "/nonexistent/x.json"], "the folder /nonexistent does not exist"),
+        (evaluate.main, ["--json", "/proc/new/x.json"], "cannot write /proc/new/x.json"),
         (evaluate.main, ["--aer-limit", "0"], "expected an integer of at least 1"),
         (evaluate.main, ["--length-penalty", "nan"], "expected a finite number"),
         (train.main, ["--valid-size", "0"], "--valid-size must be at least 1"),
@@ -98,3 +98,45 @@ def test_a_metrics_port_in_use_is_named() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}"):
             ServerMetrics().start_http("127.0.0.1", port)
+
+
+def test_an_output_file_in_folders_yet_to_be_made_is_accepted(tmp_path: Path) -> None:
+    """The commands create missing folders for what they write; only where nothing can be written is it
+    refused. The check leaves nothing behind."""
+    from service.cli import output_file
+
+    target = tmp_path / "new" / "deeper" / "report.json"
+    assert output_file(str(target)) == target
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_on_a_tsv_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("the dog\tel perro\nthe cat\tel gato\n")
+    out = tmp_path / "results" / "eval.json"
+    evaluate.main(
+        ["--checkpoint", str(tiny_checkpoint), "--tsv", str(pairs), "--aer-limit", "1", "--json", str(out)]
+    )
+    results = json.loads(out.read_text())
+    assert results["pairs"] == 2 and results["split"] == f"tsv:{pairs}"
+
+
+def test_repository_index_lists_an_unreadable_model_as_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import kserve
+
+    for folder in ("good/1", "locked/1"):
+        (tmp_path / folder).mkdir(parents=True)
+    real = kserve.available_versions
+
+    def versions(repository: Path, name: str) -> list[int]:
+        if name == "locked":
+            raise PermissionError(13, "Permission denied", str(repository / name))
+        return real(repository, name)
+
+    monkeypatch.setattr(kserve, "available_versions", versions)
+    entries = kserve.repository_entries(tmp_path)
+    assert entries[0] == ("good", "1", "")
+    assert entries[1][:2] == ("locked", "") and "Permission denied" in entries[1][2]
+    assert kserve.repository_entries(tmp_path / "gone")[0][2].startswith("cannot read the repository")

@@ -691,6 +691,11 @@ def test_kserve_model_config_statistics_and_repository_index(tiny_repository: Pa
     shutil.copytree(tiny_repository, repository)
     shutil.copytree(repository / "tiny" / "1", repository / "tiny" / "2")  # the server takes the latest
     shutil.copytree(repository / "tiny", repository / "other")
+    shutil.copytree(repository / "tiny" / "1", repository / "other" / "10")  # sorted as a number
+    shutil.copytree(repository / "tiny" / "1", repository / "tiny" / "01")  # version 1 again: listed once
+    (repository / "drafts").mkdir()  # a model folder with no version
+    (repository / ".git").mkdir()  # not a model
+    (repository / "README.md").write_text("not a model either")
     with running(make_config(repository, max_queue_delay_ms=7.0, max_batch_size=12)) as server:
         assert server.port and server.metrics_port
         kserve = Client(server.port).kserve
@@ -725,10 +730,12 @@ def test_kserve_model_config_statistics_and_repository_index(tiny_repository: Pa
 
         index = kserve.RepositoryIndex(kpb.RepositoryIndexRequest())
         assert [(m.name, m.version, m.state) for m in index.models] == [
-            ("other", "1", "UNAVAILABLE"), ("other", "2", "UNAVAILABLE"),
+            ("drafts", "", "UNAVAILABLE"),
+            ("other", "1", "UNAVAILABLE"), ("other", "2", "UNAVAILABLE"), ("other", "10", "UNAVAILABLE"),
             ("tiny", "1", "UNAVAILABLE"), ("tiny", "2", "READY"),
         ]
-        assert "serves tiny version 2" in index.models[0].reason
+        assert "no version folder" in index.models[0].reason
+        assert "serves tiny version 2" in index.models[1].reason
         ready = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(ready=True))
         assert [(m.name, m.version) for m in ready.models] == [("tiny", "2")]
 
