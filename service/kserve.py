@@ -292,11 +292,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown repository {request.repository_name!r}: this server reads {repository.name!r}",
             )
-        served = engine.model
-        entries = [(served.name, str(served.version), "")]  # listed even if its folder is gone meanwhile
-        not_loaded = f"not loaded: this server serves {served.name} version {served.version}"
+        served = (engine.model.name, str(engine.model.version))
+        entries = [(*served, "")]  # listed even if its folder is gone meanwhile
+        not_loaded = f"not loaded: this server serves {served[0]} version {served[1]}"
         for name, version, reason in repository_entries(repository):
-            if (name, version) != entries[0][:2]:
+            if (name, version) != served:
                 entries.append((name, version, reason or not_loaded))
         models = [
             pb.RepositoryIndexResponse.ModelIndex(

@@ -617,15 +617,20 @@ class GreedyStream:
         self.running &= ~done
         self.tokens = chosen
 
+    def _left_rows_at_the_end(self) -> bool:
+        """Whether a row that left would be fed a position past the model's table at the next step."""
+        if self.max_positions is None:
+            return False
+        return bool((~self.running & (self.positions >= self.max_positions)).any())
+
     def _compact(self) -> None:
         """Drop the rows that left once enough have (as greedy ``search`` does), or all when none runs, or
         before a row that left would be fed a position past the model's."""
         rows = len(self.keys)
         left = rows - self.size
-        at_the_end = self.max_positions is not None and bool(
-            (~self.running & (self.positions >= self.max_positions)).any()
-        )
-        if left == 0 or (self.size and left < GREEDY_COMPACT_FRACTION * rows and not at_the_end):
+        if left == 0:
+            return
+        if self.size and left < GREEDY_COMPACT_FRACTION * rows and not self._left_rows_at_the_end():
             return
         kept = np.flatnonzero(self.running)
         self.keys = [self.keys[row] for row in kept.tolist()]

@@ -187,20 +187,22 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             nonlocal selection
             options, selection = parse_options(request.options, limits, engine)
             sources = encode_texts(engine, list(request.texts), limits)
-            # Refused before any work when the maps alone, at one target token each, cannot fit: the encoder
-            # maps of 128 long texts are ~400 MB, known from the request.
-            least = sum(attention_bytes(engine, selection, len(source.ids), 1) for source in sources)
-            self.runtime.check_bytes(least, at_least=True)
+            if selection.kinds:
+                # Refused before any work when the maps alone, at one target token each, cannot fit: the
+                # encoder maps of 128 long texts are ~400 MB, known from the request.
+                least = sum(attention_bytes(engine, selection, len(source.ids), 1) for source in sources)
+                self.runtime.check_bytes(least, at_least=True)
             return Work(sources, options)
 
         def build(results: list[TextResult]) -> pb.TranslateResponse:
             arrival = call.job.arrival
-            # Measured on the maps before building the message: a 1 GB answer was built (~4 GB of Python
-            # floats at the peak) only to be refused.
-            self.runtime.check_bytes(sum(
-                attention_bytes(call.engine, selection, len(t.source_tokens), len(t.target_tokens))
-                for t in (result.translation for result in results)
-            ))
+            if selection.kinds:
+                # Measured on the maps before building the message: a 1 GB answer was built (~4 GB of Python
+                # floats at the peak) only to be refused.
+                self.runtime.check_bytes(sum(
+                    attention_bytes(call.engine, selection, len(t.source_tokens), len(t.target_tokens))
+                    for t in (result.translation for result in results)
+                ))
             response = pb.TranslateResponse(
                 translations=[translation_message(r, selection, arrival) for r in results]
             )
