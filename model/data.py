@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from model import toy_language
-from service.vocabulary import Vocabulary, without_invisible
+from service.core.vocabulary import Vocabulary, without_invisible
 
 
 @dataclass(frozen=True)

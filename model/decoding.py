@@ -1,4 +1,4 @@
-"""Translation with the PyTorch model through the shared numpy search of ``service.search``.
+"""Translation with the PyTorch model through the shared numpy search of ``service.core.search``.
 
 ``TorchBackend`` adapts ``Transformer.encode / cross_keys_values / decode_step`` to the ``StepBackend``
 protocol (docs/CONTRACTS.md), so evaluation in PyTorch and serving with onnxruntime run the very same search.
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from model.transformer import Transformer
-from service.search import Hypothesis, padded, search
+from service.core.search import Hypothesis, padded, search
 
 
 @dataclass

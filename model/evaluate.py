@@ -15,9 +15,9 @@ import torch
 from model.data import Example, read_tsv, toy_split
 from model.decoding import translate_ids
 from model.transformer import Transformer
-from service.cli import finite_float, input_file, output_file, positive_int, run_command
-from service.search import Hypothesis
-from service.vocabulary import Vocabulary
+from service.core.cli import finite_float, input_file, output_file, positive_int, run_command
+from service.core.search import Hypothesis
+from service.core.vocabulary import Vocabulary
 
 
 @dataclass

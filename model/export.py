@@ -20,8 +20,8 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from model.transformer import Transformer
-from service.cli import positive_int, run_command
-from service.repository import (
+from service.core.cli import positive_int, run_command
+from service.core.model_format import (
     ENCODER_INPUTS,
     GRAPH_FILES,
     MODEL_FORMAT,
@@ -41,7 +41,7 @@ IR_VERSION = 8
 
 class EncoderGraph(nn.Module):
     """Source ids and padding -> memory, each decoder layer's cross keys/values, each encoder layer's
-    attention (one output per layer: see service.repository for the signature)."""
+    attention (one output per layer: see service.core.model_format for the signature)."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class EncoderGraph(nn.Module):
 class DecoderStepGraph(nn.Module):
     """One decoding step with a key/value cache: the past goes in, the present (one longer) comes out.
 
-    Inputs and outputs are flat, one tensor per layer, in the order of service.repository's
+    Inputs and outputs are flat, one tensor per layer, in the order of service.core.model_format's
     decoder_inputs / decoder_outputs.
     """
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from service.vocabulary import SPECIAL_TOKENS, UNK, Vocabulary
+from service.core.vocabulary import SPECIAL_TOKENS, UNK, Vocabulary
 
 
 def build_word_level(texts: Iterable[str], min_frequency: int = 1) -> Vocabulary:

@@ -28,8 +28,8 @@ from model.data import Example, encode_examples, read_tsv, token_batches, toy_sp
 from model.evaluate import corpus_scores, translate_texts
 from model.tokenizer import build_bpe, build_word_level
 from model.transformer import Transformer, TransformerConfig
-from service.cli import run_command
-from service.vocabulary import Vocabulary
+from service.core.cli import run_command
+from service.core.vocabulary import Vocabulary
 
 
 @dataclass

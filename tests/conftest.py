@@ -18,7 +18,7 @@ if ENGINE_DEVICE not in ("cpu", "cuda"):
 
 def process_alive(pid: int) -> bool:
     """Whether a process runs (a zombie, exited but not yet reaped, does not)."""
-    from service.bench_load import proc_stat
+    from bench.load import proc_stat
 
     try:
         return proc_stat(pid)[0] != "Z"

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from service.batcher import STREAM_END, Batcher, BatchingSettings, Job
-from service.engine import TranslateOptions, Translation
-from service.errors import RequestFailed
-from service.metrics import ServerMetrics
-from service.search import Hypothesis
-from service.vocabulary import EncodedText
+from service.core.search import Hypothesis
+from service.core.vocabulary import EncodedText
+from service.engine.engine import TranslateOptions, Translation
+from service.scheduler.batcher import STREAM_END, Batcher, BatchingSettings, Job
+from service.scheduler.metrics import ServerMetrics
+from service.scheduler.status import RequestFailed
 
 FAIL = 99  # a source starting with this id makes the fake engine raise
 EOS = 2
@@ -320,7 +320,7 @@ class RecordingBackend:
 
 def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -> None:
     """The encode/decode metrics of a batch split over lanes add the lane threads' time too."""
-    from service.engine import Engine
+    from service.engine.engine import Engine
     from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lanes=2)
@@ -373,7 +373,7 @@ class FailingBackend(RecordingBackend):
 
 
 def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_batchers: list[Batcher]) -> None:
-    from service.engine import Engine
+    from service.engine.engine import Engine
     from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
@@ -452,7 +452,7 @@ def test_a_streaming_job_puts_its_events_into_the_sink_it_was_given(stop_batcher
 def test_streams_give_their_lane_process_up_to_a_waiting_worker(stop_batchers: list[Batcher]) -> None:
     """Two workers, one lane process: a running stream holds the lane, so while the other worker waits for
     it the stream takes nobody in and ends; no request waits for the whole run."""
-    from service.engine import Engine
+    from service.engine.engine import Engine
     from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
     engine = Engine.load(

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import bench
-from model.bench_engine import ENGINES, Batch, first_difference, load_translator, main, make_batches
-from model.ctranslate2_convert import convert_to_ctranslate2, source_tokens
+from bench import cli as bench
+from bench.ctranslate2_convert import convert_to_ctranslate2, source_tokens
+from bench.engine import ENGINES, Batch, first_difference, load_translator, main, make_batches
 from model.decoding import translate_ids
 from model.train import load_model
-from service.engine import Engine, TranslateOptions, encoder_groups
+from service.engine.engine import Engine, TranslateOptions, encoder_groups
 from tests.conftest import WORDS
 
 
@@ -136,16 +136,16 @@ def test_bench_runs_end_to_end(tiny_checkpoint: Path, tiny_repository: Path, tmp
 
 def test_bench_dispatches_load_to_service_bench_load(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    fake = types.ModuleType("service.bench_load")
-    fake.__spec__ = importlib.machinery.ModuleSpec("service.bench_load", None)
+    fake = types.ModuleType("bench.load")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bench.load", None)
     fake.main = calls.append  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "service.bench_load", fake)
+    monkeypatch.setitem(sys.modules, "bench.load", fake)
     bench.main(["load", "--rate", "5", "-h"])
     assert calls == [["--rate", "5", "-h"]]
 
 
 def test_bench_load_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "_available", lambda module: module != "service.bench_load")
+    monkeypatch.setattr(bench, "_available", lambda module: module != "bench.load")
     with pytest.raises(SystemExit) as raised:
         bench.main(["load"])
     assert raised.value.code == 2

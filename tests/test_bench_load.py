@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service import bench_load
-from service.bench_load import Sample, Setting, Target, parse_batching, spawn_server, summarize
+from bench import load as bench_load
+from bench.load import Sample, Setting, Target, parse_batching, spawn_server, summarize
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bench_phases import main
+from bench.phases import main
 
 
 def test_phases_count_every_backend_call(

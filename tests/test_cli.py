@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from model import bench, evaluate, export, train
-from service import client
-from service.bench_load import build_parser as load_parser
-from service.metrics import ServerMetrics
+from bench import cli as bench
+from bench.load import build_parser as load_parser
+from model import evaluate, export, train
+from service.client import translator_client as client
+from service.scheduler.metrics import ServerMetrics
 
 Main = Callable[[list[str]], Any]
 
@@ -103,7 +104,7 @@ def test_a_metrics_port_in_use_is_named() -> None:
 def test_an_output_file_in_folders_yet_to_be_made_is_accepted(tmp_path: Path) -> None:
     """The commands create missing folders for what they write; only where nothing can be written is it
     refused. The check leaves nothing behind."""
-    from service.cli import output_file
+    from service.core.cli import output_file
 
     target = tmp_path / "new" / "deeper" / "report.json"
     assert output_file(str(target)) == target
@@ -124,7 +125,7 @@ def test_eval_on_a_tsv_file(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def test_repository_index_lists_an_unreadable_model_as_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service import kserve
+    from service.server import kserve
 
     for folder in ("good/1", "locked/1"):
         (tmp_path / folder).mkdir(parents=True)

@@ -28,9 +28,15 @@ import pytest
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.attention_html import attention_page, write_attention_html
-from service.attention_plot import png_paths, render_cross_attention_png
-from service.client import ClientTranslation, ServerUnavailableError, TranslatorClient, TranslatorError, main
+from service.client.attention_html import attention_page, write_attention_html
+from service.client.attention_png import png_paths, render_cross_attention_png
+from service.client.translator_client import (
+    ClientTranslation,
+    ServerUnavailableError,
+    TranslatorClient,
+    TranslatorError,
+    main,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +134,7 @@ def test_png_of_a_long_text_stays_a_readable_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("length", [5, 14, 80])
 def test_png_alignment_list_sits_level_with_the_heatmap_rows(length: int) -> None:
-    from service.attention_plot import cross_attention_figure
+    from service.client.attention_png import cross_attention_figure
 
     source = [f"w{i}" for i in range(length - 1)] + ["</s>"]
     target = [f"p{i}" for i in range(length - 1)] + ["</s>"]
@@ -148,7 +154,7 @@ def test_png_alignment_list_sits_level_with_the_heatmap_rows(length: int) -> Non
 def test_png_text_stays_clear_of_the_panels_for_short_and_long_texts(length: int) -> None:
     """The colorbar's label stays within the bar's length (on texts of 2-5 tokens it ran into the titles
     above and below it) and the alignment list's heading within the picture (it was clipped at the right)."""
-    from service.attention_plot import LEGEND_HEADING, cross_attention_figure
+    from service.client.attention_png import LEGEND_HEADING, cross_attention_figure
 
     source = [f"w{i}" for i in range(length - 1)] + ["</s>"]
     target = [f"p{i}" for i in range(length - 1)] + ["</s>"]
@@ -245,7 +251,7 @@ def test_html_accepts_client_translations() -> None:
     item = example_item(layers=1, heads=1)
     result = ClientTranslation(text=item["text"], source_tokens=SOURCE, target_tokens=TARGET, score=-0.1,
                                log_prob=-1.4, unknown_words=[], timings={}, source=item["source"])
-    from service.client import AttentionMap
+    from service.client.translator_client import AttentionMap
 
     cross = item["attention"]["cross"]
     result.attention["cross"] = AttentionMap("cross", cross["weights"], TARGET, SOURCE, [1], [2])
@@ -585,7 +591,7 @@ def real_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
         pytest.skip("service/server.py does not exist yet")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "service.server", "--port", str(port), "--metrics-port", "0",
+    command = [sys.executable, "-m", "service.server.app", "--port", str(port), "--metrics-port", "0",
                "--model-repository", str(tiny_repository), "--model", "tiny", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as output:
@@ -693,7 +699,8 @@ def test_cli_splits_requests_whose_maps_exceed_the_servers_answer_limit(
 def test_real_server_cli_end_to_end(real_server: str, tmp_path: Path) -> None:
     """The CLI as a user runs it, in its own process: JSON out, a PNG and the explorer page written."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.client", "--server", real_server, "--json", "--attention",
+        [sys.executable, "-m", "service.client.translator_client", "--server", real_server, "--json",
+         "--attention",
          str(tmp_path / "maps.png"), "--html", str(tmp_path / "view.html")],
         input="the big dog sees the cat\n", capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

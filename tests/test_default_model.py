@@ -16,7 +16,9 @@ from model.data import toy_split
 from model.decoding import translate_ids
 from model.train import load_model
 from model.transformer import Transformer
-from service.engine import (
+from service.core.model_format import resolve, sha256
+from service.core.vocabulary import Vocabulary
+from service.engine.engine import (
     LANE_ROW_STEP_COST,
     LANE_STEP_COST,
     Engine,
@@ -25,9 +27,7 @@ from service.engine import (
     Translation,
     lane_parts,
 )
-from service.lane_process import ProcessStream
-from service.repository import resolve, sha256
-from service.vocabulary import Vocabulary
+from service.engine.lane_process import ProcessStream
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY, ENGINE_DEVICE
 
 PARITY_SENTENCES = 500

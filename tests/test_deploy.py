@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import ServerConfig, env_name, load_config
+from service.server.config import ServerConfig, env_name, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -522,7 +522,7 @@ def exported_samples() -> frozenset[str]:
     from prometheus_client import generate_latest
     from prometheus_client.metrics import MetricWrapperBase
 
-    from service.metrics import ServerMetrics
+    from service.scheduler.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     for value in vars(metrics).values():
@@ -535,7 +535,7 @@ def exported_samples() -> frozenset[str]:
 
 
 def exported_families() -> dict[str, str]:
-    from service.metrics import ServerMetrics
+    from service.scheduler.metrics import ServerMetrics
 
     return {
         family.name + ("_total" if family.type == "counter" else ""): family.type

@@ -15,8 +15,7 @@ import torch
 
 from model.decoding import translate_ids
 from model.train import load_model
-from service.engine import ATTENTION_KINDS, DecoderState, Engine, TranslateOptions
-from service.repository import (
+from service.core.model_format import (
     MODEL_FORMAT,
     ModelLoadError,
     decoder_inputs,
@@ -26,7 +25,8 @@ from service.repository import (
     select_inputs,
     select_outputs,
 )
-from service.search import Hypothesis
+from service.core.search import Hypothesis
+from service.engine.engine import ATTENTION_KINDS, DecoderState, Engine, TranslateOptions
 from tests.conftest import DEFAULT_REPOSITORY, ROOT, WORDS
 
 
@@ -276,7 +276,8 @@ def test_replace_unknowns_copies_the_attended_source_word(tiny_repository: Path)
 
 def test_engine_imports_no_torch() -> None:
     code = (
-        "import sys, service.engine, service.search, service.repository, service.vocabulary; "
+        "import sys, service.engine.engine, service.core.search, service.core.model_format; "
+        "import service.core.vocabulary; "
         "assert 'torch' not in sys.modules, 'torch was imported'; "
         "assert not any(m == 'model' or m.startswith('model.') for m in sys.modules), 'model/ was imported'"
     )
@@ -459,7 +460,7 @@ def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
     with pytest.raises(ModelLoadError, match="device 'cuda' asked for, but onnxruntime offers only"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
     monkeypatch.setattr(
-        "service.engine.available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        "service.engine.engine.available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     with pytest.raises(ModelLoadError, match="could not start its CUDA provider"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)

@@ -7,7 +7,7 @@ cover: unary calls cancelled mid-decode, a client process killed with its stream
 overflows the queue and the recovery after it, SIGTERM while clients keep sending, and a corrupt or missing
 model at start-up.
 
-"Slow" servers run `service.server.main` with the engine's decoder steps slowed down and "</s>" forbidden
+"Slow" servers run `service.server.app.main` with the engine's decoder steps slowed down and "</s>" forbidden
 (SLOW_LAUNCHER), so that decoding lasts long enough to be interrupted deterministically.
 """
 
@@ -30,11 +30,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.load import Setting, Target, metric_value, process_tree, scrape, spawn_server
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.bench_load import Setting, Target, metric_value, process_tree, scrape, spawn_server
-from service.config import ROOT
-from service.repository import sha256
+from service.core.model_format import sha256
+from service.server.config import ROOT
 from tests.conftest import process_alive
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.timeout(300)
 SLOW_ENGINE = """
 import os, sys, time
 import numpy as np
-from service import engine as engine_module
+from service.engine import engine as engine_module
 
 STEP_S = float(os.environ["FAULTS_STEP_S"])
 
@@ -71,7 +71,7 @@ def slowed(self, *args, **kwargs):
 
 engine_module.Engine.__init__ = slowed
 """
-# The real server (service.server.main, its flags after `-c CODE`), its lanes started the same way.
+# The real server (service.server.app.main, its flags after `-c CODE`), its lanes started the same way.
 SLOW_LAUNCHER = (
     SLOW_ENGINE
     + "from service import lane_process, server\n"
@@ -486,7 +486,7 @@ def test_corrupt_or_missing_model_fails_fast_naming_the_file(
     repository = tmp_path / "repository"
     shutil.copytree(tiny_repository, repository)
     flags, named = _break(repository / "tiny" / "1", how)
-    command = [sys.executable, "-m", "service.server", "--host", "127.0.0.1", "--port", "0"]
+    command = [sys.executable, "-m", "service.server.app", "--host", "127.0.0.1", "--port", "0"]
     command += ["--metrics-port", "0", "--model-repository", str(repository), "--model", "tiny", *flags]
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -503,7 +503,8 @@ def test_corrupt_or_missing_model_fails_fast_naming_the_file(
 # Runs the real server with every batch of the engine failing: the warm-up's translations fail.
 BROKEN_ENGINE_LAUNCHER = """
 import sys
-from service import batcher, server
+from service.scheduler import batcher
+from service.server import app as server
 
 def broken(self, *args):
     raise RuntimeError("the engine is broken")

@@ -34,10 +34,10 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.load import Setting, Target, metric_value, scrape, spawn_server
 from service.api.inference import grpc_service_pb2 as kpb
 from service.api.translator.v1 import translator_pb2 as pb
-from service.bench_load import Setting, Target, metric_value, scrape, spawn_server
-from service.kserve import OUTPUT_DATATYPES, PARAMETERS, serialize_bytes
+from service.server.kserve import OUTPUT_DATATYPES, PARAMETERS, serialize_bytes
 from tests.conftest import WORDS
 
 pytestmark = pytest.mark.timeout(600)

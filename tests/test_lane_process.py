@@ -1,4 +1,4 @@
-"""Decoding lanes in processes of their own (service.lane_process): same results as lanes in threads,
+"""Decoding lanes in processes of their own (service.engine.lane_process): same results as lanes in threads,
 streaming, abandoned rows, a lane that dies, a callback that fails, and closing."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import Engine
-from service.lane_process import LaneFailed, ProcessStream
-from service.requests import TranslateOptions
+from service.engine.engine import Engine
+from service.engine.lane_process import LaneFailed, ProcessStream
+from service.server.requests import TranslateOptions
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY, process_alive
 
 SENTENCES = [
-    line.strip() for line in (Path(__file__).parent.parent / "service/data/test_sentences.txt").open()
+    line.strip() for line in (Path(__file__).parent.parent / "bench/data/test_sentences.txt").open()
 ][:48]
 
 
@@ -186,8 +186,8 @@ def test_a_lane_loads_on_the_device_it_is_given() -> None:
     """The device travels to the lane process: asked for CUDA, it runs there or fails, never on the CPU."""
     import onnxruntime as ort
 
-    from service.lane_process import ProcessLanes
-    from service.repository import ModelLoadError, resolve
+    from service.core.model_format import ModelLoadError, resolve
+    from service.engine.lane_process import ProcessLanes
 
     model = resolve(DEFAULT_REPOSITORY, DEFAULT_MODEL, None)
     if "CUDAExecutionProvider" in ort.get_available_providers():

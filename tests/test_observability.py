@@ -193,7 +193,7 @@ class Prometheus:
 
 def start_server(repository: Path, log: Path) -> Server:
     script = Path(sys.executable).with_name("translator-serve")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.server"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "service.server.app"]
     command += [
         "--host",
         "127.0.0.1",
@@ -468,7 +468,7 @@ def test_with_bool_keeps_matchers() -> None:
 
 
 def test_scrape_has_every_metric(stack: Stack) -> None:
-    from service.metrics import ALL_METRICS
+    from service.scheduler.metrics import ALL_METRICS
 
     scraped = stack.prometheus.query(f'{{job="{JOB}", __name__=~"translator_.+"}}')
     names = {sample["metric"]["__name__"] for sample in scraped}

@@ -1,4 +1,4 @@
-"""service.search over a small real numpy model: a deterministic random-weight recurrent decoder with
+"""service.core.search over a small real numpy model: a deterministic random-weight recurrent decoder with
 attention over the source and over its own past states (so its outputs depend on the whole history and
 every step's attention differs per row and per step)."""
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import service.search as search_module
-from service.search import Hypothesis, search
+import service.core.search as search_module
+from service.core.search import Hypothesis, search
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS}

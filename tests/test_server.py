@@ -34,12 +34,12 @@ from service.api.inference import grpc_service_pb2 as kpb
 from service.api.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.config import ROOT, ServerConfig, build_parser, env_name, load_config
-from service.engine import Engine, TranslateOptions
-from service.kserve import deserialize_bytes, serialize_bytes
-from service.lane_process import ProcessStream
-from service.metrics import ALL_METRICS
-from service.server import TranslatorServer
+from service.engine.engine import Engine, TranslateOptions
+from service.engine.lane_process import ProcessStream
+from service.scheduler.metrics import ALL_METRICS
+from service.server.app import TranslatorServer
+from service.server.config import ROOT, ServerConfig, build_parser, env_name, load_config
+from service.server.kserve import deserialize_bytes, serialize_bytes
 from tests.conftest import DEFAULT_REPOSITORY, WORDS
 
 HOST = "127.0.0.1"
@@ -946,7 +946,7 @@ def test_answers_with_maps_are_built_off_the_event_loop(
 ) -> None:
     """Building an answer with attention maps takes tens of milliseconds for a large request: it runs on a
     worker thread, not on the loop that serves every other call; a plain answer is built on the loop."""
-    from service import translator_api
+    from service.server import translator_api
 
     threads: list[str] = []
     build = translator_api.translation_message
@@ -1285,9 +1285,9 @@ def test_a_failure_found_after_the_deadline_is_not_sent_again(streaming: bool) -
     """gRPC answered DEADLINE_EXCEEDED already: aborting again makes it log an error for a timeout."""
     import asyncio
 
-    from service.errors import RequestFailed
-    from service.metrics import ServerMetrics
-    from service.rpc import Runtime, tracked, tracked_stream
+    from service.scheduler.metrics import ServerMetrics
+    from service.scheduler.status import RequestFailed
+    from service.server.runtime import Runtime, tracked, tracked_stream
 
     class Servicer:
         def __init__(self) -> None:
@@ -1332,9 +1332,9 @@ def test_a_call_its_deadline_timer_dropped_counts_as_deadline_exceeded() -> None
     test_faults.py::test_deadlines_shorter_than_the_queue_wait saw the counts disagree)."""
     import asyncio
 
-    from service.batcher import Job
-    from service.metrics import ServerMetrics
-    from service.rpc import Runtime, Submitted, tracked
+    from service.scheduler.batcher import Job
+    from service.scheduler.metrics import ServerMetrics
+    from service.server.runtime import Runtime, Submitted, tracked
     from tests.test_batcher import make, source
 
     batcher, engine, batcher_metrics = make()
@@ -1586,7 +1586,7 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tm
     command = [
         sys.executable,
         "-m",
-        "service.server",
+        "service.server.app",
         "--host",
         HOST,
         "--port",

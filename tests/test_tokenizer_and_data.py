@@ -7,7 +7,7 @@ import pytest
 
 from model.data import EncodedPair, read_tsv, token_batches
 from model.tokenizer import build_bpe, build_word_level
-from service.vocabulary import EmptyTextError, Vocabulary
+from service.core.vocabulary import EmptyTextError, Vocabulary
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 CORPUS = ["the big dog sees the cat", "el perro grande ve el gato", "i see her", "yo la veo"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench_load import Setting, spawn_server
-from service.engine import Engine, TranslateOptions
+from bench.load import Setting, spawn_server
+from service.engine.engine import Engine, TranslateOptions
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 TEXTS = ["the big red dog sees her", "i do not see the small cats"]

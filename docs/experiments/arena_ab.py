@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 import time
 
-import service.engine as engine_module
-from service.bench_load import DEFAULT_SENTENCES, read_sentences
-from service.engine import Engine, TranslateOptions
+import service.engine.engine as engine_module
+from bench.load import DEFAULT_SENTENCES, read_sentences
+from service.engine.engine import Engine, TranslateOptions
 
 BATCH_SIZES = (1, 8, 32, 128)
 ROUNDS = 3

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any
 
-from service.bench_load import DEFAULT_SENTENCES, read_sentences
-from service.engine import Engine, TranslateOptions
+from bench.load import DEFAULT_SENTENCES, read_sentences
+from service.engine.engine import Engine, TranslateOptions
 
 LOADS = ((1, 0.5), (2, 0.4))  # (burners, share of each millisecond each one computes)
 BATCH = 16

@@ -30,10 +30,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import model.export as export
+from bench.load import DEFAULT_SENTENCES, read_sentences
 from model.train import load_model
-from service.bench_load import DEFAULT_SENTENCES, read_sentences
-from service.engine import flush_denormals_on_this_thread
-from service.vocabulary import Vocabulary
+from service.core.vocabulary import Vocabulary
+from service.engine.engine import flush_denormals_on_this_thread
 
 CHECKPOINT = Path("checkpoints/toy-en-es")
 DECODER = Path("model_repository/toy-en-es/1/decoder.onnx")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from model.data import toy_split
-from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
 
 MAPS = ("cross_attention", "decoder_self_attention", "encoder_attention")
 

@@ -5,7 +5,7 @@
 1. Fit: 300 runs of 1-64 rows (runs of similar length, as `lane_parts` makes them) from the test
    sentences, one lane, best of 3; least squares of the time on (longest source, sum of source lengths,
    rows x longest source). The ratios of the coefficients to the per-token one are
-   `service.engine.LANE_STEP_COST` and `LANE_ROW_STEP_COST`.
+   `service.engine.engine.LANE_STEP_COST` and `LANE_ROW_STEP_COST`.
 2. A/B, two lanes, interleaved rounds: `lane_parts` (even predicted time) against cutting the sorted
    rows where their cumulative length is even (the split used before), sentences/s per batch size.
 """
@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-import service.engine as engine_module
-from service.bench_load import DEFAULT_SENTENCES, read_sentences
-from service.engine import Engine, TranslateOptions
+import service.engine.engine as engine_module
+from bench.load import DEFAULT_SENTENCES, read_sentences
+from service.engine.engine import Engine, TranslateOptions
 
 RUNS = 300
 BATCH_SIZES = (8, 32, 64, 128)

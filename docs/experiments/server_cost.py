@@ -19,9 +19,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.translator.v1 import translator_pb2 as pb
-from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.bench_load import (
+from bench.load import (
     DEFAULT_MODEL,
     DEFAULT_REPOSITORY,
     Setting,
@@ -29,7 +27,9 @@ from service.bench_load import (
     own_cpu_seconds,
     spawn_server,
 )
-from service.event_loop import EVENT_LOOPS
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.server.event_loop import EVENT_LOOPS
 
 CLIENTS = 64
 SECONDS = 10.0

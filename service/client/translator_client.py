@@ -27,15 +27,15 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
+from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.attention_kinds import KIND_ENUMS, KIND_NAMES
-from service.cli import output_file, positive_float, server_address
+from service.core.cli import output_file, positive_float, server_address
 
 DEFAULT_SERVER = "localhost:8001"
 SERVER_ENV = "TRANSLATOR_SERVER"
 
-# Names used by the engine (service.engine.ATTENTION_KINDS) mapped to the wire enum.
+# Names used by the engine (service.engine.engine.ATTENTION_KINDS) mapped to the wire enum.
 ATTENTION_KINDS = KIND_ENUMS
 
 # Attention maps grow with texts x kinds x layers x heads x rows x cols; gRPC's 4 MiB default is too small
@@ -368,7 +368,7 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
                     _print_result(result, args.json, args.json_attention, out)
                 results.extend(batch)
     if args.attention is not None and results:
-        from service.attention_plot import png_paths, render_cross_attention_png
+        from service.client.attention_png import png_paths, render_cross_attention_png
 
         for result, path in zip(results, png_paths(args.attention, len(results)), strict=True):
             cross = result.attention.get("cross")
@@ -379,7 +379,7 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
                                        cross.layers, cross.heads, title=f"{result.source}  →  {result.text}")
             print(f"wrote {path}", file=err)
     if args.html is not None and results:
-        from service.attention_html import write_attention_html
+        from service.client.attention_html import write_attention_html
 
         write_attention_html(args.html, results)
         print(f"wrote {args.html}", file=err)

@@ -24,13 +24,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from service.batcher import STREAM_END, Batcher, Job, TextResult
-from service.config import ServerConfig
-from service.engine import Engine, TranslateOptions
-from service.errors import RequestFailed
-from service.metrics import TRANSLATION_METHODS, ServerMetrics
-from service.requests import Limits
-from service.vocabulary import EncodedText
+from service.core.vocabulary import EncodedText
+from service.engine.engine import Engine, TranslateOptions
+from service.scheduler.batcher import STREAM_END, Batcher, Job, TextResult
+from service.scheduler.metrics import TRANSLATION_METHODS, ServerMetrics
+from service.scheduler.status import RequestFailed
+from service.server.config import ServerConfig
+from service.server.requests import Limits
 
 log = logging.getLogger("translator.rpc")
 

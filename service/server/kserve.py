@@ -26,12 +26,12 @@ import numpy as np
 
 from service.api.inference import grpc_service_pb2 as pb
 from service.api.inference import grpc_service_pb2_grpc as pb_grpc
-from service.batcher import TextResult
-from service.engine import Engine
-from service.errors import RequestFailed, invalid
-from service.repository import ModelLoadError, available_versions
-from service.requests import Limits, encode_texts, make_options, repeated_values
-from service.rpc import Runtime, Work, submit_job, tracked
+from service.core.model_format import ModelLoadError, available_versions
+from service.engine.engine import Engine
+from service.scheduler.batcher import TextResult
+from service.scheduler.status import RequestFailed, invalid
+from service.server.requests import Limits, encode_texts, make_options, repeated_values
+from service.server.runtime import Runtime, Work, submit_job, tracked
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "translator"

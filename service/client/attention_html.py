@@ -10,7 +10,8 @@ between a column of query tokens and a column of key tokens, brighter for more a
 clicking, to pin) a query token shows where it looks, a key token shows who looks at it. The URL fragment
 `#text=2&kind=encoder_self&layer=1&head=0&row=3` opens a given view (bookmarks, screenshots).
 
-Items are ClientTranslation objects (service.client) or mappings with the same names: `source_tokens`,
+Items are ClientTranslation objects (service.client.translator_client) or mappings with the same names:
+`source_tokens`,
 `target_tokens`, `text` (or `translation`), optionally `source` (the input text), and `attention` (or `maps`):
 {kind: map}, each map holding `weights` [layers, heads, rows, cols], `row_tokens`, `column_tokens`, and
 optionally `layers` and `heads` (the model's indices; default 0..n-1).

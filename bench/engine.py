@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from service.cli import nonnegative_float, nonnegative_int, output_file, positive_int, positive_ints
+from service.core.cli import nonnegative_float, nonnegative_int, output_file, positive_int, positive_ints
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES: dict[str, str] = {
@@ -60,7 +60,7 @@ ENGINES: dict[str, str] = {
 REFERENCE = "ours"
 # Engines whose tokens are allowed to differ from ours without stopping the benchmark.
 PARITY_EXEMPT = frozenset({"ct2_int8"})
-MAX_LENGTH_LIMIT = 256  # service.engine.Engine's default max_length_limit
+MAX_LENGTH_LIMIT = 256  # service.engine.engine.Engine's default max_length_limit
 # "ct2_f32_best": per batch size, the faster of the two CTranslate2 float32 configurations.
 BEST_CT2_F32 = ("ct2_f32", "ct2_f32_workers")
 RATIOS = (("ours/best ct2_f32", "ours", "ct2_f32_best"), ("ours/ct2_f32", "ours", "ct2_f32"),
@@ -152,7 +152,7 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
             pass
     from model.decoding import TorchBackend
     from model.train import load_model
-    from service.search import padded, search
+    from service.core.search import padded, search
 
     model, _, _ = load_model(spec["checkpoint"])
     if spec["device"] == "cuda":
@@ -174,7 +174,7 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
 
 
 def _ours_runner(engine: str, spec: dict) -> Runner:
-    from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
+    from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
 
     loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device=spec["device"],
                          threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT)
@@ -212,8 +212,8 @@ def load_translator(path: str | Path, threads: int, compute_type: str, workers: 
 
 
 def _ct2_runner(engine: str, spec: dict) -> Runner:
-    from model.ctranslate2_convert import source_tokens
-    from service.vocabulary import BOS, PAD, Vocabulary
+    from bench.ctranslate2_convert import source_tokens
+    from service.core.vocabulary import BOS, PAD, Vocabulary
 
     vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
     compute_type = "int8" if engine == "ct2_int8" else "float32"
@@ -268,7 +268,7 @@ def worker_prepare(spec: dict) -> dict:
     """Convert the checkpoint for CTranslate2, then translate the parity batches with every engine."""
     started = time.perf_counter()
     if any(engine.startswith("ct2") for engine in spec["engines"]):
-        from model.ctranslate2_convert import convert_to_ctranslate2
+        from bench.ctranslate2_convert import convert_to_ctranslate2
 
         convert_to_ctranslate2(spec["checkpoint"], spec["ct2_dir"])
         print(f"  converted {spec['checkpoint']} for CTranslate2 in {time.perf_counter() - started:.1f}s",
@@ -337,7 +337,7 @@ def _run_worker(kind: str, spec: dict, work_dir: Path, name: str, threads: int) 
         env[variable] = str(threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run([sys.executable, "-m", "model.bench_engine", "worker", kind, str(spec_path),
+    completed = subprocess.run([sys.executable, "-m", "bench.engine", "worker", kind, str(spec_path),
                                 str(out_path)], env=env, cwd=ROOT)
     if completed.returncode != 0:
         raise RuntimeError(f"{name} worker failed with exit status {completed.returncode}")
@@ -401,7 +401,7 @@ def gpu_info() -> str | None:
 
 def check_same_model(checkpoint: Path, repository: Path, name: str, version: int | None) -> Path:
     """The repository version must be an export of the checkpoint: same architecture and tokenizer."""
-    from service.repository import resolve
+    from service.core.model_format import resolve
 
     model_version = resolve(repository, name, version)
     exported = model_version.description.get("architecture", {})
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from model.data import toy_split
-    from service.vocabulary import Vocabulary
+    from service.core.vocabulary import Vocabulary
 
     checkpoint, repository = Path(args.checkpoint).resolve(), Path(args.repository).resolve()
     version_dir = check_same_model(checkpoint, repository, args.model, args.version)

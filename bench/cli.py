@@ -17,12 +17,12 @@ import importlib
 import importlib.util
 import sys
 
-from service.cli import run_command
+from service.core.cli import run_command
 
 SUBCOMMANDS = {
-    "engine": ("model.bench_engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
-    "load": ("service.bench_load", "load test of the running service"),
-    "phases": ("service.bench_phases", "time per engine phase (encoder, decoder steps, row selection, host)"),
+    "engine": ("bench.engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
+    "load": ("bench.load", "load test of the running service"),
+    "phases": ("bench.phases", "time per engine phase (encoder, decoder steps, row selection, host)"),
 }
 
 

@@ -31,15 +31,15 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from service.repository import ModelLoadError, ModelVersion
+from service.core.model_format import ModelLoadError, ModelVersion
 
 log = logging.getLogger("translator.engine")
 
 # A fork of a process already running gRPC and onnxruntime threads may inherit locks held by them: a lane
 # is a fresh interpreter that finds the `service` package where this one did.
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The lane's command line, before the number of its socket's file descriptor.
-LANE_COMMAND = [sys.executable, "-m", "service.lane_process"]
+LANE_COMMAND = [sys.executable, "-m", "service.engine.lane_process"]
 START_TIMEOUT_S = 120.0
 # How often a running search hears of abandoned rows (each check is a system call on the pipe).
 ABANDON_POLL_S = 0.002
@@ -57,7 +57,7 @@ class LaneFailed(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The lane process: `python -m service.lane_process FD`, FD its end of the parent's socket pair."""
+    """The lane process: `python -m service.engine.lane_process FD` (FD: its end of the socket pair)."""
     # The server stops its lanes itself once its in-flight calls are answered: a SIGTERM or Ctrl-C sent to
     # the whole process group must not take them away first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(
     conn: Connection, model: ModelVersion, device: str, threads: int, max_length_limit: int, spinning: bool
 ) -> None:
-    from service.batcher import TimedBackend
-    from service.engine import Engine, flush_denormals_on_this_thread
+    from service.engine.engine import Engine, flush_denormals_on_this_thread
+    from service.scheduler.batcher import TimedBackend
 
     try:
         engine = Engine(
@@ -207,7 +207,7 @@ def _run_stream(conn: Connection, engine: Any, timed: Any, options: Any) -> bool
 
 
 class LaneProcess:
-    """One lane process (`python -m service.lane_process`) and the parent's end of its socket.
+    """One lane process (`python -m service.engine.lane_process`) and the parent's end of its socket.
 
     Started as a fresh interpreter rather than through multiprocessing's spawn, which would re-run the
     caller's main script in the child.

@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.engine import ATTENTION_KINDS, Engine, TranslateOptions
-from service.errors import invalid
-from service.repository import Architecture
-from service.vocabulary import EmptyTextError, EncodedText
+from service.core.model_format import Architecture
+from service.core.vocabulary import EmptyTextError, EncodedText
+from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.scheduler.status import invalid
 
 # steps ** length_penalty must stay a finite float for every step count (a larger penalty overflowed in the
 # search: OverflowError, INTERNAL); 100 keeps it finite up to 1000 steps, far beyond any useful penalty.

@@ -10,13 +10,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.attention_kinds import KIND_ENUMS, KIND_NAMES
-from service.batcher import TextResult
-from service.engine import Engine, TranslateOptions, Translation
-from service.errors import invalid
-from service.requests import (
+from service.core.vocabulary import BOS
+from service.engine.engine import Engine, TranslateOptions, Translation
+from service.scheduler.batcher import TextResult
+from service.scheduler.status import invalid
+from service.server.requests import (
     AttentionSelection,
     Limits,
     check_selection,
@@ -24,8 +25,7 @@ from service.requests import (
     encode_texts,
     make_options,
 )
-from service.rpc import Runtime, Work, submit_job, tracked, tracked_stream
-from service.vocabulary import BOS
+from service.server.runtime import Runtime, Work, submit_job, tracked, tracked_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.bench_load import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SENTENCES, read_sentences
-from service.cli import input_file, output_file, positive_int, positive_ints
-from service.engine import Engine, TranslateOptions
+from bench.load import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SENTENCES, read_sentences
+from service.core.cli import input_file, output_file, positive_int, positive_ints
+from service.engine.engine import Engine, TranslateOptions
 
 PHASES = ("encode", "step", "select")
 

@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.lane_process import ProcessLanes, ProcessStream
-from service.repository import (
+from service.core.model_format import (
     ENCODER_INPUTS,
     ModelLoadError,
     ModelVersion,
@@ -41,8 +40,9 @@ from service.repository import (
     select_inputs,
     select_outputs,
 )
-from service.search import GreedyStream, Hypothesis, padded, search
-from service.vocabulary import EncodedText, Vocabulary
+from service.core.search import GreedyStream, Hypothesis, padded, search
+from service.core.vocabulary import EncodedText, Vocabulary
+from service.engine.lane_process import ProcessLanes, ProcessStream
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ class LaneThreads:
 
 
 class OnnxBackend:
-    """The `StepBackend` of service.search over the exported graphs (encoder, decoder step, select).
+    """The `StepBackend` of service.core.search over the exported graphs (encoder, decoder step, select).
 
     `io_binding`: the cross keys/values (encoder outputs) and the decoder's self-attention caches are bound
     as outputs on `device_type`/`device_id` and fed back to the next step as `OrtValue`s, so on a GPU they
@@ -797,7 +797,7 @@ class Engine:
         )
         if self._lane_threads is not None:  # an engine nobody closes does not keep its threads
             weakref.finalize(self, self._lane_threads.close)
-        # The lanes may run in processes of their own (service.lane_process); `search_ids` then sends them
+        # The lanes may run in processes of their own (service.engine.lane_process); `search_ids` sends them
         # its parts, and this process's sessions serve everything else (streams, warm-up). On a GPU each
         # lane process holds a CUDA context of its own.
         self.lane_processes: ProcessLanes | None = None

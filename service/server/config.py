@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service.event_loop import EVENT_LOOPS
+from service.server.event_loop import EVENT_LOOPS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV_PREFIX = "TRANSLATOR_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -258,7 +258,7 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "max_tokens_per_text": (1, 1_000_000),
     "max_beam_size": (1, 1024),
     "default_beam_size": (1, 1024),
-    # service.requests.MAX_LENGTH_PENALTY keeps steps ** length_penalty finite up to 1000 steps.
+    # service.server.requests.MAX_LENGTH_PENALTY keeps steps ** length_penalty finite up to 1000 steps.
     "max_length_limit": (1, 1000),
     "grace_period_s": (0, 86_400),
 }

@@ -9,7 +9,7 @@ architectures is settled here rather than left to CTranslate2's defaults:
 * Layer norm epsilon: torch's ``nn.LayerNorm`` uses 1e-5; CTranslate2 uses 1e-5 for a norm with a beta when
   the config leaves ``layer_norm_epsilon`` unset (1e-6 only for RMS norms). They agree, but we write ours
   into the config so a future default change cannot silently diverge.
-* Source </s>: our source ids already end with </s> (service.vocabulary.encode_source) and
+* Source </s>: our source ids already end with </s> (service.core.vocabulary.encode_source) and
   ``add_source_eos`` stays False, so callers pass exactly the tokens of our ids (see ``source_tokens``).
 * Output projection: tied to the target embedding, no bias (CTranslate2 aliases the duplicate on save).
 """
@@ -27,7 +27,7 @@ from ctranslate2.specs import common_spec, transformer_spec
 from torch import nn
 
 from model.transformer import MultiHeadAttention, Transformer
-from service.vocabulary import BOS, EOS, UNK, Vocabulary
+from service.core.vocabulary import BOS, EOS, UNK, Vocabulary
 
 # What CTranslate2 picks for a layer norm with beta when the config has no epsilon (src/layers/common.cc).
 CTRANSLATE2_DEFAULT_LAYER_NORM_EPSILON = 1e-5

@@ -34,11 +34,11 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from service.engine import Engine, TranslateOptions, Translation
-from service.errors import RequestFailed
-from service.metrics import ServerMetrics
-from service.search import Hypothesis
-from service.vocabulary import EncodedText
+from service.core.search import Hypothesis
+from service.core.vocabulary import EncodedText
+from service.engine.engine import Engine, TranslateOptions, Translation
+from service.scheduler.metrics import ServerMetrics
+from service.scheduler.status import RequestFailed
 
 log = logging.getLogger("translator.batcher")
 

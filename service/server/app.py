@@ -31,18 +31,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import disable_created_metrics
 
-from service import kserve, translator_api
 from service.api.inference import grpc_service_pb2_grpc
 from service.api.translator.v1 import translator_pb2_grpc
-from service.batcher import Batcher, BatchingSettings, Job
-from service.config import ServerConfig, load_config
-from service.engine import Engine, TranslateOptions
-from service.errors import RequestFailed
-from service.event_loop import new_event_loop
-from service.metrics import ServerMetrics
-from service.repository import ModelLoadError, resolve
-from service.requests import Limits
-from service.rpc import Runtime
+from service.core.model_format import ModelLoadError, resolve
+from service.engine.engine import Engine, TranslateOptions
+from service.scheduler.batcher import Batcher, BatchingSettings, Job
+from service.scheduler.metrics import ServerMetrics
+from service.scheduler.status import RequestFailed
+from service.server import kserve, translator_api
+from service.server.config import ServerConfig, load_config
+from service.server.event_loop import new_event_loop
+from service.server.requests import Limits
+from service.server.runtime import Runtime
 
 log = logging.getLogger("translator.server")
 

@@ -19,7 +19,7 @@ Every loop is bounded in time (``--warmup`` + ``--duration`` + the per-call ``--
 (``--max-requests`` per point). Results go to stdout as a table, to ``--json`` and to a ``--plot`` PNG.
 
 Serving-side module: imports grpc, numpy and service.* only (never torch or model/); the engine baseline runs
-in a subprocess (``python -m service.bench_load --engine-baseline ...``) so it never competes with a server.
+in a subprocess (``python -m bench.load --engine-baseline ...``) so it never competes with a server.
 """
 
 from __future__ import annotations
@@ -49,11 +49,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import event_loop
+from service.api.kinds import KIND_ENUMS
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.attention_kinds import KIND_ENUMS
-from service.cli import (
+from service.core.cli import (
     absolute_path,
     finite_float,
     input_file,
@@ -63,7 +62,8 @@ from service.cli import (
     positive_int,
     server_address,
 )
-from service.config import ROOT, ServerConfig
+from service.server import event_loop
+from service.server.config import ROOT, ServerConfig
 
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "test_sentences.txt"
 DEFAULT_REPOSITORY = ROOT / "model_repository"
@@ -244,13 +244,14 @@ def spawn_server(
     extra: dict[str, str] | None = None,
     startup_timeout_s: float = 180.0,
     log_dir: Path | None = None,
-    python_args: Sequence[str] = ("-m", "service.server"),
+    python_args: Sequence[str] = ("-m", "service.server.app"),
     env: dict[str, str] | None = None,
     stop_timeout_s: float = 40.0,
 ) -> Iterator[Target]:
-    """`python -m service.server` on free 127.0.0.1 ports with this setting; stopped by SIGTERM at exit.
+    """`python -m service.server.app` on free 127.0.0.1 ports with this setting; stopped by SIGTERM at exit.
 
-    `python_args` replaces `-m service.server` (tests start servers with injected faults that way); the server
+    `python_args` replaces `-m service.server.app` (tests start servers with injected faults that way); the
+    server
     flags follow it. Raises ServerStartError, with the end of the server's log, when it does not get ready.
     """
     values = {**(extra or {}), **setting.values}
@@ -680,12 +681,12 @@ class Driver:
 
 def engine_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """In-process throughput of Engine.translate at each batch size, on batches drawn from the sentences."""
-    from service.engine import Engine, TranslateOptions
+    from service.engine.engine import Engine, TranslateOptions
 
     engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.server_threads,
                          lanes=args.server_lanes)
     positions = engine.model.description["architecture"].get("max_positions")
-    if isinstance(positions, int):  # as the server does (service.server.TranslatorServer._limits)
+    if isinstance(positions, int):  # as the server does (service.server.app.TranslatorServer._limits)
         engine.max_length_limit = min(engine.max_length_limit, positions)
     workload = Workload(read_sentences(args.sentences), attention=tuple(args.attention or ()))
     options = TranslateOptions(
@@ -730,7 +731,7 @@ def run_engine_baseline(args: argparse.Namespace, batch_sizes: list[int]) -> dic
     command = [
         sys.executable,
         "-m",
-        "service.bench_load",
+        "bench.load",
         "--engine-baseline",
         "--model-repository",
         str(args.model_repository),
