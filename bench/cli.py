@@ -1,13 +1,12 @@
 """`translator-bench`: the benchmarks behind one command.
 
 * ``translator-bench engine ...``: greedy throughput of our engine against PyTorch and CTranslate2
-  (model/bench_engine.py; ``translator-bench engine --help``).
-* ``translator-bench load ...``: load test of the service (service/bench_load.py, when it is there).
-* ``translator-bench phases ...``: where a greedy batch's time goes inside our engine
-  (service/bench_phases.py).
+  (bench/engine.py; ``translator-bench engine --help``).
+* ``translator-bench load ...``: load test of the service (bench/load.py).
+* ``translator-bench phases ...``: where a greedy batch's time goes inside our engine (bench/phases.py).
+* ``translator-bench performance``: docs/PERFORMANCE.md, generated from every run in docs/results/.
 
-Subcommands are imported only when chosen: ``engine`` needs torch and CTranslate2, ``load`` and ``phases``
-do not.
+Subcommands are imported only when chosen: ``engine`` needs torch and CTranslate2, the others do not.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ SUBCOMMANDS = {
     "engine": ("bench.engine", "throughput of our engine vs PyTorch and CTranslate2 (same weights)"),
     "load": ("bench.load", "load test of the running service"),
     "phases": ("bench.phases", "time per engine phase (encoder, decoder steps, row selection, host)"),
+    "performance": ("bench.performance", "regenerate docs/PERFORMANCE.md from docs/results/"),
 }
 
 

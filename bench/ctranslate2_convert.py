@@ -154,7 +154,7 @@ def convert_model(model: Transformer, vocabulary: Vocabulary, out_dir: str | Pat
 def convert_to_ctranslate2(checkpoint_dir: str | Path, out_dir: str | Path,
                            quantization: str | None = None) -> Path:
     """A `translator-train` checkpoint folder -> a CTranslate2 folder (float32 unless ``quantization``)."""
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model, vocabulary, _ = load_model(checkpoint_dir)
     out = convert_model(model, vocabulary, out_dir, quantization)

@@ -45,7 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.results import run_folder, write_run_json
 from service.core.cli import nonnegative_float, nonnegative_int, output_file, positive_int, positive_ints
+from service.core.options import max_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES: dict[str, str] = {
@@ -77,9 +79,9 @@ class Batch:
 
 
 def max_length_for(source: Sequence[int], max_positions: int) -> int:
-    """Our engine's rule (Engine.max_length_for without options): 2 x source length + 10, capped by the
-    engine's limit and the position table."""
-    return min(2 * len(source) + 10, MAX_LENGTH_LIMIT, max_positions)
+    """The length rule every engine here runs by: the service's own (service.core.options.max_steps),
+    capped by the engine's limit and the position table."""
+    return max_steps(len(source), None, min(MAX_LENGTH_LIMIT, max_positions))
 
 
 def make_batches(sources: list[list[int]], batch_size: int, max_positions: int) -> list[Batch]:
@@ -150,8 +152,8 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
             torch.set_num_interop_threads(1)  # settable once per process, before any parallel work
         except RuntimeError:
             pass
+    from model.checkpoint import load_model
     from model.decoding import TorchBackend
-    from model.train import load_model
     from service.core.search import padded, search
 
     model, _, _ = load_model(spec["checkpoint"])
@@ -174,7 +176,8 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
 
 
 def _ours_runner(engine: str, spec: dict) -> Runner:
-    from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
+    from service.core.options import ATTENTION_KINDS, TranslateOptions
+    from service.engine.engine import Engine
 
     loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device=spec["device"],
                          threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT)
@@ -512,6 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         "(default: a temporary folder)")
     parser.add_argument("--json", type=output_file, default=None,
                         help="write every figure and the machine description here")
+    parser.add_argument("--save", action="store_true",
+                        help="keep the run in docs/results/<date>_<commit>_<machine>_engine/ "
+                             "(bench-engine.json, run.json), where `translator-bench performance` reads it")
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.no_int8:
@@ -631,6 +637,11 @@ def main(argv: list[str] | None = None) -> dict:
     _write_json(args.json, report)
     if args.json:
         print(f"\nwrote {args.json}")
+    if args.save:
+        folder = run_folder("engine")
+        _write_json(str(folder / "bench-engine.json"), report)
+        write_run_json(folder, ["translator-bench", "engine", *(argv or [])], {"device": args.device})
+        print(f"kept in {folder}")
     return report
 
 

@@ -49,6 +49,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.results import run_folder, write_run_json
 from service.api.kinds import KIND_ENUMS
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -681,13 +682,11 @@ class Driver:
 
 def engine_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """In-process throughput of Engine.translate at each batch size, on batches drawn from the sentences."""
-    from service.engine.engine import Engine, TranslateOptions
+    from service.core.options import TranslateOptions
+    from service.engine.engine import Engine
 
     engine = Engine.load(args.model_repository, args.model, device=args.device, threads=args.server_threads,
                          lanes=args.server_lanes)
-    positions = engine.model.description["architecture"].get("max_positions")
-    if isinstance(positions, int):  # as the server does (service.server.app.TranslatorServer._limits)
-        engine.max_length_limit = min(engine.max_length_limit, positions)
     workload = Workload(read_sentences(args.sentences), attention=tuple(args.attention or ()))
     options = TranslateOptions(
         beam_size=args.beam_size or 1,
@@ -1449,6 +1448,12 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=output_file, help="write the results here")
     output.add_argument("--plot", type=output_file, help="write a PNG here")
+    output.add_argument(
+        "--save",
+        action="store_true",
+        help="keep the run in docs/results/<date>_<commit>_<machine>_<load|soak>/ (report.json, plot.png, "
+        "run.json), where `translator-bench performance` reads it",
+    )
     parser.add_argument("--engine-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch-sizes", type=parse_numbers, help=argparse.SUPPRESS)
     return parser
@@ -1514,6 +1519,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.plot:
         plot(results, args.plot)
         progress(f"wrote {args.plot}")
+    if args.save:
+        folder = run_folder("soak" if args.soak else "load")
+        (folder / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, folder / "plot.png")
+        write_run_json(folder, ["translator-bench", "load", *(argv or sys.argv[1:])], {"device": args.device})
+        progress(f"kept in {folder}")
     if args.soak and not results["passed"]:
         raise SystemExit(1)
     return results

@@ -22,7 +22,8 @@ from typing import Any
 
 from bench.load import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SENTENCES, read_sentences
 from service.core.cli import input_file, output_file, positive_int, positive_ints
-from service.engine.engine import Engine, TranslateOptions
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
 
 PHASES = ("encode", "step", "select")
 
@@ -49,7 +50,7 @@ def measure(engine: Engine, sources: list[list[int]], batch_size: int, min_sente
         raise ValueError("no sentences to translate")
     totals: dict[str, list[float]] = {name: [0, 0.0] for name in PHASES}
     lock = threading.Lock()
-    backend = engine.backend
+    backend = engine.runner.backend
     originals = {name: getattr(backend, name) for name in PHASES}
     # Wrappers go on the instance; whatever the instance itself held before is put back afterwards.
     own = {name: vars(backend)[name] for name in PHASES if name in vars(backend)}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from model.transformer import Transformer
+from service.core.options import max_steps
 from service.core.search import Hypothesis, padded, search
 
 
@@ -97,15 +98,14 @@ def translate_ids(
 ) -> list[Hypothesis]:
     """Translate a batch of source id lists (each ending with </s>) with greedy or beam search.
 
-    ``max_length`` (decoding steps) defaults to twice the longest source plus 10, and is capped by the
-    model's position table. The model is left in the train/eval mode it came in.
+    Each sentence may take the decoding steps the service's length rule gives it (`max_steps`: from its own
+    source length, or ``max_length`` when given, capped by the model's position table), so evaluation and
+    serving decode alike. The model is left in the train/eval mode it came in.
     """
     if not src_ids:
         return []
     config = model.config
-    if max_length is None:
-        max_length = 2 * max(map(len, src_ids)) + 10
-    max_length = min(max_length, config.max_positions)
+    limits = np.array([max_steps(len(source), max_length, config.max_positions) for source in src_ids])
     was_training = model.training
     try:
         results = search(
@@ -115,7 +115,7 @@ def translate_ids(
             bos_id=config.bos_id,
             eos_id=config.eos_id,
             beam_size=beam_size,
-            max_length=max_length,
+            max_length=limits,
             length_penalty=length_penalty,
             with_attention=with_attention,
         )

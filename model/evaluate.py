@@ -41,13 +41,8 @@ def translate_texts(
     results: list[TextTranslation | None] = [None] * len(sources)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        max_length = 2 * max(len(sources[i]) for i in chunk) + 10
         hypotheses = translate_ids(
-            model,
-            [sources[i] for i in chunk],
-            beam_size=beam_size,
-            max_length=max_length,
-            length_penalty=length_penalty,
+            model, [sources[i] for i in chunk], beam_size=beam_size, length_penalty=length_penalty
         )
         for i, hypothesis in zip(chunk, hypotheses, strict=True):
             results[i] = TextTranslation(vocabulary.decode(hypothesis.tokens), hypothesis)
@@ -132,11 +127,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from model.train import load_model
+    from model.checkpoint import DEFAULT_CHECKPOINT, load_model
 
     parser = argparse.ArgumentParser(prog="translator-eval", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", default="runs/default", help="checkpoint folder from translator-train"
+        "--checkpoint",
+        default=str(DEFAULT_CHECKPOINT),
+        help="checkpoint folder from translator-train (default: the shipped default model's, "
+        "checkpoints/toy-en-es)",
     )
     parser.add_argument("--split", default="test", choices=["train", "valid", "test", "long"])
     parser.add_argument("--seed", type=int, help="sample the split from this seed instead of its own")

@@ -198,7 +198,7 @@ def select_graph(n_layers: int) -> onnx.ModelProto:
 def export_checkpoint(
     checkpoint: str | Path, repository: str | Path, name: str, version: int, metrics: dict | None = None
 ) -> Path:
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model, vocabulary, meta = load_model(checkpoint)
     out_dir = Path(repository) / name / str(version)

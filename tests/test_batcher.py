@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
-import grpc
 import pytest
 
+from service.core.options import TranslateOptions
 from service.core.search import Hypothesis
 from service.core.vocabulary import EncodedText
-from service.engine.engine import TranslateOptions, Translation
-from service.scheduler.batcher import STREAM_END, Batcher, BatchingSettings, Job
+from service.engine.timing import Searched, StageTimes
+from service.scheduler.batcher import Batcher, BatchingSettings
+from service.scheduler.job import STREAM_END, Job
 from service.scheduler.metrics import ServerMetrics
-from service.scheduler.status import RequestFailed
+from service.scheduler.status import RequestFailed, Status
 
 FAIL = 99  # a source starting with this id makes the fake engine raise
 EOS = 2
@@ -26,17 +26,31 @@ def source(length: int, first: int = 5) -> EncodedText:
     return EncodedText(ids=ids, tokens=[str(i) for i in ids], pieces=[str(i) for i in ids])
 
 
+class FakeVocabulary:
+    """Token ids as their numbers: a translation's text is its ids joined by spaces."""
+
+    unk_id = 3
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        return [str(i) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
 class FakeEngine:
     """Echoes each source as its translation, one token per step (so streaming and abandoning are visible)."""
 
+    lanes_waited_for = 0
+
     def __init__(self, step_s: float = 0.0) -> None:
-        self.backend = SimpleNamespace()
+        self.vocabulary = FakeVocabulary()
         self.step_s = step_s
         self.batches: list[list[int]] = []  # lengths of the sentences of each batch
         self.steps = 0
 
-    def search_ids(self, sources, options, on_token=None, is_abandoned=None, lanes=None,  # noqa: ANN001, ANN201
-                   on_done=None):  # noqa: ANN001
+    def search(self, sources, options, on_token=None, is_abandoned=None, lanes=None,  # noqa: ANN001, ANN201
+               on_done=None):  # noqa: ANN001
         self.batches.append([len(s) for s in sources])
         if any(s[0] == FAIL for s in sources):
             raise RuntimeError("boom")
@@ -57,21 +71,8 @@ class FakeEngine:
             for row, ids in enumerate(sources):
                 if alive[row] and step == len(ids) - 2 and on_done is not None:
                     on_done(row, results[row])
-        return [result if ok else None for result, ok in zip(results, alive, strict=True)]
-
-    def can_stream(self, options: TranslateOptions) -> bool:
-        return False  # every batch runs whole (the real engine's streams: tests/test_server.py)
-
-    def finish(self, source: EncodedText, hypothesis: Hypothesis, options: TranslateOptions) -> Translation:
-        return Translation(
-            text=" ".join(map(str, hypothesis.tokens)),
-            token_ids=hypothesis.tokens,
-            target_tokens=[*map(str, hypothesis.tokens), "</s>"],
-            source_tokens=source.tokens,
-            score=hypothesis.score,
-            log_prob=hypothesis.log_prob,
-            unknown_words=[],
-        )
+        hypotheses = [result if ok else None for result, ok in zip(results, alive, strict=True)]
+        return Searched(hypotheses, StageTimes())
 
 
 def make(step_s: float = 0.0, **settings: float) -> tuple[Batcher, FakeEngine, ServerMetrics]:
@@ -161,7 +162,7 @@ def test_engine_error_fails_only_that_batch_and_the_worker_goes_on(stop_batchers
     assert bad.wait(5) and good.wait(5)
     with pytest.raises(RequestFailed) as failure:
         bad.outcome()
-    assert failure.value.code == grpc.StatusCode.INTERNAL and "boom" in failure.value.message
+    assert failure.value.code == Status.INTERNAL and "boom" in failure.value.message
     assert good.outcome()[0].translation.text == "5 5 5"
     assert batcher.run(Job([source(3)], TranslateOptions()))[0].translation.text == "5 5"
     assert metrics.dropped_sentences.labels(reason="error", stage="decoding")._value.get() == 1
@@ -174,10 +175,10 @@ def test_full_queue_is_refused_at_once_and_abandoning_frees_it(stop_batchers: li
     batcher.submit(first)
     with pytest.raises(RequestFailed) as failure:
         batcher.submit(Job([source(4)] * 2, TranslateOptions()))
-    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert failure.value.code == Status.RESOURCE_EXHAUSTED
     assert "max_queue_size=4" in failure.value.message
-    assert batcher.abandon(first, grpc.StatusCode.CANCELLED, "gone", reason="cancelled")
-    assert not batcher.abandon(first, grpc.StatusCode.CANCELLED, "again", reason="cancelled")  # answered once
+    assert batcher.abandon(first, Status.CANCELLED, "gone", reason="cancelled")
+    assert not batcher.abandon(first, Status.CANCELLED, "again", reason="cancelled")  # answered once
     assert batcher.depth == 0
     assert metrics.dropped_sentences.labels(reason="cancelled", stage="queued")._value.get() == 3
     batcher.submit(Job([source(4)] * 4, TranslateOptions()))
@@ -196,7 +197,7 @@ def test_deadline_drops_queued_and_running_work(stop_batchers: list[Batcher]) ->
         batcher.wait(job)
         with pytest.raises(RequestFailed) as failure:
             job.outcome()
-        assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert failure.value.code == Status.DEADLINE_EXCEEDED
     assert batcher.depth == 0
     time.sleep(0.05)
     steps = engine.steps
@@ -221,7 +222,7 @@ def test_stream_events_then_end_and_cancel_stops_rows(stop_batchers: list[Batche
     batcher.submit(cancelled)
     assert cancelled.events is not None
     cancelled.events.get(timeout=5)
-    batcher.abandon(cancelled, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    batcher.abandon(cancelled, Status.CANCELLED, "client left", reason="cancelled")
     time.sleep(0.05)
     steps = engine.steps
     time.sleep(0.1)
@@ -240,7 +241,7 @@ def test_close_refuses_new_work_and_answers_everything(stop_batchers: list[Batch
     assert all(job.wait(0) and job.error is None for job in jobs)  # closing flushes without the long delay
     with pytest.raises(RequestFailed) as failure:
         batcher.submit(Job([source(4)], TranslateOptions()))
-    assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+    assert failure.value.code == Status.UNAVAILABLE
 
 
 def test_submit_refuses_a_job_already_answered(stop_batchers: list[Batcher]) -> None:
@@ -249,10 +250,10 @@ def test_submit_refuses_a_job_already_answered(stop_batchers: list[Batcher]) -> 
     batcher.start()
     job = Job([source(4)], TranslateOptions())
     # Its call ended before it was submitted: abandoning it answers it; it must never be queued afterwards.
-    assert batcher.abandon(job, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    assert batcher.abandon(job, Status.CANCELLED, "client left", reason="cancelled")
     with pytest.raises(RequestFailed) as failure:
         batcher.submit(job)
-    assert failure.value.code == grpc.StatusCode.CANCELLED
+    assert failure.value.code == Status.CANCELLED
     assert batcher.depth == 0
     time.sleep(0.05)  # longer than max_queue_delay: a queued job would have run by now
     assert engine.batches == []
@@ -324,8 +325,8 @@ def test_a_batch_over_two_lanes_is_timed_on_both(stop_batchers: list[Batcher]) -
     from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lanes=2)
-    recorder = RecordingBackend(engine.backend)
-    engine.backend = recorder  # type: ignore[assignment]
+    recorder = RecordingBackend(engine.runner.backend)
+    engine.runner.backend = recorder  # type: ignore[assignment]
     metrics = ServerMetrics()
     settings = BatchingSettings(max_batch_size=16, max_queue_delay_s=0.0, workers=1)
     batcher = Batcher(engine, settings, metrics)
@@ -377,10 +378,10 @@ def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_bat
     from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
-    backend = FailingBackend(engine.backend, fail_from=4)
-    engine.backend = backend  # type: ignore[assignment]
+    backend = FailingBackend(engine.runner.backend, fail_from=4)
+    engine.runner.backend = backend  # type: ignore[assignment]
     metrics = ServerMetrics()
-    settings = BatchingSettings(max_batch_size=8, max_queue_delay_s=0.0, streaming=True)
+    settings = BatchingSettings(max_batch_size=8, max_queue_delay_s=0.0, iteration_batching=True)
     batcher = Batcher(engine, settings, metrics)
     stop_batchers.append(batcher)
     batcher.start()
@@ -395,7 +396,7 @@ def test_an_engine_error_in_a_running_stream_fails_every_joined_request(stop_bat
         assert job.wait(5)
         with pytest.raises(RequestFailed) as failure:
             job.outcome()
-        assert failure.value.code == grpc.StatusCode.INTERNAL and "step exploded" in failure.value.message
+        assert failure.value.code == Status.INTERNAL and "step exploded" in failure.value.message
     backend.fail_from = 10**9  # the engine recovers: the worker goes on serving
     (result,) = batcher.run(Job(engine.encode_texts(["the cat"]), TranslateOptions()))
     assert result.translation.text
@@ -424,8 +425,8 @@ def test_done_callbacks_run_once_from_the_answering_thread_or_at_once(stop_batch
     abandoned = Job([source(80)], TranslateOptions())
     abandoned.add_done_callback(recorder("abandoned"))
     batcher.submit(abandoned)
-    batcher.abandon(abandoned, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
-    batcher.abandon(abandoned, grpc.StatusCode.CANCELLED, "client left", reason="cancelled")
+    batcher.abandon(abandoned, Status.CANCELLED, "client left", reason="cancelled")
+    batcher.abandon(abandoned, Status.CANCELLED, "client left", reason="cancelled")
     time.sleep(0.05)  # the worker's next step sees the abandoned row: no second answer
     assert [name for name, _ in calls] == ["completed", "late", "abandoned"]
 
@@ -459,7 +460,9 @@ def test_streams_give_their_lane_process_up_to_a_waiting_worker(stop_batchers: l
         DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1, lanes=1, lane_processes=True
     )
     try:
-        settings = BatchingSettings(max_batch_size=8, max_queue_delay_s=0.002, streaming=True, workers=2)
+        settings = BatchingSettings(
+            max_batch_size=8, max_queue_delay_s=0.002, iteration_batching=True, workers=2
+        )
         batcher = Batcher(engine, settings, ServerMetrics())
         stop_batchers.append(batcher)
         batcher.start()

@@ -13,9 +13,11 @@ import pytest
 from bench import cli as bench
 from bench.ctranslate2_convert import convert_to_ctranslate2, source_tokens
 from bench.engine import ENGINES, Batch, first_difference, load_translator, main, make_batches
+from model.checkpoint import load_model
 from model.decoding import translate_ids
-from model.train import load_model
-from service.engine.engine import Engine, TranslateOptions, encoder_groups
+from service.core.options import TranslateOptions
+from service.engine.backend import encoder_groups
+from service.engine.engine import Engine
 from tests.conftest import WORDS
 
 
@@ -83,13 +85,13 @@ def test_grouped_encoder_changes_nothing_but_speed(tiny_repository: Path) -> Non
     """The CPU engine runs the encoder per group of similar lengths; tokens, scores and every attention map
     must be those of one whole-batch run."""
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    assert engine.backend.group_encoder_by_length
+    assert engine.runner.backend.group_encoder_by_length
     texts = sentences(48, seed=11)  # 1 to 14 words: several groups
     sources = [engine.vocabulary.encode_source(text).ids for text in texts]
     assert len(encoder_groups(np.array([len(s) for s in sources]))) > 1
     options = TranslateOptions(max_length=12, attention=frozenset({"cross", "decoder_self", "encoder_self"}))
     grouped = engine.search_ids(sources, options)
-    engine.backend.group_encoder_by_length = False
+    engine.runner.backend.group_encoder_by_length = False
     whole = engine.search_ids(sources, options)
     for a, b in zip(grouped, whole, strict=True):
         assert a is not None and b is not None

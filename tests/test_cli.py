@@ -12,7 +12,7 @@ import pytest
 
 from bench import cli as bench
 from bench.load import build_parser as load_parser
-from model import evaluate, export, train
+from model import checkpoint, evaluate, export, train
 from service.client import translator_client as client
 from service.scheduler.metrics import ServerMetrics
 
@@ -76,7 +76,7 @@ def test_truncated_weights_are_named(tiny_checkpoint: Path, tmp_path: Path) -> N
         (folder / name).write_bytes((tiny_checkpoint / name).read_bytes())
     (folder / "model.safetensors").write_bytes((tiny_checkpoint / "model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"model\.safetensors: cannot load the weights"):
-        train.load_model(folder)
+        checkpoint.load_model(folder)
 
 
 def test_load_paths_are_resolved_where_the_command_runs(

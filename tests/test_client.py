@@ -2,7 +2,7 @@
 
 Most tests talk to a small fake Translator servicer in this process, which answers instantly: they check
 the client's side of the contract (options, maps, streams, errors, CLI output) without a model. The tests at
-the end run against the real server (`translator-serve`, service/server.py) with the tiny test model.
+the end run against the real server (`translator-serve`, service/server/app.py) with the tiny test model.
 """
 
 from __future__ import annotations
@@ -585,10 +585,8 @@ def test_cli_unreachable_server(capsys: pytest.CaptureFixture[str], monkeypatch:
 def real_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`translator-serve` in a subprocess (its real command line), serving the tiny test model.
 
-    A subprocess rather than tests/test_server.py's in-process helper: the client is then tested exactly as
+    A subprocess rather than the in-process harness of tests/support: the client is then tested exactly as
     a user meets the server, and a fixture of another test module is not shared across modules anyway."""
-    if not (ROOT / "service" / "server.py").exists():
-        pytest.skip("service/server.py does not exist yet")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "service.server.app", "--port", str(port), "--metrics-port", "0",

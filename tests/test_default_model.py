@@ -12,22 +12,17 @@ import threading
 import numpy as np
 import pytest
 
+from model.checkpoint import load_model
 from model.data import toy_split
 from model.decoding import translate_ids
-from model.train import load_model
 from model.transformer import Transformer
 from service.core.model_format import resolve, sha256
+from service.core.options import TranslateOptions
+from service.core.postprocess import Translation
 from service.core.vocabulary import Vocabulary
-from service.engine.engine import (
-    LANE_ROW_STEP_COST,
-    LANE_STEP_COST,
-    Engine,
-    LaneThreads,
-    TranslateOptions,
-    Translation,
-    lane_parts,
-)
-from service.engine.lane_process import ProcessStream
+from service.engine.engine import Engine
+from service.engine.lane_process import ProcessRunningBatch
+from service.engine.lanes import LANE_ROW_STEP_COST, LANE_STEP_COST, LaneThreads, lane_parts
 from tests.conftest import DEFAULT_CHECKPOINT, DEFAULT_MODEL, DEFAULT_REPOSITORY, ENGINE_DEVICE
 
 PARITY_SENTENCES = 500
@@ -301,7 +296,7 @@ def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int, 
     done: dict[int, object] = {}
     streamed: dict[int, list[int]] = {row: [] for row in range(len(sources))}
     abandoned = {5, 17}
-    stream = engine.stream(
+    stream = engine.running_batch(
         options,
         on_token=lambda row, token: streamed[row].append(token),
         on_done=lambda row, hypothesis: done.setdefault(row, hypothesis),
@@ -312,7 +307,7 @@ def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int, 
     while pending or stream.size:
         # A few sentences join at every step, so the running rows are at many different positions.
         joining, pending = pending[: 1 + steps % 4], pending[1 + steps % 4 :]
-        engine.stream_add(stream, joining, [sources[row] for row in joining], options)
+        engine.join(stream, joining, [sources[row] for row in joining], options)
         stream.step()
         steps += 1
         assert stream.size <= len(sources) and steps < 500
@@ -325,21 +320,22 @@ def test_sentences_joining_a_running_stream_translate_as_in_a_batch(lanes: int, 
         assert hypothesis.score == pytest.approx(reference.score, abs=1e-4)
         assert hypothesis.finished == reference.finished
     if lane_processes:
-        assert isinstance(stream, ProcessStream)
+        assert isinstance(stream, ProcessRunningBatch)
         stream.close()  # the lane goes back: a batch search can use both lanes again
         again = engine.search_ids(sources[:8], options)
         assert [h.tokens for h in again if h] == [h.tokens for h in expected[:8] if h]
         engine.close()
     else:
-        assert stream.state is None  # everything left: nothing is held
+        assert stream.batch.state is None  # everything left: nothing is held
 
 
 def test_only_greedy_requests_without_maps_stream(engine: Engine) -> None:
-    assert engine.can_stream(TranslateOptions())
-    assert not engine.can_stream(TranslateOptions(beam_size=2))
-    assert not engine.can_stream(TranslateOptions(attention=frozenset({"cross"})))
+    assert TranslateOptions().joins_running_batch
+    assert not TranslateOptions(beam_size=2).joins_running_batch
+    assert not TranslateOptions(attention=frozenset({"cross"})).joins_running_batch
+    assert not TranslateOptions(replace_unknowns=True).joins_running_batch
     with pytest.raises(ValueError, match="greedy"):
-        engine.stream(TranslateOptions(beam_size=2))
+        engine.running_batch(TranslateOptions(beam_size=2))
 
 
 def test_lane_threads_give_each_part_its_own_free_thread_and_refuse_work_once_closed() -> None:

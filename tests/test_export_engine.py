@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from model.checkpoint import load_model
 from model.decoding import translate_ids
-from model.train import load_model
 from service.core.model_format import (
     MODEL_FORMAT,
     ModelLoadError,
@@ -25,8 +25,11 @@ from service.core.model_format import (
     select_inputs,
     select_outputs,
 )
+from service.core.options import ATTENTION_KINDS, TranslateOptions
+from service.core.postprocess import replace_unknowns
 from service.core.search import Hypothesis
-from service.engine.engine import ATTENTION_KINDS, DecoderState, Engine, TranslateOptions
+from service.engine.backend import DecoderState
+from service.engine.engine import Engine
 from tests.conftest import DEFAULT_REPOSITORY, ROOT, WORDS
 
 
@@ -180,7 +183,7 @@ def test_a_stream_never_feeds_a_done_row_past_the_position_table() -> None:
     assert engine.model.description["architecture"]["max_positions"] == 512
     source = engine.vocabulary.encode_source("and " * 60).ids  # never ends with </s>: rows run to their max
     done: dict[object, Hypothesis] = {}
-    stream = engine.stream(TranslateOptions(), on_done=lambda key, found: done.setdefault(key, found))
+    stream = engine.running_batch(TranslateOptions(), on_done=lambda key, found: done.setdefault(key, found))
     try:
         stream.add(["A"], [source], [300])
         for _ in range(250):
@@ -271,7 +274,7 @@ def test_replace_unknowns_copies_the_attended_source_word(tiny_repository: Path)
     attention[:, :, 0, 1] = 1.0  # target 0 looks at "Zorblax"
     attention[:, :, 1, 2] = 1.0
     dog = engine.vocabulary.tokenizer.token_to_id("perro")
-    assert engine.replace_unknowns([unk, dog], source, attention) == "Zorblax perro"
+    assert replace_unknowns(engine.vocabulary, [unk, dog], source, attention) == "Zorblax perro"
 
 
 def test_engine_imports_no_torch() -> None:
@@ -362,10 +365,10 @@ def test_io_binding_on_cpu_equals_plain_mode(tiny_repository: Path, beam_size: i
     """The IO-binding mode (automatic on CUDA) forced on CPU: same tokens, scores and maps as numpy feeds."""
     plain = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     bound = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, io_binding=True)
-    assert not plain.io_binding and not plain.backend.io_binding and bound.backend.io_binding
+    assert not plain.io_binding and not plain.runner.backend.io_binding and bound.runner.backend.io_binding
     # grouped: the CPU encoder's per-length runs, wrapped as OrtValues; else one encoder run with its
     # cross keys/values bound as device outputs (the CUDA path).
-    bound.backend.group_encoder_by_length = grouped
+    bound.runner.backend.group_encoder_by_length = grouped
     # Mixed lengths (1-14 words) and per-sentence max lengths: rows finish at different steps, so
     # `select` drops and reorders rows of the device-side caches.
     texts = sentences(48, seed=5)
@@ -397,7 +400,7 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
     bound = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, io_binding=True)
     # The graph must do the work: a host round trip (`_to_device`) would also return OrtValues.
     graph_runs: list[int] = []
-    selector = bound.backend.selector
+    selector = bound.runner.backend.selector
     assert selector is not None
     real_run = selector.run_with_iobinding
 
@@ -410,7 +413,7 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
     def no_round_trip(array: np.ndarray) -> ort.OrtValue:
         raise AssertionError("select copied a device cache through the host")
 
-    bound.backend._to_device = no_round_trip  # type: ignore[method-assign]
+    bound.runner.backend._to_device = no_round_trip  # type: ignore[method-assign]
     architecture = plain.model.architecture
     layers, heads, head_dim = architecture.n_decoder_layers, architecture.n_heads, architecture.head_dim
     rng = np.random.default_rng(3)
@@ -434,8 +437,8 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
                                    at_start.positions)
     cases = [(state, on_device, rows) for rows in ([3, 1, 3, 4], [0, 2], [4])]
     for plain_state, device_state, rows in [*cases, (at_start, start_on_device, [2, 0])]:
-        expected = plain.backend.select(plain_state, np.array(rows))
-        kept = bound.backend.select(device_state, np.array(rows))
+        expected = plain.runner.backend.select(plain_state, np.array(rows))
+        kept = bound.runner.backend.select(device_state, np.array(rows))
         np.testing.assert_array_equal(kept.src_padding_mask, expected.src_padding_mask)
         np.testing.assert_array_equal(kept.positions, expected.positions)
         for name in ("self_key", "self_value", "cross_key", "cross_value"):
@@ -444,7 +447,7 @@ def test_select_graph_keeps_rows_like_numpy(tiny_repository: Path) -> None:
                 np.testing.assert_array_equal(ours.numpy(), theirs)
     assert len(graph_runs) == 4
     # The cuts were exercised: rows [3, 1, 3, 4] need 5 cache entries of 7 and 4 source columns of 9.
-    cut = plain.backend.select(state, np.array([3, 1, 3, 4]))
+    cut = plain.runner.backend.select(state, np.array([3, 1, 3, 4]))
     assert cut.self_key[0].shape == (4, heads, 5, head_dim)
     assert cut.cross_key[0].shape == (4, heads, 4, head_dim)
 
@@ -459,9 +462,8 @@ def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
         pytest.skip("this onnxruntime has a working CUDA provider")
     with pytest.raises(ModelLoadError, match="device 'cuda' asked for, but onnxruntime offers only"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
-    monkeypatch.setattr(
-        "service.engine.engine.available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr("service.engine.sessions.available_providers", lambda: both)
     with pytest.raises(ModelLoadError, match="could not start its CUDA provider"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
     # `auto` carries on with the CPU, planned as for the CPU (a lane per thread, not the GPU's one).

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.timeout(300)
 SLOW_ENGINE = """
 import os, sys, time
 import numpy as np
-from service.engine import engine as engine_module
+from service.engine import runner as runner_module
 
 STEP_S = float(os.environ["FAULTS_STEP_S"])
 
@@ -63,20 +63,21 @@ class Slow:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-original = engine_module.Engine.__init__
+original = runner_module.Runner.__init__
 
 def slowed(self, *args, **kwargs):
     original(self, *args, **kwargs)
-    self.backend = Slow(self.backend, self.vocabulary.eos_id)
+    self.backend = Slow(self.backend, self.special_ids["eos"])
 
-engine_module.Engine.__init__ = slowed
+runner_module.Runner.__init__ = slowed
 """
 # The real server (service.server.app.main, its flags after `-c CODE`), its lanes started the same way.
 SLOW_LAUNCHER = (
     SLOW_ENGINE
-    + "from service import lane_process, server\n"
+    + "from service.engine import lane_process\n"
+    + "from service.server import app as server\n"
     + "lane_process.LANE_COMMAND = [sys.executable, '-c', "
-    + repr(SLOW_ENGINE + "from service import lane_process\nlane_process.main()\n")
+    + repr(SLOW_ENGINE + "from service.engine import lane_worker\nlane_worker.main()\n")
     + "]\n"
     + "sys.exit(server.main())\n"
 )

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.core.options import TranslateOptions
 from service.engine.engine import Engine
-from service.engine.lane_process import LaneFailed, ProcessStream
-from service.server.requests import TranslateOptions
+from service.engine.lane_process import LaneFailed, ProcessRunningBatch
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY, process_alive
 
 SENTENCES = [
@@ -187,16 +187,17 @@ def test_a_lane_loads_on_the_device_it_is_given() -> None:
     import onnxruntime as ort
 
     from service.core.model_format import ModelLoadError, resolve
+    from service.engine.lane_messages import Load
     from service.engine.lane_process import ProcessLanes
 
     model = resolve(DEFAULT_REPOSITORY, DEFAULT_MODEL, None)
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        lanes = ProcessLanes(model, 1, 1, 256, device="cuda")
+        lanes = ProcessLanes(Load(model, "cuda", 1, False, None), 1)
         assert lanes.count == 1
         lanes.close()
         return
     with pytest.raises(ModelLoadError, match=r"lane process 0 could not load the model .*'cuda' asked for"):
-        ProcessLanes(model, 1, 1, 256, device="cuda")
+        ProcessLanes(Load(model, "cuda", 1, False, None), 1)
 
 
 def stream_engine() -> Engine:
@@ -211,19 +212,19 @@ def test_a_stream_holds_one_lane_and_gives_it_back(threads_engine: Engine) -> No
         expected = threads_engine.search_ids(sources, TranslateOptions())
         done: dict[int, object] = {}
         tokens: dict[int, list[int]] = {row: [] for row in range(12)}
-        stream = engine.stream(
+        stream = engine.running_batch(
             TranslateOptions(),
             on_token=lambda row, token: tokens[row].append(token),
             on_done=lambda row, hypothesis: done.setdefault(row, hypothesis),
             wants_tokens=lambda row: row % 2 == 0,  # only these rows' tokens cross
         )
-        engine.stream_add(stream, list(range(6)), sources[:6], TranslateOptions())
+        engine.join(stream, list(range(6)), sources[:6], TranslateOptions())
         stream.step()
         # While the stream holds one lane, a batch search runs on the other one.
         assert [h.tokens for h in engine.search_ids(sources[:4], TranslateOptions(), lanes=1) if h] == [
             h.tokens for h in expected[:4] if h
         ]
-        engine.stream_add(stream, list(range(6, 12)), sources[6:], TranslateOptions())
+        engine.join(stream, list(range(6, 12)), sources[6:], TranslateOptions())
         while stream.size:
             stream.step()
         stream.close()
@@ -241,10 +242,10 @@ def test_a_lane_killed_mid_stream_fails_it_and_is_replaced() -> None:
         assert engine.lane_processes is not None
         sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
         before = set(engine.lane_processes.pids)
-        stream = engine.stream(TranslateOptions())
-        engine.stream_add(stream, list(range(8)), sources, TranslateOptions(max_length=200))
+        stream = engine.running_batch(TranslateOptions())
+        engine.join(stream, list(range(8)), sources, TranslateOptions(max_length=200))
         stream.step()
-        assert isinstance(stream, ProcessStream) and stream.pid in before
+        assert isinstance(stream, ProcessRunningBatch) and stream.pid in before
         victim = stream.pid
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(LaneFailed, match=f"lane process {victim} exited"):
@@ -272,8 +273,8 @@ def test_a_callback_that_raises_mid_step_leaves_the_lane_clean(
         def explode(row: int, token: int) -> None:
             raise error("callback exploded")
 
-        stream = engine.stream(TranslateOptions(), on_token=explode)
-        engine.stream_add(stream, list(range(8)), sources, TranslateOptions())
+        stream = engine.running_batch(TranslateOptions(), on_token=explode)
+        engine.join(stream, list(range(8)), sources, TranslateOptions())
         with pytest.raises(error, match="exploded"):
             stream.step()
         stream.close()  # reads the rest of that step's answer before the lane is used again
@@ -298,15 +299,15 @@ def test_abandoned_stream_rows_are_forgotten_on_both_sides() -> None:
         sources = [text.ids for text in engine.encode_texts(SENTENCES[:8])]
         gone: set[int] = set()
         done: list[int] = []
-        stream = engine.stream(
+        stream = engine.running_batch(
             TranslateOptions(),
             on_done=lambda row, hypothesis: done.append(row),
             is_abandoned=gone.__contains__,
         )
-        assert isinstance(stream, ProcessStream)
+        assert isinstance(stream, ProcessRunningBatch)
         for round_ in range(3):
             rows = list(range(8 * round_, 8 * round_ + 8))
-            engine.stream_add(stream, rows, sources, TranslateOptions())
+            engine.join(stream, rows, sources, TranslateOptions())
             gone.update(rows[:6])  # six of each eight leave before their first step
             while stream.size:
                 stream.step()

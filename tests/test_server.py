@@ -34,8 +34,9 @@ from service.api.inference import grpc_service_pb2 as kpb
 from service.api.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.engine.engine import Engine, TranslateOptions
-from service.engine.lane_process import ProcessStream
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
+from service.engine.lane_process import ProcessRunningBatch
 from service.scheduler.metrics import ALL_METRICS
 from service.server.app import TranslatorServer
 from service.server.config import ROOT, ServerConfig, build_parser, env_name, load_config
@@ -185,8 +186,8 @@ def client(server: TranslatorServer) -> Iterator[Client]:
 def slow_engine(tiny_repository: Path) -> tuple[Engine, SlowBackend]:
     """The tiny model with every decoding step taking 20 ms: calls stay in flight long enough to act on."""
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    backend = SlowBackend(engine.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
-    engine.backend = backend
+    backend = SlowBackend(engine.runner.backend, step_s=0.02, eos_id=engine.vocabulary.eos_id)
+    engine.runner.backend = backend
     return engine, backend
 
 
@@ -355,15 +356,15 @@ def test_iteration_batching_in_lane_processes(tiny_repository: Path, reference: 
         engine = server.runtime.engine
         assert server.port and engine and engine.lane_processes
         opened: list[int] = []
-        open_stream = engine.stream
+        open_batch = engine.running_batch
 
-        def counted_stream(*args: Any, **kwargs: Any) -> Any:
-            stream = open_stream(*args, **kwargs)
-            assert isinstance(stream, ProcessStream)
-            opened.append(stream.pid)
-            return stream
+        def counted_batch(*args: Any, **kwargs: Any) -> Any:
+            batch = open_batch(*args, **kwargs)
+            assert isinstance(batch, ProcessRunningBatch)
+            opened.append(batch.pid)
+            return batch
 
-        engine.stream = counted_stream  # type: ignore[method-assign]
+        engine.running_batch = counted_batch  # type: ignore[method-assign]
         client = Client(server.port)
         try:
 
@@ -1286,8 +1287,9 @@ def test_a_failure_found_after_the_deadline_is_not_sent_again(streaming: bool) -
     import asyncio
 
     from service.scheduler.metrics import ServerMetrics
-    from service.scheduler.status import RequestFailed
-    from service.server.runtime import Runtime, tracked, tracked_stream
+    from service.scheduler.status import RequestFailed, Status
+    from service.server.accounting import tracked, tracked_stream
+    from service.server.runtime import Runtime
 
     class Servicer:
         def __init__(self) -> None:
@@ -1295,11 +1297,11 @@ def test_a_failure_found_after_the_deadline_is_not_sent_again(streaming: bool) -
 
         @tracked("Translate")
         async def unary(self, request: Any, context: Any) -> Any:
-            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while queued")
+            raise RequestFailed(Status.DEADLINE_EXCEEDED, "the deadline passed while queued")
 
         @tracked_stream("TranslateStream")
         async def stream(self, request: Any, context: Any) -> Any:
-            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while decoding")
+            raise RequestFailed(Status.DEADLINE_EXCEEDED, "the deadline passed while decoding")
             yield  # an async generator
 
     async def call(servicer: Servicer, context: PastDeadlineContext) -> None:
@@ -1332,9 +1334,10 @@ def test_a_call_its_deadline_timer_dropped_counts_as_deadline_exceeded() -> None
     test_faults.py::test_deadlines_shorter_than_the_queue_wait saw the counts disagree)."""
     import asyncio
 
-    from service.scheduler.batcher import Job
+    from service.scheduler.job import Job
     from service.scheduler.metrics import ServerMetrics
-    from service.server.runtime import Runtime, Submitted, tracked
+    from service.server.accounting import tracked
+    from service.server.runtime import Runtime, Submitted, Work
     from tests.test_batcher import make, source
 
     batcher, engine, batcher_metrics = make()
@@ -1347,7 +1350,8 @@ def test_a_call_its_deadline_timer_dropped_counts_as_deadline_exceeded() -> None
         async def unary(self, request: Any, context: Any) -> Any:
             job = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.001)
             batcher.submit(job)
-            with Submitted(engine, batcher, job, context):  # type: ignore[arg-type]
+            work = Work(job.sources, job.options)
+            with Submitted(engine, batcher, job, work, context):  # type: ignore[arg-type]
                 batcher.expire(job)  # what Submitted's deadline timer does
                 raise asyncio.CancelledError  # grpc.aio ending the call on the client's cancel
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from bench.load import Setting, spawn_server
-from service.engine.engine import Engine, TranslateOptions
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 TEXTS = ["the big red dog sees her", "i do not see the small cats"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 import statistics
 import time
 
-import service.engine.engine as engine_module
+import service.engine.sessions as engine_module
 from bench.load import DEFAULT_SENTENCES, read_sentences
-from service.engine.engine import Engine, TranslateOptions
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
 
 BATCH_SIZES = (1, 8, 32, 128)
 ROUNDS = 3

@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from bench.load import DEFAULT_SENTENCES, read_sentences
-from service.engine.engine import Engine, TranslateOptions
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
 
 LOADS = ((1, 0.5), (2, 0.4))  # (burners, share of each millisecond each one computes)
 BATCH = 16

@@ -31,9 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import model.export as export
 from bench.load import DEFAULT_SENTENCES, read_sentences
-from model.train import load_model
+from model.checkpoint import load_model
 from service.core.vocabulary import Vocabulary
-from service.engine.engine import flush_denormals_on_this_thread
+from service.engine.sessions import flush_denormals_on_this_thread
 
 CHECKPOINT = Path("checkpoints/toy-en-es")
 DECODER = Path("model_repository/toy-en-es/1/decoder.onnx")

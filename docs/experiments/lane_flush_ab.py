@@ -15,7 +15,8 @@ import statistics
 from arena_ab import rate  # this folder's arena A/B: the same timing loop
 
 from bench.load import DEFAULT_SENTENCES, read_sentences
-from service.engine.engine import Engine, LaneThreads
+from service.engine.engine import Engine
+from service.engine.lanes import LaneThreads
 
 BATCH_SIZES = (8, 32, 128)
 ROUNDS = 6

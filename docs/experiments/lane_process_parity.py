@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from model.data import toy_split
-from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.core.options import ATTENTION_KINDS, TranslateOptions
+from service.engine.engine import Engine
 
 MAPS = ("cross_attention", "decoder_self_attention", "encoder_attention")
 

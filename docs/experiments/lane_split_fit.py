@@ -18,9 +18,10 @@ import time
 
 import numpy as np
 
-import service.engine.engine as engine_module
+import service.engine.engine as engine_module  # its lane_parts is swapped for the A/B
 from bench.load import DEFAULT_SENTENCES, read_sentences
-from service.engine.engine import Engine, TranslateOptions
+from service.core.options import TranslateOptions
+from service.engine.engine import Engine
 
 RUNS = 300
 BATCH_SIZES = (8, 32, 64, 128)

@@ -113,6 +113,12 @@ class ModelVersion:
         return dict(self.description["special_ids"])
 
     @property
+    def max_positions(self) -> int | None:
+        """The model's position table: no source or target may be longer (None: not recorded)."""
+        positions = self.description["architecture"].get("max_positions")
+        return positions if isinstance(positions, int) else None
+
+    @property
     def metrics(self) -> dict[str, Any]:
         return dict(self.description.get("training", {}).get("metrics", {}))
 

@@ -1,18 +1,11 @@
-"""Decoding lanes as processes: each lane process holds its own sessions and runs the search of its part of a
+"""Decoding lanes as processes: each lane process holds its own `Runner` and runs the search of its part of a
 batch, so its Python never waits for the GIL of another lane or of the server's gRPC loop and batcher.
 
 Between steps a search runs Python (argmax, finished rows, feeds); in one process every such stretch waits
-for the interpreter lock that gRPC, the batcher and the other lanes hold in turn, and the
-lane's core idles meanwhile (docs/experiments/gil_contention.py measures it). A lane process owns its
-interpreter: the parent sends it the source ids and options of its rows, and it answers row by row.
-
-Messages, parent to lane: ("load", model, device, threads, max_length_limit, spinning) once, then
-("search", sources, options, max_length_limit, stream_tokens, abandoned_rows), ("abandon", rows), ("stop",);
-or a running batch (`ProcessStream`): ("stream", options), then ("add", rows, sources, max_lengths,
-streamed_rows) and ("step", abandoned_rows) until ("close",).
-Lane to parent: ("ready", pid) once, then per search ("token", row, token_id) when asked,
-("done", row, hypothesis), and last ("end", encode_s, decode_s) or ("failed", reason); per "add" ("added",
-encode_s), per "step" its rows' "token" and "done" messages, then ("stepped", rows_running, decode_s).
+for the interpreter lock that gRPC, the batcher and the other lanes hold in turn, and the lane's core idles
+meanwhile (docs/decisions/lane-processes.md). A lane process owns its interpreter: the parent sends it the
+source ids and options of its rows, and it answers row by row (service.engine.lane_messages; the lane's own
+side is service.engine.lane_worker).
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,9 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from service.core.model_format import ModelLoadError, ModelVersion
+from service.core.model_format import ModelLoadError
+from service.core.options import TranslateOptions
+from service.core.search import Hypothesis
+from service.engine import lane_messages as msg
+from service.engine.timing import Searched, StageTimes
 
 log = logging.getLogger("translator.engine")
 
@@ -39,10 +35,10 @@ log = logging.getLogger("translator.engine")
 # is a fresh interpreter that finds the `service` package where this one did.
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # The lane's command line, before the number of its socket's file descriptor.
-LANE_COMMAND = [sys.executable, "-m", "service.engine.lane_process"]
+LANE_COMMAND = [sys.executable, "-m", "service.engine.lane_worker"]
 START_TIMEOUT_S = 120.0
-# How often a running search hears of abandoned rows (each check is a system call on the pipe).
-ABANDON_POLL_S = 0.002
+
+Reply = TypeVar("Reply")
 
 
 def _child_environment() -> dict[str, str]:
@@ -56,156 +52,6 @@ class LaneFailed(RuntimeError):
     """A lane process failed a search, or died."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The lane process: `python -m service.engine.lane_process FD` (FD: its end of the socket pair)."""
-    # The server stops its lanes itself once its in-flight calls are answered: a SIGTERM or Ctrl-C sent to
-    # the whole process group must not take them away first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    args = sys.argv[1:] if argv is None else argv
-    conn = Connection(int(args[0]))
-    try:
-        _, model, device, threads, max_length_limit, spinning = conn.recv()
-    except EOFError:
-        return
-    _serve(conn, model, device, threads, max_length_limit, spinning)
-
-
-def _serve(
-    conn: Connection, model: ModelVersion, device: str, threads: int, max_length_limit: int, spinning: bool
-) -> None:
-    from service.engine.engine import Engine, flush_denormals_on_this_thread
-    from service.scheduler.batcher import TimedBackend
-
-    try:
-        engine = Engine(
-            model, device=device, threads=threads, max_length_limit=max_length_limit, spinning=spinning,
-            lanes=1,
-        )
-    except Exception as error:  # reported to the parent, which raises it as the load error it is
-        conn.send(("failed", f"{type(error).__name__}: {error}"))
-        return
-    # This process runs nothing but the search: its thread may flush denormals for good (after the sessions
-    # are built: building one resets the building thread's setting).
-    flush_denormals_on_this_thread()
-    timed = TimedBackend(engine.backend)
-    engine.backend = timed
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if message[0] == "stop":
-            return
-        if message[0] == "stream":
-            if _run_stream(conn, engine, timed, message[1]):
-                return
-            continue
-        if message[0] != "search":
-            continue  # an abandon notice that came after its search ended
-        _, sources, options, engine.max_length_limit, stream_tokens, abandoned = message
-        stopping = _run_search(conn, engine, timed, sources, options, stream_tokens, set(abandoned))
-        if stopping:
-            return
-
-
-def _run_search(
-    conn: Connection,
-    engine: Any,
-    timed: Any,
-    sources: list[list[int]],
-    options: Any,
-    stream_tokens: bool,
-    abandoned: set[int],
-) -> bool:
-    """One search, answered row by row; True when a stop came in meanwhile."""
-    stopping = False
-    last_poll = 0.0
-
-    def is_abandoned(row: int) -> bool:
-        nonlocal last_poll, stopping
-        now = time.monotonic()
-        if now - last_poll >= ABANDON_POLL_S:
-            last_poll = now
-            while conn.poll():
-                message = conn.recv()
-                if message[0] == "abandon":
-                    abandoned.update(message[1])
-                elif message[0] == "stop":
-                    stopping = True
-        return stopping or row in abandoned
-
-    def on_token(row: int, token_id: int) -> None:
-        conn.send(("token", row, int(token_id)))
-
-    def on_done(row: int, hypothesis: Any) -> None:
-        conn.send(("done", row, hypothesis))
-
-    times = timed.reset()
-    try:
-        engine.search_ids(
-            sources,
-            options,
-            on_token=on_token if stream_tokens else None,
-            is_abandoned=is_abandoned,
-            on_done=on_done,
-        )
-    except Exception as error:  # the lane survives a failed search; its parent fails that batch
-        log.exception("lane search failed")
-        conn.send(("failed", f"{type(error).__name__}: {error}"))
-        return stopping
-    conn.send(("end", times.encode_s, times.decode_s))
-    return stopping
-
-
-def _run_stream(conn: Connection, engine: Any, timed: Any, options: Any) -> bool:
-    """A running batch (iteration-level batching) driven by the parent one message at a time: "add" joins
-    rows (answered "added"), "step" decodes one position (answered by the rows' tokens and results, then
-    "stepped" with the rows still running), "close" ends it. True when a stop came in (or the parent left)."""
-    abandoned: set[int] = set()
-    wants_tokens: set[int] = set()
-
-    def on_token(row: int, token_id: int) -> None:
-        if row in wants_tokens:
-            conn.send(("token", row, int(token_id)))
-
-    def on_done(row: int, hypothesis: Any) -> None:
-        wants_tokens.discard(row)
-        conn.send(("done", row, hypothesis))
-
-    stream = engine.stream(options, on_token=on_token, on_done=on_done, is_abandoned=abandoned.__contains__)
-    times = timed.reset()
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return True
-        kind = message[0]
-        try:
-            if kind == "add":
-                _, rows, sources, max_lengths, streamed = message
-                wants_tokens.update(streamed)
-                before = times.encode_s
-                stream.add(rows, sources, max_lengths)
-                conn.send(("added", times.encode_s - before))
-            elif kind == "step":
-                abandoned.update(message[1])
-                wants_tokens.difference_update(message[1])
-                before = times.decode_s
-                stream.step()
-                abandoned.clear()  # the step dropped them for good
-                conn.send(("stepped", stream.size, times.decode_s - before))
-            elif kind == "close":
-                return False
-            elif kind == "stop":
-                return True
-        except Exception as error:  # the lane survives; its parent fails the stream's rows
-            log.exception("lane stream failed")
-            conn.send(("failed", f"{type(error).__name__}: {error}"))
-            return False
-
-
 class LaneProcess:
     """One lane process (`python -m service.engine.lane_process`) and the parent's end of its socket.
 
@@ -213,15 +59,8 @@ class LaneProcess:
     caller's main script in the child.
     """
 
-    def __init__(
-        self,
-        model: ModelVersion,
-        device: str,
-        threads: int,
-        max_length_limit: int,
-        spinning: bool,
-        index: int,
-    ) -> None:
+    def __init__(self, load: msg.Load, index: int) -> None:
+        model = load.model
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [*LANE_COMMAND, str(theirs.fileno())],
@@ -232,7 +71,7 @@ class LaneProcess:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.pid: int = self.process.pid
-        self.conn.send(("load", model, device, threads, max_length_limit, spinning))
+        self.conn.send(load)
         if not self.conn.poll(START_TIMEOUT_S):
             self.close()
             raise ModelLoadError(
@@ -241,12 +80,12 @@ class LaneProcess:
         try:
             message = self.conn.recv()
         except EOFError:
-            message = ("failed", f"exited with code {self.process.wait()} while loading")
-        if message[0] != "ready":
+            message = msg.Failed(f"exited with code {self.process.wait()} while loading")
+        if not isinstance(message, msg.Ready):
             self.close()
-            raise ModelLoadError(
-                f"{model.path}: lane process {index} could not load the model ({message[1]})"
-            )
+            reason = message.reason if isinstance(message, msg.Failed) else repr(message)
+            raise ModelLoadError(f"{model.path}: lane process {index} could not load the model ({reason})")
+        self.provider = message.provider
 
     @property
     def exitcode(self) -> int | None:
@@ -257,7 +96,7 @@ class LaneProcess:
 
     def close(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(OSError, ValueError):  # already gone
-            self.conn.send(("stop",))
+            self.conn.send(msg.Stop())
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -276,17 +115,8 @@ class ProcessLanes:
     failed is answered at once; searches wait for the replacement.
     """
 
-    def __init__(
-        self,
-        model: ModelVersion,
-        count: int,
-        threads: int,
-        max_length_limit: int,
-        spinning: bool = False,
-        device: str = "cpu",
-    ) -> None:
-        # `device` is "cpu" or "cuda", never "auto": a lane must not fall back to the CPU on its own.
-        self._spec = (model, device, threads, max_length_limit, spinning)
+    def __init__(self, load: msg.Load, count: int) -> None:
+        self._load = load
         self._lock = threading.Condition()
         self._free: list[LaneProcess] = []
         self._all: list[LaneProcess] = []
@@ -300,12 +130,16 @@ class ProcessLanes:
             self.close()
             raise
         self._free = list(self._all)
+        # What the first lane got ("auto" may have meant the CPU): its replacements insist on the same, so
+        # that a lane never falls back to the CPU on its own.
+        self.provider = self._all[0].provider
+        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self._load = msg.Load(load.model, device, load.threads, load.spinning, load.io_binding)
 
     def _start(self) -> LaneProcess:
-        model, device, threads, max_length_limit, spinning = self._spec
         with self._lock:
             index, self._next_index = self._next_index, self._next_index + 1
-        return LaneProcess(model, device, threads, max_length_limit, spinning, index)
+        return LaneProcess(self._load, index)
 
     @property
     def pids(self) -> list[int]:
@@ -320,7 +154,7 @@ class ProcessLanes:
 
     @property
     def waiting(self) -> int:
-        """Callers waiting for free lanes: a running stream stops taking joiners while there are any, so
+        """Callers waiting for free lanes: a running batch stops taking joiners while there are any, so
         that it ends and gives its lane up."""
         with self._lock:
             return len(self._waiting)
@@ -397,28 +231,28 @@ class ProcessLanes:
         self,
         parts: list[list[int]],
         sources: list[list[int]],
-        options: Any,
+        options: TranslateOptions,
         max_length_limit: int,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], object] | None,
         is_abandoned: Callable[[int], bool] | None,
-        on_done: Callable[[int, Any], None] | None,
-    ) -> tuple[list[Any], float, float]:
-        """Each part's rows searched by its own lane process. Returns the hypotheses in the caller's row
-        order (None: abandoned) and the summed encoder and decoder seconds of the lanes."""
+        on_done: Callable[[int, Hypothesis], object] | None,
+    ) -> Searched:
+        """Each part's rows searched by its own lane process: the hypotheses in the caller's row order
+        (None: abandoned) and the lanes' summed encoder and decoder seconds."""
         with self._taken(len(parts)) as lanes:
             run = _Search(len(sources), on_token, is_abandoned, on_done)
             try:
                 for lane, rows in zip(lanes, parts, strict=True):
                     run.start(lane, rows, [sources[row] for row in rows], options, max_length_limit)
                 while run.running:
-                    for conn in wait(list(run.running), timeout=ABANDON_POLL_S):
+                    for conn in wait(list(run.running), timeout=msg.ABANDON_POLL_S):
                         run.receive(conn)
                     run.tell_abandoned()
             finally:
                 run.drain()
             if run.failures:
                 raise LaneFailed("; ".join(run.failures))
-            return run.results, run.encode_s, run.decode_s
+            return Searched(run.results, run.times)
 
     def close(self) -> None:
         """Stop the idle lanes now; a lane still searching stops when its search ends."""
@@ -430,69 +264,70 @@ class ProcessLanes:
             lane.close()
 
 
-class ProcessStream:
-    """A running batch on one lane process of `lanes`, held until `close`, with `GreedyStream`'s interface
-    (`add`, `step`, `size`, `close`): each call is one message to the lane and waits for its answer, so the
-    caller decides between steps who joins, as with a stream of its own. The caller's keys stay here; the
-    lane knows its rows by number. Tokens cross only for the rows `wants_tokens` names (None: every row)."""
+class ProcessRunningBatch:
+    """A running batch on one lane process of `lanes`, held until `close`, with `TimedRunningBatch`'s
+    interface (`add` returns the encoder seconds, `step` the decoder seconds, `size`, `close`): each call is
+    one message to the lane and waits for its answer, so the caller decides between steps who joins, as with
+    a batch of its own. The caller's keys stay here; the lane knows its rows by number. Tokens cross only
+    for the rows `wants_tokens` names (None: every row)."""
 
     def __init__(
         self,
         lanes: ProcessLanes,
-        options: Any,
+        options: TranslateOptions,
         on_token: Callable[[object, int], object] | None,
-        on_done: Callable[[object, Any], object] | None,
+        on_done: Callable[[object, Hypothesis], object] | None,
         is_abandoned: Callable[[object], bool] | None,
         wants_tokens: Callable[[object], bool] | None,
-        record: Callable[[float, float], object],
     ) -> None:
         (lane,) = lanes._acquire(1)
         try:
-            lane.conn.send(("stream", options))
+            lane.conn.send(msg.OpenBatch(options))
         except OSError as error:
             lanes._release([lane])
             raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
         self._lanes, self._lane = lanes, lane
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
-        self._wants_tokens, self._record = wants_tokens, record
+        self._wants_tokens = wants_tokens
         self._keys: dict[int, object] = {}  # running rows: lane row number -> the caller's key
         self._next_row = 0
         self._open = True
-        self._awaiting: str | None = None  # the answer of a message sent and not yet read to its end
+        self._awaiting: type | None = None  # the answer to a message sent and not yet read to its end
         self.size = 0
 
     @property
     def pid(self) -> int:
-        """The lane process running this stream."""
+        """The lane process running this batch."""
         return self._lane.pid
 
     def running_keys(self) -> list[object]:
         """The caller's keys of the rows still decoding (neither done nor abandoned)."""
         return list(self._keys.values())
 
-    def add(self, keys: list[object], sources: list[list[int]], max_lengths: list[int]) -> None:
+    def add(self, keys: list[object], sources: list[list[int]], max_lengths: list[int]) -> float:
         rows = list(range(self._next_row, self._next_row + len(keys)))
         self._next_row += len(keys)
         self._keys.update(zip(rows, keys, strict=True))
         wanted = self._wants_tokens
-        streamed = [] if self.on_token is None else [
+        token_rows = [] if self.on_token is None else [
             row for row, key in zip(rows, keys, strict=True) if wanted is None or wanted(key)
         ]
-        (encode_s,) = self._ask(("add", rows, sources, max_lengths, streamed), "added")
+        joined = self._ask(msg.Join(rows, sources, max_lengths, token_rows), msg.Joined)
         self.size += len(keys)
-        self._record(encode_s, 0.0)
+        return joined.encode_s
 
-    def step(self) -> None:
+    def step(self) -> float:
         gone = [] if self.is_abandoned is None else [
             row for row, key in self._keys.items() if self.is_abandoned(key)
         ]
         for row in gone:  # the lane drops them before this step and never answers for them
             del self._keys[row]
-        self.size, decode_s = self._ask(("step", gone), "stepped")
-        self._record(0.0, decode_s)
+        stepped = self._ask(msg.Step(gone), msg.Stepped)
+        self.size = stepped.running
+        return stepped.decode_s
 
     def close(self) -> None:
-        """Give the lane back (after telling it the stream is over, unless it failed or died)."""
+        """Give the lane back (after telling it the batch is over, unless it failed or died)."""
         if not self._open:
             return
         self._open = False
@@ -500,41 +335,40 @@ class ProcessStream:
             if self._awaiting is not None:  # a callback raised mid-answer: read the rest, or give up the lane
                 while self._lane.conn.poll(START_TIMEOUT_S):
                     reply = self._lane.conn.recv()
-                    if reply[0] in (self._awaiting, "failed"):
+                    if isinstance(reply, (self._awaiting, msg.Failed)):
                         break
                 else:
                     self._lane.kill()
             if self._lane.alive():
-                self._lane.conn.send(("close",))
+                self._lane.conn.send(msg.CloseBatch())
         except (EOFError, OSError):
             pass  # dead: _release starts another
         self._lanes._release([self._lane])
 
-    def _ask(self, message: tuple, answer: str) -> tuple:
+    def _ask(self, message: object, answer: type[Reply]) -> Reply:
         """Send one message; deliver the rows' tokens and results until its answer comes. A callback that
         raises leaves the rest of the answer unread (`close` reads it)."""
         if not self._open:
-            raise LaneFailed("the stream is closed")
+            raise LaneFailed("the running batch is closed")
         self._awaiting = answer
         self._transport(lambda: self._lane.conn.send(message))
         while True:
             reply = self._transport(self._lane.conn.recv)
-            kind = reply[0]
-            if kind == "token":
+            if isinstance(reply, msg.Token):
                 if self.on_token is not None:
-                    self.on_token(self._keys[reply[1]], reply[2])
-            elif kind == "done":
-                key = self._keys.pop(reply[1])
+                    self.on_token(self._keys[reply.row], reply.token_id)
+            elif isinstance(reply, msg.Done):
+                key = self._keys.pop(reply.row)
                 if self.on_done is not None:
-                    self.on_done(key, reply[2])
-            elif kind == answer:
+                    self.on_done(key, reply.hypothesis)
+            elif isinstance(reply, answer):
                 self._awaiting = None
-                return reply[1:]
-            elif kind == "failed":  # the lane left the stream and is free again
+                return reply
+            elif isinstance(reply, msg.Failed):  # the lane left the batch and is free again
                 self._awaiting = None
                 self._open = False
                 self._lanes._release([self._lane])
-                raise LaneFailed(f"lane process {self._lane.pid}: {reply[1]}")
+                raise LaneFailed(f"lane process {self._lane.pid}: {reply.reason}")
 
     def _transport(self, call: Callable[[], Any]) -> Any:
         """One send or receive on the lane's socket; a broken socket is a dead lane (only there: an OSError
@@ -557,21 +391,21 @@ class _Search:
     def __init__(
         self,
         size: int,
-        on_token: Callable[[int, int], None] | None,
+        on_token: Callable[[int, int], object] | None,
         is_abandoned: Callable[[int], bool] | None,
-        on_done: Callable[[int, Any], None] | None,
+        on_done: Callable[[int, Hypothesis], object] | None,
     ) -> None:
-        self.results: list[Any] = [None] * size
+        self.results: list[Hypothesis | None] = [None] * size
         self.on_token, self.is_abandoned, self.on_done = on_token, is_abandoned, on_done
         # By connection: the lane and the caller's row of each of its rows, then the rows it was told to drop.
         self.running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
         self.told: dict[Connection, set[int]] = {}
-        self.encode_s = self.decode_s = 0.0
+        self.times = StageTimes()
         self.failures: list[str] = []
         self.last_check = 0.0
 
     def start(
-        self, lane: LaneProcess, rows: list[int], part: list[list[int]], options: Any, limit: int
+        self, lane: LaneProcess, rows: list[int], part: list[list[int]], options: TranslateOptions, limit: int
     ) -> None:
         # Rows abandoned already go with the search, so that none of them takes a step.
         dropped = self.is_abandoned
@@ -579,7 +413,7 @@ class _Search:
         self.running[lane.conn] = (lane, rows)  # before sending: `drain` waits for whatever was sent
         self.told[lane.conn] = set(gone)
         try:
-            lane.conn.send(("search", part, options, limit, self.on_token is not None, gone))
+            lane.conn.send(msg.Search(part, options, limit, self.on_token is not None, gone))
         except OSError as error:
             raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
 
@@ -592,26 +426,25 @@ class _Search:
             self.failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
             del self.running[conn]
             return
-        kind = message[0]
-        if kind == "token" and self.on_token is not None:
-            self.on_token(rows[message[1]], message[2])
-        elif kind == "done":
-            row = rows[message[1]]
-            self.results[row] = message[2]
+        if isinstance(message, msg.Token):
+            if self.on_token is not None:
+                self.on_token(rows[message.row], message.token_id)
+        elif isinstance(message, msg.Done):
+            row = rows[message.row]
+            self.results[row] = message.hypothesis
             if self.on_done is not None:
-                self.on_done(row, message[2])
-        elif kind == "end":
-            self.encode_s += message[1]
-            self.decode_s += message[2]
+                self.on_done(row, message.hypothesis)
+        elif isinstance(message, msg.SearchEnd):
+            self.times.add(message.encode_s, message.decode_s)
             del self.running[conn]
-        elif kind == "failed":
-            self.failures.append(f"lane process {lane.pid}: {message[1]}")
+        elif isinstance(message, msg.Failed):
+            self.failures.append(f"lane process {lane.pid}: {message.reason}")
             del self.running[conn]
 
     def tell_abandoned(self) -> None:
-        """Every ABANDON_POLL_S at most: the running rows the caller gave up, to their lanes."""
+        """Every msg.ABANDON_POLL_S at most: the running rows the caller gave up, to their lanes."""
         now = time.monotonic()
-        if self.is_abandoned is None or now - self.last_check < ABANDON_POLL_S:
+        if self.is_abandoned is None or now - self.last_check < msg.ABANDON_POLL_S:
             return
         self.last_check = now
         for conn, (_, rows) in self.running.items():
@@ -624,7 +457,7 @@ class _Search:
             if newly:
                 told.update(newly)
                 with contextlib.suppress(OSError):  # a lane that died: its EOF comes next
-                    conn.send(("abandon", newly))
+                    conn.send(msg.Abandon(newly))
 
     def drain(self) -> None:
         """A callback that raised leaves lanes mid-search: drop their rows and wait for their end, so that
@@ -635,14 +468,10 @@ class _Search:
 
 def _drain(lane: LaneProcess, rows: int) -> None:
     try:
-        lane.conn.send(("abandon", list(range(rows))))
+        lane.conn.send(msg.Abandon(list(range(rows))))
         while lane.conn.poll(START_TIMEOUT_S):
-            if lane.conn.recv()[0] in ("end", "failed"):
+            if isinstance(lane.conn.recv(), (msg.SearchEnd, msg.Failed)):
                 return
     except (EOFError, OSError):
         pass
     lane.kill()  # silent or broken: _release starts another
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 RPCs put a `Job` (one request's texts) in the queue and wait for it. A worker only searches: it hands each
 text's raw `Hypothesis` back to its job, and the waiting RPC does the per-sentence post-processing
-(`Engine.finish`, the translation metrics) in `Job.outcome`. With several workers (on CPU,
+(`finish`, the translation metrics) in `Job.outcome`. With several workers (on CPU,
 one per engine lane: Triton's instance count) a batch can start while another runs, so a request arriving
 during a long batch does not wait for it to end; each worker's batch runs on its share of the lanes. A
 worker forms batches:
@@ -20,35 +20,22 @@ rows at the next decoding step (`is_abandoned`), so nobody computes for a caller
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import logging
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
-import numpy as np
-
+from service.core.options import TranslateOptions
 from service.core.search import Hypothesis
-from service.core.vocabulary import EncodedText
-from service.engine.engine import Engine, TranslateOptions, Translation
+from service.engine.engine import Engine
+from service.scheduler.job import Job, RawResult, TextResult
 from service.scheduler.metrics import ServerMetrics
-from service.scheduler.status import RequestFailed
+from service.scheduler.status import RequestFailed, Status
 
 log = logging.getLogger("translator.batcher")
-
-STREAM_END = None  # last item of a streaming job's event queue; token ids are ints
-
-
-class EventSink(Protocol):
-    """Where a streaming job's token ids (then STREAM_END) go: a queue.SimpleQueue, or the RPC's own."""
-
-    def put(self, item: int | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,128 +48,7 @@ class BatchingSettings:
     workers: int = 1  # batches run at the same time, each by its own worker thread
     # Iteration-level batching for the requests that allow it (greedy, no attention maps): queued sentences
     # join a running batch between decoding steps instead of waiting for it to end.
-    streaming: bool = False
-
-
-@dataclass
-class TextResult:
-    translation: Translation
-    queue_ms: float  # request arrival -> start of the batch that carried this text
-    compute_ms: float  # that batch's engine time until this text was done
-
-
-@dataclass
-class RawResult:
-    """One text's search result as the worker delivers it; `Job.outcome` turns it into a TextResult."""
-
-    hypothesis: Hypothesis
-    queue_ms: float
-    compute_ms: float
-    engine: Engine  # the engine that ran it: its finish() is thread-safe (reads the vocabulary only)
-    metrics: ServerMetrics  # the batcher's metrics when the batch ran (the warm-up swaps in throwaway ones)
-
-
-class Job:
-    """One request's texts on their way through the batcher; read its outcome once `wait` returns True."""
-
-    def __init__(
-        self,
-        sources: list[EncodedText],
-        options: TranslateOptions,
-        *,
-        arrival: float | None = None,
-        deadline: float | None = None,
-        stream: bool = False,
-        urgent: bool = False,
-        events: EventSink | None = None,
-    ) -> None:
-        if not sources:
-            raise ValueError("a job needs at least one text")
-        self.sources = sources
-        self.options = options
-        self.arrival = time.monotonic() if arrival is None else arrival  # time.monotonic() clock
-        self.deadline = deadline  # time.monotonic() clock; None: no deadline
-        self.urgent = urgent  # its batch starts without waiting for max_queue_delay (the warm-up)
-        self.raw: list[RawResult | None] = [None] * len(sources)  # filled by the worker
-        self.results: list[TextResult | None] = [None] * len(sources)  # filled by outcome()
-        self.error: RequestFailed | None = None
-        self.finished = False  # completed or failed; guarded by the batcher's lock
-        # Token ids as the worker generates them, then STREAM_END: read by the streaming RPC.
-        self.events: EventSink | None = None
-        if stream:
-            self.events = events if events is not None else queue.SimpleQueue()
-        self._remaining = len(sources)
-        self._done = threading.Event()
-        self._done_callbacks: list[Callable[[], None]] = []
-        self._callbacks_lock = threading.Lock()
-        self._settle_lock = threading.Lock()
-        self._settled = False  # outcome() did the post-processing (or observed what was delivered)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def add_done_callback(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` once the job is answered (at once if it is): from the thread that answers it,
-        often with the batcher's lock held, so it must be quick, thread-safe and take no batcher lock (an
-        event loop's call_soon_threadsafe)."""
-        with self._callbacks_lock:
-            if not self._done.is_set():
-                self._done_callbacks.append(callback)
-                return
-        callback()
-
-    def outcome(self) -> list[TextResult]:
-        """The results in text order, or the error the job failed with. Call it once the job is answered:
-        the first call finishes the translations (in the calling thread, not the batcher's worker) and
-        observes their metrics."""
-        assert self.finished
-        with self._settle_lock:
-            if not self._settled:
-                self._settled = True
-                self._settle()
-        if self.error is not None:
-            raise self.error
-        assert all(r is not None for r in self.results)
-        return [r for r in self.results if r is not None]
-
-    def _settle(self) -> None:
-        if self.error is not None:
-            # Failed: the texts delivered before the failure still count in the metrics, as generated.
-            for raw in self.raw:
-                if raw is not None:
-                    observe(raw)
-            return
-        for index, raw in enumerate(self.raw):
-            assert raw is not None
-            try:
-                translation = raw.engine.finish(self.sources[index], raw.hypothesis, self.options)
-            except Exception as error:
-                log.exception("finishing a translation failed")
-                self.error = RequestFailed(
-                    grpc.StatusCode.INTERNAL, f"post-processing the translation failed: {error}"
-                )
-                raw.metrics.drop("error", "decoding", len(self.raw) - index)
-                self.results = [None] * len(self.sources)
-                return
-            self.results[index] = TextResult(translation, raw.queue_ms, raw.compute_ms)
-            observe(raw)
-
-    def _close(self) -> None:
-        self.finished = True
-        if self.events is not None:
-            self.events.put(STREAM_END)
-        with self._callbacks_lock:
-            self._done.set()
-            callbacks, self._done_callbacks = self._done_callbacks, []
-        for callback in callbacks:
-            callback()
-
-
-def observe(raw: RawResult) -> None:
-    """The per-translation metrics; the step count is len(Translation.target_tokens), </s> included."""
-    hypothesis = raw.hypothesis
-    steps = len(hypothesis.tokens) + (1 if hypothesis.finished else 0)
-    raw.metrics.observe_translation(hypothesis.log_prob, steps, hypothesis.cross_attention)
+    iteration_batching: bool = False
 
 
 @dataclass
@@ -193,69 +59,6 @@ class _Item:
     seq: int  # arrival order over all sentences
 
 
-class BatchTimes:
-    """Seconds one batch spent in the encoder and in the decode loop, summed over its lanes."""
-
-    def __init__(self) -> None:
-        self.encode_s = 0.0
-        self.decode_s = 0.0
-        self._lock = threading.Lock()  # a batch's lanes add from their own threads
-
-    def add(self, encode_s: float = 0.0, decode_s: float = 0.0) -> None:
-        with self._lock:
-            self.encode_s += encode_s
-            self.decode_s += decode_s
-
-
-# The running batch's times, in the context of the worker that runs it; the engine runs each lane in a copy
-# of the caller's context, so lane threads add to the right batch.
-_batch_times: contextvars.ContextVar[BatchTimes | None] = contextvars.ContextVar("batch_times", default=None)
-
-
-class TimedBackend:
-    """Wraps the engine's StepBackend to time the encoder and the decode loop of each batch separately.
-
-    Several workers (each batch maybe over several lanes) run it at once: `reset` starts the sums of the
-    calling worker's batch, and every call adds to the sums of the batch it belongs to.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def reset(self) -> BatchTimes:
-        times = BatchTimes()
-        _batch_times.set(times)
-        return times
-
-    def times(self) -> BatchTimes:
-        times = _batch_times.get()
-        return times if times is not None else BatchTimes()  # outside a timed batch: counted nowhere
-
-    def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[object, np.ndarray | None]:
-        start, times = time.perf_counter(), self.times()
-        try:
-            return self.inner.encode(src_ids, with_attention)
-        finally:
-            times.add(encode_s=time.perf_counter() - start)
-
-    def step(self, state: object, tokens: np.ndarray, with_attention: bool) -> tuple[Any, ...]:
-        start, times = time.perf_counter(), self.times()
-        try:
-            return self.inner.step(state, tokens, with_attention)
-        finally:
-            times.add(decode_s=time.perf_counter() - start)
-
-    def select(self, state: object, rows: np.ndarray) -> object:
-        start, times = time.perf_counter(), self.times()
-        try:
-            return self.inner.select(state, rows)
-        finally:
-            times.add(decode_s=time.perf_counter() - start)
-
-    def __getattr__(self, name: str) -> Any:  # anything else the engine reads from its backend
-        return getattr(self.inner, name)
-
-
 def _emit_token(item: _Item, token_id: int) -> None:
     """Stream a generated token to the job's RPC, unless the job is not streamed or already over."""
     events = item.job.events
@@ -263,13 +66,35 @@ def _emit_token(item: _Item, token_id: int) -> None:
         events.put(int(token_id))
 
 
+def fill(
+    candidates: list[_Item], rows: int, widest: int, max_rows: int, max_tokens: int
+) -> tuple[list[_Item], bool]:
+    """The one batch-filling rule, for new batches and running ones: candidates join in the order given
+    while the batch (`rows` sentences so far, the longest `widest` tokens) stays within `max_rows` sentences
+    and `max_tokens` padded source tokens (0: no token limit). One that would pass the token limit is
+    skipped, since a shorter one further on may still fit. Returns the joiners and whether a limit was hit."""
+    chosen: list[_Item] = []
+    limited = False
+    for item in candidates:
+        if rows + len(chosen) >= max_rows:
+            limited = True
+            break
+        width = max(widest, item.length)
+        if max_tokens and (rows + len(chosen) + 1) * width > max_tokens:
+            limited = True
+            continue
+        chosen.append(item)
+        widest = width
+    return chosen, limited or rows + len(chosen) >= max_rows
+
+
 def batch_key(options: TranslateOptions) -> tuple:
-    """Sentences share a batch only when one search serves them all: search_ids takes one max_length."""
+    """Sentences share a batch only when one search serves them all: it takes one set of options."""
     return (options.search_key(), options.max_length)
 
 
 class Batcher:
-    """The queue and its worker thread. Takes over `engine` (its backend gets wrapped for timing)."""
+    """The queue and its worker threads, over `engine`."""
 
     def __init__(
         self, engine: Engine, settings: BatchingSettings, metrics: ServerMetrics, seed: int | None = None
@@ -277,8 +102,6 @@ class Batcher:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        self._timed = TimedBackend(engine.backend)
-        engine.backend = self._timed
         self._cond = threading.Condition()
         self._pending: dict[tuple, list[_Item]] = {}  # by batch_key, each in arrival order
         self._depth = 0  # queued sentences
@@ -321,12 +144,12 @@ class Batcher:
         count = len(job.sources)
         with self._cond:
             if job.finished:
-                raise job.error or RequestFailed(grpc.StatusCode.INTERNAL, "this job was already answered")
+                raise job.error or RequestFailed(Status.INTERNAL, "this job was already answered")
             if self._closed:
-                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                raise RequestFailed(Status.UNAVAILABLE, "the server is shutting down")
             if self._depth + count > self.settings.max_queue_size:
                 raise RequestFailed(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Status.RESOURCE_EXHAUSTED,
                     f"queue full: {self._depth} sentences waiting, max_queue_size="
                     f"{self.settings.max_queue_size}, this request has {count}; retry later",
                 )
@@ -360,12 +183,12 @@ class Batcher:
         waited_ms = (time.monotonic() - job.arrival) * 1000
         return self.abandon(
             job,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
+            Status.DEADLINE_EXCEEDED,
             f"deadline exceeded after {waited_ms:.0f} ms",
             reason="deadline_exceeded",
         )
 
-    def abandon(self, job: Job, code: grpc.StatusCode, message: str, reason: str) -> bool:
+    def abandon(self, job: Job, code: Status, message: str, reason: str) -> bool:
         """Fail the job unless it is already answered: its queued sentences leave the queue now, its running
         rows at the next decoding step. Returns whether this call answered it."""
         with self._cond:
@@ -392,7 +215,7 @@ class Batcher:
         for job in leftovers:
             self.abandon(
                 job,
-                grpc.StatusCode.UNAVAILABLE,
+                Status.UNAVAILABLE,
                 "the server shut down before this request completed",
                 reason="shutdown",
             )
@@ -439,8 +262,8 @@ class Batcher:
                 if sampled:
                     # Attention outputs do not change the search; finish() drops the maps nobody asked for.
                     self._run_batch(items, replace(options, attention=frozenset({"cross"})))
-                elif self.settings.streaming and self.engine.can_stream(options):
-                    self._run_stream(worker, items)
+                elif self.settings.iteration_batching and options.joins_running_batch:
+                    self._run_iterations(worker, items)
                 else:
                     self._run_batch(items, options)
             except Exception as error:  # a worker must survive anything; its batch gets INTERNAL
@@ -450,7 +273,7 @@ class Batcher:
                 for job in jobs:
                     self.abandon(
                         job,
-                        grpc.StatusCode.INTERNAL,
+                        Status.INTERNAL,
                         f"the engine failed on this request's batch: {type(error).__name__}: {error}",
                         reason="error",
                     )
@@ -483,20 +306,11 @@ class Batcher:
 
     def _select(self, waiting: list[_Item]) -> tuple[list[_Item], bool]:
         """The oldest sentence plus the compatible ones closest in length; whether the batch is full."""
-        settings = self.settings
         first = waiting[0]
-        chosen, longest, limited = [first], first.length, False
-        for item in sorted(waiting[1:], key=lambda i: (abs(i.length - first.length), i.seq)):
-            if len(chosen) >= settings.max_batch_size:
-                limited = True
-                break
-            widest = max(longest, item.length)
-            if settings.max_batch_tokens and (len(chosen) + 1) * widest > settings.max_batch_tokens:
-                limited = True  # a shorter one further down may still fit
-                continue
-            chosen.append(item)
-            longest = widest
-        return chosen, limited or len(chosen) >= settings.max_batch_size
+        closest = sorted(waiting[1:], key=lambda i: (abs(i.length - first.length), i.seq))
+        settings = self.settings
+        chosen, full = fill(closest, 1, first.length, settings.max_batch_size, settings.max_batch_tokens)
+        return [first, *chosen], full
 
     def _observe_batch(self, items: list[_Item], start: float) -> None:
         for item in items:
@@ -507,7 +321,6 @@ class Batcher:
     def _run_batch(self, items: list[_Item], options: TranslateOptions) -> None:
         start = time.monotonic()
         self._observe_batch(items, start)
-        times = self._timed.reset()
 
         def deliver(row: int, hypothesis: Hypothesis) -> None:
             # A text is answered as soon as its row is done, not when the batch's longest one is.
@@ -515,7 +328,7 @@ class Batcher:
             queue_ms, compute_ms = (start - item.job.arrival) * 1000, (time.monotonic() - start) * 1000
             self._deliver(item, hypothesis, queue_ms, compute_ms)
 
-        self.engine.search_ids(  # every result leaves through `deliver` (on_done)
+        searched = self.engine.search(  # every result leaves through `deliver` (on_done)
             [item.job.sources[item.index].ids for item in items],
             options,
             on_token=self._token_sink(items),
@@ -523,16 +336,16 @@ class Batcher:
             lanes=self._lanes,
             on_done=deliver,
         )
-        self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s)
-        self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s)
+        self.metrics.compute_duration.labels(stage="encode").observe(searched.times.encode_s)
+        self.metrics.compute_duration.labels(stage="decode").observe(searched.times.decode_s)
 
-    def _run_stream(self, worker: int, items: list[_Item]) -> None:
+    def _run_iterations(self, worker: int, items: list[_Item]) -> None:
         """Iteration-level batching: the batch decodes step by step, and between steps the queued sentences
         that may share its search join it (up to the batch limits) while finished rows leave. Each join is
         one batch in the metrics: its queue wait, size, encoding time, and the decoding time since the
         previous join."""
         options = items[0].job.options
-        # Rows keep their own max_length in a stream: every queued sentence with the same search joins.
+        # Rows keep their own max_length in a running batch: every queued sentence with the same search joins.
         key = options.search_key()
         started: dict[int, float] = {}  # id(item) -> when it joined
 
@@ -541,8 +354,7 @@ class Batcher:
             now = time.monotonic()
             self._deliver(item, hypothesis, (joined - item.job.arrival) * 1000, (now - joined) * 1000)
 
-        times = self._timed.reset()
-        stream = self.engine.stream(
+        batch = self.engine.running_batch(
             options,
             on_token=_emit_token,
             on_done=deliver,
@@ -557,29 +369,28 @@ class Batcher:
                 self._observe_batch(joining, now)
                 for item in joining:
                     started[id(item)] = now
-                before = times.encode_s
                 sources = [item.job.sources[item.index].ids for item in joining]
-                self.engine.stream_add(stream, joining, sources, [item.job.options for item in joining])
-                self.metrics.compute_duration.labels(stage="encode").observe(times.encode_s - before)
+                encode_s = self.engine.join(batch, joining, sources, [item.job.options for item in joining])
+                self.metrics.compute_duration.labels(stage="encode").observe(encode_s)
                 widest = max([widest, *(item.length for item in joining)])
-                decoded = times.decode_s
+                decode_s = 0.0
                 joining = []
-                while stream.size and not joining:
-                    stream.step()
-                    joining = self._joiners(worker, key, stream.size, widest)
-                self.metrics.compute_duration.labels(stage="decode").observe(times.decode_s - decoded)
+                while batch.size and not joining:
+                    decode_s += batch.step()
+                    joining = self._joiners(worker, key, batch.size, widest)
+                self.metrics.compute_duration.labels(stage="decode").observe(decode_s)
         finally:
-            stream.close()
+            batch.close()
 
     def _joiners(self, worker: int, key: tuple, rows: int, widest: int) -> list[_Item]:
-        """Queued sentences that join a running stream of `rows` rows now: oldest first, within the batch
-        limits. While another worker is idle a stream keeps to its share of max_batch_size, so the idle one
-        starts a stream of its own with the rest (on its own lane); none join while sentences of other
-        options have waited max_queue_delay, so that the stream drains and they get a worker."""
+        """Queued sentences that join a running batch of `rows` rows now: oldest first, within the batch
+        limits. While another worker is idle a running batch keeps to its share of max_batch_size, so the
+        idle one starts one of its own with the rest (on its own lane); none join while sentences of other
+        options have waited max_queue_delay, so that the batch drains and they get a worker."""
         settings = self.settings
-        # A stream holds a lane process while it runs: with a batch waiting for one (more workers than lanes),
-        # it takes nobody in, so that it ends and gives its lane up.
-        if getattr(self.engine, "lanes_waited_for", 0):
+        # A running batch holds a lane process: with a batch waiting for one (more workers than lanes), it
+        # takes nobody in, so that it ends and gives its lane up.
+        if self.engine.lanes_waited_for:
             return []
         with self._cond:
             if not self._pending:
@@ -594,21 +405,14 @@ class Batcher:
             limit = settings.max_batch_size
             if self._busy < settings.workers:
                 limit = -(-limit // settings.workers)
-            # Like a new batch, joiners gather for up to max_queue_delay unless they fill the stream: each
-            # join costs an encoder run and a copy of the running caches, worth paying for a group, not for
-            # every arrival.
+            # Like a new batch, joiners gather for up to max_queue_delay unless they fill the running batch:
+            # each join costs an encoder run and a copy of the running caches, worth paying for a group, not
+            # for every arrival.
             oldest = min((item.job.arrival for item in waiting), default=now)
             if now - oldest < settings.max_queue_delay_s and rows + len(waiting) < limit:
                 return []
-            chosen: list[_Item] = []
-            for item in sorted(waiting, key=lambda item: item.seq):
-                if rows + len(chosen) >= limit:
-                    break
-                width = max(widest, item.length)
-                if settings.max_batch_tokens and (rows + len(chosen) + 1) * width > settings.max_batch_tokens:
-                    continue
-                chosen.append(item)
-                widest = width
+            oldest_first = sorted(waiting, key=lambda item: item.seq)
+            chosen, _ = fill(oldest_first, rows, widest, limit, settings.max_batch_tokens)
             self._dequeue(chosen)
             self._running[worker] |= {item.job for item in chosen}
             return chosen
@@ -636,7 +440,7 @@ class Batcher:
     def _deliver(self, item: _Item, hypothesis: Hypothesis, queue_ms: float, compute_ms: float) -> None:
         """Hand the raw result to its job; the RPC waiting for the job finishes it (`Job.outcome`)."""
         job = item.job
-        raw = RawResult(hypothesis, queue_ms, compute_ms, self.engine, self.metrics)
+        raw = RawResult(hypothesis, queue_ms, compute_ms, self.engine.vocabulary, self.metrics)
         with self._cond:
             if job.finished:
                 return

@@ -13,8 +13,6 @@ reflection; Prometheus metrics have their own HTTP port. Lifecycle:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import json
 import logging
 import os
@@ -22,32 +20,34 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import disable_created_metrics
 
 from service.api.inference import grpc_service_pb2_grpc
 from service.api.translator.v1 import translator_pb2_grpc
 from service.core.model_format import ModelLoadError, resolve
-from service.engine.engine import Engine, TranslateOptions
-from service.scheduler.batcher import Batcher, BatchingSettings, Job
+from service.core.options import ATTENTION_KINDS, TranslateOptions
+from service.engine.engine import Engine
+from service.scheduler.batcher import Batcher, BatchingSettings
+from service.scheduler.job import Job
 from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed
 from service.server import kserve, translator_api
 from service.server.config import ServerConfig, load_config
 from service.server.event_loop import new_event_loop
+from service.server.health import HealthService
+from service.server.middleware import Registrar, add_reflection
 from service.server.requests import Limits
-from service.server.runtime import Runtime
+from service.server.runtime import Readiness, Runtime
 
 log = logging.getLogger("translator.server")
 
 SERVICE_NAMES = (translator_api.SERVICE_NAME, kserve.SERVICE_NAME)
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,197 +78,6 @@ def _fields(**fields: Any) -> dict[str, Any]:
     return {"fields": fields}
 
 
-def add_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
-    """Server reflection as v1alpha (grpcio-reflection) and v1: the messages are identical on the wire, and
-    newer tools (grpcurl, Postman) ask for v1 first."""
-    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-    servicer = reflection.aio.ReflectionServicer(names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    handlers = {"ServerReflectionInfo": handler}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, handlers),))
-    server.add_registered_method_handlers(REFLECTION_V1, handlers)
-
-
-class HealthService(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: Check, Watch and List (grpcio-health-checking's servicer lacks List: its stub raises
-    NotImplementedError, UNIMPLEMENTED and an ERROR with a traceback in the log per call).
-
-    Unlike that servicer, a Watch ends (OK) once shutdown has begun and NOT_SERVING has been sent: left open,
-    one watching client (gRPC's client-side health checking) held the server for the whole grace period. The
-    client then reconnects and is refused, as every new call is while draining. No lock is held while a
-    status is written, so a watcher that does not read cannot stall `set` for the others."""
-
-    def __init__(self) -> None:
-        self._statuses: dict[str, health_pb2.HealthCheckResponse.ServingStatus.ValueType] = {
-            "": health_pb2.HealthCheckResponse.SERVING
-        }
-        self._changed = asyncio.Condition()  # bound to the server's loop at first use
-        self._shutting_down = False
-
-    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        """Set a service's status; ignored once shutdown has begun (it stays NOT_SERVING)."""
-        async with self._changed:
-            if not self._shutting_down:
-                self._statuses[service] = status
-                self._changed.notify_all()
-
-    async def enter_graceful_shutdown(self) -> None:
-        """Every service NOT_SERVING for good; the open watches send it and end."""
-        async with self._changed:
-            self._shutting_down = True
-            for service in self._statuses:
-                self._statuses[service] = health_pb2.HealthCheckResponse.NOT_SERVING
-            self._changed.notify_all()
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
-        status = self._statuses.get(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
-        sent: int | None = None
-        while True:
-            async with self._changed:
-                while (status := self._current(request.service)) == sent and not self._shutting_down:
-                    await self._changed.wait()
-                ending = self._shutting_down
-            if status != sent:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                sent = status
-            if ending:
-                return
-
-    def _current(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
-        return self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-
-    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> Any:
-        statuses = {
-            name: health_pb2.HealthCheckResponse(status=self._current(name)) for name in ("", *SERVICE_NAMES)
-        }
-        return health_pb2.HealthListResponse(statuses=statuses)
-
-
-class _Malformed:
-    """What a request that is not a valid message of its method deserializes to (see `validated`)."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        self.received = time.perf_counter()
-
-
-def validated(
-    path: str, handler: grpc.RpcMethodHandler, metrics: ServerMetrics | None
-) -> grpc.RpcMethodHandler:
-    """`handler`, answering INVALID_ARGUMENT to request bytes that are no valid message of the method.
-
-    gRPC itself answers them INTERNAL ("Exception deserializing request!") and logs a traceback at ERROR: a
-    client error reported as a server fault. Here the deserializer cannot fail; the method rejects what it
-    could not parse before the servicer sees it (and counts it under its method, like other bad requests).
-    """
-    parse = handler.request_deserializer
-    method = path.rsplit("/", 1)[-1]
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception as error:  # DecodeError, invalid UTF-8 in a string field, ...
-            return _Malformed(
-                f"{path}: the request is not a valid protobuf message for this method ({error})"
-            )
-
-    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        if not isinstance(request, _Malformed):
-            return
-        if metrics is not None:  # counted like every answered call: requests_total and its duration
-            code = grpc.StatusCode.INVALID_ARGUMENT.name
-            metrics.requests.labels(method=method, code=code).inc()
-            metrics.request_duration.labels(method=method, code=code).observe(
-                time.perf_counter() - request.received
-            )
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-
-    # Every servicer here is asynchronous: ours, grpcio-health's and grpcio-reflection's aio ones.
-    serialize = handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        bidi = handler.stream_stream  # server reflection
-
-        async def stream_stream(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            async def checked() -> AsyncIterator[Any]:
-                async for request in requests:
-                    await reject(request, context)
-                    yield request
-
-            async with contextlib.aclosing(bidi(checked(), context)) as messages:
-                async for message in messages:
-                    yield message
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
-    if handler.request_streaming:
-        return handler  # no client-streaming method is served
-    if handler.response_streaming:
-        streaming = handler.unary_stream
-        if inspect.isasyncgenfunction(streaming):  # TranslateStream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await reject(request, context)
-                async with contextlib.aclosing(streaming(request, context)) as messages:
-                    async for message in messages:
-                        yield message
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
-
-        async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await reject(request, context)  # grpcio-health's Watch writes with context.write
-            await streaming(request, context)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, deserialize, serialize)
-    unary = handler.unary_unary
-
-    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await reject(request, context)
-        return await unary(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
-
-
-class _Registrar:
-    """Stands in for the grpc.Server given to the generated `add_*_to_server` functions: every method they
-    register goes through `validated`."""
-
-    def __init__(self, server: grpc.Server, metrics: ServerMetrics | None) -> None:
-        self._server = server
-        self._metrics = metrics
-        self._generic: list[grpc.GenericRpcHandler] = []
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._generic.extend(handlers)  # the same methods come again through add_registered_method_handlers
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        wrapped = {
-            name: validated(f"/{service}/{name}", handler, self._metrics)
-            for name, handler in handlers.items()
-        }
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-        self._server.add_registered_method_handlers(service, wrapped)
-        self._generic = [h for h in self._generic if getattr(h, "service_name", lambda: None)() != service]
-
-    def flush(self) -> None:
-        """Generic handlers that were not also registered method by method pass through unchanged."""
-        if self._generic:
-            self._server.add_generic_rpc_handlers(tuple(self._generic))
-            self._generic = []
-
-
 def server_credentials_configured(config: ServerConfig) -> bool:
     return config.tls_cert is not None and config.tls_key is not None
 
@@ -297,7 +106,7 @@ class TranslatorServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.runtime = Runtime(config, self.metrics)
-        self.health = HealthService()
+        self.health = HealthService(SERVICE_NAMES)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._engine = engine
@@ -380,7 +189,7 @@ class TranslatorServer:
             # every call, health included): calls in flight stay bounded.
             maximum_concurrent_rpcs=config.grpc_call_limit,
         )
-        ours, theirs = _Registrar(server, self.metrics), _Registrar(server, None)
+        ours, theirs = Registrar(server, self.metrics), Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
             translator_api.TranslatorService(self.runtime), ours
         )
@@ -425,7 +234,7 @@ class TranslatorServer:
             max_queue_size=config.max_queue_size,
             quality_sample_rate=config.quality_sample_rate,
             workers=config.batch_workers or engine.lanes,
-            streaming=config.iteration_batching == "on",
+            iteration_batching=config.iteration_batching == "on",
         )
         batcher = Batcher(engine, settings, self.metrics, seed=self._seed)
         batcher.start()
@@ -448,7 +257,7 @@ class TranslatorServer:
         self.metrics.model_info.labels(
             model=model.name, version=str(model.version), provider=engine.provider
         ).set(1)
-        self.runtime.ready = True
+        self.runtime.readiness = Readiness.READY
         for name in ("", *SERVICE_NAMES):
             self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         log.info(
@@ -466,9 +275,9 @@ class TranslatorServer:
     def _limits(self, engine: Engine) -> Limits:
         """The configured limits, lowered where the model's positions cannot follow."""
         config = self.config
-        positions = engine.model.description["architecture"].get("max_positions")
+        positions = engine.model.max_positions
         max_tokens, max_length = config.max_tokens_per_text, config.max_length_limit
-        if isinstance(positions, int):
+        if positions is not None:
             if max_tokens + 1 > positions:  # the source gets </s> appended
                 log.warning(
                     "max_tokens_per_text lowered to the model's positions",
@@ -500,9 +309,7 @@ class TranslatorServer:
         try:
             for options in (
                 TranslateOptions(max_length=length),
-                TranslateOptions(
-                    max_length=length, attention=frozenset({"cross", "decoder_self", "encoder_self"})
-                ),
+                TranslateOptions(max_length=length, attention=frozenset(ATTENTION_KINDS)),
             ):
                 try:
                     batcher.run(Job(sources, options, urgent=True))
@@ -528,7 +335,7 @@ class TranslatorServer:
                 grace_period_s=grace, queued=self.runtime.batcher.depth if self.runtime.batcher else 0
             ),
         )
-        self.runtime.draining = True
+        self.runtime.readiness = Readiness.DRAINING
         if self._loop is not None:
             self._on_loop(self.health.enter_graceful_shutdown())
         # gRPC refuses new calls from now on and cancels whatever still runs when the grace period ends. The

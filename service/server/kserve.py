@@ -28,10 +28,11 @@ from service.api.inference import grpc_service_pb2 as pb
 from service.api.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.model_format import ModelLoadError, available_versions
 from service.engine.engine import Engine
-from service.scheduler.batcher import TextResult
-from service.scheduler.status import RequestFailed, invalid
+from service.scheduler.job import TextResult
+from service.scheduler.status import RequestFailed, Status, invalid
+from service.server.accounting import tracked
 from service.server.requests import Limits, encode_texts, make_options, repeated_values
-from service.server.runtime import Runtime, Work, submit_job, tracked
+from service.server.runtime import Runtime, Work, submit_job
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "translator"
@@ -179,7 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.runtime.ready and not self.runtime.draining)
+        return pb.ServerReadyResponse(ready=self.runtime.ready)
 
     @tracked("ModelReady")
     async def ModelReady(
@@ -289,7 +290,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         repository = Path(self.runtime.config.model_repository)
         if request.repository_name not in ("", repository.name):
             raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
+                Status.NOT_FOUND,
                 f"unknown repository {request.repository_name!r}: this server reads {repository.name!r}",
             )
         served = (engine.model.name, str(engine.model.version))
@@ -318,12 +319,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = engine.model
         if name != model.name:
             raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
+                Status.NOT_FOUND,
                 f"unknown model {name!r}: this server serves {model.name!r} (version {model.version})",
             )
         if version not in ("", str(model.version)):
             raise RequestFailed(
-                grpc.StatusCode.NOT_FOUND,
+                Status.NOT_FOUND,
                 f"model {name!r} has no version {version!r} here: this server serves version {model.version}",
             )
 

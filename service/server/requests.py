@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.core.model_format import Architecture
+from service.core.options import ATTENTION_KINDS, TranslateOptions
 from service.core.vocabulary import EmptyTextError, EncodedText
-from service.engine.engine import ATTENTION_KINDS, Engine, TranslateOptions
+from service.engine.engine import Engine
 from service.scheduler.status import invalid
 
 # steps ** length_penalty must stay a finite float for every step count (a larger penalty overflowed in the

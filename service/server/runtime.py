@@ -1,15 +1,11 @@
-"""What every RPC handler shares: the server's runtime state, call accounting and deadline/cancel wiring.
-
-Handlers raise `RequestFailed`; the `tracked` wrappers turn it into the gRPC status, record the request
-metrics by method and code, and keep the in-flight gauge right whatever happens. Translation calls
-(`limited=True`) also take one of the `--max-concurrent-rpcs` slots, and run their job through
-`submit_job`: the one path from arrival to the answer.
+"""The server's state and the one path of a translation call: the served model, readiness, the call's
+slot, its job in the scheduler, its deadline and cancellation. No gRPC status code is decided here: failures
+are the scheduler's `RequestFailed`, turned into gRPC (or HTTP) statuses by service.server.accounting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import logging
@@ -17,20 +13,23 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from enum import Enum
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
+from service.core.options import TranslateOptions
 from service.core.vocabulary import EncodedText
-from service.engine.engine import Engine, TranslateOptions
-from service.scheduler.batcher import STREAM_END, Batcher, Job, TextResult
-from service.scheduler.metrics import TRANSLATION_METHODS, ServerMetrics
-from service.scheduler.status import RequestFailed
+from service.engine.engine import Engine
+from service.scheduler.batcher import Batcher
+from service.scheduler.job import STREAM_END, Job, TextResult
+from service.scheduler.metrics import ServerMetrics
+from service.scheduler.status import RequestFailed, Status
 from service.server.config import ServerConfig
-from service.server.requests import Limits
+from service.server.requests import AttentionSelection, Limits
 
 log = logging.getLogger("translator.rpc")
 
@@ -38,6 +37,14 @@ Answer = TypeVar("Answer")
 
 # time_remaining() of a call without deadline is infinite or absurdly far away.
 _NO_DEADLINE_S = 1e8
+
+
+class Readiness(Enum):
+    """The server's one state, read by health, KServe's readiness calls and every translation call."""
+
+    LOADING = "loading"  # ports bound, model loading or warming up: translation calls get UNAVAILABLE
+    READY = "ready"
+    DRAINING = "draining"  # shutting down: in-flight calls finish, new ones get UNAVAILABLE
 
 
 @dataclass
@@ -49,8 +56,7 @@ class Runtime:
     limits: Limits | None = None
     engine: Engine | None = None
     batcher: Batcher | None = None
-    ready: bool = False
-    draining: bool = False
+    readiness: Readiness = Readiness.LOADING
     _slots: threading.BoundedSemaphore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,7 +72,7 @@ class Runtime:
         if not self._slots.acquire(blocking=False):
             limit = self.config.max_concurrent_rpcs
             raise RequestFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"too many calls: max_concurrent_rpcs={limit} translation calls are in flight; retry later",
             )
         try:
@@ -74,12 +80,16 @@ class Runtime:
         finally:
             self._slots.release()
 
+    @property
+    def ready(self) -> bool:
+        return self.readiness is Readiness.READY
+
     def serving(self) -> tuple[Engine, Batcher, Limits]:
         """The loaded model, or UNAVAILABLE while it loads or after shutdown began."""
-        if self.draining:
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if self.readiness is Readiness.DRAINING:
+            raise RequestFailed(Status.UNAVAILABLE, "the server is shutting down")
         if not self.ready or self.engine is None or self.batcher is None or self.limits is None:
-            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            raise RequestFailed(Status.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.engine, self.batcher, self.limits
 
     def check_size(self, response: Message) -> None:
@@ -92,7 +102,7 @@ class Runtime:
         if size > self.config.max_message_bytes:
             bound = "at least " if at_least else ""
             raise RequestFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Status.RESOURCE_EXHAUSTED,
                 f"the answer would be {bound}{size} bytes, more than max_message_bytes="
                 f"{self.config.max_message_bytes}; ask for fewer texts, attention kinds, layers "
                 "or heads",
@@ -119,6 +129,7 @@ class Work:
     sources: list[EncodedText]
     options: TranslateOptions
     timeout_s: float | None = None  # a deadline of the request's own, besides gRPC's (KServe's `timeout`)
+    selection: AttentionSelection = AttentionSelection()  # the maps the answer carries (translator.v1)
 
 
 class LoopEvents:
@@ -151,7 +162,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 # How the running call's job ended when gRPC ended the call first (set by `Submitted` as it drops the job):
 # the status recorded for the call is the one its dropped sentences are counted under, decided once.
-ENDED_CODE: contextvars.ContextVar[grpc.StatusCode | None] = contextvars.ContextVar(
+ENDED_CODE: contextvars.ContextVar[Status | None] = contextvars.ContextVar(
     "ended_code", default=None
 )
 
@@ -170,6 +181,7 @@ class Submitted:
     engine: Engine
     batcher: Batcher
     job: Job
+    work: Work
     context: grpc.aio.ServicerContext
 
     def __enter__(self) -> Submitted:
@@ -178,19 +190,17 @@ class Submitted:
     def __exit__(self, *exc_info: object) -> None:
         job = self.job
         if job.finished:
-            if job.error is not None and job.error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if job.error is not None and job.error.code == Status.DEADLINE_EXCEEDED:
                 # Our timer expired the job at its deadline, then the client's cancel (its side of the same
                 # deadline, which it may see first) ended the call: recorded as its sentences were dropped.
-                ENDED_CODE.set(grpc.StatusCode.DEADLINE_EXCEEDED)
+                ENDED_CODE.set(Status.DEADLINE_EXCEEDED)
             return
         if (job.deadline is not None and time.monotonic() >= job.deadline) or ended_by_deadline(self.context):
-            ENDED_CODE.set(grpc.StatusCode.DEADLINE_EXCEEDED)
+            ENDED_CODE.set(Status.DEADLINE_EXCEEDED)
             self.batcher.expire(job)
         else:
-            ENDED_CODE.set(grpc.StatusCode.CANCELLED)
-            self.batcher.abandon(
-                job, grpc.StatusCode.CANCELLED, "the client cancelled the call", reason="cancelled"
-            )
+            ENDED_CODE.set(Status.CANCELLED)
+            self.batcher.abandon(job, Status.CANCELLED, "the client cancelled the call", reason="cancelled")
 
     async def answer(self, build: Callable[[list[TextResult]], Answer]) -> Answer:
         """Wait for the job (until the deadline), then turn its results, in text order, into the call's answer
@@ -268,114 +278,4 @@ def submit_job(
         events=LoopEvents(asyncio.get_running_loop()) if stream else None,
     )
     batcher.submit(job)
-    return Submitted(engine, batcher, job, context)
-
-
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def _record(metrics: ServerMetrics, method: str, code: grpc.StatusCode, start: float) -> None:
-    metrics.inflight.dec()
-    metrics.requests.labels(method=method, code=code.name).inc()
-    metrics.request_duration.labels(method=method, code=code.name).observe(time.perf_counter() - start)
-    if code == grpc.StatusCode.OK and method in TRANSLATION_METHODS:
-        metrics.last_inference_ms = int(time.time() * 1000)
-
-
-def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status of a call that gRPC ended before its handler answered: as its job was dropped, if it had
-    one (the deadline may pass between that and now), else from the deadline."""
-    decided = ENDED_CODE.get()
-    if decided is not None:
-        return decided
-    return grpc.StatusCode.DEADLINE_EXCEEDED if ended_by_deadline(context) else grpc.StatusCode.CANCELLED
-
-
-def _failed_code(context: grpc.aio.ServicerContext, failure: RequestFailed) -> grpc.StatusCode:
-    """The status the client gets for a failed call: gRPC's own once the deadline has passed."""
-    return grpc.StatusCode.DEADLINE_EXCEEDED if ended_by_deadline(context) else failure.code
-
-
-async def _abort(context: grpc.aio.ServicerContext, failure: RequestFailed) -> None:
-    """End the call with the failure's status, unless gRPC already ended it at its deadline: aborting such a
-    call makes gRPC log an error ("ExecuteBatchError") for what is a client's timeout."""
-    if ended_by_deadline(context):
-        raise asyncio.CancelledError
-    await context.abort(failure.code, failure.message)
-
-
-def _unexpected(method: str, error: Exception) -> RequestFailed:
-    log.exception("unexpected error in %s", method)
-    return RequestFailed(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
-
-
-def _slot(runtime: Runtime, limited: bool) -> Any:
-    return runtime.translation_slot() if limited else nullcontext()
-
-
-def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
-    """For unary handlers `async def M(self, request, context)`, where `self.runtime` is the Runtime;
-    `limited`: a translation call, which needs one of the --max-concurrent-rpcs slots."""
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            runtime: Runtime = self.runtime
-            metrics = runtime.metrics
-            metrics.inflight.inc()
-            start = time.perf_counter()
-            try:
-                with _slot(runtime, limited):
-                    response = await handler(self, request, context)
-            except RequestFailed as failure:
-                error = failure
-            except asyncio.CancelledError:  # the client cancelled, or gRPC enforced the deadline
-                _record(metrics, method, _ended_code(context), start)
-                raise
-            except Exception as other:
-                error = _unexpected(method, other)
-            else:
-                # A client that cancels after this point still counts as OK: grpc.aio has no is_active().
-                _record(metrics, method, grpc.StatusCode.OK, start)
-                return response
-            _record(metrics, method, _failed_code(context, error), start)
-            await _abort(context, error)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
-    """For server-streaming handlers (async generators) `async def M(self, request, context)`; `limited` as
-    in `tracked`, the slot held until the stream ends."""
-
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            runtime: Runtime = self.runtime
-            metrics = runtime.metrics
-            metrics.inflight.inc()
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                with _slot(runtime, limited):
-                    async with contextlib.aclosing(handler(self, request, context)) as messages:
-                        async for message in messages:
-                            yield message
-            except (GeneratorExit, asyncio.CancelledError):  # the client went away, or the deadline passed
-                code = _ended_code(context)
-                raise
-            except RequestFailed as failure:
-                code = _failed_code(context, failure)
-                await _abort(context, failure)
-            except Exception as other:
-                failure = _unexpected(method, other)
-                code = _failed_code(context, failure)
-                await _abort(context, failure)
-            finally:
-                _record(metrics, method, code, start)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
+    return Submitted(engine, batcher, job, work, context)

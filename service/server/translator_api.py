@@ -13,10 +13,13 @@ import numpy as np
 from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.core.options import TranslateOptions
+from service.core.postprocess import Translation
 from service.core.vocabulary import BOS
-from service.engine.engine import Engine, TranslateOptions, Translation
-from service.scheduler.batcher import TextResult
+from service.engine.engine import Engine
+from service.scheduler.job import TextResult
 from service.scheduler.status import invalid
+from service.server.accounting import tracked, tracked_stream
 from service.server.requests import (
     AttentionSelection,
     Limits,
@@ -25,7 +28,7 @@ from service.server.requests import (
     encode_texts,
     make_options,
 )
-from service.server.runtime import Runtime, Work, submit_job, tracked, tracked_stream
+from service.server.runtime import Runtime, Work, submit_job
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 
@@ -181,10 +184,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
     async def Translate(
         self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext
     ) -> pb.TranslateResponse:
-        selection = AttentionSelection()
-
         def prepare(engine: Engine, limits: Limits) -> Work:
-            nonlocal selection
             options, selection = parse_options(request.options, limits, engine)
             sources = encode_texts(engine, list(request.texts), limits)
             if selection.kinds:
@@ -192,10 +192,10 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 # encoder maps of 128 long texts are ~400 MB, known from the request.
                 least = sum(attention_bytes(engine, selection, len(source.ids), 1) for source in sources)
                 self.runtime.check_bytes(least, at_least=True)
-            return Work(sources, options)
+            return Work(sources, options, selection=selection)
 
         def build(results: list[TextResult]) -> pb.TranslateResponse:
-            arrival = call.job.arrival
+            arrival, selection = call.job.arrival, call.work.selection
             if selection.kinds:
                 # Measured on the maps before building the message: a 1 GB answer was built (~4 GB of Python
                 # floats at the peak) only to be refused.
@@ -216,17 +216,15 @@ class TranslatorService(pb_grpc.TranslatorServicer):
     async def TranslateStream(
         self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TranslateStreamResponse]:
-        selection = AttentionSelection()
-
         def prepare(engine: Engine, limits: Limits) -> Work:
-            nonlocal selection
             options, selection = parse_options(request.options, limits, engine)
-            return Work(encode_texts(engine, [request.text], limits, field="text"), options)
+            sources = encode_texts(engine, [request.text], limits, field="text")
+            return Work(sources, options, selection=selection)
 
         def build(results: list[TextResult]) -> tuple[TextResult, pb.TranslateStreamResponse]:
             (result,) = results
             message = pb.TranslateStreamResponse(
-                translation=translation_message(result, selection, call.job.arrival)
+                translation=translation_message(result, call.work.selection, call.job.arrival)
             )
             self.runtime.check_size(message)
             return result, message
