@@ -3,27 +3,42 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: setup run test lint default-model
+.PHONY: setup run test lint default-model performance
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# Serving alone: numpy, onnxruntime, grpc, prometheus-client (no torch, no matplotlib).
+$(SERVE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+# Everything: training, benchmarks, the client's pictures, the test tools.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # The main job: serve the shipped default model (model_repository/toy-en-es/1) on localhost.
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/translator-serve --host 127.0.0.1
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+# docs/PERFORMANCE.md from every run kept in docs/results/ (translator-bench engine/load --save).
+performance: $(STAMP)
+	$(BIN)/translator-bench performance
 
 # Retrain the default model from scratch (fixed seeds: same data, same steps), evaluate it, and re-export it
 # with its PyTorch checkpoint into checkpoints/ and model_repository/.
