@@ -63,8 +63,8 @@ class TrainConfig:
     out_dir: str = "runs/default"
 
     def problems(self) -> list[str]:
-        """What is out of range, as flag names: refused before any work (a valid-size of 0 crashed after an
-        epoch of training, an epoch count of 0 ended "done" with no checkpoint)."""
+        """What is out of range, as flag names: refused before any work rather than found after an epoch of
+        training (a valid-size of 0) or never (an epoch count of 0 would end with no checkpoint)."""
         at_least_one = ("train_size", "valid_size", "bpe_vocab_size", "d_model", "n_heads",
                         "n_encoder_layers", "n_decoder_layers", "d_ff", "max_tokens", "warmup_steps",
                         "epochs", "threads")

@@ -58,7 +58,7 @@ class RunningBatch:
         self.backend = backend
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         # The model's position table. A done row is decoded along until compaction; in a batch that rows keep
-        # joining, it could be carried past the table (INTERNAL for every row of the batch): it leaves first.
+        # joining it could be carried past the table, which fails the whole batch: it leaves first.
         self.max_positions = max_positions
         self.length_penalty = float(length_penalty)
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned

@@ -23,9 +23,8 @@ class LaneThreads:
     """Threads for the parts of a batch: each part on a thread of its own, each thread with its own queue.
 
     A ThreadPoolExecutor does not promise one part per thread (its workers take their work from one shared
-    queue): with one, a batch's two parts sometimes ran one after the other on the same thread while the
-    other lane idled, in 1 of 8 first batches and 1 of 40 later ones of a fresh two-lane engine, and in 2 to 3
-    of 8 runs of tests/test_batcher.py's two-lane test. Batches that run at once (several batch workers) take
+    queue), so a batch's parts could run one after the other on one thread while another lane idles
+    (docs/decisions/lanes.md). Batches that run at once (several batch workers) take
     distinct free lanes, most recently used first. The threads start with the first batch that needs them and
     run `initializer()` first (the denormal flush).
     """
@@ -105,9 +104,8 @@ class LaneThreads:
 
 
 # A lane's time for a run of rows, in units of one source token: every step costs a fixed share (weights,
-# kernel launches) that the longest row decides, plus a share per row and step. Fitted on the 2-core CPU
-# over 300 runs of 1-64 rows of the test sentences (docs/experiments/lane_split_fit.py; mean error 5-6%,
-# two fits gave 12.6-13.5 and 0.44-0.46).
+# kernel launches) that the longest row decides, plus a share per row and step (the fit:
+# docs/decisions/lanes.md).
 LANE_STEP_COST = 13.5  # per position of the run's longest source: the fixed cost of one decoder step
 LANE_ROW_STEP_COST = 0.46  # per row and position of the longest source: padded encoder and step rows
 
@@ -173,7 +171,7 @@ def lane_parts(lengths: list[int], lanes: int) -> list[list[int]]:
 def plan_lanes(provider: str, threads: int, lanes: int | None) -> int:
     """On CPU every thread is a lane unless told otherwise. On a GPU the rows run together anyway; lanes
     there only overlap the host's kernel launches (a step of this model is launch-bound), and two lanes mean
-    smaller batches in the service (README, "GPU"): 1 unless asked."""
+    smaller batches in the service (docs/ENGINE.md, "On a GPU"): 1 unless asked."""
     if provider == "CUDAExecutionProvider":
         return max(1, lanes or 1)
     return max(1, min(lanes or threads, threads))

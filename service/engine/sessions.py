@@ -73,11 +73,10 @@ def choose_providers(device: str) -> list[str]:
 
 
 # A padded key's attention score is the most negative float, and onnxruntime's CPU softmax takes exp of it
-# through denormal intermediates, which this CPU runs about 9x slower (a [16,4,18,18] softmax with half its
-# keys padded: 240 us instead of 27 us; the weights are 0 either way). The threads the engine owns (its lane
-# threads, the lane processes) therefore flush denormals to zero for good. The caller's threads are left
-# alone: onnxruntime's own option (session.set_denormal_as_zero) would set this on whichever thread builds a
-# session, where the caller's code would then run without denormals too.
+# through denormal intermediates, which CPUs run many times slower (docs/decisions/denormals.md). The threads
+# the engine owns (its lane threads, the lane processes) therefore flush denormals to zero for good. The
+# caller's threads are left alone: onnxruntime's own option (session.set_denormal_as_zero) would set this on
+# whichever thread builds a session, where the caller's code would then run without denormals too.
 _MXCSR_FLUSH_DENORMALS = 0x8040  # bit 15: flush to zero; bit 6: denormals are zero
 
 
@@ -104,7 +103,7 @@ def flush_denormals_on_this_thread() -> bool:
 
 
 # The lanes run the same sessions at once, and a session's CPU arena serves them under one lock; the system
-# allocator does not (README, "The engine": docs/experiments/arena_ab.py measures both).
+# allocator does not (docs/decisions/cpu-memory-arena.md).
 CPU_MEMORY_ARENA = False
 
 

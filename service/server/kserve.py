@@ -54,7 +54,7 @@ OUTPUT_DATATYPES = {
 }
 PARAMETERS = ("beam_size", "max_length", "length_penalty", "replace_unknowns", "timeout", "priority")
 # Triton's `timeout` is in microseconds; 1e8 s (as far as a gRPC deadline is taken for one) is the most
-# accepted: a larger one overflowed the timed waits (INTERNAL).
+# accepted: a larger one would overflow the timed waits.
 MAX_TIMEOUT_US = 10**14
 _LENGTH = struct.Struct("<I")
 

@@ -17,12 +17,12 @@ from service.core.vocabulary import EmptyTextError, EncodedText
 from service.engine.engine import Engine
 from service.scheduler.status import invalid
 
-# steps ** length_penalty must stay a finite float for every step count (a larger penalty overflowed in the
-# search: OverflowError, INTERNAL); 100 keeps it finite up to 1000 steps, far beyond any useful penalty.
+# steps ** length_penalty must stay a finite float for every step count (a larger penalty overflows the score
+# formula); 100 keeps it finite up to 1000 steps, far beyond any useful penalty.
 MAX_LENGTH_PENALTY = 100.0
 # Tokenizing is linear in the text but not free: a text longer than this many characters per allowed token is
-# refused before the tokenizer sees it (a multi-megabyte text froze the server while it was tokenized, only to
-# be refused for its token count afterwards). No real token is anywhere near this long.
+# refused before the tokenizer sees it, so that a multi-megabyte text cannot hold the server only to be
+# refused for its token count afterwards. No real token is anywhere near this long.
 CHARACTERS_PER_TOKEN = 64
 
 
@@ -167,5 +167,5 @@ def check_selection(
 
 
 def repeated_values(values: Sequence[str] | Sequence[int]) -> list:
-    """The values that occur more than once, sorted (one pass: a `.count()` per value was quadratic)."""
+    """The values that occur more than once, sorted (one pass: client lists may be long)."""
     return sorted(value for value, count in Counter(values).items() if count > 1)

@@ -197,8 +197,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         def build(results: list[TextResult]) -> pb.TranslateResponse:
             arrival, selection = call.job.arrival, call.work.selection
             if selection.kinds:
-                # Measured on the maps before building the message: a 1 GB answer was built (~4 GB of Python
-                # floats at the peak) only to be refused.
+                # Sized from the maps before the message is built: building a message costs about four times
+                # its size in Python floats at the peak.
                 self.runtime.check_bytes(sum(
                     attention_bytes(call.engine, selection, len(t.source_tokens), len(t.target_tokens))
                     for t in (result.translation for result in results)
