@@ -4,8 +4,8 @@ Each batch is timed whole (`Engine.search_ids`) and by phase: encoder runs, deco
 (`select`: finished rows leaving the batch), as the backend's calls; the rest is the search's own work on the
 host (argmax, bookkeeping, callbacks). On CPU with several lanes the phases run in parallel, so their
 shares of the wall time can add up to more than 100%. This is the measurement behind the GPU notes in
-docs/ENGINE.md: on a GPU a decoder step of this small model costs about the same at batch 1 and batch 1024 (kernel
-launches, not arithmetic), so anything that adds calls or host copies per step shows here first.
+docs/ENGINE.md: on a GPU a decoder step of this small model costs about the same at batch 1 and batch
+1024 (kernel launches, not arithmetic), so anything that adds calls or host copies per step shows here first.
 """
 
 from __future__ import annotations
