@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.load import DEFAULT_MODEL, DEFAULT_REPOSITORY, DEFAULT_SENTENCES, read_sentences
+from bench.load import DEFAULT_MODEL, DEFAULT_REPOSITORY
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.cli import input_file, output_file, positive_int, positive_ints
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine

@@ -12,7 +12,7 @@ import statistics
 import time
 
 import service.engine.sessions as engine_module
-from bench.load import DEFAULT_SENTENCES, read_sentences
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
 

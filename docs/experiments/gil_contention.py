@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from bench.load import DEFAULT_SENTENCES, read_sentences
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
 

@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import model.export as export
-from bench.load import DEFAULT_SENTENCES, read_sentences
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from model.checkpoint import load_model
 from service.core.vocabulary import Vocabulary
 from service.engine.sessions import flush_denormals_on_this_thread

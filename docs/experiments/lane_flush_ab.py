@@ -14,7 +14,7 @@ import statistics
 
 from arena_ab import rate  # this folder's arena A/B: the same timing loop
 
-from bench.load import DEFAULT_SENTENCES, read_sentences
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.engine.engine import Engine
 from service.engine.lanes import LaneThreads
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import service.engine.engine as engine_module  # its lane_parts is swapped for the A/B
-from bench.load import DEFAULT_SENTENCES, read_sentences
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
 

@@ -19,14 +19,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.load import (
-    DEFAULT_MODEL,
-    DEFAULT_REPOSITORY,
-    Setting,
-    cpu_seconds,
-    own_cpu_seconds,
-    spawn_server,
-)
+from bench.load import DEFAULT_MODEL, DEFAULT_REPOSITORY
+from bench.servers import Setting, cpu_seconds, own_cpu_seconds, spawn_server
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.server.event_loop import EVENT_LOOPS
