@@ -30,6 +30,7 @@ run: $(SERVE_STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/translator-bench performance --check
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
