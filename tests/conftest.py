@@ -16,16 +16,6 @@ ENGINE_DEVICE = os.environ.get("TRANSLATOR_TEST_DEVICE", "cpu")
 if ENGINE_DEVICE not in ("cpu", "cuda"):
     raise ValueError(f"TRANSLATOR_TEST_DEVICE must be cpu or cuda, not {ENGINE_DEVICE!r}")
 
-def process_alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, exited but not yet reaped, does not)."""
-    from bench.load import proc_stat
-
-    try:
-        return proc_stat(pid)[0] != "Z"
-    except OSError:
-        return False
-
-
 WORDS = (
     "the a big red small dog cat house sees saw will see her him and with in that el la perro gato casa "
     "grande rojo pequeño ve vio verá y con en que"

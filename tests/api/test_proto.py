@@ -18,10 +18,10 @@ from service.api.inference import grpc_service_pb2 as kserve
 from service.api.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.translator.v1 import translator_pb2 as tr
 from service.api.translator.v1 import translator_pb2_grpc as tr_grpc
+from tests.conftest import ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-API_DIR = REPO_ROOT / "service" / "api"
-PROTO_ROOT = REPO_ROOT / "proto"
+API_DIR = ROOT / "service" / "api"
+PROTO_ROOT = ROOT / "proto"
 HOW_TO_FIX = "regenerate with `python -m service.api.generate` (from the repository root) and commit it"
 
 
@@ -55,7 +55,7 @@ def test_checked_in_code_is_exactly_what_the_generator_writes(tmp_path: Path) ->
                     "byte-for-byte comparison only makes sense with the same version "
                     "(test_checked_in_descriptors_match_the_proto_files still checks the content)")
     result = subprocess.run([sys.executable, "-m", "service.api.generate", "--out", str(tmp_path)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"the generator failed:\n{result.stdout}\n{result.stderr}"
 
     expected = _generated_tree(tmp_path)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
-import random
 import sys
 import types
 from pathlib import Path
@@ -18,12 +17,7 @@ from model.decoding import translate_ids
 from service.core.options import TranslateOptions
 from service.engine.backend import encoder_groups
 from service.engine.engine import Engine
-from tests.conftest import WORDS
-
-
-def sentences(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))) for _ in range(count)]
+from tests.support.texts import sentences
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def test_ctranslate2_conversion_decodes_our_greedy_tokens(tiny_checkpoint: Path,
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     translator = load_translator(ct2_model, threads=1, compute_type="float32")
-    sources = [vocabulary.encode_source(text).ids for text in sentences(24, seed=5)]
+    sources = [vocabulary.encode_source(text).ids for text in sentences(24, seed=5, longest=14)]
     for start in range(0, len(sources), 8):
         batch = sources[start:start + 8]
         max_length = cap or 2 * max(map(len, batch)) + 10
@@ -86,7 +80,7 @@ def test_grouped_encoder_changes_nothing_but_speed(tiny_repository: Path) -> Non
     must be those of one whole-batch run."""
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     assert engine.runner.backend.group_encoder_by_length
-    texts = sentences(48, seed=11)  # 1 to 14 words: several groups
+    texts = sentences(48, seed=11, longest=14)  # 1 to 14 words: several groups
     sources = [engine.vocabulary.encode_source(text).ids for text in texts]
     assert len(encoder_groups(np.array([len(s) for s in sources]))) > 1
     options = TranslateOptions(max_length=12, attention=frozenset({"cross", "decoder_self", "encoder_self"}))

@@ -1,4 +1,4 @@
-"""`translator-bench load` (service/bench_load.py) end to end against tiny-model servers on 127.0.0.1.
+"""`translator-bench load` (bench/load.py) end to end against tiny-model servers on 127.0.0.1.
 
 Tiny settings throughout (two batching settings, 1 and 4 clients, ~1.5 s per point): these check that every
 mode runs and writes what it promises, not the numbers (docs/LOAD.md has the real runs).
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import load as bench_load
-from bench.load import Sample, Setting, Target, parse_batching, spawn_server, summarize
+from bench.load_driver import Sample, summarize
+from bench.servers import Setting, Target, parse_batching, spawn_server
 
 pytestmark = pytest.mark.timeout(300)
 

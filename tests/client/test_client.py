@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -37,8 +36,9 @@ from service.client.translator_client import (
     TranslatorError,
     main,
 )
+from tests.conftest import ROOT
+from tests.support.processes import free_port, stop
 
-ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HOSTILE = ["</script>", "<b>bold</b>", '"quoted"', "it's", "<!--", "&amp;", "$x^2$", "\u2028", "</s>"]
 
@@ -373,12 +373,6 @@ def fake() -> Iterator[tuple[str, FakeTranslator]]:
     server.stop(grace=None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_translate_converts_every_field(fake: tuple[str, FakeTranslator]) -> None:
     target, _ = fake
     with TranslatorClient(target, timeout=10) as client:
@@ -611,12 +605,7 @@ def real_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
         channel.close()
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=20)
 
 
 def test_real_server_translate_with_every_map(real_server: str) -> None:
@@ -676,7 +665,7 @@ def test_cli_splits_requests_whose_maps_exceed_the_servers_answer_limit(
 ) -> None:
     """Every map of 8 texts does not fit the server's max_message_bytes, one text's does: the CLI halves its
     requests until they fit, and every text is answered, in order."""
-    from tests.test_server import make_config, running
+    from tests.support.server import make_config, running
 
     texts = [f"the big dog sees the small cat {i}" for i in range(8)]  # ~25 kB of maps each
     with running(make_config(tiny_repository, max_message_bytes=60_000)) as server:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -30,12 +29,8 @@ from service.core.postprocess import replace_unknowns
 from service.core.search import Hypothesis
 from service.engine.backend import DecoderState
 from service.engine.engine import Engine
-from tests.conftest import DEFAULT_REPOSITORY, ROOT, WORDS
-
-
-def sentences(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 14))) for _ in range(count)]
+from tests.conftest import DEFAULT_REPOSITORY, ROOT
+from tests.support.texts import sentences
 
 
 def test_repository_layout_and_checker(tiny_repository: Path) -> None:
@@ -222,7 +217,7 @@ def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> N
 def test_engine_translates_like_pytorch(tiny_checkpoint: Path, tiny_repository: Path, beam_size: int) -> None:
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    texts = sentences(40)
+    texts = sentences(40, longest=14)
     options = TranslateOptions(
         beam_size=beam_size, max_length=12, attention=frozenset({"cross", "decoder_self"})
     )
@@ -244,7 +239,7 @@ def test_engine_translates_like_pytorch(tiny_checkpoint: Path, tiny_repository: 
 
 def test_alone_equals_inside_a_mixed_batch(tiny_repository: Path) -> None:
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    texts = sentences(64, seed=3)
+    texts = sentences(64, seed=3, longest=14)
     options = TranslateOptions(max_length=15, attention=frozenset({"cross", "decoder_self", "encoder_self"}))
     batch = engine.translate(texts, options, batch_size=64)
     for index in (0, 17, 63):
@@ -260,9 +255,9 @@ def test_alone_equals_inside_a_mixed_batch(tiny_repository: Path) -> None:
 
 def test_attention_is_returned_only_when_asked(tiny_repository: Path) -> None:
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    plain = engine.translate(sentences(3))
+    plain = engine.translate(sentences(3, longest=14))
     assert all(t.cross_attention is None and t.encoder_attention is None for t in plain)
-    cross_only = engine.translate(sentences(3), TranslateOptions(attention=frozenset({"cross"})))
+    cross_only = engine.translate(sentences(3, longest=14), TranslateOptions(attention=frozenset({"cross"})))
     assert all(t.cross_attention is not None and t.decoder_self_attention is None for t in cross_only)
 
 
@@ -371,7 +366,7 @@ def test_io_binding_on_cpu_equals_plain_mode(tiny_repository: Path, beam_size: i
     bound.runner.backend.group_encoder_by_length = grouped
     # Mixed lengths (1-14 words) and per-sentence max lengths: rows finish at different steps, so
     # `select` drops and reorders rows of the device-side caches.
-    texts = sentences(48, seed=5)
+    texts = sentences(48, seed=5, longest=14)
     options = TranslateOptions(beam_size=beam_size, attention=frozenset(ATTENTION_KINDS))
     expected = plain.translate(texts, options, batch_size=48)
     ours = bound.translate(texts, options, batch_size=48)

@@ -8,19 +8,18 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
 from service.engine.lane_process import LaneFailed, ProcessRunningBatch
-from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY, process_alive
+from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
+from tests.support.processes import process_alive
 
-SENTENCES = [
-    line.strip() for line in (Path(__file__).parent.parent / "bench/data/test_sentences.txt").open()
-][:48]
+SENTENCES = read_sentences(DEFAULT_SENTENCES)[:48]  # bench/data/test_sentences.txt
 
 
 @pytest.fixture(scope="module")

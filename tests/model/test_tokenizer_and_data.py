@@ -1,3 +1,5 @@
+"""Vocabularies built by model.tokenizer (word level, BPE) and the training data: TSV files, batches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +10,6 @@ import pytest
 from model.data import EncodedPair, read_tsv, token_batches
 from model.tokenizer import build_bpe, build_word_level
 from service.core.vocabulary import EmptyTextError, Vocabulary
-from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 
 CORPUS = ["the big dog sees the cat", "el perro grande ve el gato", "i see her", "yo la veo"]
 
@@ -50,13 +51,6 @@ def test_bpe_round_trips_text_it_never_saw_whole() -> None:
     assert vocabulary.decode(encoded.ids) == text
 
 
-def test_corrupt_tokenizer_file_names_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "tokenizer.json"
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizer.json"):
-        Vocabulary.from_file(path)
-
-
 def test_tsv_reader_names_the_bad_line(tmp_path: Path) -> None:
     good = tmp_path / "good.tsv"
     good.write_text("a b\tc d\n\ne f\tg\n")
@@ -89,20 +83,6 @@ def test_token_batches_split_evenly_across_ranks() -> None:
     pairs = [EncodedPair(np.arange(2, 2 + n % 17 + 2), np.arange(2, 2 + n % 13 + 3)) for n in range(999)]
     shards = [token_batches(pairs, 200, 0, seed=3, epoch=0, rank=r, world_size=3) for r in range(3)]
     assert len({len(s) for s in shards}) == 1
-
-
-def test_invisible_characters_are_dropped_but_joiners_stay() -> None:
-    """Zero-width spaces, byte-order marks, soft hyphens and word joiners carry no letter; zero-width joiners
-    do (inside emoji and Persian words), so they stay part of the word the user wrote."""
-    vocabulary = Vocabulary.from_file(DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "tokenizer.json")
-    pasted = "\ufeffthe d\u200bog\u2060 se\u00ades zqx"
-    encoded = vocabulary.encode_source(pasted)
-    assert encoded.tokens == ["the", "dog", "sees", "<unk>", "</s>"]
-    assert encoded.pieces == ["the", "dog", "sees", "zqx", "</s>"] and encoded.unknown_words == ["zqx"]
-    for word in ("\U0001f469\u200d\U0001f4bb", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"):
-        assert vocabulary.encode_source(f"the {word}").unknown_words == [word]
-    with pytest.raises(EmptyTextError):
-        vocabulary.encode_source("\u200b \ufeff")
 
 
 def test_a_source_of_invisible_characters_is_a_malformed_line(tmp_path: Path) -> None:

@@ -9,14 +9,12 @@ import statistics
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from model import toy_language as tl
 from model.toy_language import GrammarError, Pair, translate
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 def target(sentence: str) -> str:
@@ -214,7 +212,7 @@ def output_digest() -> str:
 
 
 def test_output_does_not_depend_on_hash_randomisation() -> None:
-    script = "from tests.test_toy_language import output_digest; print(output_digest())"
+    script = "from tests.model.test_toy_language import output_digest; print(output_digest())"
     digests = {output_digest()}
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}

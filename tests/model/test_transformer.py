@@ -4,7 +4,6 @@ incremental decoding against full recomputation, and translation through the sha
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.transformer import MultiHeadAttention, Transformer, TransformerConfig, causal_mask
+from tests.conftest import ROOT
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 16
@@ -67,7 +67,7 @@ def test_state_dict_has_no_aliased_tensors_and_output_is_tied(model: Transformer
 
 
 def test_model_code_uses_its_own_attention() -> None:
-    code = Path(__file__).parents[1].joinpath("model", "transformer.py").read_text()
+    code = ROOT.joinpath("model", "transformer.py").read_text()
     for name in ("nn.MultiheadAttention", "nn.Transformer", "scaled_dot_product_attention"):
         assert name not in code
 

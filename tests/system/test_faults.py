@@ -1,6 +1,6 @@
 """Faults against real `translator-serve` subprocesses on 127.0.0.1 (the tiny model), under concurrent load.
 
-tests/test_server.py already covers, one call at a time and mostly in-process: a cancelled stream stopping
+tests/server/ already covers, one call at a time and mostly in-process: a cancelled stream stopping
 its decoding, a deadline freeing queued and running work, one over-full queue, and SIGTERM with four queued
 calls. Here the same faults hit separate server processes under concurrent load, plus what it does not
 cover: unary calls cancelled mid-decode, a client process killed with its streams unread, a burst that
@@ -30,12 +30,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.load import Setting, Target, metric_value, process_tree, scrape, spawn_server
+from bench.servers import Setting, Target, metric_value, process_tree, scrape, spawn_server
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.core.model_format import sha256
-from service.server.config import ROOT
-from tests.conftest import process_alive
+from tests.conftest import ROOT
+from tests.support.processes import log_entries, process_alive
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -122,14 +123,6 @@ class Metrics:
         return metric_value(self.read(), name, **labels) - metric_value(self.before, name, **labels)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, message: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(0.02)
-
-
 def stub(target: Target) -> tuple[grpc.Channel, pb_grpc.TranslatorStub]:
     channel = grpc.insecure_channel(target.address)
     return channel, pb_grpc.TranslatorStub(channel)
@@ -171,12 +164,6 @@ def assert_idle(metrics: Metrics) -> None:
         ),
         message="no call in flight and an empty queue",
     )
-
-
-def log_messages(target: Target) -> list[dict]:
-    assert target.log is not None
-    lines = target.log.read_text(errors="replace").splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,7 +406,8 @@ def test_sigterm_while_clients_keep_sending(tiny_repository: Path, tmp_path: Pat
         # Every client was refused in the end: new calls get UNAVAILABLE once shutdown began.
         assert codes["UNAVAILABLE"] == 8, codes
         assert exited - signalled < 10, "shutdown took the whole grace period"
-        messages = [entry.get("message") for entry in log_messages(target)]
+        assert target.log is not None
+        messages = [entry.get("message") for entry in log_entries(target.log)]
         assert "shutting down" in messages and "stopped" in messages
 
 

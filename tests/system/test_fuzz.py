@@ -17,7 +17,6 @@ printed at the end of the run (terminal summary: "fuzz: ...").
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
@@ -34,11 +33,12 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.load import Setting, Target, metric_value, scrape, spawn_server
+from bench.servers import Setting, Target, metric_value, scrape, spawn_server
 from service.api.inference import grpc_service_pb2 as kpb
 from service.api.translator.v1 import translator_pb2 as pb
 from service.server.kserve import OUTPUT_DATATYPES, PARAMETERS, serialize_bytes
 from tests.conftest import WORDS
+from tests.support.processes import log_entries
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -531,9 +531,6 @@ def test_server_still_serves_after_fuzzing(fuzzer: Fuzzer) -> None:
     for code in ("INTERNAL", "UNKNOWN", "UNAVAILABLE"):
         assert metric_value(samples, "translator_requests_total", code=code) == 0, code
     assert fuzzer.target.log is not None
-    errors = [
-        line
-        for line in fuzzer.target.log.read_text(errors="replace").splitlines()
-        if line.startswith("{") and json.loads(line).get("level") in ("ERROR", "CRITICAL")
-    ]
+    entries = log_entries(fuzzer.target.log)
+    errors = [entry for entry in entries if entry.get("level") in ("ERROR", "CRITICAL")]
     assert not errors, errors[:3]

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +32,12 @@ import yaml
 
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from tests.conftest import ROOT
+from tests.support.commands import run, tool
+from tests.support.metrics import scrape
+from tests.support.processes import free_port, logged, stop
+from tests.support.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
@@ -56,25 +58,9 @@ SENTENCES = (
     "her cat sees the big house that the dog saw",
 )
 
+INSTALL = ".ci/run installs it (apt-get install prometheus)"  # promtool and prometheus
+
 pytestmark = pytest.mark.timeout(240)
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found: .ci/run installs it (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def run(*command: str | Path, timeout: float = 60, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
-    )
-    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,18 +69,18 @@ def run(*command: str | Path, timeout: float = 60, env: dict[str, str] | None = 
 
 
 def test_promtool_check_config() -> None:
-    out = run(tool("promtool"), "check", "config", PROMETHEUS_CONFIG)
+    out = run(tool("promtool", INSTALL), "check", "config", PROMETHEUS_CONFIG, stderr=True)
     for rules in RULE_FILES:  # rule_files: rules/*.yml, resolved relative to the config
         assert rules.name in out
 
 
 def test_promtool_check_rules() -> None:
-    run(tool("promtool"), "check", "rules", *RULE_FILES)
+    run(tool("promtool", INSTALL), "check", "rules", *RULE_FILES, stderr=True)
 
 
 def test_promtool_test_rules() -> None:
     assert RULE_TESTS
-    out = run(tool("promtool"), "test", "rules", *RULE_TESTS)
+    out = run(tool("promtool", INSTALL), "test", "rules", *RULE_TESTS, stderr=True)
     assert "SUCCESS" in out
 
 
@@ -134,29 +120,12 @@ def test_error_and_drop_panels_show_zero_rather_than_no_data(tmp_path: Path) -> 
     }
     path = tmp_path / "panels.test.yml"
     path.write_text(yaml.safe_dump({"rule_files": [], "tests": [healthy, failing]}))
-    assert "SUCCESS" in run(tool("promtool"), "test", "rules", path)
+    assert "SUCCESS" in run(tool("promtool", INSTALL), "test", "rules", path, stderr=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The live stack
 # ---------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[Any], timeout: float = 10) -> int | None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-    return process.returncode
 
 
 @dataclass
@@ -218,10 +187,9 @@ def start_server(repository: Path, log: Path) -> Server:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            entry = json.loads(line) if line.startswith("{") else {}
-            if entry.get("message") == "ready":
-                return Server(process, int(entry["port"]), int(entry["metrics_port"]), log)
+        entry = logged(log, "ready")
+        if entry is not None:
+            return Server(process, int(entry["port"]), int(entry["metrics_port"]), log)
         if process.poll() is not None:
             break
         time.sleep(0.1)
@@ -239,7 +207,7 @@ def start_prometheus(server: Server, folder: Path) -> Prometheus:
     config["scrape_configs"] = [job]
     config_file = folder / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
-    binary = tool("prometheus")
+    binary = tool("prometheus", INSTALL)
     for _attempt in range(3):  # the free port may be taken between probing and binding
         port = free_port()
         log = folder / "prometheus.log"
@@ -267,22 +235,6 @@ def start_prometheus(server: Server, folder: Path) -> Prometheus:
                 time.sleep(0.2)
         stop(process)
     raise AssertionError(f"prometheus did not start:\n{log.read_text()}")
-
-
-def wait_for(what: str, check: Any, timeout: float = 30, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
-
-
-def metrics_text(server: Server) -> str:
-    with urllib.request.urlopen(f"http://{server.instance}/metrics", timeout=5) as reply:
-        return reply.read().decode()
 
 
 def expect_code(code: grpc.StatusCode, call: Any) -> None:
@@ -338,7 +290,7 @@ def drive_traffic(server: Server) -> None:
             next(stream)
             stream.cancel()
             time.sleep(0.2)
-            if 'reason="cancelled"' in metrics_text(server):
+            if 'reason="cancelled"' in scrape(server.metrics_port):
                 break
 
 
@@ -356,8 +308,10 @@ def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         prometheus = start_prometheus(server, folder)
         wait_for(
-            "the first scrape",
             lambda: [s for s in prometheus.query(f'up{{job="{JOB}"}}') if s["value"][1] == "1"],
+            timeout=30,
+            message="the first scrape",
+            every=0.5,
         )
         drive_traffic(server)
         time.sleep(1.5)  # one more scrape in between: counters that grow, not just appear
@@ -365,13 +319,15 @@ def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         # Wait for Prometheus to hold the final counts, then for the rules to be evaluated on them.
         answered = sum(
             float(line.rsplit(" ", 1)[1])
-            for line in metrics_text(server).splitlines()
+            for line in scrape(server.metrics_port).splitlines()
             if line.startswith("translator_requests_total{")
         )
         total = f'sum(translator_requests_total{{job="{JOB}"}})'
         wait_for(
-            "the last scrape",
             lambda: [s for s in prometheus.query(total) if float(s["value"][1]) == answered],
+            timeout=30,
+            message="the last scrape",
+            every=0.5,
         )
         time.sleep(2.5)
         yield Stack(server, prometheus)
@@ -521,7 +477,7 @@ def healthcheck(env: dict[str, str]) -> int:
 
 def test_image_healthcheck_script(stack: Stack) -> None:
     env = dict(os.environ, TRANSLATOR_HOST="127.0.0.1", TRANSLATOR_PORT=str(stack.server.port))
-    out = run(sys.executable, HEALTHCHECK, env=env, timeout=30)
+    out = run(sys.executable, HEALTHCHECK, env=env, timeout=30, stderr=True)
     assert "SERVING" in out
     env["TRANSLATOR_HEALTHCHECK_SERVICE"] = "no.such.Service"
     assert healthcheck(env) == 1

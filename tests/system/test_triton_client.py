@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.load import Setting, spawn_server
+from bench.servers import Setting, spawn_server
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY

@@ -1,0 +1,88 @@
+"""Mutual TLS: a client with a certificate of the trusted CA is served, others are refused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.api.translator.v1 import translator_pb2 as pb
+from tests.support.server import Client, make_config, running
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_mutual_tls(tiny_repository: Path, tmp_path: Path) -> None:
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        str(tmp_path / "ca.key"),
+        "-out",
+        str(tmp_path / "ca.pem"),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+        _openssl(
+            "req",
+            *ec,
+            "-keyout",
+            str(tmp_path / f"{name}.key"),
+            "-out",
+            str(tmp_path / f"{name}.csr"),
+            "-subj",
+            f"/CN={name}",
+        )
+        extension = tmp_path / f"{name}.ext"
+        extension.write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(tmp_path / f"{name}.csr"),
+            "-CA",
+            str(tmp_path / "ca.pem"),
+            "-CAkey",
+            str(tmp_path / "ca.key"),
+            "-CAcreateserial",
+            "-out",
+            str(tmp_path / f"{name}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            str(extension),
+        )
+    config = make_config(
+        tiny_repository,
+        tls_cert=tmp_path / "server.pem",
+        tls_key=tmp_path / "server.key",
+        tls_client_ca=tmp_path / "ca.pem",
+    )
+    ca = (tmp_path / "ca.pem").read_bytes()
+    with running(config) as server:
+        assert server.port
+        trusted = Client(
+            server.port,
+            grpc.ssl_channel_credentials(
+                ca, (tmp_path / "client.key").read_bytes(), (tmp_path / "client.pem").read_bytes()
+            ),
+        )
+        assert trusted.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=10).translations
+        trusted.close()
+        for credentials in (grpc.ssl_channel_credentials(ca), None):  # no client certificate; plaintext
+            stranger = Client(server.port, credentials)
+            with pytest.raises(grpc.RpcError) as failure:
+                stranger.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=5)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+            stranger.close()
