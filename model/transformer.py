@@ -4,7 +4,7 @@ Pre-norm variant (LayerNorm before every sublayer, one final LayerNorm after eac
 stably without warm-up tricks at this size. Names follow the paper: query, key, value, memory, src_mask,
 tgt_mask.
 
-Three ways to run the decoder, all computing the same function (tests/test_transformer.py checks it):
+Three ways to run the decoder, all computing the same function (tests/model/test_transformer.py checks it):
 
 * ``forward(src_ids, tgt_in_ids)``: training, teacher forcing, logits for every target position.
 * ``decode_full(tgt_in_ids, memory, src_padding_mask)``: the whole target prefix at once, without a cache,

@@ -6,7 +6,7 @@ folder. Run after changing the rules:
 
     python deploy/k8s/sync_prometheusrule.py
 
-tests/test_deploy.py fails while the two differ.
+tests/system/test_deploy.py fails while the two differ.
 """
 
 from __future__ import annotations
