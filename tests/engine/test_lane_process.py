@@ -34,6 +34,29 @@ def process_engine() -> Iterator[Engine]:
     engine.close()
 
 
+def test_a_parent_with_lane_processes_loads_no_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lanes hold the sessions; the parent only plans and dispatches (and still answers)."""
+    import service.engine.runner as runner_module
+
+    made: list[object] = []
+    real = runner_module.make_session
+
+    def counted(*args: object, **kwargs: object) -> object:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "make_session", counted)
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+    try:
+        assert engine.runner is None and made == []
+        assert engine.provider == "CPUExecutionProvider"
+        assert all(h is not None for h in engine.search_ids([[5, 6, 2], [7, 2]], TranslateOptions()))
+    finally:
+        engine.close()
+    in_process = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
+    assert in_process.runner is not None and len(made) == 3  # encoder, decoder step, select
+
+
 def test_lanes_are_other_live_processes(process_engine: Engine) -> None:
     assert process_engine.lane_processes is not None
     pids = process_engine.lane_processes.pids

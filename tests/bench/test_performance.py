@@ -1,0 +1,78 @@
+"""docs/PERFORMANCE.md is generated from docs/results/: figures read from the raw files, the latest run per
+machine and benchmark, the targets judged, `--check` failing on a stale file; new runs get a folder each."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import performance
+from bench.results import RUN_JSON, run_folder, write_run_json
+from tests.conftest import ROOT
+
+RESULTS = ROOT / "docs" / "results"
+
+
+def test_the_shipped_file_is_what_the_results_give() -> None:
+    assert performance.main(["--results", str(RESULTS), "--out", str(ROOT / "docs" / "PERFORMANCE.md"),
+                             "--check"]) == 0
+
+
+def _engine_run(results: Path, name: str, ours_32: float, best_ct2_32: float) -> None:
+    """A copy of a real engine run with ours and the faster CTranslate2 at batch 32 replaced."""
+    source = next(p for p in sorted(RESULTS.iterdir()) if p.name.endswith("_cpu2_engine"))
+    folder = results / name
+    shutil.copytree(source, folder)
+    data = json.loads((folder / "bench-engine.json").read_text())
+    data["ratios"]["32"]["ours/best ct2_f32"] = ours_32 / best_ct2_32
+    data["results"]["ours"]["32"]["sentences_per_s"] = ours_32
+    data["results"]["ct2_f32"]["32"]["sentences_per_s"] = best_ct2_32
+    data["results"]["ct2_f32_workers"]["32"]["sentences_per_s"] = 0.9 * best_ct2_32
+    (folder / "bench-engine.json").write_text(json.dumps(data))
+    run = json.loads((folder / RUN_JSON).read_text())
+    run.update(date=name[:10], commit=name.split("_")[1])
+    (folder / RUN_JSON).write_text(json.dumps(run))
+
+
+def test_current_figures_and_targets_come_from_the_latest_run(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
+    _engine_run(results, "2030-01-01_aaaaaaa_cpu2_engine", ours_32=1234.5, best_ct2_32=2469.0)
+    _engine_run(results, "2030-01-02_bbbbbbb_cpu2_engine", ours_32=5432.1, best_ct2_32=2469.0)
+    assert performance.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    current = text.split("## Targets")[0]
+    assert "bbbbbbb" in current and "5,432.1" in current and "1,234.5" not in current
+    targets = text.split("## Targets")[1].split("## History")[0]
+    batch_32 = next(line for line in targets.splitlines() if "CTranslate2 float32, batch 32" in line)
+    assert "2.20×" in batch_32 and "| met |" in batch_32  # 5432.1 / 2469.0
+    history = text.split("## History")[1]
+    assert history.index("bbbbbbb") < history.index("aaaaaaa")  # newest first
+    assert re.search(r"generated|Generated", text)
+
+
+def test_check_fails_on_a_stale_file(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
+    _engine_run(results, "2030-01-01_aaaaaaa_cpu2_engine", ours_32=1000.0, best_ct2_32=1000.0)
+    performance.main(["--results", str(results), "--out", str(out)])
+    assert performance.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+    out.write_text(out.read_text() + "edited by hand\n")
+    with pytest.raises(SystemExit) as stopped:
+        performance.main(["--results", str(results), "--out", str(out), "--check"])
+    assert stopped.value.code == 1
+
+
+def test_a_new_run_gets_a_folder_of_its_own(tmp_path: Path) -> None:
+    first = run_folder("engine", root=tmp_path, machine="cpu2")
+    named = r"\d{4}-\d{2}-\d{2}_([0-9a-f]{7,}(-dirty)?|unknown)_cpu2_engine"
+    assert re.fullmatch(named, first.name), first.name
+    assert run_folder("engine", root=tmp_path, machine="cpu2") == first  # not closed yet: reused
+    write_run_json(first, ["translator-bench", "engine", "--save"], {"device": "cpu"})
+    recorded = json.loads((first / RUN_JSON).read_text())
+    assert recorded["bench"] == "engine" and recorded["machine"] == "cpu2" and recorded["device"] == "cpu"
+    assert recorded["command"] == "translator-bench engine --save"
+    second = run_folder("engine", root=tmp_path, machine="cpu2")
+    assert second.name == first.name + "-2"
