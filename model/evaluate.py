@@ -12,6 +12,7 @@ import numpy as np
 import sacrebleu
 import torch
 
+from model.checkpoint import DEFAULT_CHECKPOINT, load_model
 from model.data import Example, read_tsv, toy_split
 from model.decoding import translate_ids
 from model.transformer import Transformer
@@ -127,8 +128,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from model.checkpoint import DEFAULT_CHECKPOINT, load_model
-
     parser = argparse.ArgumentParser(prog="translator-eval", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint",

@@ -19,6 +19,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from model.checkpoint import load_model
 from model.transformer import Transformer
 from service.core.cli import positive_int, run_command
 from service.core.model_format import (
@@ -198,8 +199,6 @@ def select_graph(n_layers: int) -> onnx.ModelProto:
 def export_checkpoint(
     checkpoint: str | Path, repository: str | Path, name: str, version: int, metrics: dict | None = None
 ) -> Path:
-    from model.checkpoint import load_model
-
     model, vocabulary, meta = load_model(checkpoint)
     out_dir = Path(repository) / name / str(version)
     if out_dir.exists():

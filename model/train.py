@@ -28,6 +28,7 @@ from model.checkpoint import load_optimizer, save_checkpoint, save_optimizer
 from model.data import Example, encode_examples, read_tsv, token_batches, toy_split
 from model.evaluate import corpus_scores, translate_texts
 from model.tokenizer import build_bpe, build_word_level
+from model.toy_language import SPLIT_SEEDS
 from model.transformer import Transformer, TransformerConfig
 from service.core.cli import run_command
 from service.core.vocabulary import Vocabulary
@@ -312,8 +313,6 @@ def _main(argv: list[str] | None) -> None:
 
 
 def _toy_seeds() -> dict[str, int]:
-    from model.toy_language import SPLIT_SEEDS
-
     return dict(SPLIT_SEEDS)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.client.attention_html import write_attention_html
 from service.core.cli import output_file, positive_float, server_address
 
 DEFAULT_SERVER = "localhost:8001"
@@ -368,19 +369,16 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
                     _print_result(result, args.json, args.json_attention, out)
                 results.extend(batch)
     if args.attention is not None and results:
-        from service.client.attention_png import png_paths, render_cross_attention_png
-
-        for result, path in zip(results, png_paths(args.attention, len(results)), strict=True):
+        pictures = _picture_module()
+        for result, path in zip(results, pictures.png_paths(args.attention, len(results)), strict=True):
             cross = result.attention.get("cross")
             if cross is None:
                 print(f"warning: the server sent no cross-attention for {result.source!r}", file=err)
                 continue
-            render_cross_attention_png(path, cross.column_tokens, cross.row_tokens, cross.weights,
+            pictures.render_cross_attention_png(path, cross.column_tokens, cross.row_tokens, cross.weights,
                                        cross.layers, cross.heads, title=f"{result.source}  →  {result.text}")
             print(f"wrote {path}", file=err)
     if args.html is not None and results:
-        from service.client.attention_html import write_attention_html
-
         write_attention_html(args.html, results)
         print(f"wrote {args.html}", file=err)
     return 0
@@ -432,8 +430,23 @@ def _stream_one(client: TranslatorClient, text: str, options: dict[str, Any], as
     return final
 
 
+def _picture_module() -> Any:
+    """The PNG renderer, imported only when a picture is asked for: matplotlib comes with the `client`
+    extra, and the client translates without it."""
+    from service.client import attention_png
+
+    return attention_png
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.attention is not None:
+        try:
+            _picture_module()
+        except ImportError as error:  # refused before any call, like any other bad argument
+            parser.error(f"--attention draws with matplotlib, which is not installed ({error}): "
+                         "pip install 'translator[client]'")
     try:
         return _run(args, sys.stdin, sys.stdout, sys.stderr)
     except TranslatorError as error:

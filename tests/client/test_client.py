@@ -697,3 +697,20 @@ def test_real_server_cli_end_to_end(real_server: str, tmp_path: Path) -> None:
     assert png_size(tmp_path / "maps.png")[0] > 300
     data = embedded_data((tmp_path / "view.html").read_text("utf-8"))
     assert set(data["items"][0]["maps"]) == {"cross", "decoder_self", "encoder_self"}
+
+
+def test_pictures_without_matplotlib_are_refused_before_any_call(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """matplotlib comes with the `client` extra: without it, --attention is a usage error that says so, and no
+    call is made (the server address is one nothing listens on)."""
+    import service.client
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it raises ImportError
+    monkeypatch.delitem(sys.modules, "service.client.attention_png", raising=False)
+    monkeypatch.delattr(service.client, "attention_png", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--server", "127.0.0.1:9", "--attention", str(tmp_path / "maps.png"), "the dog sees her"])
+    assert stopped.value.code == 2
+    assert "pip install 'translator[client]'" in capsys.readouterr().err
+    assert not (tmp_path / "maps.png").exists()
