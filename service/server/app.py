@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import disable_created_metrics
 
 from service.api.inference import grpc_service_pb2_grpc
@@ -106,7 +106,7 @@ class TranslatorServer:
         self.config = config
         self.metrics = ServerMetrics()
         self.runtime = Runtime(config, self.metrics)
-        self.health = HealthService(SERVICE_NAMES)
+        self.health = HealthService(lambda: self.runtime.readiness, SERVICE_NAMES)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._engine = engine
@@ -196,9 +196,7 @@ class TranslatorServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             kserve.InferenceService(self.runtime), ours
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, theirs)
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, theirs)  # NOT_SERVING until loaded
         add_reflection(theirs, SERVICE_NAMES)  # type: ignore[arg-type]
         ours.flush()
         theirs.flush()
@@ -258,8 +256,7 @@ class TranslatorServer:
             model=model.name, version=str(model.version), provider=engine.provider
         ).set(1)
         self.runtime.readiness = Readiness.READY
-        for name in ("", *SERVICE_NAMES):
-            self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        self._on_loop(self.health.changed())
         log.info(
             "ready",
             extra=_fields(
@@ -337,7 +334,7 @@ class TranslatorServer:
         )
         self.runtime.readiness = Readiness.DRAINING
         if self._loop is not None:
-            self._on_loop(self.health.enter_graceful_shutdown())
+            self._on_loop(self.health.changed())  # open watches send NOT_SERVING and end
         # gRPC refuses new calls from now on and cancels whatever still runs when the grace period ends. The
         # batcher closes a little before that: it finishes the queued and running work until then and fails
         # the rest with UNAVAILABLE (dropped as "shutdown"), so no in-flight call is merely cancelled.
