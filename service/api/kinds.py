@@ -1,4 +1,4 @@
-"""Attention kinds: the engine's names (service.engine.engine.ATTENTION_KINDS) and the translator.v1 wire enum."""
+"""Attention kinds: the engine's names (service.core.options.ATTENTION_KINDS) and the translator.v1 wire enum."""
 
 from __future__ import annotations
 

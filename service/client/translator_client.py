@@ -36,7 +36,7 @@ from service.core.cli import output_file, positive_float, server_address
 DEFAULT_SERVER = "localhost:8001"
 SERVER_ENV = "TRANSLATOR_SERVER"
 
-# Names used by the engine (service.engine.engine.ATTENTION_KINDS) mapped to the wire enum.
+# Names used by the engine (service.core.options.ATTENTION_KINDS) mapped to the wire enum.
 ATTENTION_KINDS = KIND_ENUMS
 
 # Attention maps grow with texts x kinds x layers x heads x rows x cols; gRPC's 4 MiB default is too small

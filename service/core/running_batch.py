@@ -18,6 +18,7 @@ from service.core.search import (
     Hypothesis,
     StepBackend,
     greedy_choice,
+    never_specials,
     padded,
     score,
 )
@@ -112,7 +113,8 @@ class RunningBatch:
 
     def _decode(self) -> None:
         self.state, log_probs, _, _ = self.backend.step(self.state, self.tokens, False)
-        chosen, chosen_log_probs = greedy_choice(log_probs, self.pad_id, self.bos_id)
+        masked = never_specials(np.asarray(log_probs), self.pad_id, self.bos_id)
+        chosen, chosen_log_probs = greedy_choice(masked)
         live = np.flatnonzero(self.running)
         self.log_probs[live] += chosen_log_probs[live]
         self.steps[live] += 1

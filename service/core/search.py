@@ -151,16 +151,19 @@ def never_specials(log_probs: np.ndarray, pad_id: int, bos_id: int) -> np.ndarra
     return log_probs
 
 
+def length_norm(n_steps: int, length_penalty: float) -> float:
+    return float(n_steps) ** length_penalty
+
+
 def score(log_prob: float, n_steps: int, length_penalty: float) -> float:
     """The one score formula of greedy and beam search: log_prob / n_steps ** length_penalty."""
-    return log_prob / float(n_steps) ** length_penalty
+    return log_prob / length_norm(n_steps, length_penalty)
 
 
-def greedy_choice(log_probs: np.ndarray, pad_id: int, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """One greedy step's decision for every row: (chosen token [N], its log-probability [N]); <pad> and
-    <s> are never chosen. Shared by `search` and the running batch, so a sentence gets the same tokens
-    whichever way it is decoded."""
-    log_probs = never_specials(np.asarray(log_probs), pad_id, bos_id)
+def greedy_choice(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One greedy step's decision for every row of `log_probs` (special tokens already masked by
+    `never_specials`): (chosen token [N], its log-probability [N]). Shared by `search` and the running
+    batch, so a sentence gets the same tokens whichever way it is decoded."""
     chosen = log_probs.argmax(axis=1)
     return chosen, log_probs[np.arange(len(chosen)), chosen]
 
@@ -229,7 +232,7 @@ class _Run:
     on_done: OnDone | None
 
     def _denominator(self, n_steps: int) -> float:
-        return float(n_steps) ** self.length_penalty
+        return length_norm(n_steps, self.length_penalty)
 
     def _denominators(self, n_steps: np.ndarray) -> np.ndarray:
         return n_steps.astype(np.float64) ** self.length_penalty
@@ -317,7 +320,7 @@ class _Run:
             if not running.any():
                 break
             state, log_probs, cross, self_att = self._step(state, tokens)
-            chosen, chosen_log_probs = greedy_choice(log_probs, self.pad_id, self.bos_id)
+            chosen, chosen_log_probs = greedy_choice(log_probs)  # masked by _step
             live = np.flatnonzero(running)
             rows = alive[live]
             log_prob_sum[rows] += chosen_log_probs[live]

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.model_format import decoder_outputs, select_outputs
+from service.engine.sessions import CPU
 
 # A cache tensor: a numpy array (plain mode, and the empty past of step 0), or in the IO-binding mode an
 # OrtValue that stays on the session's device between steps.
@@ -101,7 +102,7 @@ class OnnxBackend:
         # On CPU the encoder's cost grows with rows x padded width, and a batch of mixed lengths is mostly
         # padding (toy test split at batch 128: 65%); on a GPU the padding is nearly free and every extra
         # run costs launches, so there the batch stays whole.
-        self.group_encoder_by_length = encoder.get_providers()[0] == "CPUExecutionProvider"
+        self.group_encoder_by_length = encoder.get_providers()[0] == CPU
 
     def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[DecoderState, np.ndarray | None]:
         padding = src_ids == self.pad_id

@@ -24,15 +24,11 @@ from service.engine import lane_messages as msg
 from service.engine.lane_process import ProcessLanes, ProcessRunningBatch
 from service.engine.lanes import LaneThreads, lane_parts, plan_lanes
 from service.engine.runner import Runner, TimedRunningBatch
-from service.engine.sessions import choose_providers, flush_denormals_on_this_thread
+from service.engine.sessions import CPU, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
 from service.engine.timing import Searched, StageTimes
 
 log = logging.getLogger("translator.engine")
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-# onnxruntime logs a failed CUDA provider and carries on with the CPU; the log says why.
-CUDA_FAILED = "its log above says why: usually a CUDA or cuDNN library it cannot find"
 
 RunningBatchOnLane = TimedRunningBatch | ProcessRunningBatch
 
@@ -69,12 +65,12 @@ class Engine:
         if lane_processes:
             self.lane_processes = self._start_lane_processes(device, threads, spinning, io_binding)
             if self.lane_processes.provider != providers[0]:  # "auto" found no usable CUDA
-                self._cuda_failed(device)
                 self.lane_processes.close()
+                self._cuda_failed(device)
                 self.lanes = plan_lanes(CPU, threads, lanes)  # the CPU's lanes, not the GPU's
                 self.lane_processes = self._start_lane_processes("cpu", threads, spinning, io_binding)
             self.provider = self.lane_processes.provider
-            self.io_binding = self.provider == CUDA if io_binding is None else bool(io_binding)
+            self.io_binding = self.lane_processes.io_binding
         else:
             self.runner = Runner(model, providers, max(1, threads // self.lanes), spinning, io_binding)
             if self.runner.provider != providers[0]:

@@ -2,9 +2,9 @@
 
 Parent to lane: `Load` once, then `Search` (and `Abandon` while it runs), or a running batch: `OpenBatch`,
 then `Join` and `Step` until `CloseBatch`; `Stop` at the end.
-Lane to parent: `Ready` (or `Failed`) once; per search the rows' `Token` (when asked for) and `Done`
-messages, then `SearchEnd` or `Failed`; per `Join` a `Joined`, per `Step` its rows' `Token` and `Done`
-messages, then `Stepped`.
+Lane to parent: `Ready` (or `Failed`) once; per search each step's `Tokens` (when asked for) and the rows'
+`Done` messages, then `SearchEnd` or `Failed`; per `Join` a `Joined`, per `Step` its `Tokens` and the rows'
+`Done` messages, then `Stepped`. A step's tokens always come before its rows' `Done`.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class CloseBatch:
 class Ready:
     pid: int
     provider: str
+    io_binding: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +91,12 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
-class Token:
-    row: int
-    token_id: int
+class Tokens:
+    """One step's new tokens of the rows whose tokens the parent wants (one message per step, not per row:
+    pickling a message costs microseconds of each side's interpreter)."""
+
+    rows: list[int]
+    token_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from service.core.model_format import ModelLoadError
 from service.core.options import TranslateOptions
 from service.core.search import Hypothesis
 from service.engine import lane_messages as msg
+from service.engine.sessions import CUDA
 from service.engine.timing import Searched, StageTimes
 
 log = logging.getLogger("translator.engine")
@@ -53,7 +54,7 @@ class LaneFailed(RuntimeError):
 
 
 class LaneProcess:
-    """One lane process (`python -m service.engine.lane_process`) and the parent's end of its socket.
+    """One lane process (`python -m service.engine.lane_worker`) and the parent's end of its socket.
 
     Started as a fresh interpreter rather than through multiprocessing's spawn, which would re-run the
     caller's main script in the child.
@@ -86,6 +87,7 @@ class LaneProcess:
             reason = message.reason if isinstance(message, msg.Failed) else repr(message)
             raise ModelLoadError(f"{model.path}: lane process {index} could not load the model ({reason})")
         self.provider = message.provider
+        self.io_binding = message.io_binding
 
     @property
     def exitcode(self) -> int | None:
@@ -124,17 +126,19 @@ class ProcessLanes:
         self._next_index = 0
         self._waiting: list[object] = []  # callers waiting for free lanes, first come first served
         try:
-            for _ in range(count):
+            self._all.append(self._start())
+            # What the first lane got ("auto" may have meant the CPU): the others, and every lane started in
+            # place of a dead one, insist on the same (a lane told "cuda" fails rather than fall back).
+            self.provider = self._all[0].provider
+            self.io_binding = self._all[0].io_binding
+            device = "cuda" if self.provider == CUDA else "cpu"
+            self._load = msg.Load(load.model, device, load.threads, load.spinning, load.io_binding)
+            for _ in range(count - 1):
                 self._all.append(self._start())
         except BaseException:
             self.close()
             raise
         self._free = list(self._all)
-        # What the first lane got ("auto" may have meant the CPU): its replacements insist on the same, so
-        # that a lane never falls back to the CPU on its own.
-        self.provider = self._all[0].provider
-        device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
-        self._load = msg.Load(load.model, device, load.threads, load.spinning, load.io_binding)
 
     def _start(self) -> LaneProcess:
         with self._lock:
@@ -354,9 +358,10 @@ class ProcessRunningBatch:
         self._transport(lambda: self._lane.conn.send(message))
         while True:
             reply = self._transport(self._lane.conn.recv)
-            if isinstance(reply, msg.Token):
+            if isinstance(reply, msg.Tokens):
                 if self.on_token is not None:
-                    self.on_token(self._keys[reply.row], reply.token_id)
+                    for row, token_id in zip(reply.rows, reply.token_ids, strict=True):
+                        self.on_token(self._keys[row], token_id)
             elif isinstance(reply, msg.Done):
                 key = self._keys.pop(reply.row)
                 if self.on_done is not None:
@@ -426,9 +431,10 @@ class _Search:
             self.failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
             del self.running[conn]
             return
-        if isinstance(message, msg.Token):
+        if isinstance(message, msg.Tokens):
             if self.on_token is not None:
-                self.on_token(rows[message.row], message.token_id)
+                for row, token_id in zip(message.rows, message.token_ids, strict=True):
+                    self.on_token(rows[row], token_id)
         elif isinstance(message, msg.Done):
             row = rows[message.row]
             self.results[row] = message.hypothesis

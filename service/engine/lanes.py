@@ -16,6 +16,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from service.engine.sessions import CUDA
+
 log = logging.getLogger("translator.engine")
 
 
@@ -172,7 +174,7 @@ def plan_lanes(provider: str, threads: int, lanes: int | None) -> int:
     """On CPU every thread is a lane unless told otherwise. On a GPU the rows run together anyway; lanes
     there only overlap the host's kernel launches (a step of this model is launch-bound), and two lanes mean
     smaller batches in the service (docs/ENGINE.md, "On a GPU"): 1 unless asked."""
-    if provider == "CUDAExecutionProvider":
+    if provider == CUDA:
         return max(1, lanes or 1)
     return max(1, min(lanes or threads, threads))
 

@@ -26,7 +26,7 @@ from service.core.options import TranslateOptions, max_steps
 from service.core.running_batch import RunningBatch
 from service.core.search import Hypothesis, padded, search
 from service.engine.backend import OnnxBackend
-from service.engine.sessions import check_signature, make_session
+from service.engine.sessions import CUDA, check_signature, make_session
 from service.engine.timing import Searched, StageTimes, TimedBackend
 
 log = logging.getLogger("translator.engine")
@@ -55,7 +55,7 @@ class Runner:
         self.provider = self.encoder.get_providers()[0]
         self._check_signatures()
         self._check_shapes()
-        on_cuda = self.provider == "CUDAExecutionProvider"
+        on_cuda = self.provider == CUDA
         # IO binding (caches kept on the device between steps) is automatic on CUDA; on CPU there is no
         # copy to spare, so plain numpy feeds stay the default there (`io_binding=True` forces it, for tests).
         self.io_binding = on_cuda if io_binding is None else bool(io_binding)

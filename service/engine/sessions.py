@@ -26,6 +26,11 @@ from service.core.model_format import ModelLoadError
 
 log = logging.getLogger("translator.engine")
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# onnxruntime logs a failed CUDA provider and carries on with the CPU; the log says why.
+CUDA_FAILED = "its log above says why: usually a CUDA or cuDNN library it cannot find"
+
 
 def available_providers() -> list[str]:
     return ort.get_available_providers()
@@ -63,13 +68,13 @@ def choose_providers(device: str) -> list[str]:
     """`auto` takes CUDA when onnxruntime-gpu sees a GPU; `cuda` insists on it; `cpu` never uses it."""
     available = available_providers()
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
+        return [CPU]
+    if CUDA in available:
         preload_cuda_libraries()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA, CPU]
     if device == "cuda":
         raise ModelLoadError(f"device 'cuda' asked for, but onnxruntime offers only {available}")
-    return ["CPUExecutionProvider"]
+    return [CPU]
 
 
 # A padded key's attention score is the most negative float, and onnxruntime's CPU softmax takes exp of it
@@ -123,9 +128,9 @@ def make_session(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if providers[0] == "CPUExecutionProvider":
+    if providers[0] == CPU:
         options.enable_cpu_mem_arena = CPU_MEMORY_ARENA
-    provider_options = [CUDA_OPTIONS if name == "CUDAExecutionProvider" else {} for name in providers]
+    provider_options = [CUDA_OPTIONS if name == CUDA else {} for name in providers]
     try:
         return ort.InferenceSession(
             str(path), sess_options=options, providers=providers, provider_options=provider_options

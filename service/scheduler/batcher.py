@@ -112,7 +112,7 @@ class Batcher:
         self._seq = itertools.count()
         self._random = random.Random(seed)
         # Each worker's batches run on its share of the engine's lanes (engines without lanes have one).
-        self._lanes = max(1, getattr(engine, "lanes", 1) // settings.workers)
+        self._lanes = max(1, engine.lanes // settings.workers)
         self._threads = [
             threading.Thread(
                 target=self._work, args=(worker,), name=f"translator-batcher-{worker}", daemon=True

@@ -1,4 +1,4 @@
-"""How a request ended, in the scheduler's own words; the server maps each to a gRPC and an HTTP status once
+"""How a request ended, in the scheduler's own words; the server maps each to a gRPC status once
 (service.server.accounting)."""
 
 from __future__ import annotations

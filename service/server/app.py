@@ -43,7 +43,7 @@ from service.server.event_loop import new_event_loop
 from service.server.health import HealthService
 from service.server.middleware import Registrar, add_reflection
 from service.server.requests import Limits
-from service.server.runtime import Readiness, Runtime
+from service.server.runtime import Runtime
 
 log = logging.getLogger("translator.server")
 
@@ -224,7 +224,6 @@ class TranslatorServer:
             lane_processes=config.lane_processes == "on",
         )
         limits = self._limits(engine)
-        engine.max_length_limit = limits.max_length
         settings = BatchingSettings(
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
@@ -255,7 +254,8 @@ class TranslatorServer:
         self.metrics.model_info.labels(
             model=model.name, version=str(model.version), provider=engine.provider
         ).set(1)
-        self.runtime.readiness = Readiness.READY
+        if not self.runtime.become_ready():  # stop() began while it loaded: it stays draining
+            return
         self._on_loop(self.health.changed())
         log.info(
             "ready",
@@ -273,20 +273,19 @@ class TranslatorServer:
         """The configured limits, lowered where the model's positions cannot follow."""
         config = self.config
         positions = engine.model.max_positions
-        max_tokens, max_length = config.max_tokens_per_text, config.max_length_limit
-        if positions is not None:
-            if max_tokens + 1 > positions:  # the source gets </s> appended
-                log.warning(
-                    "max_tokens_per_text lowered to the model's positions",
-                    extra=_fields(configured=max_tokens, used=positions - 1),
-                )
-                max_tokens = positions - 1
-            if max_length > positions:
-                log.warning(
-                    "max_length_limit lowered to the model's positions",
-                    extra=_fields(configured=max_length, used=positions),
-                )
-                max_length = positions
+        max_tokens = config.max_tokens_per_text
+        if positions is not None and max_tokens + 1 > positions:  # the source gets </s> appended
+            log.warning(
+                "max_tokens_per_text lowered to the model's positions",
+                extra=_fields(configured=max_tokens, used=positions - 1),
+            )
+            max_tokens = positions - 1
+        max_length = engine.max_length_limit  # the engine caps it by the model's positions
+        if max_length < config.max_length_limit:
+            log.warning(
+                "max_length_limit lowered to the model's positions",
+                extra=_fields(configured=config.max_length_limit, used=max_length),
+            )
         return Limits(
             max_texts_per_request=config.max_texts_per_request,
             max_tokens_per_text=max_tokens,
@@ -332,7 +331,7 @@ class TranslatorServer:
                 grace_period_s=grace, queued=self.runtime.batcher.depth if self.runtime.batcher else 0
             ),
         )
-        self.runtime.readiness = Readiness.DRAINING
+        self.runtime.begin_draining()
         if self._loop is not None:
             self._on_loop(self.health.changed())  # open watches send NOT_SERVING and end
         # gRPC refuses new calls from now on and cancels whatever still runs when the grace period ends. The

@@ -1,6 +1,6 @@
 """The server's state and the one path of a translation call: the served model, readiness, the call's
 slot, its job in the scheduler, its deadline and cancellation. No gRPC status code is decided here: failures
-are the scheduler's `RequestFailed`, turned into gRPC (or HTTP) statuses by service.server.accounting.
+are the scheduler's `RequestFailed`, turned into gRPC statuses by service.server.accounting.
 """
 
 from __future__ import annotations
@@ -58,9 +58,22 @@ class Runtime:
     batcher: Batcher | None = None
     readiness: Readiness = Readiness.LOADING
     _slots: threading.BoundedSemaphore = field(init=False, repr=False)
+    _transition: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._slots = threading.BoundedSemaphore(self.config.max_concurrent_rpcs)
+
+    def become_ready(self) -> bool:
+        """LOADING -> READY; False (and no change) once draining has begun: a server never comes back."""
+        with self._transition:
+            if self.readiness is not Readiness.LOADING:
+                return False
+            self.readiness = Readiness.READY
+            return True
+
+    def begin_draining(self) -> None:
+        with self._transition:
+            self.readiness = Readiness.DRAINING
 
     @contextmanager
     def translation_slot(self) -> Iterator[None]:

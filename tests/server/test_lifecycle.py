@@ -296,3 +296,28 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tm
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_server_that_began_draining_never_becomes_ready_again() -> None:
+    """stop() may begin while load() warms up: the readiness that health, KServe and every call read stays
+    DRAINING, and health says NOT_SERVING."""
+    import asyncio
+
+    from service.scheduler.metrics import ServerMetrics
+    from service.server.config import ServerConfig
+    from service.server.health import HealthService
+    from service.server.runtime import Readiness, Runtime
+
+    runtime = Runtime(ServerConfig(), ServerMetrics())
+    health = HealthService(lambda: runtime.readiness, ("translator.v1.Translator",))
+
+    async def check() -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=""), None)).status  # type: ignore[arg-type]
+
+    assert asyncio.run(check()) == health_pb2.HealthCheckResponse.NOT_SERVING  # loading
+    runtime.begin_draining()
+    assert not runtime.become_ready()
+    assert runtime.readiness is Readiness.DRAINING and not runtime.ready
+    assert asyncio.run(check()) == health_pb2.HealthCheckResponse.NOT_SERVING
+    fresh = Runtime(ServerConfig(), ServerMetrics())
+    assert fresh.become_ready() and fresh.ready and not fresh.become_ready()

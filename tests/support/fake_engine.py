@@ -35,6 +35,7 @@ class FakeVocabulary:
 class FakeEngine:
     """Echoes each source as its translation, one token per step (so streaming and abandoning are visible)."""
 
+    lanes = 1
     lanes_waited_for = 0
 
     def __init__(self, step_s: float = 0.0) -> None:
