@@ -99,8 +99,9 @@ def translate_ids(
     """Translate a batch of source id lists (each ending with </s>) with greedy or beam search.
 
     Each sentence may take the decoding steps the service's length rule gives it (`max_steps`: from its own
-    source length, or ``max_length`` when given, capped by the model's position table), so evaluation and
-    serving decode alike. The model is left in the train/eval mode it came in.
+    source length, or ``max_length`` when given), capped by the model's position table; the server also
+    caps at its --max-length-limit (256 by default), which only sources of 124 tokens or more reach. The
+    model is left in the train/eval mode it came in.
     """
     if not src_ids:
         return []
