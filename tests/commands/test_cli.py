@@ -141,3 +141,15 @@ def test_repository_index_lists_an_unreadable_model_as_unavailable(
     assert entries[0] == ("good", "1", "")
     assert entries[1][:2] == ("locked", "") and "Permission denied" in entries[1][2]
     assert kserve.repository_entries(tmp_path / "gone")[0][2].startswith("cannot read the repository")
+
+
+def test_eval_without_a_checkpoint_evaluates_the_shipped_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh clone has no runs/: translator-eval's default is the checkpoint the shipped model came from,
+    wherever the command runs."""
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--split", "test", "--limit", "20", "--aer-limit", "5", "--json", "eval.json"])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert Path(results["checkpoint"]) == checkpoint.DEFAULT_CHECKPOINT
+    assert results["pairs"] == 20 and results["bleu"] > 90
