@@ -156,11 +156,15 @@ class Engine:
         is_abandoned: Callable[[int], bool] | None = None,
         lanes: int | None = None,
         on_done: Callable[[int, Hypothesis], object] | None = None,
+        wants_tokens: Callable[[int], bool] | None = None,
     ) -> Searched:
         """The shared search over a batch of source ids, in up to `lanes` (default: the engine's) parallel
         parts; its results in row order and the time its lanes spent. Rows are independent, so the results
         do not depend on the split; the callbacks get the caller's row numbers, possibly from several lanes
-        at once, and must not call this engine's search themselves (a lane would wait for itself)."""
+        at once, and must not call this engine's search themselves (a lane would wait for itself).
+        `wants_tokens(row)`: whether that row's tokens matter to `on_token` (None: all): with lane
+        processes only those cross, and a row whose lane dies is searched again when none of its tokens
+        went out (see `ProcessLanes.search`)."""
         processes = self.lane_processes
         usable = self.lanes if processes is None else min(self.lanes, processes.count)
         parts = lane_parts([len(s) for s in sources], min(lanes or self.lanes, usable))
@@ -168,7 +172,7 @@ class Engine:
             return Searched([], StageTimes())
         if processes is not None:
             return processes.search(
-                parts, sources, options, self.max_length_limit, on_token, is_abandoned, on_done
+                parts, sources, options, self.max_length_limit, on_token, is_abandoned, on_done, wants_tokens
             )
         runner = self.runner
         assert runner is not None  # no lane processes: this process runs the search

@@ -36,7 +36,7 @@ class Search:
     sources: list[list[int]]
     options: TranslateOptions
     max_length_limit: int
-    send_tokens: bool
+    token_rows: list[int]  # the rows whose tokens the parent wants as they come
     abandoned: list[int]  # rows given up before the search started: none of them takes a step
 
 

@@ -50,7 +50,18 @@ def _child_environment() -> dict[str, str]:
 
 
 class LaneFailed(RuntimeError):
-    """A lane process failed a search, or died."""
+    """A lane process failed a search (an error inside it), or no lane can be had."""
+
+
+class LaneLost(LaneFailed):
+    """A lane process died (killed, out of memory) with rows of the caller's still undecided: `rows`, the
+    caller's rows it could not answer (None: every row of a running batch). The lane is being replaced, so
+    the request can be retried; `detail` (process id, exit code) is for the log, not for clients."""
+
+    def __init__(self, rows: list[int] | None, detail: str) -> None:
+        super().__init__(detail)
+        self.rows = rows
+        self.detail = detail
 
 
 class LaneProcess:
@@ -240,11 +251,37 @@ class ProcessLanes:
         on_token: Callable[[int, int], object] | None,
         is_abandoned: Callable[[int], bool] | None,
         on_done: Callable[[int, Hypothesis], object] | None,
+        wants_tokens: Callable[[int], bool] | None = None,
     ) -> Searched:
         """Each part's rows searched by its own lane process: the hypotheses in the caller's row order
-        (None: abandoned) and the lanes' summed encoder and decoder seconds."""
+        (None: abandoned) and the lanes' summed encoder and decoder seconds. Tokens cross only for the rows
+        `wants_tokens` names (None: every row, when there is an `on_token`).
+
+        The rows of a lane that dies are searched again once, on a lane that lives, unless their tokens
+        have already gone to `on_token` (a second run would send them twice); what is still unanswered
+        then raises `LaneLost` naming those rows (every other row has been answered through `on_done`)."""
+        run = _Search(len(sources), on_token, is_abandoned, on_done, wants_tokens)
+        self._run(run, parts, sources, options, max_length_limit)
+        lost = run.lost_rows()
+        if lost:
+            log.warning("lane lost: %s; %d rows unanswered", "; ".join(run.deaths), len(lost))
+            again = [row for row in lost if row not in run.streamed]
+            if again:
+                self._run(run, [again], sources, options, max_length_limit)
+            unanswered = sorted(set(lost) - set(again)) + run.lost_rows()
+            if unanswered:
+                raise LaneLost(sorted(set(unanswered)), "; ".join(run.deaths) or "lane process died")
+        return Searched(run.results, run.times)
+
+    def _run(
+        self,
+        run: _Search,
+        parts: list[list[int]],
+        sources: list[list[int]],
+        options: TranslateOptions,
+        max_length_limit: int,
+    ) -> None:
         with self._taken(len(parts)) as lanes:
-            run = _Search(len(sources), on_token, is_abandoned, on_done)
             try:
                 for lane, rows in zip(lanes, parts, strict=True):
                     run.start(lane, rows, [sources[row] for row in rows], options, max_length_limit)
@@ -256,7 +293,6 @@ class ProcessLanes:
                 run.drain()
             if run.failures:
                 raise LaneFailed("; ".join(run.failures))
-            return Searched(run.results, run.times)
 
     def close(self) -> None:
         """Stop the idle lanes now; a lane still searching stops when its search ends."""
@@ -387,7 +423,8 @@ class ProcessRunningBatch:
             # would go back to the free lanes), so that it is replaced.
             self._lane.kill()
             self._lanes._release([self._lane])
-            raise LaneFailed(f"lane process {self._lane.pid} exited (code {self._lane.exitcode})") from error
+            detail = f"lane process {self._lane.pid} exited (code {self._lane.exitcode})"
+            raise LaneLost(None, detail) from error
 
 
 class _Search:
@@ -399,15 +436,33 @@ class _Search:
         on_token: Callable[[int, int], object] | None,
         is_abandoned: Callable[[int], bool] | None,
         on_done: Callable[[int, Hypothesis], object] | None,
+        wants_tokens: Callable[[int], bool] | None = None,
     ) -> None:
         self.results: list[Hypothesis | None] = [None] * size
         self.on_token, self.is_abandoned, self.on_done = on_token, is_abandoned, on_done
+        self.wants_tokens = wants_tokens
         # By connection: the lane and the caller's row of each of its rows, then the rows it was told to drop.
         self.running: dict[Connection, tuple[LaneProcess, list[int]]] = {}
         self.told: dict[Connection, set[int]] = {}
         self.times = StageTimes()
-        self.failures: list[str] = []
+        self.failures: list[str] = []  # errors raised inside a lane's search
+        self.deaths: list[str] = []  # lanes that died (for the log)
+        self.dead_rows: list[int] = []  # the caller's rows of the lanes that died
+        self.streamed: set[int] = set()  # rows whose tokens have gone to on_token
         self.last_check = 0.0
+
+    def lost_rows(self) -> list[int]:
+        """Rows of dead lanes with no result that the caller still wants; forgotten once asked for."""
+        dropped = self.is_abandoned
+        lost = [r for r in self.dead_rows if self.results[r] is None and not (dropped and dropped(r))]
+        self.dead_rows = []
+        return lost
+
+    def _died(self, lane: LaneProcess, conn: Connection, rows: list[int]) -> None:
+        lane.kill()  # reaped now, so that it is not taken for alive and put back among the free lanes
+        self.deaths.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
+        self.dead_rows += rows
+        self.running.pop(conn, None)
 
     def start(
         self, lane: LaneProcess, rows: list[int], part: list[list[int]], options: TranslateOptions, limit: int
@@ -418,22 +473,25 @@ class _Search:
         self.running[lane.conn] = (lane, rows)  # before sending: `drain` waits for whatever was sent
         self.told[lane.conn] = set(gone)
         try:
-            lane.conn.send(msg.Search(part, options, limit, self.on_token is not None, gone))
-        except OSError as error:
-            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
+            wanted = self.wants_tokens
+            token_rows = [] if self.on_token is None else [
+                i for i, row in enumerate(rows) if wanted is None or wanted(row)
+            ]
+            lane.conn.send(msg.Search(part, options, limit, token_rows, gone))
+        except OSError:
+            self._died(lane, lane.conn, rows)
 
     def receive(self, conn: Connection) -> None:
         lane, rows = self.running[conn]
         try:
             message = conn.recv()
         except (EOFError, OSError):  # OSError: it died with a message unread
-            lane.kill()  # reaped now, so that it is not taken for alive and put back among the free lanes
-            self.failures.append(f"lane process {lane.pid} exited (code {lane.exitcode})")
-            del self.running[conn]
+            self._died(lane, conn, rows)
             return
         if isinstance(message, msg.Tokens):
             if self.on_token is not None:
                 for row, token_id in zip(message.rows, message.token_ids, strict=True):
+                    self.streamed.add(rows[row])
                     self.on_token(rows[row], token_id)
         elif isinstance(message, msg.Done):
             row = rows[message.row]

@@ -114,6 +114,12 @@ def _run_search(conn: Connection, runner: Runner, request: msg.Search) -> bool:
                     stopping = True
         return stopping or row in abandoned
 
+    token_rows = set(request.token_rows)
+
+    def on_token(row: int, token_id: int) -> None:
+        if row in token_rows:
+            out.add(row, token_id)
+
     def on_done(row: int, hypothesis: Hypothesis) -> None:
         out.send(msg.Done(row, hypothesis))
 
@@ -122,7 +128,7 @@ def _run_search(conn: Connection, runner: Runner, request: msg.Search) -> bool:
             request.sources,
             request.options,
             request.max_length_limit,
-            on_token=out.add if request.send_tokens else None,
+            on_token=on_token if token_rows else None,
             is_abandoned=is_abandoned,
             on_done=on_done,
         )

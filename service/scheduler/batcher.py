@@ -31,11 +31,14 @@ from typing import Any
 from service.core.options import TranslateOptions
 from service.core.search import Hypothesis
 from service.engine.engine import Engine
+from service.engine.lane_process import LaneLost
 from service.scheduler.job import Job, RawResult, TextResult
 from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed, Status
 
 log = logging.getLogger("translator.batcher")
+
+LANE_LOST_MESSAGE = "a decoding lane stopped while translating this request and is being replaced; retry it"
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,8 @@ class Batcher:
                     self._run_iterations(worker, items)
                 else:
                     self._run_batch(items, options)
+            except LaneLost as lost:  # the engine answered every row it could: the rest may be retried
+                self._lane_lost(worker, items, lost)
             except Exception as error:  # a worker must survive anything; its batch gets INTERNAL
                 log.exception("batch of %d sentences failed", len(items))
                 with self._cond:
@@ -283,6 +288,18 @@ class Batcher:
                         self._busy -= 1
                     self._running[worker].clear()
                     self._cond.notify_all()
+
+    def _lane_lost(self, worker: int, items: list[_Item], lost: LaneLost) -> None:
+        """A lane process died under this batch: its unanswered requests get UNAVAILABLE, which clients may
+        retry (the lane is being replaced); the process id stays in the log."""
+        log.warning("a decoding lane died under a batch of %d sentences: %s", len(items), lost.detail)
+        with self._cond:
+            if lost.rows is None:  # a running batch: every request in it
+                jobs = {item.job for item in items} | self._running[worker]
+            else:
+                jobs = {items[row].job for row in lost.rows}
+        for job in jobs:
+            self.abandon(job, Status.UNAVAILABLE, LANE_LOST_MESSAGE, reason="lane_lost")
 
     def _next_batch(self, worker: int) -> list[_Item] | None:
         """Wait for a batch worth starting and take its sentences out of the queue (None: stop)."""
@@ -335,6 +352,7 @@ class Batcher:
             is_abandoned=self._abandoned_check(items),
             lanes=self._lanes,
             on_done=deliver,
+            wants_tokens=lambda row: items[row].job.events is not None,
         )
         self.metrics.compute_duration.labels(stage="encode").observe(searched.times.encode_s)
         self.metrics.compute_duration.labels(stage="decode").observe(searched.times.decode_s)

@@ -15,7 +15,7 @@ import pytest
 from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
-from service.engine.lane_process import LaneFailed, ProcessRunningBatch
+from service.engine.lane_process import LaneFailed, LaneLost, ProcessRunningBatch
 from tests.conftest import DEFAULT_MODEL, DEFAULT_REPOSITORY
 from tests.support.processes import process_alive
 
@@ -116,25 +116,56 @@ def test_a_failing_callback_leaves_the_lanes_usable(process_engine: Engine) -> N
     assert all(result is not None for result in results)
 
 
-def test_a_killed_lane_fails_its_search_and_is_replaced() -> None:
+def test_the_rows_of_a_killed_lane_are_searched_again_on_a_live_one(threads_engine: Engine) -> None:
+    """A lane dies mid-search (kill -9 as the first row is answered): its unanswered rows run again on the
+    other lane, so every row gets its usual translation, and the dead lane is replaced."""
     engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
     try:
         assert engine.lane_processes is not None
         sources = [text.ids for text in engine.encode_texts(SENTENCES[:16])]
+        expected = threads_engine.search_ids(sources, TranslateOptions())
         victim = engine.lane_processes.pids[1]
         killed = False
 
-        def kill_once(row: int, token: int) -> None:
+        def kill_once(row: int, hypothesis: object) -> None:
             nonlocal killed
             if not killed:
                 killed = True
                 os.kill(victim, signal.SIGKILL)
 
-        with pytest.raises(LaneFailed, match=f"lane process {victim} exited"):
-            engine.search_ids(sources, TranslateOptions(max_length=200), on_token=kill_once)
+        results = engine.search_ids(sources, TranslateOptions(), on_done=kill_once)
+        assert killed and [h.tokens for h in results if h] == [h.tokens for h in expected if h]
+        assert all(result is not None for result in results)
+        wait_until = time.monotonic() + 30
+        while victim in engine.lane_processes.pids and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        assert victim not in engine.lane_processes.pids and len(engine.lane_processes.pids) == 2
+    finally:
+        engine.close()
+
+
+def test_a_killed_lane_whose_tokens_went_out_is_lost_not_repeated() -> None:
+    """Rows whose tokens already reached the caller are not searched again (the caller would get them
+    twice): they are named in LaneLost, and the lane is replaced for the next search."""
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1, lane_processes=True)
+    try:
+        assert engine.lane_processes is not None
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:16])]
+        victim = engine.lane_processes.pids[0]
+        tokens: dict[int, list[int]] = {row: [] for row in range(16)}
+
+        def kill_at_the_first_token(row: int, token: int) -> None:
+            if not any(tokens.values()):
+                os.kill(victim, signal.SIGKILL)
+            tokens[row].append(token)
+
+        with pytest.raises(LaneLost, match=f"lane process {victim} exited") as lost:
+            engine.search_ids(sources, TranslateOptions(max_length=200), on_token=kill_at_the_first_token)
+        assert lost.value.rows == [row for row in range(16) if tokens[row]] and lost.value.rows
+        assert all(len(got) <= 2 for got in tokens.values())  # nothing sent twice: no second run
         results = engine.search_ids(sources, TranslateOptions())  # waits for the replacement
         assert all(result is not None for result in results)
-        assert victim not in engine.lane_processes.pids and len(engine.lane_processes.pids) == 2
+        assert victim not in engine.lane_processes.pids
     finally:
         engine.close()
 

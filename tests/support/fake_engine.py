@@ -45,7 +45,7 @@ class FakeEngine:
         self.steps = 0
 
     def search(self, sources, options, on_token=None, is_abandoned=None, lanes=None,  # noqa: ANN001, ANN201
-               on_done=None):  # noqa: ANN001
+               on_done=None, wants_tokens=None):  # noqa: ANN001
         self.batches.append([len(s) for s in sources])
         if any(s[0] == FAIL for s in sources):
             raise RuntimeError("boom")

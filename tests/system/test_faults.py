@@ -352,6 +352,57 @@ def test_queue_overflow_under_a_burst_then_recovery(tiny_repository: Path, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A lane process killed under load
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_lane_killed_under_load_costs_no_internal_error(tiny_repository: Path, tmp_path: Path) -> None:
+    """kill -9 of a lane process while calls decode on it: unary calls are answered (their rows are
+    searched again on the other lane) or get UNAVAILABLE, which clients may retry; streams whose tokens
+    already went out get UNAVAILABLE rather than the same tokens twice. No INTERNAL, no process id in
+    any message, and the lane is replaced."""
+    with serving(tiny_repository, tmp_path, step_s=0.01, threads="2", max_queue_delay_ms="1") as target:
+        metrics = Metrics(target)
+        lanes = process_tree(target.process.pid)[1:]
+        assert len(lanes) == 2, lanes
+        channel, translator = stub(target)
+        texts = ["the cat", "a big dog", "the red house sees her", "we saw them"]
+        unary = [translator.Translate.future(request(texts[i % 4], 40), timeout=30) for i in range(24)]
+        streams = [translator.TranslateStream(pb.TranslateStreamRequest(
+            text=texts[i % 4], options=pb.TranslateOptions(max_length=40)), timeout=30) for i in range(4)]
+        time.sleep(0.15)  # every call is decoding (40 steps of 10 ms)
+        os.kill(lanes[0], signal.SIGKILL)
+        codes: Counter[str] = Counter()
+        for call in unary:
+            error = call.exception()
+            codes["unary " + (error.code().name if error else "OK")] += 1
+            if error is not None:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                assert "lane process" not in error.details() and str(lanes[0]) not in error.details()
+            else:
+                assert len(call.result().translations[0].target_tokens) == 40
+        for stream in streams:
+            try:
+                messages = list(stream)
+                codes["stream OK"] += 1
+                assert messages[-1].HasField("translation")
+            except grpc.RpcError as error:
+                codes["stream " + error.code().name] += 1
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                assert str(lanes[0]) not in error.details()
+        assert set(codes) <= {"unary OK", "unary UNAVAILABLE", "stream OK", "stream UNAVAILABLE"}, codes
+        assert codes["unary OK"] == len(unary)  # no token of theirs went out: searched again, answered
+        assert metrics.delta("translator_requests_total", method="Translate", code="INTERNAL") == 0
+        lost = metrics.delta("translator_dropped_sentences_total", reason="lane_lost", stage="decoding")
+        assert lost == codes["unary UNAVAILABLE"] + codes["stream UNAVAILABLE"], (lost, codes)
+        wait_for(lambda: len(process_tree(target.process.pid)[1:]) == 2 and lanes[0] not in
+                 process_tree(target.process.pid), message="the lane to be replaced")
+        channel.close()
+        assert_serving(target, within_s=5.0)
+        assert_idle(metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Shutdown under load
 # ---------------------------------------------------------------------------------------------------------
 
