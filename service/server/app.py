@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -82,10 +84,28 @@ def server_credentials_configured(config: ServerConfig) -> bool:
     return config.tls_cert is not None and config.tls_key is not None
 
 
+def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the certificate, key and client CA as a TLS server would, and raise ValueError naming the file
+    and the cause when they cannot serve: gRPC itself only reports that it failed to bind."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        cause = error.reason or str(error)
+        raise ValueError(f"--tls-cert {cert} and --tls-key {key} cannot serve TLS: {cause}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as error:
+            cause = error.reason or str(error)
+            raise ValueError(f"--tls-client-ca {client_ca} holds no usable certificate: {cause}") from None
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not server_credentials_configured(config):
         return None
     assert config.tls_cert is not None and config.tls_key is not None
+    check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
     client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca is not None else None
     return grpc.ssl_server_credentials(
         [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],

@@ -86,3 +86,37 @@ def test_mutual_tls(tiny_repository: Path, tmp_path: Path) -> None:
                 stranger.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=5)
             assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
             stranger.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_key_that_does_not_match_its_certificate_is_named_at_start_up(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """gRPC only says "Failed to bind" (the cause went to its own stderr): the server names the files and
+    the cause in its one error line, and exits 1."""
+    import json
+    import sys
+
+    from tests.conftest import ROOT
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
+    for name in ("first", "second"):
+        _openssl("req", "-x509", *ec, "-keyout", str(tmp_path / f"{name}.key"), "-out",
+                 str(tmp_path / f"{name}.pem"), "-subj", f"/CN={name}")
+    (tmp_path / "not-a-ca.pem").write_text("not a certificate\n")
+    cases = [
+        (["--tls-cert", str(tmp_path / "first.pem"), "--tls-key", str(tmp_path / "second.key")],
+         "cannot serve TLS"),
+        (["--tls-cert", str(tmp_path / "first.pem"), "--tls-key", str(tmp_path / "first.key"),
+          "--tls-client-ca", str(tmp_path / "not-a-ca.pem")], "holds no usable certificate"),
+    ]
+    for flags, cause in cases:
+        command = [sys.executable, "-m", "service.server.app", "--host", "127.0.0.1", "--port", "0",
+                   "--metrics-port", "0", "--model-repository", str(tiny_repository), "--model", "tiny"]
+        command += flags
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr[-2000:]
+        entries = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"')]
+        [failure] = [entry for entry in entries if entry.get("message") == "cannot serve"]
+        assert cause in failure["error"] and flags[-1] in failure["error"], failure
+        assert "Failed to bind" not in failure["error"]
