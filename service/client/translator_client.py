@@ -31,10 +31,11 @@ from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.client.attention_html import write_attention_html
-from service.core.cli import output_file, positive_float, server_address
+from service.core.cli import input_file, output_file, positive_float, server_address
 
 DEFAULT_SERVER = "localhost:8001"
 SERVER_ENV = "TRANSLATOR_SERVER"
+TOKEN_ENV = "TRANSLATOR_TOKEN"
 
 # Names used by the engine (service.core.options.ATTENTION_KINDS) mapped to the wire enum.
 ATTENTION_KINDS = KIND_ENUMS
@@ -179,11 +180,14 @@ class TranslatorClient:
     """A connection to a translator server. Thread-safe; close it (or use `with`) when done."""
 
     def __init__(self, target: str = DEFAULT_SERVER, *, tls: bool = False,
-                 root_certificates: bytes | str | Path | None = None, timeout: float | None = None) -> None:
+                 root_certificates: bytes | str | Path | None = None, timeout: float | None = None,
+                 token: str | None = None) -> None:
         """`timeout` (seconds) becomes each call's deadline; `root_certificates` (PEM bytes or a file path)
-        implies TLS, which otherwise uses the system's roots."""
+        implies TLS, which otherwise uses the system's roots; `token` is sent as `authorization: Bearer`
+        with every call (servers started with --auth-tokens-file ask for one)."""
         self.target = target
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         channel_options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if tls or root_certificates is not None:
@@ -224,7 +228,7 @@ class TranslatorClient:
         options = _options(beam_size, max_length, length_penalty, replace_unknowns, attention, layers, heads)
         request = pb.TranslateRequest(texts=texts, options=options)
         try:
-            response = self._stub.Translate(request, timeout=self.timeout)
+            response = self._stub.Translate(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._error(error) from None
         if len(response.translations) != len(texts):
@@ -241,7 +245,7 @@ class TranslatorClient:
         ClientTranslation. Closing the generator early cancels the call on the server."""
         options = _options(beam_size, max_length, length_penalty, replace_unknowns, attention, layers, heads)
         call = self._stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options),
-                                          timeout=self.timeout)
+                                          timeout=self.timeout, metadata=self._metadata)
         try:
             for message in call:
                 if message.HasField("token"):
@@ -255,7 +259,8 @@ class TranslatorClient:
 
     def model_info(self) -> ModelInfo:
         try:
-            info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
+                                           metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._error(error) from None
         return ModelInfo(name=info.name, version=info.version, architecture=_fields(info.architecture),
@@ -288,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root-certificates", type=Path,
                         help="PEM file of root certificates (implies --tls)")
     parser.add_argument("--timeout", type=positive_float, help="deadline of each call, in seconds")
+    parser.add_argument("--token-file", type=input_file,
+                        help=f"file holding the bearer token to send (default: ${TOKEN_ENV}, if set)")
     parser.add_argument("--beam-size", type=int, help="number of beams (1: greedy; default: the server's)")
     parser.add_argument("--max-length", type=int, help="most decoding steps (default: the server's)")
     parser.add_argument("--length-penalty", type=float, help="length penalty alpha (default: the server's)")
@@ -351,8 +358,9 @@ def _run(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> i
                                    length_penalty=args.length_penalty, replace_unknowns=args.replace_unknowns,
                                    attention=kinds, layers=args.layers, heads=args.heads)
     results: list[ClientTranslation] = []
+    token = args.token_file.read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV) or None
     with TranslatorClient(args.server, tls=args.tls, root_certificates=args.root_certificates,
-                          timeout=args.timeout) as client:
+                          timeout=args.timeout, token=token) as client:
         if args.info:
             _print_info(client.model_info(), args.json, out)
         if args.stream:

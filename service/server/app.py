@@ -37,7 +37,7 @@ from service.core.options import ATTENTION_KINDS, TranslateOptions
 from service.engine.engine import Engine
 from service.scheduler.batcher import Batcher, BatchingSettings
 from service.scheduler.job import Job
-from service.scheduler.metrics import ServerMetrics
+from service.scheduler.metrics import MetricsTls, ServerMetrics
 from service.scheduler.status import RequestFailed
 from service.server import kserve, translator_api
 from service.server.config import ServerConfig, load_config
@@ -101,6 +101,14 @@ def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
             raise ValueError(f"--tls-client-ca {client_ca} holds no usable certificate: {cause}") from None
 
 
+def metrics_tls(config: ServerConfig) -> MetricsTls | None:
+    """/metrics over HTTPS with the gRPC port's certificate (and its client CA) when gRPC has TLS."""
+    if not server_credentials_configured(config):
+        return None
+    assert config.tls_cert is not None and config.tls_key is not None
+    return MetricsTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not server_credentials_configured(config):
         return None
@@ -131,6 +139,7 @@ class TranslatorServer:
         self.metrics_port: int | None = None
         self._engine = engine
         self._seed = seed
+        self._tokens: tuple[bytes, ...] = ()
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -144,6 +153,7 @@ class TranslatorServer:
         which costs the server process less CPU per call than gRPC's thread-per-call server
         (docs/experiments/server_cost.py).
         """
+        self._tokens = self.config.bearer_tokens()  # an unreadable token file fails before any port is bound
         loop = new_event_loop(self.config.event_loop)
         self._loop = loop
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
@@ -154,7 +164,9 @@ class TranslatorServer:
             self._close_loop()
             raise
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+            self.metrics_port = self.metrics.start_http(
+                self.config.host, self.config.metrics_port, metrics_tls(self.config)
+            )
         log.info(
             "listening",
             extra=_fields(
@@ -163,6 +175,7 @@ class TranslatorServer:
                 host=self.config.host,
                 tls=server_credentials_configured(self.config),
                 mutual_tls=self.config.tls_client_ca is not None,
+                bearer_tokens=len(self._tokens),
             ),
         )
 
@@ -209,7 +222,9 @@ class TranslatorServer:
             # every call, health included): calls in flight stay bounded.
             maximum_concurrent_rpcs=config.grpc_call_limit,
         )
-        ours, theirs = Registrar(server, self.metrics), Registrar(server, None)
+        # Translation and KServe calls need a bearer token when tokens are configured; health and
+        # reflection stay open (orchestrators and tools probe them), as Triton's restricted protocols do.
+        ours, theirs = Registrar(server, self.metrics, self._tokens), Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
             translator_api.TranslatorService(self.runtime), ours
         )

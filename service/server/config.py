@@ -37,6 +37,10 @@ def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "newest", "auto") else int(text)
 
 
+def _optional_text(text: str) -> str | None:
+    return text if text.strip() else None
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text) if text.strip() else None
 
@@ -48,10 +52,13 @@ def _setting(
     choices: Sequence[str] | None = None,
     metavar: str | None = None,
     shown: str | None = None,
+    secret: bool = False,
 ) -> Any:
-    """A field with what the parser needs; `shown` is the default as --help tells it (when not the value)."""
+    """A field with what the parser needs; `shown` is the default as --help tells it (when not the value);
+    a `secret` setting is never logged."""
     shown = shown if shown is not None else ("unset" if default is None else str(default))
-    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar, "shown": shown}
+    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar, "shown": shown,
+                "secret": secret}
     return field(default=default, metadata=metadata)
 
 
@@ -97,6 +104,22 @@ class ServerConfig:
         "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
         _optional_path,
         metavar="PATH",
+    )
+    auth_tokens_file: Path | None = _setting(
+        None,
+        "file of bearer tokens, one a line: translator.v1 and KServe calls must then carry `authorization: "
+        "Bearer <token>` (health and reflection stay open)",
+        _optional_path,
+        metavar="PATH",
+    )
+    auth_tokens: str | None = _setting(
+        None,
+        "bearer tokens separated by commas, as --auth-tokens-file (prefer the variable or the file: a flag "
+        "shows in the process list)",
+        _optional_text,
+        metavar="TOKENS",
+        shown="unset",
+        secret=True,
     )
     # Model.
     model_repository: Path = _setting(
@@ -234,7 +257,27 @@ class ServerConfig:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
 
     def as_log_fields(self) -> dict[str, Any]:
-        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+        def shown(name: str, value: Any, secret: bool) -> Any:
+            if secret and value is not None:
+                return "(set)"
+            return str(value) if isinstance(value, Path) else value
+
+        return {f.name: shown(f.name, getattr(self, f.name), f.metadata["secret"]) for f in fields(self)}
+
+    def bearer_tokens(self) -> tuple[bytes, ...]:
+        """The tokens calls must carry (none: no check), from --auth-tokens and --auth-tokens-file; a file
+        that cannot be read, or settings that name no token, raise ValueError naming the cause."""
+        tokens = [t.strip() for t in (self.auth_tokens or "").split(",") if t.strip()]
+        if self.auth_tokens_file is not None:
+            try:
+                lines = self.auth_tokens_file.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                cause = f"--auth-tokens-file {self.auth_tokens_file}: cannot read it ({error})"
+                raise ValueError(cause) from None
+            tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not tokens:
+                raise ValueError(f"--auth-tokens-file {self.auth_tokens_file} holds no token")
+        return tuple(token.encode() for token in tokens)
 
 
 # (lowest, highest) accepted value of every numeric setting (None, where allowed, means "unset").

@@ -4,6 +4,7 @@ gRPC's INTERNAL), and server reflection in both of its versions."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import inspect
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,14 +43,33 @@ class _Malformed:
         self.received = time.perf_counter()
 
 
-def validated(
-    path: str, handler: grpc.RpcMethodHandler, metrics: ServerMetrics | None
-) -> grpc.RpcMethodHandler:
-    """`handler`, answering INVALID_ARGUMENT to request bytes that are no valid message of the method.
+UNAUTHENTICATED_MESSAGE = "missing or unknown bearer token: send the metadata `authorization: Bearer <token>`"
 
-    gRPC itself answers them INTERNAL ("Exception deserializing request!") and logs a traceback at ERROR: a
-    client error reported as a server fault. Here the deserializer cannot fail; the method rejects what it
-    could not parse before the servicer sees it (and counts it under its method, like other bad requests).
+
+def authorized(context: grpc.aio.ServicerContext, tokens: tuple[bytes, ...]) -> bool:
+    """Whether the call carries `authorization: Bearer <one of tokens>`; every token is compared, each in
+    constant time, so the time taken says nothing of how much of a token was right."""
+    given = next((value for key, value in context.invocation_metadata() or () if key == "authorization"), "")
+    scheme, _, token = str(given).partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    offered = token.strip().encode()
+    matched = False
+    for known in tokens:
+        matched |= hmac.compare_digest(offered, known)
+    return matched
+
+
+def validated(
+    path: str, handler: grpc.RpcMethodHandler, metrics: ServerMetrics | None, tokens: tuple[bytes, ...] = ()
+) -> grpc.RpcMethodHandler:
+    """`handler`, answering UNAUTHENTICATED to a call without one of `tokens` (when there are any) and
+    INVALID_ARGUMENT to request bytes that are no valid message of the method.
+
+    gRPC itself answers undecodable requests INTERNAL ("Exception deserializing request!") and logs a
+    traceback at ERROR: a client error reported as a server fault. Here the deserializer cannot fail; the
+    method rejects what it could not parse before the servicer sees it (and counts it under its method, like
+    other bad requests).
     """
     parse = handler.request_deserializer
     method = path.rsplit("/", 1)[-1]
@@ -62,16 +82,21 @@ def validated(
                 f"{path}: the request is not a valid protobuf message for this method ({error})"
             )
 
-    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        if not isinstance(request, _Malformed):
-            return
+    async def refuse(
+        context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, since: float
+    ) -> None:
         if metrics is not None:  # counted like every answered call: requests_total and its duration
-            code = grpc.StatusCode.INVALID_ARGUMENT.name
-            metrics.requests.labels(method=method, code=code).inc()
-            metrics.request_duration.labels(method=method, code=code).observe(
-                time.perf_counter() - request.received
-            )
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            metrics.requests.labels(method=method, code=code.name).inc()
+            duration = time.perf_counter() - since
+            metrics.request_duration.labels(method=method, code=code.name).observe(duration)
+        await context.abort(code, message)
+
+    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if tokens and not authorized(context, tokens):
+            started = time.perf_counter()
+            await refuse(context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE, started)
+        if isinstance(request, _Malformed):
+            await refuse(context, grpc.StatusCode.INVALID_ARGUMENT, request.message, request.received)
 
     # Every servicer here is asynchronous: ours, grpcio-health's and grpcio-reflection's aio ones.
     serialize = handler.response_serializer
@@ -123,9 +148,12 @@ class Registrar:
     """Stands in for the grpc.Server given to the generated `add_*_to_server` functions: every method they
     register goes through `validated`."""
 
-    def __init__(self, server: grpc.Server, metrics: ServerMetrics | None) -> None:
+    def __init__(
+        self, server: grpc.Server, metrics: ServerMetrics | None, tokens: tuple[bytes, ...] = ()
+    ) -> None:
         self._server = server
         self._metrics = metrics
+        self._tokens = tokens  # calls must carry one of them (none: no check)
         self._generic: list[grpc.GenericRpcHandler] = []
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -135,7 +163,7 @@ class Registrar:
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
         wrapped = {
-            name: validated(f"/{service}/{name}", handler, self._metrics)
+            name: validated(f"/{service}/{name}", handler, self._metrics, self._tokens)
             for name, handler in handlers.items()
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
+import ssl
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -86,6 +89,17 @@ def test_mutual_tls(tiny_repository: Path, tmp_path: Path) -> None:
                 stranger.translator.Translate(pb.TranslateRequest(texts=["the cat"]), timeout=5)
             assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
             stranger.close()
+        # /metrics is served with the same certificate and client CA.
+        url = f"https://localhost:{server.metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+            assert b"translator_requests_total" in answer.read()
+        anonymous = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))  # no client certificate
+        for attempt in (lambda: urllib.request.urlopen(url, context=anonymous, timeout=10),
+                        lambda: urllib.request.urlopen(url.replace("https", "http"), timeout=10)):
+            with pytest.raises((OSError, http.client.HTTPException)):
+                attempt().read()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
