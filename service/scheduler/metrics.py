@@ -16,13 +16,10 @@ Model-quality signals:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Metric names as exposed on /metrics (prometheus-client adds `_total` to counters itself, so counters are
 # registered with the suffix removed).
@@ -90,15 +87,6 @@ TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LOGPROB_BUCKETS = (-10.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1, -0.05, -0.01, 0.0)
 # Entropy of a distribution over S source tokens is at most ln S (ln 256 = 5.5 nats).
 ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
-
-
-@dataclass(frozen=True)
-class MetricsTls:
-    """The certificate, key and (for mutual TLS) client CA that /metrics is served with."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -192,31 +180,6 @@ class ServerMetrics:
         )
         for stage in STAGES:  # series exist (at 0) before the first batch: dashboards and alerts see them
             self.compute_duration.labels(stage=stage)
-        self._http: ThreadingHTTPServer | None = None
-        self._http_thread: threading.Thread | None = None
-
-    def start_http(self, host: str, port: int, tls: MetricsTls | None = None) -> int:
-        """Serve /metrics (over HTTPS with `tls`); returns the bound port (useful with port 0)."""
-        secure: dict[str, object] = {}
-        if tls is not None:
-            secure = {
-                "certfile": str(tls.cert),
-                "keyfile": str(tls.key),
-                "client_cafile": None if tls.client_ca is None else str(tls.client_ca),
-                "client_auth_required": tls.client_ca is not None,
-            }
-        try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry, **secure)  # type: ignore[arg-type]
-        except OSError as error:  # say which of the two ports it is
-            raise OSError(error.errno, f"metrics port {host}:{port}: {error.strerror}") from error
-        self._http, self._http_thread = server, thread
-        return int(server.server_port)
-
-    def stop_http(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
     def observe_translation(self, log_prob: float, steps: int, cross_attention: np.ndarray | None) -> None:
         self.generated_tokens.inc(steps)

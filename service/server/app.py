@@ -37,12 +37,13 @@ from service.core.options import ATTENTION_KINDS, TranslateOptions
 from service.engine.engine import Engine
 from service.scheduler.batcher import Batcher, BatchingSettings
 from service.scheduler.job import Job
-from service.scheduler.metrics import MetricsTls, ServerMetrics
+from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed
 from service.server import kserve, translator_api
 from service.server.config import ServerConfig, load_config
 from service.server.event_loop import new_event_loop
 from service.server.health import HealthService
+from service.server.metrics_http import MetricsEndpoint, server_ssl_context
 from service.server.middleware import Registrar, add_reflection
 from service.server.requests import Limits
 from service.server.runtime import Runtime
@@ -101,12 +102,13 @@ def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
             raise ValueError(f"--tls-client-ca {client_ca} holds no usable certificate: {cause}") from None
 
 
-def metrics_tls(config: ServerConfig) -> MetricsTls | None:
+def metrics_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     """/metrics over HTTPS with the gRPC port's certificate (and its client CA) when gRPC has TLS."""
     if not server_credentials_configured(config):
         return None
     assert config.tls_cert is not None and config.tls_key is not None
-    return MetricsTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    client_ca = None if config.tls_client_ca is None else str(config.tls_client_ca)
+    return server_ssl_context(str(config.tls_cert), str(config.tls_key), client_ca)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -140,6 +142,7 @@ class TranslatorServer:
         self._engine = engine
         self._seed = seed
         self._tokens: tuple[bytes, ...] = ()
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -164,8 +167,9 @@ class TranslatorServer:
             self._close_loop()
             raise
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.start_http(
-                self.config.host, self.config.metrics_port, metrics_tls(self.config)
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, metrics_ssl_context(self.config))
+            self.metrics_port = self._on_loop(
+                self._metrics_endpoint.start(self.config.host, self.config.metrics_port)
             )
         log.info(
             "listening",
@@ -383,10 +387,11 @@ class TranslatorServer:
             if stopped is not None:
                 stopped.result()
         finally:
+            if self._metrics_endpoint is not None and self._loop is not None:
+                self._on_loop(self._metrics_endpoint.stop())
             self._close_loop()
             if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
                 self.runtime.engine.close()
-            self.metrics.stop_http()
         log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from bench.load import build_parser as load_parser
 from model import checkpoint, evaluate, export, train
 from service.client import translator_client as client
 from service.scheduler.metrics import ServerMetrics
+from service.server.metrics_http import MetricsEndpoint
 
 Main = Callable[[list[str]], Any]
 
@@ -97,8 +99,9 @@ def test_a_metrics_port_in_use_is_named() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        endpoint = MetricsEndpoint(ServerMetrics().registry)
         with pytest.raises(OSError, match=f"metrics port 127.0.0.1:{port}"):
-            ServerMetrics().start_http("127.0.0.1", port)
+            asyncio.run(endpoint.start("127.0.0.1", port))
 
 
 def test_an_output_file_in_folders_yet_to_be_made_is_accepted(tmp_path: Path) -> None:
