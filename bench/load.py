@@ -70,6 +70,7 @@ SOAK_BATCHING = "b64:max_batch_size=64,max_queue_delay_ms=5"
 SATURATION_CONCURRENCY = 64  # closed loop at this many clients measures the saturation throughput
 MAX_SOAK_S = 24 * 3600.0
 MIN_SLOPE_SPAN_S = 50.0  # the soak reports an RSS trend only over at least this many seconds
+SOAK_WARMUP_S = 30.0  # the soak's RSS growth is measured from this long after its start (or a tenth of it)
 
 
 
@@ -497,6 +498,15 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         times, values = np.array([t for t, _ in samples]), np.array([v for _, v in samples])
         half = times >= times[len(times) // 2]  # after the warm-up effects (arenas, caches) have settled
         growth["max_mib"] = round(float(values.max()), 2)
+        # Start, middle and end of the run, and the growth after warm-up (the first tenth of the run, at
+        # least SOAK_WARMUP_S): what a leak would show and allocator arenas filling up at first would not.
+        warm = float(max(times[0] + SOAK_WARMUP_S, times[0] + 0.1 * np.ptp(times)))
+        after_warmup = float(values[np.searchsorted(times, warm)]) if times[-1] > warm else None
+        growth["middle_mib"] = round(float(values[np.abs(times - (times[0] + times[-1]) / 2).argmin()]), 2)
+        growth["after_warmup_mib"] = None if after_warmup is None else round(after_warmup, 2)
+        growth["growth_after_warmup_percent"] = (
+            None if after_warmup is None else round((float(values[-1]) / after_warmup - 1) * 100, 2)
+        )
         # RSS wanders by a few MiB from second to second: a trend over less than a minute is noise.
         if np.ptp(times[half]) >= MIN_SLOPE_SPAN_S:
             slope = np.polyfit(times[half], values[half], 1)[0]
