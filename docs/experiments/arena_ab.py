@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 
-import service.engine.sessions as engine_module
+import service.engine.onnx_runtime as engine_module
 from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine

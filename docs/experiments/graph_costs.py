@@ -33,7 +33,7 @@ import model.export as export
 from bench.load_driver import DEFAULT_SENTENCES, read_sentences
 from model.checkpoint import load_model
 from service.core.vocabulary import Vocabulary
-from service.engine.sessions import flush_denormals_on_this_thread
+from service.engine.onnx_runtime import flush_denormals_on_this_thread
 
 CHECKPOINT = Path("checkpoints/toy-en-es")
 DECODER = Path("model_repository/toy-en-es/1/decoder.onnx")

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.model_format import decoder_outputs, select_outputs
-from service.engine.sessions import CPU
+from service.engine.onnx_runtime import CPU
 
 # A cache tensor: a numpy array (plain mode, and the empty past of step 0), or in the IO-binding mode an
 # OrtValue that stays on the session's device between steps.

@@ -23,8 +23,8 @@ from service.core.vocabulary import EncodedText, Vocabulary
 from service.engine import lane_messages as msg
 from service.engine.lane_process import ProcessLanes, ProcessRunningBatch
 from service.engine.lanes import LaneThreads, lane_parts, plan_lanes
+from service.engine.onnx_runtime import CPU, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
 from service.engine.runner import Runner, TimedRunningBatch
-from service.engine.sessions import CPU, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
 from service.engine.timing import Searched, StageTimes
 
 log = logging.getLogger("translator.engine")

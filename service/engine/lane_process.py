@@ -27,7 +27,7 @@ from service.core.model_format import ModelLoadError
 from service.core.options import TranslateOptions
 from service.core.search import Hypothesis
 from service.engine import lane_messages as msg
-from service.engine.sessions import CUDA
+from service.engine.onnx_runtime import CUDA
 from service.engine.timing import Searched, StageTimes
 
 log = logging.getLogger("translator.engine")

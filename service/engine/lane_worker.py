@@ -15,8 +15,8 @@ from multiprocessing.connection import Connection
 
 from service.core.search import Hypothesis
 from service.engine import lane_messages as msg
+from service.engine.onnx_runtime import CUDA, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
 from service.engine.runner import Runner
-from service.engine.sessions import CUDA, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
 
 log = logging.getLogger("translator.engine")
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from service.engine.sessions import CUDA
+from service.engine.onnx_runtime import CUDA
 
 log = logging.getLogger("translator.engine")
 

@@ -26,7 +26,7 @@ from service.core.options import TranslateOptions, max_steps
 from service.core.running_batch import RunningBatch
 from service.core.search import Hypothesis, padded, search
 from service.engine.backend import OnnxBackend
-from service.engine.sessions import CUDA, check_signature, make_session
+from service.engine.onnx_runtime import CUDA, check_signature, make_session
 from service.engine.timing import Searched, StageTimes, TimedBackend
 
 log = logging.getLogger("translator.engine")

@@ -458,7 +458,7 @@ def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
     with pytest.raises(ModelLoadError, match="device 'cuda' asked for, but onnxruntime offers only"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    monkeypatch.setattr("service.engine.sessions.available_providers", lambda: both)
+    monkeypatch.setattr("service.engine.onnx_runtime.available_providers", lambda: both)
     with pytest.raises(ModelLoadError, match="could not start its CUDA provider"):
         Engine.load(tiny_repository, "tiny", device="cuda", threads=1)
     # `auto` carries on with the CPU, planned as for the CPU (a lane per thread, not the GPU's one).
