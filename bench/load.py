@@ -500,13 +500,16 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
         growth["max_mib"] = round(float(values.max()), 2)
         # Start, middle and end of the run, and the growth after warm-up (the first tenth of the run, at
         # least SOAK_WARMUP_S): what a leak would show and allocator arenas filling up at first would not.
+        # Both ends of that growth are means over SOAK_WARMUP_S of samples: RSS wanders by a few MiB.
         warm = float(max(times[0] + SOAK_WARMUP_S, times[0] + 0.1 * np.ptp(times)))
-        after_warmup = float(values[np.searchsorted(times, warm)]) if times[-1] > warm else None
+        early = values[(times >= warm) & (times < warm + SOAK_WARMUP_S)]
+        late = values[times >= times[-1] - SOAK_WARMUP_S]
         growth["middle_mib"] = round(float(values[np.abs(times - (times[0] + times[-1]) / 2).argmin()]), 2)
-        growth["after_warmup_mib"] = None if after_warmup is None else round(after_warmup, 2)
-        growth["growth_after_warmup_percent"] = (
-            None if after_warmup is None else round((float(values[-1]) / after_warmup - 1) * 100, 2)
-        )
+        growth["after_warmup_mib"] = growth["last_window_mib"] = growth["growth_after_warmup_percent"] = None
+        if early.size and late.size and times[-1] - SOAK_WARMUP_S >= warm + SOAK_WARMUP_S:
+            growth["after_warmup_mib"] = round(float(early.mean()), 2)
+            growth["last_window_mib"] = round(float(late.mean()), 2)
+            growth["growth_after_warmup_percent"] = round((float(late.mean() / early.mean()) - 1) * 100, 2)
         # RSS wanders by a few MiB from second to second: a trend over less than a minute is noise.
         if np.ptp(times[half]) >= MIN_SLOPE_SPAN_S:
             slope = np.polyfit(times[half], values[half], 1)[0]

@@ -98,8 +98,9 @@ def soak_summary(results: dict[str, Any]) -> str:
         f"max {format_ms(point['latency_ms']['max'])} ms",
         f"server RSS (its lanes included): start {_opt(memory.get('start_mib'))}, "
         f"middle {_opt(memory.get('middle_mib'))}, end {_opt(memory.get('end_mib'))} MiB "
-        f"(growth {memory.get('growth_mib')} MiB; after warm-up {_opt(memory.get('after_warmup_mib'))} MiB "
-        f"-> end: {memory.get('growth_after_warmup_percent')}%; "
+        f"(growth {memory.get('growth_mib')} MiB; after warm-up {_opt(memory.get('after_warmup_mib'))} -> "
+        f"last {_opt(memory.get('last_window_mib'))} MiB: "
+        f"{_opt(memory.get('growth_after_warmup_percent'), '%')}; "
         f"second-half slope {memory.get('second_half_slope_mib_per_hour')} MiB/h)",
         "window  req/s    p50     p99     max  errors  RSS MiB",
     ]

@@ -267,7 +267,14 @@ class ProcessLanes:
             log.warning("lane lost: %s; %d rows unanswered", "; ".join(run.deaths), len(lost))
             again = [row for row in lost if row not in run.streamed]
             if again:
-                self._run(run, [again], sources, options, max_length_limit)
+                try:
+                    self._run(run, [again], sources, options, max_length_limit)
+                except LaneFailed as error:
+                    if run.failures:  # an error inside the lane that ran them again
+                        raise
+                    # No lane left to run them (every one died, none could be started): still a lost lane.
+                    detail = f"{'; '.join(run.deaths)}; none left to search again: {error}"
+                    raise LaneLost(sorted(set(lost)), detail) from error
             unanswered = sorted(set(lost) - set(again)) + run.lost_rows()
             if unanswered:
                 raise LaneLost(sorted(set(unanswered)), "; ".join(run.deaths) or "lane process died")
@@ -324,8 +331,9 @@ class ProcessRunningBatch:
         try:
             lane.conn.send(msg.OpenBatch(options))
         except OSError as error:
+            lane.kill()  # dead or broken: _release starts another
             lanes._release([lane])
-            raise LaneFailed(f"lane process {lane.pid} is gone ({error})") from error
+            raise LaneLost(None, f"lane process {lane.pid} is gone ({error})") from error
         self._lanes, self._lane = lanes, lane
         self.on_token, self.on_done, self.is_abandoned = on_token, on_done, is_abandoned
         self._wants_tokens = wants_tokens
@@ -468,15 +476,14 @@ class _Search:
         self, lane: LaneProcess, rows: list[int], part: list[list[int]], options: TranslateOptions, limit: int
     ) -> None:
         # Rows abandoned already go with the search, so that none of them takes a step.
-        dropped = self.is_abandoned
+        dropped, wanted = self.is_abandoned, self.wants_tokens
         gone = [] if dropped is None else [i for i, row in enumerate(rows) if dropped(row)]
+        token_rows = [] if self.on_token is None else [
+            i for i, row in enumerate(rows) if wanted is None or wanted(row)
+        ]
         self.running[lane.conn] = (lane, rows)  # before sending: `drain` waits for whatever was sent
         self.told[lane.conn] = set(gone)
         try:
-            wanted = self.wants_tokens
-            token_rows = [] if self.on_token is None else [
-                i for i, row in enumerate(rows) if wanted is None or wanted(row)
-            ]
             lane.conn.send(msg.Search(part, options, limit, token_rows, gone))
         except OSError:
             self._died(lane, lane.conn, rows)

@@ -88,11 +88,18 @@ def server_credentials_configured(config: ServerConfig) -> bool:
 def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
     """Load the certificate, key and client CA as a TLS server would, and raise ValueError naming the file
     and the cause when they cannot serve: gRPC itself only reports that it failed to bind."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-client-ca", client_ca)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+
+    def no_pass_phrase() -> str:  # else OpenSSL would prompt on the terminal and hold the start
+        raise ValueError(f"--tls-key {key} is encrypted: the server needs an unencrypted key")
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as error:
-        cause = error.reason or str(error)
+        context.load_cert_chain(cert, key, password=no_pass_phrase)
+    except (ssl.SSLError, OSError) as error:
+        cause = (error.reason if isinstance(error, ssl.SSLError) else None) or str(error)
         raise ValueError(f"--tls-cert {cert} and --tls-key {key} cannot serve TLS: {cause}") from None
     if client_ca is not None:
         try:
@@ -226,9 +233,10 @@ class TranslatorServer:
             # every call, health included): calls in flight stay bounded.
             maximum_concurrent_rpcs=config.grpc_call_limit,
         )
-        # Translation and KServe calls need a bearer token when tokens are configured; health and
-        # reflection stay open (orchestrators and tools probe them), as Triton's restricted protocols do.
-        ours, theirs = Registrar(server, self.metrics, self._tokens), Registrar(server, None)
+        # Translation and KServe calls need a bearer token when tokens are configured; health (gRPC's and
+        # KServe's probes) and reflection stay open, as orchestrators and tools probe them.
+        probes = frozenset(f"/{kserve.SERVICE_NAME}/{name}" for name in kserve.PROBE_METHODS)
+        ours, theirs = Registrar(server, self.metrics, self._tokens, probes), Registrar(server, None)
         translator_pb2_grpc.add_TranslatorServicer_to_server(
             translator_api.TranslatorService(self.runtime), ours
         )

@@ -59,7 +59,7 @@ def _setting(
     shown = shown if shown is not None else ("unset" if default is None else str(default))
     metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar, "shown": shown,
                 "secret": secret}
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -268,6 +268,8 @@ class ServerConfig:
         """The tokens calls must carry (none: no check), from --auth-tokens and --auth-tokens-file; a file
         that cannot be read, or settings that name no token, raise ValueError naming the cause."""
         tokens = [t.strip() for t in (self.auth_tokens or "").split(",") if t.strip()]
+        if self.auth_tokens is not None and not tokens:
+            raise ValueError("--auth-tokens is set but names no token: unset it, or give tokens")
         if self.auth_tokens_file is not None:
             try:
                 lines = self.auth_tokens_file.read_text().splitlines()
@@ -277,6 +279,9 @@ class ServerConfig:
             tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
             if not tokens:
                 raise ValueError(f"--auth-tokens-file {self.auth_tokens_file} holds no token")
+        # gRPC metadata values are printable ASCII: a token of other characters could never be sent.
+        if any(not (token.isascii() and token.isprintable() and " " not in token) for token in tokens):
+            raise ValueError("a bearer token must be printable ASCII without spaces")
         return tuple(token.encode() for token in tokens)
 
 

@@ -36,6 +36,8 @@ from service.server.runtime import Runtime, Work, submit_job
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "translator"
+# KServe's health calls: open without a bearer token, like grpc.health.v1 (Triton's "health" protocol group).
+PROBE_METHODS = ("ServerLive", "ServerReady", "ModelReady")
 PLATFORM = "onnxruntime_onnx"
 # Triton's names of the protocol extensions served (ModelConfig, ModelStatistics; RepositoryIndex alone is not
 # the whole "model_repository" extension, which also loads and unloads models).

@@ -62,6 +62,7 @@ class MetricsEndpoint:
             oldest = next(iter(self._waiting))
             self._waiting.pop(oldest).transport.abort()  # its readuntil ends at once
         self._waiting[key] = writer
+        answered = False
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
@@ -70,7 +71,9 @@ class MetricsEndpoint:
             finally:
                 self._waiting.pop(key, None)
             method, path = _request_line(head)
-            if method not in ("GET", "HEAD"):
+            if not method:
+                await self._answer(writer, HTTPStatus.BAD_REQUEST, b"not an HTTP request line\n")
+            elif method not in ("GET", "HEAD"):
                 await self._answer(writer, HTTPStatus.METHOD_NOT_ALLOWED, b"GET /metrics\n")
             elif path.split("?", 1)[0] != METRICS_PATH:
                 await self._answer(writer, HTTPStatus.NOT_FOUND, b"not found: the metrics are at /metrics\n")
@@ -78,13 +81,12 @@ class MetricsEndpoint:
                 body = await asyncio.to_thread(generate_latest, self.registry)
                 full = method == "GET"
                 await self._answer(writer, HTTPStatus.OK, body, CONTENT_TYPE_LATEST, send_body=full)
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            pass  # the client went away or never read: nothing to tell it
+            answered = True
+        except (ConnectionError, TimeoutError, ssl.SSLError, RuntimeError, OSError):
+            pass  # the client went away, reset or never read (uvloop: RuntimeError): nothing to tell it
         finally:
             self.connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            await _close(writer, gracefully=answered)
 
     @staticmethod
     async def _answer(
@@ -98,8 +100,21 @@ class MetricsEndpoint:
             f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
+        if writer.is_closing():
+            raise ConnectionError("the client closed the connection")
         writer.write(head.encode("latin-1") + (body if send_body else b""))
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+
+
+async def _close(writer: asyncio.StreamWriter, gracefully: bool) -> None:
+    """Close after the answer went out; drop at once (unsent bytes and all) a connection that failed, timed
+    out or does not read, so that it holds neither its socket nor its answer."""
+    if gracefully:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+            return
+    writer.transport.abort()
 
 
 def _request_line(head: bytes) -> tuple[str, str]:

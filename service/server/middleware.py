@@ -149,11 +149,16 @@ class Registrar:
     register goes through `validated`."""
 
     def __init__(
-        self, server: grpc.Server, metrics: ServerMetrics | None, tokens: tuple[bytes, ...] = ()
+        self,
+        server: grpc.Server,
+        metrics: ServerMetrics | None,
+        tokens: tuple[bytes, ...] = (),
+        open_methods: frozenset[str] = frozenset(),
     ) -> None:
         self._server = server
         self._metrics = metrics
         self._tokens = tokens  # calls must carry one of them (none: no check)
+        self._open = open_methods  # "/service/method" paths that need no token (health-like probes)
         self._generic: list[grpc.GenericRpcHandler] = []
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -163,7 +168,12 @@ class Registrar:
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
         wrapped = {
-            name: validated(f"/{service}/{name}", handler, self._metrics, self._tokens)
+            name: validated(
+                f"/{service}/{name}",
+                handler,
+                self._metrics,
+                () if f"/{service}/{name}" in self._open else self._tokens,
+            )
             for name, handler in handlers.items()
         }
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))

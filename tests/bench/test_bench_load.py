@@ -146,6 +146,7 @@ def test_soak_reports_windows_and_memory(server: Target, tmp_path: Path) -> None
     assert memory["second_half_slope_mib_per_hour"] is None  # 3 s: too short for a trend
     assert memory["start_mib"] <= memory["max_mib"] and 0 < memory["middle_mib"] <= memory["max_mib"]
     assert memory["growth_after_warmup_percent"] is None  # 3 s: no warm-up over yet
+    assert memory["last_window_mib"] is None
     assert len(point["rss_samples"]) >= 3
     assert plot.read_bytes().startswith(PNG)
 

@@ -368,3 +368,33 @@ def test_abandoned_stream_rows_are_forgotten_on_both_sides() -> None:
         stream.close()
     finally:
         engine.close()
+
+
+def test_rows_with_no_lane_left_to_run_them_are_lost_not_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lane dies and none can be started in its place: the unanswered rows are LaneLost (UNAVAILABLE
+    for their requests, which may be retried elsewhere), not an engine error."""
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, lane_processes=True)
+    try:
+        lanes = engine.lane_processes
+        assert lanes is not None
+        victims = lanes.pids
+
+        def cannot_start() -> object:
+            raise RuntimeError("no memory for another lane")
+
+        monkeypatch.setattr(lanes, "_start", cannot_start)
+        sources = [text.ids for text in engine.encode_texts(SENTENCES[:16])]
+        answered: list[int] = []
+
+        def kill_all_once(row: int, hypothesis: object) -> None:
+            if not answered:
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+            answered.append(row)
+
+        with pytest.raises(LaneLost, match="none left to search again") as lost:
+            engine.search_ids(sources, TranslateOptions(max_length=200), on_done=kill_all_once)
+        assert lost.value.rows and not set(lost.value.rows) & set(answered)
+        assert sorted(set(lost.value.rows) | set(answered)) == list(range(16))
+    finally:
+        engine.close()

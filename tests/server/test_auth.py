@@ -48,9 +48,12 @@ def test_calls_need_a_configured_bearer_token(tiny_repository: Path, tmp_path: P
                      lambda: client.kserve.ModelMetadata(kpb.ModelMetadataRequest(name="tiny")),
                      lambda: client.translator.GetModelInfo(pb.GetModelInfoRequest())):
             assert _code(call) == grpc.StatusCode.UNAUTHENTICATED
-        # Open: health (orchestrators probe it) and reflection.
+        # Open: health, gRPC's and KServe's (orchestrators probe them), and reflection.
         health = client.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert client.kserve.ServerLive(kpb.ServerLiveRequest()).live
+        assert client.kserve.ServerReady(kpb.ServerReadyRequest()).ready
+        assert client.kserve.ModelReady(kpb.ModelReadyRequest(name="tiny")).ready
         # The client library and its token.
         with TranslatorClient(f"127.0.0.1:{server.port}", token="first-token-123") as ours:
             assert ours.translate("the dog")[0].text
@@ -77,5 +80,15 @@ def test_token_settings_that_name_no_token_stop_the_start(tiny_repository: Path,
 def test_tokens_never_reach_the_log() -> None:
     config = ServerConfig(auth_tokens="very-secret-1,very-secret-2")
     assert config.bearer_tokens() == (b"very-secret-1", b"very-secret-2")
-    assert "very-secret" not in repr(config.as_log_fields())
+    assert "very-secret" not in repr(config.as_log_fields()) and "very-secret" not in repr(config)
     assert config.as_log_fields()["auth_tokens"] == "(set)"
+
+
+def test_token_settings_that_could_never_match_are_refused() -> None:
+    """A setting that names no token would leave the server open without a word; a token gRPC metadata
+    cannot carry could never be sent."""
+    for tokens, cause in ((",", "names no token"), (" , ", "names no token"), ("sécret", "printable ASCII"),
+                          ("two words", "printable ASCII")):
+        with pytest.raises(ValueError, match=cause):
+            ServerConfig(auth_tokens=tokens).bearer_tokens()
+    assert ServerConfig().bearer_tokens() == ()  # unset: no check

@@ -134,3 +134,16 @@ def test_a_key_that_does_not_match_its_certificate_is_named_at_start_up(
         [failure] = [entry for entry in entries if entry.get("message") == "cannot serve"]
         assert cause in failure["error"] and flags[-1] in failure["error"], failure
         assert "Failed to bind" not in failure["error"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_missing_or_encrypted_key_is_named_without_a_prompt(tmp_path: Path) -> None:
+    from service.server.app import check_tls_files
+
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-days", "1",
+             "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-subj", "/CN=x",
+             "-passout", "pass:secret")
+    with pytest.raises(ValueError, match="key.pem is encrypted"):
+        check_tls_files(tmp_path / "cert.pem", tmp_path / "key.pem", None)
+    with pytest.raises(ValueError, match="--tls-key .*missing.pem: no such file"):
+        check_tls_files(tmp_path / "cert.pem", tmp_path / "missing.pem", None)
