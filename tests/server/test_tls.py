@@ -138,7 +138,7 @@ def test_a_key_that_does_not_match_its_certificate_is_named_at_start_up(
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_a_missing_or_encrypted_key_is_named_without_a_prompt(tmp_path: Path) -> None:
-    from service.server.app import check_tls_files
+    from service.server.tls import check_tls_files
 
     _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-days", "1",
              "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-subj", "/CN=x",
