@@ -213,6 +213,11 @@ class ServerMetrics:
             compute_infer=(int(total(BATCH_SENTENCES + "_count")), _ns(total(COMPUTE_DURATION + "_sum"))),
         )
 
+    def answered(self, method: str, code: str, seconds: float) -> None:
+        """One call answered with status `code` (its name) after `seconds`: its count and duration."""
+        self.requests.labels(method=method, code=code).inc()
+        self.request_duration.labels(method=method, code=code).observe(seconds)
+
     def drop(self, reason: str, stage: str, count: int = 1) -> None:
         if count:
             self.dropped_sentences.labels(reason=reason, stage=stage).inc(count)

@@ -32,8 +32,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 def _record(metrics: ServerMetrics, method: str, code: Status, start: float) -> None:
     metrics.inflight.dec()
-    metrics.requests.labels(method=method, code=code.name).inc()
-    metrics.request_duration.labels(method=method, code=code.name).observe(time.perf_counter() - start)
+    metrics.answered(method, code.name, time.perf_counter() - start)
     if code is Status.OK and method in TRANSLATION_METHODS:
         metrics.last_inference_ms = int(time.time() * 1000)
 

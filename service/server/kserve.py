@@ -18,6 +18,7 @@ from there (typed contents only for BYTES), so raw is what every client understa
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def deserialize_bytes(buffer: bytes, where: str) -> list[bytes]:
 
 
 TensorSpec = tuple[str, str, list[int]]  # name, datatype, shape
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The answer a ModelInfer request asks for: its output tensors, and the shape of its TEXT input."""
+
+    names: list[str]
+    text_shape: list[int]
 
 
 def model_tensors(engine: Engine) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -338,11 +347,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        wanted: list[str] = []
-        shape: list[int] = []
-
-        def prepare(engine: Engine, limits: Limits) -> Work:
-            nonlocal wanted, shape
+        def prepare(engine: Engine, limits: Limits) -> Work[Outputs]:
             self._check_model(engine, request.model_name, request.model_version)
             wanted = self._requested_outputs(request)
             values = {}
@@ -368,9 +373,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )  # type: ignore[arg-type]
             texts, shape = self._texts(request)
             sources = encode_texts(engine, texts, limits, field=INPUT_TEXT)
-            return Work(sources, options, None if timeout_us is None else timeout_us / 1e6)
+            timeout_s = None if timeout_us is None else timeout_us / 1e6
+            return Work(sources, options, Outputs(wanted, shape), timeout_s)
 
         def build(results: list[TextResult]) -> pb.ModelInferResponse:
+            wanted, shape = call.work.answer.names, call.work.answer.text_shape
             if OUTPUT_CROSS_ATTENTION in wanted:  # refused before hundreds of megabytes are padded and copied
                 self.runtime.check_bytes(4 * int(np.prod(cross_attention_maps(results)[1])))
             model = call.engine.model

@@ -85,10 +85,8 @@ def validated(
     async def refuse(
         context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, since: float
     ) -> None:
-        if metrics is not None:  # counted like every answered call: requests_total and its duration
-            metrics.requests.labels(method=method, code=code.name).inc()
-            duration = time.perf_counter() - since
-            metrics.request_duration.labels(method=method, code=code.name).observe(duration)
+        if metrics is not None:  # counted like every answered call
+            metrics.answered(method, code.name, time.perf_counter() - since)
         await context.abort(code, message)
 
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:

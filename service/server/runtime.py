@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -29,7 +29,7 @@ from service.scheduler.job import STREAM_END, Job, TextResult
 from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed, Status
 from service.server.config import ServerConfig
-from service.server.requests import AttentionSelection, Limits
+from service.server.requests import Limits
 
 log = logging.getLogger("translator.rpc")
 
@@ -135,14 +135,18 @@ def deadline_of(context: grpc.aio.ServicerContext, extra_timeout_s: float | None
     return time.monotonic() + min(candidates) if candidates else None
 
 
+Shape = TypeVar("Shape")
+
+
 @dataclass(frozen=True)
-class Work:
-    """What a translation call asks of the batcher, once its request passed the checks."""
+class Work(Generic[Shape]):
+    """What a translation call asks of the batcher, once its request passed the checks, and the shape of the
+    answer its API builds from the results (translator.v1: the attention maps; KServe: the outputs)."""
 
     sources: list[EncodedText]
     options: TranslateOptions
+    answer: Shape
     timeout_s: float | None = None  # a deadline of the request's own, besides gRPC's (KServe's `timeout`)
-    selection: AttentionSelection = AttentionSelection()  # the maps the answer carries (translator.v1)
 
 
 class LoopEvents:
@@ -194,7 +198,7 @@ class Submitted:
     engine: Engine
     batcher: Batcher
     job: Job
-    work: Work
+    work: Work[Any]
     context: grpc.aio.ServicerContext
 
     def __enter__(self) -> Submitted:
@@ -268,7 +272,7 @@ class Submitted:
 def submit_job(
     runtime: Runtime,
     context: grpc.aio.ServicerContext,
-    prepare: Callable[[Engine, Limits], Work],
+    prepare: Callable[[Engine, Limits], Work[Any]],
     *,
     stream: bool = False,
 ) -> Submitted:

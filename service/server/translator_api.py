@@ -192,10 +192,10 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 # encoder maps of 128 long texts are ~400 MB, known from the request.
                 least = sum(attention_bytes(engine, selection, len(source.ids), 1) for source in sources)
                 self.runtime.check_bytes(least, at_least=True)
-            return Work(sources, options, selection=selection)
+            return Work(sources, options, selection)
 
         def build(results: list[TextResult]) -> pb.TranslateResponse:
-            arrival, selection = call.job.arrival, call.work.selection
+            arrival, selection = call.job.arrival, call.work.answer
             if selection.kinds:
                 # Sized from the maps before the message is built: building a message costs about four times
                 # its size in Python floats at the peak.
@@ -219,12 +219,12 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         def prepare(engine: Engine, limits: Limits) -> Work:
             options, selection = parse_options(request.options, limits, engine)
             sources = encode_texts(engine, [request.text], limits, field="text")
-            return Work(sources, options, selection=selection)
+            return Work(sources, options, selection)
 
         def build(results: list[TextResult]) -> tuple[TextResult, pb.TranslateStreamResponse]:
             (result,) = results
             message = pb.TranslateStreamResponse(
-                translation=translation_message(result, call.work.selection, call.job.arrival)
+                translation=translation_message(result, call.work.answer, call.job.arrival)
             )
             self.runtime.check_size(message)
             return result, message

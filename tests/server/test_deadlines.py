@@ -202,7 +202,7 @@ def test_a_call_its_deadline_timer_dropped_counts_as_deadline_exceeded() -> None
         async def unary(self, request: Any, context: Any) -> Any:
             job = Job([source(4)], TranslateOptions(), deadline=time.monotonic() + 0.001)
             batcher.submit(job)
-            work = Work(job.sources, job.options)
+            work = Work(job.sources, job.options, None)
             with Submitted(engine, batcher, job, work, context):  # type: ignore[arg-type]
                 batcher.expire(job)  # what Submitted's deadline timer does
                 raise asyncio.CancelledError  # grpc.aio ending the call on the client's cancel
