@@ -490,6 +490,9 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     point = results["soak"]
     start, end = results.get("rss_mib_start"), results.get("rss_mib_end")
     samples = point.get("rss_samples", [])
+    # Every figure is rounded the same way, so start <= max <= ... holds in the written numbers too.
+    start = round(start, 2) if start is not None else None
+    end = round(end, 2) if end is not None else None
     growth: dict[str, Any] = {"start_mib": start, "end_mib": end}
     if start is not None and end is not None:
         growth["growth_mib"] = round(end - start, 2)
@@ -497,7 +500,9 @@ def run_soak(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     if len(samples) >= 4:
         times, values = np.array([t for t, _ in samples]), np.array([v for _, v in samples])
         half = times >= times[len(times) // 2]  # after the warm-up effects (arenas, caches) have settled
-        growth["max_mib"] = round(float(values.max()), 2)
+        # The start and end readings are taken outside the sampling loop: the maximum covers them too.
+        ends = [v for v in (start, end) if v is not None]
+        growth["max_mib"] = round(max(float(values.max()), *ends), 2)
         # Start, middle and end of the run, and the growth after warm-up (the first tenth of the run, at
         # least SOAK_WARMUP_S): what a leak would show and allocator arenas filling up at first would not.
         # Both ends of that growth are means over SOAK_WARMUP_S of samples: RSS wanders by a few MiB.
