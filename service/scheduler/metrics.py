@@ -36,6 +36,8 @@ QUEUE_DEPTH = "translator_queue_depth_sentences"  # gauge: sentences waiting for
 MODEL_INFO = "translator_model_info"  # gauge = 1 {model, version, provider}
 MEAN_LOGPROB = "translator_translation_mean_logprob"  # histogram: log_prob / steps per translation
 ATTENTION_ENTROPY = "translator_cross_attention_entropy_nats"  # histogram per translation
+UNREAD_ANSWERS = "translator_unread_answers_total"  # counter {method, reason="slow_reader"|"client_gone"}
+UNREAD_BYTES = "translator_unread_answer_bytes"  # gauge: answer bytes handed to gRPC, not yet taken
 
 # The RPCs that run the model: what Triton's statistics call inference requests.
 TRANSLATION_METHODS = ("Translate", "TranslateStream", "ModelInfer")
@@ -54,6 +56,8 @@ ALL_METRICS = (
     MODEL_INFO,
     MEAN_LOGPROB,
     ATTENTION_ENTROPY,
+    UNREAD_ANSWERS,
+    UNREAD_BYTES,
 )
 
 STAGES = ("encode", "decode")
@@ -176,6 +180,18 @@ class ServerMetrics:
             "cross-attention rows of a translation; observed "
             "when attention was computed.",
             buckets=ENTROPY_BUCKETS,
+            registry=r,
+        )
+        self.unread_answers = Counter(
+            UNREAD_ANSWERS.removesuffix("_total"),
+            "Streams ended before their answer was read: the client stopped reading for --write-timeout-s "
+            "(slow_reader) or went away mid-answer (client_gone).",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.unread_bytes = Gauge(
+            UNREAD_BYTES,
+            "Bytes of stream messages handed to gRPC that their clients have not taken yet.",
             registry=r,
         )
         for stage in STAGES:  # series exist (at 0) before the first batch: dashboards and alerts see them

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ import grpc
 
 from service.scheduler.metrics import TRANSLATION_METHODS, ServerMetrics
 from service.scheduler.status import RequestFailed, Status
+from service.server.answer_writes import ClientGone, SlowReader, write
 from service.server.runtime import ENDED_CODE, Runtime, ended_by_deadline
 
 log = logging.getLogger("translator.rpc")
@@ -56,7 +57,13 @@ async def _abort(context: grpc.aio.ServicerContext, failure: RequestFailed) -> N
     call makes gRPC log an error ("ExecuteBatchError") for what is a client's timeout."""
     if ended_by_deadline(context):
         raise asyncio.CancelledError
-    await context.abort(GRPC_CODES[failure.code], failure.message)
+    try:
+        await context.abort(GRPC_CODES[failure.code], failure.message)
+    except grpc.aio.AbortError:  # the status is sent: how grpc.aio ends an aborted handler
+        raise
+    except Exception:  # the status could not be sent: the client went away meanwhile (a slow reader's end)
+        log.info("the client went away before its %s status was sent", failure.code.name)
+        raise asyncio.CancelledError from None
 
 
 def _unexpected(method: str, error: Exception) -> RequestFailed:
@@ -103,33 +110,54 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
 
 def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
     """For server-streaming handlers (async generators) `async def M(self, request, context)`; `limited` as
-    in `tracked`, the slot held until the stream ends."""
+    in `tracked`, the slot held until the stream ends.
+
+    The wrapper writes the messages itself (service.server.answer_writes): a client that stops reading loses
+    its call after --write-timeout-s instead of keeping its slot, and one that goes away mid-answer is logged
+    once, without a traceback."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
             metrics.inflight.inc()
             start = time.perf_counter()
-            code = Status.OK
+            code, written = Status.OK, 0
+            # What to answer once the call's objects are let go: an exception kept here would keep, through
+            # its traceback, the frame that holds the answer message while the abort waits for the client.
+            failed: RequestFailed | None = None
             try:
                 with _slot(runtime, limited):
                     async with contextlib.aclosing(handler(self, request, context)) as messages:
                         async for message in messages:
-                            yield message
-            except (GeneratorExit, asyncio.CancelledError):  # the client went away, or the deadline passed
+                            await write(
+                                context, message, runtime.answers, runtime.config.write_timeout_s, written
+                            )
+                            written += 1
+            except SlowReader as stalled:
+                code, failed = Status.DEADLINE_EXCEEDED, RequestFailed(Status.DEADLINE_EXCEEDED, str(stalled))
+                metrics.unread_answers.labels(method=method, reason="slow_reader").inc()
+                log.warning("%s: %s", method, stalled)
+            except (ClientGone, asyncio.CancelledError):  # the client went away, or the deadline passed
                 code = _ended_code(context)
-                raise
+                if written and code is Status.CANCELLED:
+                    metrics.unread_answers.labels(method=method, reason="client_gone").inc()
+                    log.info("%s: the client went away after %d messages", method, written)
+                # gRPC ended the call: it then sends no status (a status sent on an ended call fails).
+                raise asyncio.CancelledError from None
             except RequestFailed as failure:
-                code = _failed_code(context, failure)
-                await _abort(context, failure)
+                code, failed = _failed_code(context, failure), RequestFailed(failure.code, failure.message)
             except Exception as other:
                 failure = _unexpected(method, other)
-                code = _failed_code(context, failure)
-                await _abort(context, failure)
+                code, failed = _failed_code(context, failure), RequestFailed(failure.code, failure.message)
             finally:
                 _record(metrics, method, code, start)
+            if failed is not None:
+                message = None  # noqa: F841 (the last message written, or being written: not kept waiting)
+                # Slot, job and answer are freed by now. For a slow reader the status waits in gRPC until the
+                # client reads on (it gets it after the messages gRPC holds) or goes away.
+                await _abort(context, failed)
 
         return wrapper  # type: ignore[return-value]
 

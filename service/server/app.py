@@ -151,6 +151,11 @@ class TranslatorServer:
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # A client process that stops answering altogether (suspended, its host gone) is found by
+                # pings and its connection closed: what gRPC held for it is freed. A frozen reader that is
+                # alive answers pings: --write-timeout-s and --max-unread-bytes bound those.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
             ],
             # Translation calls beyond --max-concurrent-rpcs are refused by the handlers (Runtime.
             # translation_slot), which keeps health checks answered. This is gRPC's own backstop (it counts

@@ -57,8 +57,14 @@ def _setting(
     """A field with what the parser needs; `shown` is the default as --help tells it (when not the value);
     a `secret` setting is never logged."""
     shown = shown if shown is not None else ("unset" if default is None else str(default))
-    metadata = {"help": help, "type": type, "choices": choices, "metavar": metavar, "shown": shown,
-                "secret": secret}
+    metadata = {
+        "help": help,
+        "type": type,
+        "choices": choices,
+        "metavar": metavar,
+        "shown": shown,
+        "secret": secret,
+    }
     return field(default=default, metadata=metadata, repr=not secret)
 
 
@@ -93,6 +99,18 @@ class ServerConfig:
     max_receive_message_bytes: int = _setting(
         4 * 1024 * 1024,
         "largest gRPC message the server accepts, in bytes; a larger request gets RESOURCE_EXHAUSTED",
+        int,
+    )
+    write_timeout_s: float = _setting(
+        30.0,
+        "how long one message of a stream may wait for its client to read it; past it the call ends and its "
+        "slot is freed (the client, if it reads again, gets DEADLINE_EXCEEDED)",
+        float,
+    )
+    max_unread_bytes: int = _setting(
+        512 * 1024 * 1024,
+        "most bytes of stream messages held for clients that have not read them yet; a large message beyond "
+        "it gets RESOURCE_EXHAUSTED instead of more memory",
         int,
     )
     tls_cert: Path | None = _setting(
@@ -136,7 +154,10 @@ class ServerConfig:
         "auto", "where onnxruntime runs the model: auto takes CUDA when available", str, choices=DEVICES
     )
     threads: int | None = _setting(
-        None, "engine threads (on CPU each runs one decoding lane)", _optional_int, metavar="N",
+        None,
+        "engine threads (on CPU each runs one decoding lane)",
+        _optional_int,
+        metavar="N",
         shown="one per core",
     )
     lanes: int | None = _setting(
@@ -293,6 +314,8 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "grpc_max_calls": (2, 100_000),
     "max_message_bytes": (1, INT32_MAX),
     "max_receive_message_bytes": (1, INT32_MAX),
+    "write_timeout_s": (0.001, 86_400),
+    "max_unread_bytes": (1, 2**48),
     "model_version": (0, 2**63 - 1),
     "threads": (1, 4096),
     "lanes": (1, 4096),

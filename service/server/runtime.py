@@ -28,6 +28,7 @@ from service.scheduler.batcher import Batcher
 from service.scheduler.job import STREAM_END, Job, TextResult
 from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed, Status
+from service.server.answer_writes import UnreadAnswers
 from service.server.config import ServerConfig
 from service.server.requests import Limits
 
@@ -57,11 +58,14 @@ class Runtime:
     engine: Engine | None = None
     batcher: Batcher | None = None
     readiness: Readiness = Readiness.LOADING
+    answers: UnreadAnswers = field(init=False, repr=False)  # stream messages their clients have not taken
     _slots: threading.BoundedSemaphore = field(init=False, repr=False)
     _transition: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._slots = threading.BoundedSemaphore(self.config.max_concurrent_rpcs)
+        self.answers = UnreadAnswers(self.config.max_unread_bytes)
+        self.metrics.unread_bytes.set_function(lambda: self.answers.held_bytes)
 
     def become_ready(self) -> bool:
         """LOADING -> READY; False (and no change) once draining has begun: a server never comes back."""
@@ -179,9 +183,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 # How the running call's job ended when gRPC ended the call first (set by `Submitted` as it drops the job):
 # the status recorded for the call is the one its dropped sentences are counted under, decided once.
-ENDED_CODE: contextvars.ContextVar[Status | None] = contextvars.ContextVar(
-    "ended_code", default=None
-)
+ENDED_CODE: contextvars.ContextVar[Status | None] = contextvars.ContextVar("ended_code", default=None)
 
 
 def ended_by_deadline(context: grpc.aio.ServicerContext) -> bool:
