@@ -67,7 +67,7 @@ def parse_batching(spec: str) -> list[Setting]:
             key = key.strip().replace("-", "_")
             if not sep or key not in known:
                 raise ValueError(f"batching setting {name}: {item!r} is not key=value with a known setting")
-            if key in ("host", "port", "metrics_port", "model_repository", "model"):
+            if key in ("host", "port", "metrics_port", "http_port", "model_repository", "model"):
                 raise ValueError(f"batching setting {name}: {key} is chosen by the load generator")
             values[key] = value.strip()
         settings.append(Setting(name, values))
@@ -87,6 +87,7 @@ class Target:
     pid: int | None = None  # its process (RSS and CPU are read from /proc when known)
     log: Path | None = None  # a spawned server's log (JSON lines)
     process: subprocess.Popen | None = None  # a spawned server's process
+    http: str | None = None  # host:port of its KServe v2 REST endpoint
 
 
 class ServerStartError(RuntimeError):
@@ -135,6 +136,8 @@ def spawn_server(
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--model-repository",
         str(repository),
         "--model",
@@ -181,6 +184,7 @@ def spawn_server(
             process.pid,
             log_path,
             process,
+            f"127.0.0.1:{listening['http_port']}" if listening.get("http_port") else None,
         )
     finally:
         if process.poll() is None:

@@ -16,6 +16,7 @@ class Status(Enum):
     UNAVAILABLE = "UNAVAILABLE"  # loading or shutting down: retry elsewhere or later
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"  # the client gave up
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no valid bearer token
     INTERNAL = "INTERNAL"  # our fault
 
 

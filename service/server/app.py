@@ -39,12 +39,13 @@ from service.server import kserve, translator_api
 from service.server.config import ServerConfig, load_config
 from service.server.event_loop import new_event_loop
 from service.server.health import HealthService
+from service.server.kserve_rest import RestEndpoint
 from service.server.logs import configure_logging
 from service.server.metrics_http import MetricsEndpoint
 from service.server.middleware import Registrar, add_reflection
 from service.server.requests import Limits
 from service.server.runtime import Runtime
-from service.server.tls import metrics_ssl_context, server_credentials, server_credentials_configured
+from service.server.tls import http_ssl_context, server_credentials, server_credentials_configured
 
 log = logging.getLogger("translator.server")
 
@@ -70,10 +71,12 @@ class TranslatorServer:
         self.health = HealthService(lambda: self.runtime.readiness, SERVICE_NAMES)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._engine = engine
         self._seed = seed
         self._tokens: tuple[bytes, ...] = ()
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._rest_endpoint: RestEndpoint | None = None
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -98,14 +101,23 @@ class TranslatorServer:
             self._close_loop()
             raise
         if self.config.metrics_port >= 0:
-            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, metrics_ssl_context(self.config))
+            self._metrics_endpoint = MetricsEndpoint(self.metrics.registry, http_ssl_context(self.config))
             self.metrics_port = self._on_loop(
                 self._metrics_endpoint.start(self.config.host, self.config.metrics_port)
             )
+        if self.config.http_port >= 0:
+            self._rest_endpoint = RestEndpoint(
+                kserve.InferenceService(self.runtime),
+                self._tokens,
+                self.config.max_receive_message_bytes,
+                http_ssl_context(self.config),
+            )
+            self.http_port = self._on_loop(self._rest_endpoint.start(self.config.host, self.config.http_port))
         log.info(
             "listening",
             extra=_fields(
                 port=self.port,
+                http_port=self.http_port,
                 metrics_port=self.metrics_port,
                 host=self.config.host,
                 tls=server_credentials_configured(self.config),
@@ -324,8 +336,10 @@ class TranslatorServer:
             if stopped is not None:
                 stopped.result()
         finally:
-            if self._metrics_endpoint is not None and self._loop is not None:
-                self._on_loop(self._metrics_endpoint.stop())
+            if self._loop is not None:
+                for endpoint in (self._rest_endpoint, self._metrics_endpoint):
+                    if endpoint is not None:
+                        self._on_loop(endpoint.stop())
             self._close_loop()
             if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
                 self.runtime.engine.close()

@@ -73,6 +73,11 @@ class ServerConfig:
     # Network.
     host: str = _setting("0.0.0.0", "address the gRPC server binds", str)
     port: int = _setting(8001, "gRPC port (Triton's convention); 0 picks a free port", int)
+    http_port: int = _setting(
+        8000,
+        "KServe v2 REST port (HTTP/JSON, Triton's convention); 0 picks a free port, -1 disables it",
+        int,
+    )
     metrics_port: int = _setting(
         8002, "Prometheus /metrics HTTP port; 0 picks a free port, -1 disables it", int
     )
@@ -310,6 +315,7 @@ class ServerConfig:
 NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "port": (0, 65535),
     "metrics_port": (-1, 65535),
+    "http_port": (-1, 65535),
     "max_concurrent_rpcs": (1, 100_000),
     "grpc_max_calls": (2, 100_000),
     "max_message_bytes": (1, INT32_MAX),

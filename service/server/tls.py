@@ -40,7 +40,7 @@ def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
             raise ValueError(f"--tls-client-ca {client_ca} holds no usable certificate: {cause}") from None
 
 
-def metrics_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+def http_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     """/metrics over HTTPS with the gRPC port's certificate (and its client CA) when gRPC has TLS."""
     if not server_credentials_configured(config):
         return None

@@ -584,7 +584,8 @@ def real_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "service.server.app", "--port", str(port), "--metrics-port", "0",
-               "--model-repository", str(tiny_repository), "--model", "tiny", "--threads", "1"]
+               "--http-port", "0", "--model-repository", str(tiny_repository), "--model", "tiny",
+               "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as output:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)

@@ -234,6 +234,8 @@ def test_sigterm_finishes_in_flight_calls_then_exits_0(tiny_repository: Path, tm
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--model-repository",
         str(tiny_repository),
         "--model",

@@ -126,7 +126,8 @@ def test_a_key_that_does_not_match_its_certificate_is_named_at_start_up(
     ]
     for flags, cause in cases:
         command = [sys.executable, "-m", "service.server.app", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", "0", "--model-repository", str(tiny_repository), "--model", "tiny"]
+                   "--metrics-port", "0", "--http-port", "0", "--model-repository", str(tiny_repository),
+                   "--model", "tiny"]
         command += flags
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode == 1, done.stderr[-2000:]

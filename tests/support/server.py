@@ -28,6 +28,7 @@ def make_config(repository: Path, **overrides: Any) -> ServerConfig:
         host=HOST,
         port=0,
         metrics_port=0,
+        http_port=0,
         model_repository=repository,
         model="tiny",
         threads=1,

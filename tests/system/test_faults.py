@@ -527,7 +527,8 @@ def test_corrupt_or_missing_model_fails_fast_naming_the_file(
     shutil.copytree(tiny_repository, repository)
     flags, named = _break(repository / "tiny" / "1", how)
     command = [sys.executable, "-m", "service.server.app", "--host", "127.0.0.1", "--port", "0"]
-    command += ["--metrics-port", "0", "--model-repository", str(repository), "--model", "tiny", *flags]
+    command += ["--metrics-port", "0", "--http-port", "0"]
+    command += ["--model-repository", str(repository), "--model", "tiny", *flags]
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - started
@@ -556,7 +557,8 @@ sys.exit(server.main())
 
 def test_failed_warm_up_exits_non_zero_with_one_clear_line(tiny_repository: Path) -> None:
     command = [sys.executable, "-c", BROKEN_ENGINE_LAUNCHER, "--host", "127.0.0.1", "--port", "0"]
-    command += ["--metrics-port", "0", "--model-repository", str(tiny_repository), "--model", "tiny"]
+    command += ["--metrics-port", "0", "--http-port", "0"]
+    command += ["--model-repository", str(tiny_repository), "--model", "tiny"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr[-2000:]
     entries = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"')]

@@ -170,6 +170,8 @@ def start_server(repository: Path, log: Path) -> Server:
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--model-repository",
         str(repository),
         "--model",
