@@ -319,9 +319,9 @@ class RestEndpoint:
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}"
                 )
             if error.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-                return error_response(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, error.text or "request body too large"
-                )
+                limit = self.app._client_max_size
+                message = f"the request body exceeds --max-receive-message-bytes={limit}"
+                return error_response(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, message)
             return error_response(HTTPStatus(error.status), error.text or error.reason)
         except asyncio.CancelledError:
             raise
