@@ -1,4 +1,5 @@
-"""Triton's own Python client (tritonclient.grpc), unchanged, against our KServe v2 endpoint.
+"""Triton's own Python clients (tritonclient.grpc and tritonclient.http), unchanged, against our KServe v2
+endpoints (gRPC, and REST on --http-port).
 
 tritonclient pins protobuf below 7 and registers the same `inference.*` message names as our generated code,
 so it cannot share our interpreter: it gets a virtual environment of its own (from PyPI, which CI reaches) and
@@ -59,13 +60,57 @@ print(json.dumps({
 """
 
 
+HTTP_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+client = httpclient.InferenceServerClient(sys.argv[1])
+model = sys.argv[2]
+texts = json.loads(sys.argv[3])
+text = httpclient.InferInput("TEXT", [len(texts)], "BYTES")
+text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+outputs = [httpclient.InferRequestedOutput(name)
+           for name in ("TRANSLATION", "CROSS_ATTENTION", "SOURCE_LENGTH", "TARGET_LENGTH")]
+result = client.infer(model, [text], outputs=outputs, request_id="http-1")  # binary outputs, the default
+as_json = httpclient.InferInput("TEXT", [len(texts)], "BYTES")
+as_json.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=False)
+as_text = httpclient.InferRequestedOutput("TRANSLATION", binary_data=False)
+plain = client.infer(model, [as_json], outputs=[as_text])
+empty = httpclient.InferInput("TEXT", [1], "BYTES")
+empty.set_data_from_numpy(np.array([b""], dtype=object))
+try:
+    client.infer(model, [empty])
+    refused = None
+except InferenceServerException as error:
+    refused = [error.status(), error.message()]
+metadata = client.get_model_metadata(model)
+print(json.dumps({
+    "live": client.is_server_live(),
+    "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready(model),
+    "unknown_model_ready": client.is_model_ready("no-such-model"),
+    "server": client.get_server_metadata(),
+    "metadata_name": metadata["name"],
+    "metadata_inputs": [i["name"] for i in metadata["inputs"]],
+    "id": result.get_response()["id"],
+    "translation": [t.decode() for t in result.as_numpy("TRANSLATION").tolist()],
+    "json_translation": [str(t) for t in plain.as_numpy("TRANSLATION").tolist()],
+    "cross_attention": result.as_numpy("CROSS_ATTENTION").tolist(),
+    "target_length": result.as_numpy("TARGET_LENGTH").tolist(),
+    "refused": refused,
+}))
+"""
+
+
 @pytest.fixture(scope="module")
 def triton_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tritonclient-venv")
     venv.create(folder, with_pip=True)
     python = folder / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]", "numpy"],
+        [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc,http]", "numpy"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -120,3 +165,34 @@ def test_tritonclient_infers_translations_and_attention(triton_python: Path, tmp
         real = maps[row, :, :, :target_length, :source_length]
         np.testing.assert_allclose(real, translation.cross_attention, atol=1e-5)
         assert not maps[row, :, :, target_length:, :].any() and not maps[row, :, :, :, source_length:].any()
+
+
+def test_tritonclient_http_infers_translations_and_attention(triton_python: Path, tmp_path: Path) -> None:
+    setting = Setting("triton-http", {"threads": "2", "quality_sample_rate": "0"})
+    with spawn_server(setting, DEFAULT_REPOSITORY, DEFAULT_MODEL, log_dir=tmp_path) as target:
+        assert target.http is not None
+        run = subprocess.run(
+            [str(triton_python), "-c", HTTP_CLIENT, target.http, DEFAULT_MODEL, json.dumps(TEXTS)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout)
+    assert answer["live"] and answer["ready"] and answer["model_ready"]
+    assert not answer["unknown_model_ready"]
+    assert answer["server"]["name"] == "translator"
+    assert answer["metadata_name"] == DEFAULT_MODEL and answer["metadata_inputs"] == ["TEXT"]
+    assert answer["id"] == "http-1"
+    engine = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=1)
+    expected = engine.translate(TEXTS, TranslateOptions(attention=frozenset({"cross"})))
+    assert answer["translation"] == answer["json_translation"] == [t.text for t in expected]
+    maps = np.array(answer["cross_attention"], dtype=np.float32)
+    for row, translation in enumerate(expected):
+        layers, heads, target_length, source_length = translation.cross_attention.shape
+        assert answer["target_length"][row] == target_length
+        np.testing.assert_allclose(
+            maps[row, :, :, :target_length, :source_length], translation.cross_attention, atol=1e-5
+        )
+    status, message = answer["refused"]
+    assert status == "400" and "the text is empty" in message
