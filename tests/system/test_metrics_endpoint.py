@@ -74,3 +74,45 @@ def test_slowloris_on_the_metrics_port(tiny_repository: Path, tmp_path: Path) ->
         assert _scrape(host, int(port), "/metrics", "POST")[0] == 405
         status, body, _ = _scrape(host, int(port), "/metrics?name[]=x", "HEAD")
         assert status == 200 and body == b""
+
+
+def test_slowloris_on_the_rest_port(tiny_repository: Path, tmp_path: Path) -> None:
+    """KServe REST (aiohttp behind service.server.http_guard): 1,100 connections that never finish their
+    headers, more than the 1,024 kept: the oldest are dropped, a head has 5 s, readiness stays fast."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    setting = Setting("slowloris-rest", {"threads": "1", "quality_sample_rate": "0"})
+    with spawn_server(setting, tiny_repository, "tiny", log_dir=tmp_path) as target:
+        assert target.http and target.process is not None
+        host, port = target.http.rsplit(":", 1)
+        assert _scrape(host, int(port), "/v2/health/ready")[0] == 200
+        threads_before = _threads(target.process.pid)
+        hostile = []
+        for _ in range(1100):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: slow\r\nX-Never: ")
+            hostile.append(sock)
+        opened = time.monotonic()
+        try:
+            time.sleep(0.5)
+            times = []
+            for _ in range(100):
+                status, _, seconds = _scrape(host, int(port), "/v2/health/ready")
+                assert status == 200
+                times.append(seconds)
+            times.sort()
+            assert times[98] < 0.1, times[-5:]  # p99
+            assert _threads(target.process.pid) <= threads_before + 4  # no thread per connection
+            # Past their head deadline every one of them has been closed by the server.
+            time.sleep(max(0.0, opened + 6.0 - time.monotonic()))
+            for sock in hostile:
+                sock.settimeout(2)
+                try:
+                    assert sock.recv(1) == b""
+                except ConnectionResetError:
+                    pass  # dropped with a reset: closed all the same
+        finally:
+            for sock in hostile:
+                sock.close()
+        log = "".join(path.read_text() for path in tmp_path.glob("server-*.log"))
+        assert "Traceback" not in log and "Unhandled exception" not in log, log[-3000:]
