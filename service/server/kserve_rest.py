@@ -91,16 +91,39 @@ def error_response(status: Status | HTTPStatus, message: str) -> web.Response:
 # ----------------------------------------------------------------------------------------------------------
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _text(value: Any, where: str) -> str:
+    """A JSON string that protobuf can hold (JSON's surrogate escapes can make strings that are not)."""
+    if not isinstance(value, str):
+        raise invalid(f"{where} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{where} is not valid Unicode (it holds a lone surrogate escape)") from None
+    return value
+
+
+def _int64(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{where} must be an integer, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise invalid(f"{where} {value} does not fit a 64-bit integer")
+    return value
+
+
 def _parameter(name: str, value: Any) -> pb.InferParameter:
+    where = f"parameter {name}"
     if isinstance(value, bool):
         return pb.InferParameter(bool_param=value)
     if isinstance(value, int):
-        return pb.InferParameter(int64_param=value)
+        return pb.InferParameter(int64_param=_int64(value, where))
     if isinstance(value, float):
         return pb.InferParameter(double_param=value)
     if isinstance(value, str):
-        return pb.InferParameter(string_param=value)
-    raise invalid(f"parameter {name} must be a boolean, number or string, got {type(value).__name__}")
+        return pb.InferParameter(string_param=_text(value, where))
+    raise invalid(f"{where} must be a boolean, number or string, got {type(value).__name__}")
 
 
 def _flat(data: Any, where: str) -> list[Any]:
@@ -131,16 +154,13 @@ def infer_request(
 ) -> tuple[pb.ModelInferRequest, set[str]]:
     """The ModelInferRequest of a REST infer body, and the outputs to send as binary data."""
     request = pb.ModelInferRequest(model_name=name, model_version=version)
-    request_id = body.get("id", "")
-    if not isinstance(request_id, str):
-        raise invalid(f"id must be a string, got {type(request_id).__name__}")
-    request.id = request_id
+    request.id = _text(body.get("id", ""), "id")
     parameters = dict(_object(body.get("parameters", {}), "parameters"))
     all_binary = parameters.pop("binary_data_output", False)
     if not isinstance(all_binary, bool):
         raise invalid("parameter binary_data_output must be a boolean")
     for key, value in parameters.items():
-        request.parameters[key].CopyFrom(_parameter(key, value))
+        request.parameters[_text(key, "a parameter's name")].CopyFrom(_parameter(key, value))
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise invalid(
@@ -149,15 +169,14 @@ def infer_request(
     offset, raw = 0, list[bytes]()
     for index, entry in enumerate(inputs):
         tensor = _object(entry, f"inputs[{index}]")
-        where = f"input {tensor.get('name', index)}"
+        name = _text(tensor.get("name", ""), f"inputs[{index}].name")
+        where = f"input {name or index}"
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
-            raise invalid(f"{where}: shape must be a list of integers, got {shape!r}")
-        message = request.inputs.add(
-            name=str(tensor.get("name", "")), datatype=str(tensor.get("datatype", "")), shape=shape
-        )
+        if not isinstance(shape, list):
+            raise invalid(f"{where}: shape must be a list of integers, got {type(shape).__name__}")
+        dims = [_int64(d, f"{where}: shape") for d in shape]
+        datatype = _text(tensor.get("datatype", ""), f"{where}: datatype")
+        message = request.inputs.add(name=name, datatype=datatype, shape=dims)
         size = _object(tensor.get("parameters", {}), f"{where}: parameters").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -172,7 +191,8 @@ def infer_request(
             if message.datatype == "BYTES":
                 if not all(isinstance(e, str) for e in elements):
                     raise invalid(f"{where}: BYTES data must be strings")
-                message.contents.bytes_contents.extend(e.encode("utf-8") for e in elements)
+                texts = [_text(e, f"{where}: data[{i}]") for i, e in enumerate(elements)]
+                message.contents.bytes_contents.extend(e.encode("utf-8") for e in texts)
             else:
                 raise invalid(f"{where}: datatype {message.datatype!r}: the model's input is BYTES")
         else:
@@ -188,7 +208,7 @@ def infer_request(
         raise invalid(f"outputs must be a list of objects, got {type(wanted).__name__}")
     for index, entry in enumerate(wanted):
         output = _object(entry, f"outputs[{index}]")
-        message = request.outputs.add(name=str(output.get("name", "")))
+        message = request.outputs.add(name=_text(output.get("name", ""), f"outputs[{index}].name"))
         wants = _object(output.get("parameters", {}), f"output {message.name}: parameters")
         unknown = sorted(set(wants) - {"binary_data"})
         if unknown:
@@ -378,6 +398,8 @@ class RestEndpoint:
             parsed = json.loads(document)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise invalid(f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise invalid("the request body nests JSON too deeply") from None
         message, binary_outputs = infer_request(
             _object(parsed, "the request body"), binary, request.match_info["name"], _version(request)
         )

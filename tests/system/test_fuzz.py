@@ -8,6 +8,9 @@ serializers). The contract:
 - no answer is INTERNAL or UNKNOWN (nor UNAVAILABLE: the server never goes away); a failing request gets
   INVALID_ARGUMENT, NOT_FOUND or RESOURCE_EXHAUSTED; DEADLINE_EXCEEDED only where the request itself set a
   short deadline (KServe's `timeout` parameter), since every call's own deadline is generous;
+- over KServe REST (JSON bodies from the same requests, any JSON value, mutated bytes, binary tensors with
+  lying lengths, any model path), an answer is 200, 400, 404, 413 or 429 (504 only with a `timeout`
+  parameter), never 500, and an error body is `{"error": "..."}`;
 - the server keeps serving: a health check and a good translation every CHECK_EVERY calls and at the end, the
   process alive, no ERROR in its log, no INTERNAL/UNKNOWN in its request metrics.
 
@@ -17,6 +20,8 @@ printed at the end of the run (terminal summary: "fuzz: ...").
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import time
 from collections import Counter
@@ -49,6 +54,7 @@ EXAMPLES = {
     "kserve_infer": 250,
     "kserve_metadata": 150,
     "raw_bytes": 300,
+    "rest_infer": 250,
 }
 CHECK_EVERY = 100  # calls between two liveness checks
 CALL_TIMEOUT_S = 30.0  # far above any legitimate answer of the tiny model under these limits
@@ -423,6 +429,73 @@ def raw_calls(draw: st.DrawFn) -> tuple[str, bytes]:
     return method, data
 
 
+# JSON's \\ud800 escapes make strings protobuf cannot hold; integers go past 64 bits.
+surrogates = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10) | surrogates,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def rest_body(request: kpb.ModelInferRequest) -> dict[str, Any]:
+    """The REST (JSON) form of a gRPC infer request, as far as JSON can carry it."""
+    tensor = request.inputs[0] if request.inputs else None
+    inputs = []
+    if tensor is not None:
+        elements = list(tensor.contents.bytes_contents)
+        inputs.append({"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                       "data": [e.decode("utf-8", "replace") for e in elements]})
+    parameters = {}
+    for key, value in request.parameters.items():
+        which = value.WhichOneof("parameter_choice")
+        if which is not None:
+            parameters[key] = getattr(value, which)  # NaN and infinities are written as Python's json does
+    outputs = [{"name": o.name} for o in request.outputs]
+    return {"inputs": inputs, "outputs": outputs, "parameters": parameters}
+
+
+@st.composite
+def rest_calls(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
+    model = draw(st.one_of(st.just("tiny"), st.sampled_from(["other", "tiny/versions/1", "tiny/versions/9"])))
+    valid = json.dumps(rest_body(draw(infer_requests))).encode()
+    headers: dict[str, str] = {}
+    kind = draw(st.sampled_from(["json", "wild field", "any json", "deep", "mutated", "binary"]))
+    if kind == "json":
+        body = valid
+    elif kind == "wild field":  # one field of a good body replaced by any JSON value
+        document = json.loads(valid)
+        tensor = document["inputs"][0] if document["inputs"] else {}
+        fields = ["id", "parameters", "outputs", "inputs", "name", "shape", "data", "param"]
+        where = draw(st.sampled_from(fields))
+        value = draw(json_values)
+        if where in ("name", "shape", "data"):
+            tensor[where] = value
+        elif where == "param":
+            document["parameters"][draw(st.one_of(st.sampled_from(PARAMETERS), surrogates))] = value
+        else:
+            document[where] = value
+        body = json.dumps(document).encode()
+    elif kind == "deep":
+        body = b"[" * draw(st.integers(1, 100_000))
+    elif kind == "any json":
+        body = json.dumps(draw(json_values)).encode()
+    elif kind == "mutated":
+        body = draw(mutated(valid))
+    else:  # Triton's binary extension, with honest or lying sizes
+        texts_ = [t.encode("utf-8") for t in draw(st.lists(texts, min_size=1, max_size=4))]
+        raw = serialize_bytes(texts_)
+        size = draw(st.one_of(st.just(len(raw)), st.integers(-5, len(raw) + 10)))
+        header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts_)],
+                                         "parameters": {"binary_data_size": size}}],
+                             "parameters": {"binary_data_output": draw(st.booleans())}}).encode()
+        body = header + raw
+        headers["Inference-Header-Content-Length"] = draw(
+            st.one_of(st.just(str(len(header))), st.integers(-3, len(body) + 5).map(str), st.text(max_size=4))
+        )
+    return f"/v2/models/{model}/infer", body, headers
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Properties
 # ---------------------------------------------------------------------------------------------------------
@@ -534,3 +607,26 @@ def test_server_still_serves_after_fuzzing(fuzzer: Fuzzer) -> None:
     entries = log_entries(fuzzer.target.log)
     errors = [entry for entry in entries if entry.get("level") in ("ERROR", "CRITICAL")]
     assert not errors, errors[:3]
+
+
+@_settings("rest_infer")
+@given(call=rest_calls())
+def test_fuzz_rest_infer(fuzzer: Fuzzer, call: tuple[str, bytes, dict[str, str]]) -> None:
+    path, body, headers = call
+    assert fuzzer.target.http is not None
+    host, port = fuzzer.target.http.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=CALL_TIMEOUT_S)
+    try:
+        # http.client refuses header values with control characters: send what it accepts.
+        headers = {k: v for k, v in headers.items() if v.isprintable()}
+        connection.request("POST", path, body=body, headers=headers)
+        answer = connection.getresponse()
+        status, data = answer.status, answer.read()
+    finally:
+        connection.close()
+    allowed = {200, 400, 404, 413, 429} | ({504} if b'"timeout"' in body else set())
+    fuzzer.codes[f"HTTP {status}"] += 1
+    fuzzer.examples["rest_infer"] += 1
+    assert status in allowed, f"rest_infer: HTTP {status} {data[:300]!r} for {path} {body[:300]!r}"
+    if status != 200:
+        assert isinstance(json.loads(data)["error"], str)
