@@ -8,6 +8,7 @@ from `greedy_choice` and their score from `score`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -72,6 +73,7 @@ class RunningBatch:
         self.max_lengths = np.zeros(0, dtype=np.int64)
         self.log_probs = np.zeros(0, dtype=np.float64)
         self.generated: list[list[int]] = []
+        self.encoded_at: list[float] = []  # time.monotonic() when each row's encoder run finished
 
     @property
     def size(self) -> int:
@@ -90,6 +92,7 @@ class RunningBatch:
         if min(max_lengths) < 1:
             raise ValueError(f"max_length must be at least 1, got {min(max_lengths)}")
         state, _ = self.backend.encode(padded(sources, self.pad_id), False)
+        encoded_at = time.monotonic()
         self.state = state if self.state is None else self.backend.merge(self.state, state)
         count = len(sources)
         self.keys += list(keys)
@@ -100,6 +103,7 @@ class RunningBatch:
         self.max_lengths = np.concatenate([self.max_lengths, np.asarray(max_lengths, dtype=np.int64)])
         self.log_probs = np.concatenate([self.log_probs, np.zeros(count)])
         self.generated += [[] for _ in range(count)]
+        self.encoded_at += [encoded_at] * count
 
     def step(self) -> None:
         """One decoding step for the running rows; done and abandoned rows leave."""
@@ -134,6 +138,7 @@ class RunningBatch:
                 log_prob=log_prob,
                 score=score(log_prob, steps, self.length_penalty),
                 finished=bool(is_eos[row]),
+                encoded_at=self.encoded_at[row],
             )
             if self.on_done is not None:
                 self.on_done(self.keys[row], hypothesis)
@@ -158,6 +163,7 @@ class RunningBatch:
         kept = np.flatnonzero(self.running)
         self.keys = [self.keys[row] for row in kept.tolist()]
         self.generated = [self.generated[row] for row in kept.tolist()]
+        self.encoded_at = [self.encoded_at[row] for row in kept.tolist()]
         for name in ("running", "tokens", "steps", "positions", "max_lengths", "log_probs"):
             setattr(self, name, getattr(self, name)[kept])
         self.state = self.backend.select(self.state, kept) if kept.size else None

@@ -24,6 +24,7 @@ that range: ``max_length`` for ``lp > 0`` (the usual bound), ``k + 2`` for ``lp 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -65,6 +66,9 @@ class Hypothesis:
     cross_attention: np.ndarray | None = None  # [L,H,T,S_real], T = steps taken (</s> step included)
     self_attention: np.ndarray | None = None  # [L,H,T,T]
     encoder_attention: np.ndarray | None = None  # [L,H,S_real,S_real]
+    # time.monotonic() when its batch's encoder finished (one clock for every process of the machine): where
+    # its trace's encode span ends and its decode span begins.
+    encoded_at: float | None = None
 
 
 OnToken = Callable[[int, int], object]
@@ -230,6 +234,7 @@ class _Run:
     on_token: OnToken | None
     is_abandoned: IsAbandoned | None
     on_done: OnDone | None
+    encoded_at: float | None = None
 
     def _denominator(self, n_steps: int) -> float:
         return length_norm(n_steps, self.length_penalty)
@@ -279,6 +284,7 @@ class _Run:
             log_prob=log_prob,
             score=score(log_prob, n_steps, self.length_penalty),
             finished=finished,
+            encoded_at=self.encoded_at,
         )
         if history is not None and path is not None:
             src_length = int(self.src_lengths[row])
@@ -290,6 +296,7 @@ class _Run:
 
     def _encode(self, src: np.ndarray) -> tuple[object, np.ndarray | None]:
         state, encoder_attention = self.backend.encode(src, self.with_attention)
+        self.encoded_at = time.monotonic()
         if self.with_attention and encoder_attention is None:
             raise ValueError("backend.encode returned no attention although with_attention=True")
         return state, (np.asarray(encoder_attention) if self.with_attention else None)

@@ -20,6 +20,7 @@ import grpc
 
 from service.scheduler.metrics import TRANSLATION_METHODS, ServerMetrics
 from service.scheduler.status import RequestFailed, Status
+from service.server import tracing
 from service.server.answer_writes import ClientGone, SlowReader, write
 from service.server.runtime import ENDED_CODE, Runtime, ended_by_deadline
 
@@ -32,6 +33,7 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def _record(metrics: ServerMetrics, method: str, code: Status, start: float) -> None:
+    tracing.end_call(code.name)
     metrics.inflight.dec()
     metrics.answered(method, code.name, time.perf_counter() - start)
     if code is Status.OK and method in TRANSLATION_METHODS:
@@ -82,6 +84,12 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if tracing.enabled():
+                with tracing.call_span(method, context):
+                    return await call(self, request, context)
+            return await call(self, request, context)
+
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
             metrics.inflight.inc()
@@ -119,6 +127,12 @@ def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Ha
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+            if tracing.enabled():
+                with tracing.call_span(method, context):
+                    return await call(self, request, context)
+            return await call(self, request, context)
+
+        async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
             metrics.inflight.inc()

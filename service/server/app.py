@@ -35,7 +35,7 @@ from service.scheduler.batcher import Batcher, BatchingSettings
 from service.scheduler.job import Job
 from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed
-from service.server import kserve, translator_api
+from service.server import kserve, tracing, translator_api
 from service.server.config import ServerConfig, load_config
 from service.server.event_loop import new_event_loop
 from service.server.health import HealthService
@@ -91,6 +91,8 @@ class TranslatorServer:
         (docs/experiments/server_cost.py).
         """
         self._tokens = self.config.bearer_tokens()  # an unreadable token file fails before any port is bound
+        if self.config.otlp_endpoint is not None:
+            tracing.enable(self.config.otlp_endpoint, sample_rate=self.config.trace_sample_rate)
         loop = new_event_loop(self.config.event_loop)
         self._loop = loop
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
@@ -343,6 +345,8 @@ class TranslatorServer:
             self._close_loop()
             if self.runtime.engine is not None and self._engine is None:  # an engine it was given stays open
                 self.runtime.engine.close()
+            if self.config.otlp_endpoint is not None:
+                tracing.disable()  # spans still waiting are sent first
         log.info("stopped", extra=_fields(shutdown_s=round(time.monotonic() - started, 3)))
 
 

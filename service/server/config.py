@@ -144,6 +144,17 @@ class ServerConfig:
         shown="unset",
         secret=True,
     )
+    # Traces.
+    otlp_endpoint: str | None = _setting(
+        None,
+        "OpenTelemetry traces of every call, sent over OTLP/HTTP to this URL (e.g. "
+        "http://collector:4318/v1/traces); unset: no tracing at all",
+        _optional_text,
+        metavar="URL",
+    )
+    trace_sample_rate: float = _setting(
+        1.0, "fraction of calls traced when the caller's trace context does not decide it", float
+    )
     # Model.
     model_repository: Path = _setting(
         ROOT / "model_repository",
@@ -321,6 +332,7 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "max_message_bytes": (1, INT32_MAX),
     "max_receive_message_bytes": (1, INT32_MAX),
     "write_timeout_s": (0.001, 86_400),
+    "trace_sample_rate": (0.0, 1.0),
     "max_unread_bytes": (1, 2**48),
     "model_version": (0, 2**63 - 1),
     "threads": (1, 4096),

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from service.api.inference import grpc_service_pb2 as pb
 from service.scheduler.status import RequestFailed, Status, invalid
-from service.server import kserve
+from service.server import kserve, tracing
 from service.server.accounting import GRPC_CODES
 from service.server.http_guard import KEEPALIVE_S, GuardedServer
 from service.server.middleware import UNAUTHENTICATED_MESSAGE, authorized
@@ -62,14 +62,20 @@ class RestFailure(grpc.aio.AbortError):
 class RestContext:
     """What kserve.InferenceService's methods and their `tracked` wrapper use of a gRPC call's context."""
 
+    protocol = "http"  # for the call's trace
+
     def __init__(self, request: web.Request) -> None:
-        self._authorization = request.headers.get("Authorization", "")
+        # What gRPC metadata would carry: the bearer token and the caller's trace context.
+        self._metadata = tracing.metadata_of(list(request.headers.items()))
+        authorization = request.headers.get("Authorization")
+        if authorization is not None:
+            self._metadata.append(("authorization", authorization))
 
     def time_remaining(self) -> float | None:
         return None  # REST has no deadline header: Triton's `timeout` parameter sets one
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", self._authorization),) if self._authorization else ()
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self._metadata
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise RestFailure(STATUS_OF_CODE[code], details)

@@ -31,6 +31,7 @@ from service.scheduler.status import RequestFailed, Status
 from service.server.answer_writes import UnreadAnswers
 from service.server.config import ServerConfig
 from service.server.requests import Limits
+from service.server.tracing import CALL_TIMES, CallTimes, enabled
 
 log = logging.getLogger("translator.rpc")
 
@@ -202,6 +203,7 @@ class Submitted:
     job: Job
     work: Work[Any]
     context: grpc.aio.ServicerContext
+    times: CallTimes | None = None  # filled in for the call's trace (tracing on only)
 
     def __enter__(self) -> Submitted:
         return self
@@ -238,11 +240,17 @@ class Submitted:
         finally:
             if timer is not None:
                 timer.cancel()
+        times = self.times
+        if times is not None:
+            times.answered_at = time.monotonic()
 
         def finish() -> Answer:
             return build(self.job.outcome())
 
-        return await asyncio.to_thread(finish) if self._has_maps() else finish()
+        answer = await asyncio.to_thread(finish) if self._has_maps() else finish()
+        if times is not None:
+            times.built_at = time.monotonic()
+        return answer
 
     def _has_maps(self) -> bool:
         """Maps asked for, or sampled for the attention metrics (--quality-sample-rate: the entropy of each
@@ -297,4 +305,8 @@ def submit_job(
         events=LoopEvents(asyncio.get_running_loop()) if stream else None,
     )
     batcher.submit(job)
-    return Submitted(engine, batcher, job, work, context)
+    times = None
+    if enabled():
+        times = CallTimes(job)
+        CALL_TIMES.set(times)
+    return Submitted(engine, batcher, job, work, context, times)
