@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,6 +45,8 @@ from bench.load_report import BOUND_FACTOR, format_ms, plot, soak_summary, table
 from bench.results import run_folder, write_run_json
 from bench.servers import ServerStartError, Setting, Target, parse_batching, rss_mib, spawn_server
 from service.api.kinds import KIND_ENUMS
+from service.api.translator.v1 import translator_pb2 as pb
+from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
 from service.core.cli import (
     absolute_path,
     finite_float,
@@ -67,6 +70,9 @@ DEFAULT_BATCHING = (
     "b64-iter:max_batch_size=64,max_queue_delay_ms=5,iteration_batching=on"
 )
 SOAK_BATCHING = "b64:max_batch_size=64,max_queue_delay_ms=5"
+# What a user could write instead (bench/ctranslate2_server.py), by name: its CTranslate2 compute type.
+BASELINES = {"ctranslate2": "float32", "ctranslate2-int8": "int8"}
+BASELINE_CHECK_TEXTS = 200  # sentences translated by both before timing: the outputs must be equal
 SATURATION_CONCURRENCY = 64  # closed loop at this many clients measures the saturation throughput
 MAX_SOAK_S = 24 * 3600.0
 MIN_SLOPE_SPAN_S = 50.0  # the soak reports an RSS trend only over at least this many seconds
@@ -328,6 +334,7 @@ def run_sweep(args: argparse.Namespace, workload: Workload, report: bool) -> dic
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": _config(args, workload),
         "settings": [],
+        "baselines": [],
     }
     if args.server:
         target = Target(args.server, args.metrics, args.server_pid)
@@ -377,10 +384,88 @@ def run_sweep(args: argparse.Namespace, workload: Workload, report: bool) -> dic
                     **outcome,
                 }
             )
+        for name in args.baseline:
+            results["baselines"].append(_run_baseline(args, name, workload, extra, concurrency, rates))
+        _add_baseline_ratios(results)
     if report:
         _add_comparisons(args, results)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     return results
+
+
+def _same_outputs(args: argparse.Namespace, target: Target, workload: Workload) -> dict[str, Any]:
+    """The baseline's translations of the workload's first sentences against our engine's (greedy)."""
+    from service.core.options import TranslateOptions
+    from service.engine.engine import Engine
+
+    texts = workload.sentences[:BASELINE_CHECK_TEXTS]
+    engine = Engine.load(args.model_repository, args.model, device="cpu", threads=1)
+    try:
+        ours = [t.text for t in engine.translate(texts, TranslateOptions())]
+    finally:
+        engine.close()
+    channel = grpc.insecure_channel(target.address)
+    try:
+        answer = pb_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=texts), timeout=120)
+    finally:
+        channel.close()
+    theirs = [t.text for t in answer.translations]
+    equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    return {"texts": len(texts), "equal": equal}
+
+
+def _run_baseline(
+    args: argparse.Namespace, name: str, workload: Workload, extra: dict[str, str], concurrency: list[int],
+    rates: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    values = {"compute_type": BASELINES[name]}
+    if args.baseline_checkpoint is not None:
+        values["checkpoint"] = str(args.baseline_checkpoint)
+    setting = Setting(name, values)
+    progress(f"starting baseline {name} (bench/ctranslate2_server.py, {BASELINES[name]})")
+    with spawn_server(
+        setting, args.model_repository, args.model, extra=extra, log_dir=args.log_dir,
+        python_args=("-m", "bench.ctranslate2_server"),
+    ) as target:  # fmt: skip
+        same = _same_outputs(args, target, workload)
+        progress(f"[{name}] outputs equal to ours on {same['equal']} of {same['texts']} sentences")
+        outcome = event_loop.run(
+            _drive_setting(args, name, target, workload, concurrency=concurrency, rates=rates,
+                           half_saturation=False, queue_delay_ms=0.0)
+        )  # fmt: skip
+    return {"name": name, "compute_type": BASELINES[name], "outputs_equal": same, **outcome}
+
+
+def _add_baseline_ratios(results: dict[str, Any]) -> None:
+    """Each of our closed-loop points / the baseline's at the same concurrency: throughput and p99."""
+    for baseline in results["baselines"]:
+        theirs = {p["concurrency"]: p for p in baseline["points"] if p["mode"] == "closed"}
+        for setting in results["settings"]:
+            for point in setting["points"]:
+                other = theirs.get(point.get("concurrency")) if point["mode"] == "closed" else None
+                if other and other["requests_per_s"] and point["requests_per_s"] is not None:
+                    point.setdefault("vs_baselines", {})[baseline["name"]] = {
+                        "requests_per_s": round(point["requests_per_s"] / other["requests_per_s"], 3),
+                        "p99_ms": [point["latency_ms"]["p99"], other["latency_ms"]["p99"]],
+                    }
+
+
+def baseline_summary(results: dict[str, Any]) -> str:
+    lines = []
+    for baseline in results.get("baselines", []):
+        same = baseline["outputs_equal"]
+        equal = f"{same['equal']} of {same['texts']}"
+        lines.append(f"{baseline['name']}: outputs equal to ours on {equal} sentences")
+        for setting in results["settings"]:
+            for point in setting["points"]:
+                ratio = point.get("vs_baselines", {}).get(baseline["name"])
+                if ratio:
+                    ours_p99, their_p99 = ratio["p99_ms"]
+                    lines.append(
+                        f"  {setting['name']} c={point['concurrency']}: ours / {baseline['name']} = "
+                        f"{ratio['requests_per_s']:.2f}x req/s, p99 {ours_p99} vs {their_p99} ms"
+                    )
+    return "\n".join(lines)
 
 
 def _add_comparisons(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -679,6 +764,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     modes.add_argument("--no-engine", action="store_true", help="report: skip the engine baseline")
     modes.add_argument(
+        "--baseline",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=[],
+        help=f"spawned servers: also run what a user could write instead ({', '.join(BASELINES)}: "
+        "bench/ctranslate2_server.py, CTranslate2 behind grpc.aio with a 5 ms micro-batcher, same weights), "
+        "with the same client, its outputs first checked equal to ours; each point gets ours / theirs",
+    )
+    modes.add_argument(
+        "--baseline-checkpoint",
+        type=Path,
+        default=None,
+        help="the checkpoint the served model was exported from, converted for the baseline (default: the "
+        "shipped one)",
+    )
+    modes.add_argument(
         "--soak",
         action="store_true",
         help="run at --target-fraction of saturation for --duration seconds; exit status 1 on any error",
@@ -706,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    unknown = [name for name in args.baseline if name not in BASELINES]
+    if unknown or (args.baseline and (args.server or args.soak)):
+        parser.error(f"--baseline takes {', '.join(BASELINES)}, with spawned servers (not --server, --soak)")
     if args.duration is None:
         args.duration = 120.0 if args.soak else 10.0
     if args.server and (args.spawn or args.report or args.batching):
@@ -754,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             results = run_sweep(args, workload, report=args.report is not None)
             text = table(results)
+            if results.get("baselines"):
+                text += "\n" + baseline_summary(results)
     except (ServerStartError, grpc.RpcError, OSError) as error:
         what = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.aio.AioRpcError) else error
         parser.exit(1, f"translator-bench load: error: {what}\n")

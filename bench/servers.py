@@ -180,7 +180,7 @@ def spawn_server(
             time.sleep(0.05)
         yield Target(
             f"127.0.0.1:{listening['port']}",
-            f"127.0.0.1:{listening['metrics_port']}",
+            f"127.0.0.1:{listening['metrics_port']}" if listening.get("metrics_port") else None,
             process.pid,
             log_path,
             process,

@@ -188,3 +188,31 @@ def test_summary_statistics() -> None:
     assert summary["latency_ms"]["max"] == pytest.approx(100)
     assert "send_lag_ms" not in summary
     assert summarize([], 1.0)["latency_ms"]["p50"] is None
+
+
+def test_the_ctranslate2_baseline_runs_beside_ours(
+    tiny_repository: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--baseline: the minimal CTranslate2 server (bench/ctranslate2_server.py) gets the same client; its
+    outputs equal ours and each of our points gets ours / theirs."""
+    results = bench_load.main(
+        [
+            "--model-repository", str(tiny_repository), "--model", "tiny",
+            "--batching", "b4:max_batch_size=4,max_queue_delay_ms=2", "--concurrency", "4",
+            "--baseline", "ctranslate2", "--baseline-checkpoint", str(tiny_checkpoint),
+            "--log-dir", str(tmp_path / "logs"), *TINY,
+        ]
+    )  # fmt: skip
+    [baseline] = results["baselines"]
+    assert baseline["name"] == "ctranslate2" and baseline["compute_type"] == "float32"
+    assert baseline["outputs_equal"] == {"texts": bench_load.BASELINE_CHECK_TEXTS, "equal": 200}
+    [point] = baseline["points"]
+    check_point(point, "closed")
+    [ours] = results["settings"][0]["points"]
+    ratio = ours["vs_baselines"]["ctranslate2"]
+    expected = ours["requests_per_s"] / point["requests_per_s"]
+    assert ratio["requests_per_s"] == pytest.approx(expected, rel=1e-2)
+    assert ratio["p99_ms"] == [ours["latency_ms"]["p99"], point["latency_ms"]["p99"]]
+    out = capsys.readouterr().out
+    assert "ctranslate2: outputs equal to ours on 200 of 200 sentences" in out
+    assert "b4 c=4: ours / ctranslate2 = " in out
