@@ -33,8 +33,11 @@ Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def _record(metrics: ServerMetrics, method: str, code: Status, start: float) -> None:
-    tracing.end_call(code.name)
     metrics.inflight.dec()
+    try:
+        tracing.end_call(code.name)
+    except Exception:  # a trace is never worth a call
+        log.exception("recording the trace of a %s call", method)
     metrics.answered(method, code.name, time.perf_counter() - start)
     if code is Status.OK and method in TRANSLATION_METHODS:
         metrics.last_inference_ms = int(time.time() * 1000)

@@ -1,10 +1,12 @@
 """A listening socket for an asyncio HTTP protocol (aiohttp's), hardened against slow and idle clients.
 
-aiohttp has size limits for a request's line, headers and body, but no deadline for a request's head: a
-client that trickles its headers (slowloris) keeps its connection forever. Here each connection must finish
-its first head within HEAD_TIMEOUT_S; connections are bounded, and past the bound the one that has waited
-longest for its head is dropped to make room; the listen backlog is deep. Idle keep-alive connections are
-closed by aiohttp's own keepalive timeout (KEEPALIVE_S).
+aiohttp has size limits for a request's line, headers and body, but no deadline for a request's head and
+none for a client that stops reading its answer: such clients would keep their connections (and answers)
+forever. Here each connection must finish its first head within HEAD_TIMEOUT_S; a connection whose answer
+stays unread (the transport's buffer full) for `write_timeout_s` is dropped, answer and all; connections are
+bounded, and past the bound the one that has waited longest for its head is dropped to make room (or, when
+none is waiting, the new one is refused); the listen backlog is deep. Idle keep-alive connections are closed
+by aiohttp's own keepalive timeout (KEEPALIVE_S).
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ _HEAD_END = b"\r\n\r\n"
 class GuardedServer:
     """Serves `factory`'s protocols (one per connection) with the deadlines and bounds above."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], name: str) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        name: str,
+        write_timeout_s: float = 30.0,
+        on_stalled: Callable[[], object] | None = None,
+    ) -> None:
         self.factory = factory
         self.name = name
+        self.write_timeout_s = write_timeout_s
+        self.on_stalled = on_stalled  # called for each connection dropped for not reading its answer
         self.connections: dict[_Guarded, None] = {}  # open, oldest first
         self.waiting: dict[_Guarded, None] = {}  # still sending their first head, oldest first
         self._server: asyncio.Server | None = None
@@ -44,7 +54,13 @@ class GuardedServer:
             raise OSError(error.errno, f"{self.name} port {host}:{port}: {error.strerror}") from error
         return int(self._server.sockets[0].getsockname()[1])
 
+    def close(self) -> None:
+        """Stop accepting connections; the open ones go on."""
+        if self._server is not None:
+            self._server.close()
+
     async def stop(self) -> None:
+        """Stop accepting and drop every connection still open."""
         if self._server is None:
             return
         self._server.close()
@@ -62,12 +78,19 @@ class _Guarded(asyncio.Protocol):
         self.guard, self.inner = guard, inner
         self.transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         self._tail = b""
+        self._started = False  # a byte other than CR/LF came (blank lines before a request line do not count)
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
         self.transport = transport
-        if len(guard.connections) >= MAX_CONNECTIONS and guard.waiting:
+        if len(guard.connections) >= MAX_CONNECTIONS:
+            if not guard.waiting:  # every connection has sent its head: no room for one more
+                self._refused = True
+                transport.abort()
+                return
             next(iter(guard.waiting)).drop()
         guard.connections[self] = None
         guard.waiting[self] = None
@@ -75,27 +98,56 @@ class _Guarded(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._timer is not None:
-            seen = self._tail + data
-            if _HEAD_END in seen:
+            if not self._started:
+                content = data.lstrip(b"\r\n")
+                self._started = bool(content)
+                self._tail = b""
+                data_seen = content
+            else:
+                data_seen = data
+            seen = self._tail + data_seen
+            if self._started and _HEAD_END in seen:
                 self._head_done()
             else:
                 self._tail = seen[-(len(_HEAD_END) - 1) :]
         self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
+        if self._refused:
+            return None
         return self.inner.eof_received()  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        # The client takes nothing more: it has write_timeout_s to start reading again.
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(self.guard.write_timeout_s, self._stalled)
+        if not self._refused:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if not self._refused:
+            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self.guard.connections.pop(self, None)
-        self.inner.connection_lost(exc)
+        if not self._refused:
+            self.inner.connection_lost(exc)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self.guard.on_stalled is not None:
+            self.guard.on_stalled()
+        self.drop()
 
     def _head_done(self) -> None:
         if self._timer is not None:

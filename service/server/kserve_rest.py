@@ -35,6 +35,7 @@ log = logging.getLogger("translator.rest")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BODY_TIMEOUT_S = 30.0  # a request's body must arrive within this once its head has
+SHUTDOWN_TIMEOUT_S = 5.0  # at stop, calls still building or writing their answers get this long
 STATUS_OF_CODE = {code: status for status, code in GRPC_CODES.items()}
 HTTP_STATUS = {
     Status.OK: HTTPStatus.OK,
@@ -185,7 +186,7 @@ def infer_request(
         message = request.inputs.add(name=name, datatype=datatype, shape=dims)
         size = _object(tensor.get("parameters", {}), f"{where}: parameters").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise invalid(
                     f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset} binary "
                     "bytes left"
@@ -230,7 +231,9 @@ def infer_request(
     return request, binary_outputs
 
 
-def infer_response(response: pb.ModelInferResponse, binary_outputs: set[str]) -> web.Response:
+def infer_response(
+    response: pb.ModelInferResponse, binary_outputs: set[str], limit: int | None = None
+) -> web.Response:
     outputs, tail = [], []
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         entry: dict[str, Any] = {
@@ -254,6 +257,13 @@ def infer_response(response: pb.ModelInferResponse, binary_outputs: set[str]) ->
     if response.id:
         document["id"] = response.id
     header = json.dumps(document).encode()
+    size = len(header) + sum(len(part) for part in tail)
+    if limit is not None and size > limit:
+        raise RequestFailed(
+            Status.RESOURCE_EXHAUSTED,
+            f"the answer would be {size} bytes, more than max_message_bytes={limit}; ask for binary_data "
+            "outputs (JSON numbers take ~5x their binary size), fewer texts or fewer outputs",
+        )
     if not tail:
         return web.Response(body=header, content_type="application/json")
     return web.Response(
@@ -315,18 +325,28 @@ class RestEndpoint:
     async def start(self, host: str, port: int) -> int:
         self._runner = web.AppRunner(
             self.app, handle_signals=False, access_log=None, handler_cancellation=True,
-            keepalive_timeout=KEEPALIVE_S,
+            keepalive_timeout=KEEPALIVE_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )  # fmt: skip
         await self._runner.setup()
         assert self._runner.server is not None
-        self._guarded = GuardedServer(self._runner.server, "REST")
+        runtime = self.service.runtime
+
+        def stalled() -> None:
+            runtime.metrics.unread_answers.labels(method="REST", reason="slow_reader").inc()
+            log.warning("REST: a client did not read its answer for %g s; its connection was dropped",
+                        runtime.config.write_timeout_s)  # fmt: skip
+
+        self._guarded = GuardedServer(self._runner.server, "REST", runtime.config.write_timeout_s, stalled)
         return await self._guarded.start(host, port, self.ssl_context)
 
     async def stop(self) -> None:
+        """No new connections; calls still answering finish (SHUTDOWN_TIMEOUT_S at most); the rest dropped."""
         if self._guarded is not None:
-            await self._guarded.stop()
+            self._guarded.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._guarded is not None:
+            await self._guarded.stop()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Route) -> web.StreamResponse:
@@ -355,42 +375,51 @@ class RestEndpoint:
             log.exception("unexpected error in %s %s", request.method, request.path)
             return error_response(Status.INTERNAL, f"internal error: {type(error).__name__}")
 
-    def _context(self, request: web.Request, probe: bool = False) -> RestContext:
+    def _context(self, request: web.Request, method: str, probe: bool = False) -> RestContext:
         context = RestContext(request)
         if self.tokens and not probe and not authorized(context, self.tokens):  # type: ignore[arg-type]
+            self.service.runtime.metrics.answered(method, Status.UNAUTHENTICATED.name, 0.0)  # as over gRPC
             raise RestFailure(Status.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE.replace("metadata", "header"))
         return context
 
     async def live(self, request: web.Request) -> web.Response:
-        reply = await self.service.ServerLive(pb.ServerLiveRequest(), self._context(request, probe=True))
+        context = self._context(request, "ServerLive", probe=True)
+        reply = await self.service.ServerLive(pb.ServerLiveRequest(), context)
         return web.Response(status=200 if reply.live else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        reply = await self.service.ServerReady(pb.ServerReadyRequest(), self._context(request, probe=True))
+        context = self._context(request, "ServerReady", probe=True)
+        reply = await self.service.ServerReady(pb.ServerReadyRequest(), context)
         return web.Response(status=200 if reply.ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        reply = await self.service.ServerMetadata(pb.ServerMetadataRequest(), self._context(request))
+        context = self._context(request, "ServerMetadata")
+        reply = await self.service.ServerMetadata(pb.ServerMetadataRequest(), context)
         return web.json_response(
             {"name": reply.name, "version": reply.version, "extensions": list(reply.extensions)}
         )
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         message = pb.ModelMetadataRequest(name=request.match_info["name"], version=_version(request))
-        return web.json_response(_metadata(await self.service.ModelMetadata(message, self._context(request))))
+        context = self._context(request, "ModelMetadata")
+        return web.json_response(_metadata(await self.service.ModelMetadata(message, context)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         # Unlike gRPC's ModelReady (ready=false, as Triton), an unknown model or version is a 404 naming it.
-        context = self._context(request, probe=True)
+        context = self._context(request, "ModelReady", probe=True)
         self.service._model(request.match_info["name"], _version(request))
         message = pb.ModelReadyRequest(name=request.match_info["name"], version=_version(request))
         reply = await self.service.ModelReady(message, context)
         return web.Response(status=200 if reply.ready else 503)
 
     async def infer(self, request: web.Request) -> web.Response:
-        context = self._context(request)
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            body = await request.read()
+        context = self._context(request, "ModelInfer")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await request.read()
+        except TimeoutError:
+            message = f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+            return error_response(HTTPStatus.REQUEST_TIMEOUT, message)
         header_length = request.headers.get(HEADER_LENGTH)
         if header_length is not None:
             if not header_length.isdigit() or int(header_length) > len(body):
@@ -402,7 +431,7 @@ class RestEndpoint:
             document, binary = body, b""
         try:
             parsed = json.loads(document)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # not JSON, not UTF-8, an integer of more than 4,300 digits
             raise invalid(f"the request body is not valid JSON: {error}") from None
         except RecursionError:
             raise invalid("the request body nests JSON too deeply") from None
@@ -410,7 +439,10 @@ class RestEndpoint:
             _object(parsed, "the request body"), binary, request.match_info["name"], _version(request)
         )
         response = await self.service.ModelInfer(message, context)
-        return infer_response(response, binary_outputs)
+        # JSON numbers cost ~5 bytes of text and a Python float each: built on a worker thread (like the gRPC
+        # answers with maps), and refused past --max-message-bytes like them.
+        limit = self.service.runtime.config.max_message_bytes
+        return await asyncio.to_thread(infer_response, response, binary_outputs, limit)
 
 
 def _version(request: web.Request) -> str:

@@ -53,7 +53,8 @@ def authorized(context: grpc.aio.ServicerContext, tokens: tuple[bytes, ...]) -> 
     scheme, _, token = str(given).partition(" ")
     if scheme.lower() != "bearer":
         return False
-    offered = token.strip().encode()
+    # HTTP headers decode with surrogate escapes: a header of other bytes compares as the bytes it was.
+    offered = token.strip().encode("utf-8", "surrogateescape")
     matched = False
     for known in tokens:
         matched |= hmac.compare_digest(offered, known)

@@ -4,6 +4,7 @@ JSON and binary tensors, errors as {"error"} with their HTTP status, bearer toke
 from __future__ import annotations
 
 import json
+import socket
 import struct
 import urllib.error
 import urllib.request
@@ -18,7 +19,8 @@ from service.api.translator.v1 import translator_pb2 as pb
 from service.server.app import TranslatorServer
 from service.server.kserve import serialize_bytes
 from tests.support.metrics import scrape, value
-from tests.support.server import HOST, Client, make_config, running
+from tests.support.server import HOST, Client, make_config, running, slow_config, slow_engine
+from tests.support.waiting import wait_for
 
 TEXTS = ["the big dog sees her", "a cat", "the red house with a small dog"]
 
@@ -203,3 +205,74 @@ def test_rest_needs_a_bearer_token_except_for_probes(guarded: TranslatorServer) 
     assert call(port, "POST", "/v2/models/tiny/infer", body, Authorization="Bearer first-token").status == 200
     for probe in ("/v2/health/live", "/v2/health/ready", "/v2/models/tiny/ready"):
         assert call(port, "GET", probe).status == 200
+
+
+def test_rest_inputs_found_by_review(rest: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4,301-digit integer, a boolean binary_data_size, a body that never arrives, a JSON answer past
+    --max-message-bytes: each a 4xx naming it, never a 500."""
+    from service.server import kserve_rest
+
+    infer = "/v2/models/tiny/infer"
+    answer = call(rest, "POST", infer, b'{"id": ' + b"1" * 4301 + b"}")
+    assert answer.status == 400 and "not valid JSON" in answer.json()["error"]
+    body = {"inputs": [{**text_input([]), "shape": [1], "parameters": {"binary_data_size": True}}]}
+    answer = call(rest, "POST", infer, body)
+    assert answer.status == 400 and "binary_data_size True" in answer.json()["error"]
+    monkeypatch.setattr(kserve_rest, "BODY_TIMEOUT_S", 0.5)
+    with socket.create_connection((HOST, rest), timeout=10) as sock:
+        sock.sendall(b"POST " + infer.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in head
+
+
+def test_rest_json_answers_are_bounded_by_max_message_bytes() -> None:
+    """100,000 FP32 numbers are 400 kB raw but ~2 MB as JSON text: refused past the limit, naming the cure."""
+    from service.api.inference import grpc_service_pb2 as kpb
+    from service.scheduler.status import RequestFailed
+    from service.server.kserve_rest import infer_response
+
+    response = kpb.ModelInferResponse(model_name="tiny", model_version="1")
+    response.outputs.add(name="CROSS_ATTENTION", datatype="FP32", shape=[100_000])
+    response.raw_output_contents.append(np.random.default_rng(0).random(100_000, dtype=np.float32).tobytes())
+    assert infer_response(response, {"CROSS_ATTENTION"}, 500_000).status == 200  # binary: 400 kB fits
+    with pytest.raises(RequestFailed) as refused:
+        infer_response(response, set(), 500_000)
+    assert refused.value.code.name == "RESOURCE_EXHAUSTED"
+    message = refused.value.message
+    assert "more than max_message_bytes=500000" in message and "binary_data" in message
+
+
+def test_rest_a_header_of_other_bytes_is_refused_not_a_crash(guarded: TranslatorServer) -> None:
+    port = guarded.http_port
+    assert port
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/models/tiny HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 401"), head[:200]
+
+
+def test_rest_a_client_that_does_not_read_its_answer_is_dropped(tiny_repository: Path) -> None:
+    """An answer of ~17 MB that the client never reads: past --write-timeout-s its connection is dropped and
+    counted; the server serves others meanwhile."""
+    config = slow_config(tiny_repository, write_timeout_s=0.5, max_message_bytes=40_000_000,
+                         max_tokens_per_text=64, max_texts_per_request=32)  # fmt: skip
+    engine, backend = slow_engine(tiny_repository)
+    backend.step_s = 0.0  # "</s>" forbidden: every text decodes its 256 steps
+    with running(config, engine) as server:
+        port = server.http_port
+        assert port and server.metrics_port
+        texts = [" ".join(["the small red cat"] * 16)] * 32
+        parameters = {"max_length": 256, "binary_data_output": True}
+        body = json.dumps({"inputs": [text_input(texts)], "parameters": parameters,
+                           "outputs": [{"name": "CROSS_ATTENTION"}]}).encode()  # fmt: skip
+        sock = socket.create_connection((HOST, port), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            name, labels = "translator_unread_answers_total", {"method": "REST", "reason": "slow_reader"}
+            wait_for(lambda: value(scrape(server.metrics_port), name, **labels) == 1, timeout=60,
+                     message="the stalled connection to be dropped")  # fmt: skip
+            assert call(port, "GET", "/v2/health/ready").status == 200
+        finally:
+            sock.close()
