@@ -871,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot(results, args.plot)
         progress(f"wrote {args.plot}")
     if args.save:
-        folder = run_folder("soak" if args.soak else "load")
+        folder = run_folder("soak" if args.soak else "load-baseline" if args.baseline else "load")
         (folder / "report.json").write_text(json.dumps(results, indent=1) + "\n")
         plot(results, folder / "plot.png")
         write_run_json(folder, ["translator-bench", "load", *(argv or sys.argv[1:])], {"device": args.device})

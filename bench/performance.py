@@ -45,6 +45,7 @@ ATTENTION_BATCH = 128
 GAIN_MIN = 8.0  # requests/s with batching / batching off, at LOAD_CLIENTS closed-loop clients
 SVC_ENG_MIN = 0.8  # service / engine in-process throughput at the batch size the batcher formed
 LOAD_CLIENTS = 64
+BASELINE_RATIO_MIN = 1.3  # our service / the minimal CTranslate2 float32 server, LOAD_CLIENTS clients
 
 ENGINE_ORDER = (
     "torch_nocache", "torch_cache", "ours", "ours_attention", "ct2_f32", "ct2_f32_workers", "ct2_int8"
@@ -89,7 +90,7 @@ def _kind(data: dict[str, Any]) -> str:
     if "results" in data and ("ratios" in data or "engine_labels" in data):
         return "engine"
     if data.get("kind") in ("report", "sweep"):
-        return "load"
+        return "baseline" if data.get("baselines") else "load"
     if data.get("kind") == "soak":
         return "soak"
     if isinstance(data.get("rows"), list):
@@ -434,6 +435,38 @@ def phases_section(run: Run) -> list[str]:
     return ([setup + ".", ""] if setup else []) + table(header, body)
 
 
+def _baseline_rows(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(our setting, baseline name, our point, the baseline's) at LOAD_CLIENTS clients."""
+    rows = []
+    for baseline in data.get("baselines", []):
+        theirs = _point(baseline, LOAD_CLIENTS)
+        for setting in _settings(data):
+            ours = _point(setting, LOAD_CLIENTS)
+            if ours and theirs:
+                rows.append((str(setting.get("name", DASH)), str(baseline.get("name", DASH)), ours, theirs))
+    return rows
+
+
+def baseline_section(run: Run) -> list[str]:
+    lines = [
+        "Our service against what a user could write instead (bench/ctranslate2_server.py: CTranslate2 "
+        f"behind grpc.aio with a 5 ms micro-batcher, the same weights), the same client, {LOAD_CLIENTS} "
+        "closed-loop clients, one text per request; its outputs were checked equal to ours first.",
+        "",
+    ]
+    rows = []
+    for name, baseline, ours, theirs in _baseline_rows(run.data):
+        mine, other = _num(ours.get("requests_per_s")), _num(theirs.get("requests_per_s"))
+        equal = next((b.get("outputs_equal", {}) for b in run.data["baselines"] if b.get("name") == baseline),
+                     {})  # fmt: skip
+        ratio = None if not other or mine is None else mine / other
+        p99s = [fmt(_num(_get(point, "latency_ms", "p99"))) for point in (ours, theirs)]
+        rows.append([name, baseline, fmt(mine), fmt(other), times(ratio), " / ".join(p99s),
+                     f"{equal.get('equal', DASH)} of {equal.get('texts', DASH)}"])  # fmt: skip
+    return lines + table(["ours", "baseline", "ours req/s", "baseline req/s", "ours / baseline",
+                          "p99 ms (ours / baseline)", "outputs equal"], rows)
+
+
 def log_section(run: Run) -> list[str]:
     return [f"Last line of the log: {code(run.log_tail)}" if run.log_tail else "No figures recorded."]
 
@@ -443,6 +476,7 @@ SECTIONS: dict[str, Callable[[Run], list[str]]] = {
     "load": load_section,
     "soak": soak_section,
     "phases": phases_section,
+    "baseline": baseline_section,
 }
 
 
@@ -480,6 +514,13 @@ def headline(run: Run) -> str:
         if p99 is not None:
             parts.append(f"p99 at half saturation {p99:,.1f} ms (bound {fmt(bound)})")
         return "; ".join(parts)
+    if run.kind == "baseline":
+        parts = []
+        for name, baseline, ours, theirs in _baseline_rows(data):
+            mine, other = _num(ours.get("requests_per_s")), _num(theirs.get("requests_per_s"))
+            if mine is not None and other:
+                parts.append(f"{name} / {baseline} {times(mine / other)} at {LOAD_CLIENTS} clients")
+        return "; ".join(parts) or DASH
     if run.kind == "soak":
         soak = data.get("soak") if isinstance(data.get("soak"), dict) else {}
         parts = [f"{fmt(_num(data.get('rate')))} req/s for {fmt(_num(soak.get('duration_s')), 'g')} s, "
@@ -511,7 +552,9 @@ def _verdict(figures: list[tuple[str, str, bool]]) -> tuple[str, str]:
     return ", ".join(f"{name} {text}" for name, text, _ in figures), result
 
 
-def target_rows(machine: str, engine_run: Run | None, load_run: Run | None) -> list[list[str]]:
+def target_rows(
+    machine: str, engine_run: Run | None, load_run: Run | None, baseline_run: Run | None = None
+) -> list[list[str]]:
     rows: list[list[str]] = []
 
     def stamp(run: Run | None) -> str:
@@ -559,6 +602,13 @@ def target_rows(machine: str, engine_run: Run | None, load_run: Run | None) -> l
                  *_verdict(svc), stamp(load_run)])
     rows.append([machine, "p99 at half of saturation ≤ its bound, ms (bound)", *_verdict(tails),
                  stamp(load_run)])
+    versus: list[tuple[str, str, bool]] = []
+    for name, baseline, ours, theirs in _baseline_rows(baseline_run.data) if baseline_run else []:
+        mine, other = _num(ours.get("requests_per_s")), _num(theirs.get("requests_per_s"))
+        if baseline == "ctranslate2" and mine is not None and other:
+            versus.append((name, times(mine / other), mine / other >= BASELINE_RATIO_MIN))
+    rows.append([machine, f"service ≥ {BASELINE_RATIO_MIN:g}× the minimal CTranslate2 float32 server, "
+                 f"{LOAD_CLIENTS} clients", *_verdict(versus), stamp(baseline_run)])
     return rows
 
 
@@ -625,8 +675,9 @@ def render(runs: Sequence[Run], base: Path, results: Path) -> str:
     target_table = []
     for machine in machines:
         engine_run, load_run = current.get((machine, "engine")), current.get((machine, "load"))
-        if engine_run or load_run:
-            target_table += target_rows(machine, engine_run, load_run)
+        baseline_run = current.get((machine, "load-baseline"))
+        if engine_run or load_run or baseline_run:
+            target_table += target_rows(machine, engine_run, load_run, baseline_run)
     out += table(["machine", "target", "figure", "result", "run (date, commit)"], target_table)
     out += ["", "## History", "", "Every run, newest first.", ""]
     history = [

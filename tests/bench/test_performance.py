@@ -76,3 +76,25 @@ def test_a_new_run_gets_a_folder_of_its_own(tmp_path: Path) -> None:
     assert recorded["command"] == "translator-bench engine --save"
     second = run_folder("engine", root=tmp_path, machine="cpu2")
     assert second.name == first.name + "-2"
+
+
+def test_a_baseline_run_has_its_section_and_target(tmp_path: Path) -> None:
+    """A `load --baseline` run: its own bench (load-baseline), ours / CTranslate2 per setting, the 1.3x target
+    judged on it, while the latest load report keeps its own section."""
+    results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
+    source = next(p for p in sorted(RESULTS.iterdir()) if p.name.endswith("_cpu2_load-baseline"))
+    folder = results / "2030-01-01_ccccccc_cpu2_load-baseline"
+    shutil.copytree(source, folder)
+    data = json.loads((folder / "report.json").read_text())
+    ours = data["settings"][0]["points"][0]
+    ours["requests_per_s"] = 1400.0
+    [theirs] = [b for b in data["baselines"] if b["name"] == "ctranslate2"]
+    theirs["points"][0]["requests_per_s"] = 1000.0
+    (folder / "report.json").write_text(json.dumps(data))
+    assert performance.main(["--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    current = text.split("## Targets")[0]
+    assert "#### load-baseline" in current and "| b64 | ctranslate2 | 1,400.0 | 1,000.0 | 1.40× |" in current
+    targets = text.split("## Targets")[1].split("## History")[0]
+    row = next(line for line in targets.splitlines() if "minimal CTranslate2 float32 server" in line)
+    assert "b64 1.40×" in row and "| met |" in row
