@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -323,3 +324,22 @@ def test_a_server_that_began_draining_never_becomes_ready_again() -> None:
     assert asyncio.run(check()) == health_pb2.HealthCheckResponse.NOT_SERVING
     fresh = Runtime(ServerConfig(), ServerMetrics())
     assert fresh.become_ready() and fresh.ready and not fresh.become_ready()
+
+
+@pytest.mark.parametrize("flag, name", [("--http-port", "REST port"), ("--metrics-port", "metrics port")])
+def test_a_port_in_use_stops_the_start_naming_it(tiny_repository: Path, flag: str, name: str) -> None:
+    """Triton's 8000 is often taken on a developer's machine: exit 1 with the port named, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "0", "--metrics-port": "0", flag: str(port)}
+        flags = [item for pair in ports.items() for item in pair]
+        command = [sys.executable, "-m", "service.server.app", "--host", HOST, "--model-repository",
+                   str(tiny_repository), "--model", "tiny", *flags]  # fmt: skip
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert f"{name} {HOST}:{port}" in output and "address already in use" in output.lower()
+    assert "Traceback" not in output
