@@ -276,3 +276,17 @@ def test_rest_a_client_that_does_not_read_its_answer_is_dropped(tiny_repository:
             assert call(port, "GET", "/v2/health/ready").status == 200
         finally:
             sock.close()
+
+
+def test_rest_while_draining_answers_503(tiny_repository: Path) -> None:
+    """From SIGTERM on (draining), REST readiness and inference answer 503, as gRPC answers UNAVAILABLE."""
+    with running(make_config(tiny_repository)) as server:
+        port = server.http_port
+        assert port
+        body = {"inputs": [text_input(["a cat"])]}
+        assert call(port, "POST", "/v2/models/tiny/infer", body).status == 200
+        server.runtime.begin_draining()
+        assert call(port, "GET", "/v2/health/ready").status == 503
+        assert call(port, "GET", "/v2/health/live").status == 200
+        answer = call(port, "POST", "/v2/models/tiny/infer", body)
+        assert answer.status == 503 and "shutting down" in answer.json()["error"]
