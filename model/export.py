@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -196,6 +197,19 @@ def select_graph(n_layers: int) -> onnx.ModelProto:
     return model
 
 
+def training_max_source_tokens(data: dict[str, Any]) -> int | None:
+    """The longest training source in source ids, </s> included: recorded by training; for a toy-language
+    checkpoint from before it was recorded, the sampler's bound (TRAIN_MAX_WORDS words, an id each, </s>)."""
+    recorded = data.get("max_source_tokens")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    if data.get("kind") == "toy":
+        from model.toy_language import TRAIN_MAX_WORDS
+
+        return TRAIN_MAX_WORDS + 1
+    return None
+
+
 def export_checkpoint(
     checkpoint: str | Path, repository: str | Path, name: str, version: int, metrics: dict | None = None
 ) -> Path:
@@ -243,6 +257,7 @@ def export_checkpoint(
             "metrics": {**meta.get("metrics", {}), **(metrics or {})},
             "data": meta.get("data", {}),
             "config": meta.get("train", {}),
+            "max_source_tokens": training_max_source_tokens(meta.get("data", {})),
         },
         "checksums": {f: sha256(out_dir / f) for f in (*GRAPH_FILES, "tokenizer.json")},
     }

@@ -222,6 +222,8 @@ def _main(argv: list[str] | None) -> None:
             "train_pairs": len(train_pairs),
             "valid_pairs": len(valid_examples),
             "split_seeds": None if config.train_tsv else dict(_toy_seeds()),
+            # The longest training source in source ids (</s> included): the server flags longer texts.
+            "max_source_tokens": max((len(pair.source) for pair in train_pairs), default=0),
         },
         "vocabulary_size": vocabulary.size,
     }

@@ -119,6 +119,13 @@ class ModelVersion:
         return positions if isinstance(positions, int) else None
 
     @property
+    def max_training_source_tokens(self) -> int | None:
+        """The longest source the model was trained on, in source ids with </s> (None: not recorded): a
+        longer text is beyond what it has seen, and answers say so."""
+        value = self.description.get("training", {}).get("max_source_tokens")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    @property
     def metrics(self) -> dict[str, Any]:
         return dict(self.description.get("training", {}).get("metrics", {}))
 

@@ -38,6 +38,7 @@ MEAN_LOGPROB = "translator_translation_mean_logprob"  # histogram: log_prob / st
 ATTENTION_ENTROPY = "translator_cross_attention_entropy_nats"  # histogram per translation
 UNREAD_ANSWERS = "translator_unread_answers_total"  # counter {method, reason="slow_reader"|"client_gone"}
 UNREAD_BYTES = "translator_unread_answer_bytes"  # gauge: answer bytes handed to gRPC, not yet taken
+BEYOND_TRAINING = "translator_texts_beyond_training_total"  # counter {reason="longer"|"unknown_words"}
 
 # The RPCs that run the model: what Triton's statistics call inference requests.
 TRANSLATION_METHODS = ("Translate", "TranslateStream", "ModelInfer")
@@ -58,6 +59,7 @@ ALL_METRICS = (
     ATTENTION_ENTROPY,
     UNREAD_ANSWERS,
     UNREAD_BYTES,
+    BEYOND_TRAINING,
 )
 
 STAGES = ("encode", "decode")
@@ -194,6 +196,15 @@ class ServerMetrics:
             "Bytes of stream messages handed to gRPC that their clients have not taken yet.",
             registry=r,
         )
+        self.beyond_training = Counter(
+            BEYOND_TRAINING.removesuffix("_total"),
+            "Texts asked for that the model was not trained for: longer than any training sentence (longer), "
+            "or with words outside its vocabulary (unknown_words).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("longer", "unknown_words"):
+            self.beyond_training.labels(reason=reason)
         for stage in STAGES:  # series exist (at 0) before the first batch: dashboards and alerts see them
             self.compute_duration.labels(stage=stage)
 

@@ -17,6 +17,7 @@ from there (typed contents only for BYTES), so raw is what every client understa
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,7 +33,7 @@ from service.engine.engine import Engine
 from service.scheduler.job import TextResult
 from service.scheduler.status import RequestFailed, Status, invalid
 from service.server.accounting import tracked
-from service.server.requests import Limits, encode_texts, make_options, repeated_values
+from service.server.requests import Limits, encode_texts, longer_than_training, make_options, repeated_values
 from service.server.runtime import Runtime, Work, submit_job
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -386,13 +387,28 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
             for name in wanted:
                 data, dims = self._output(name, results, shape)
-                response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=dims)
+                output = response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=dims)
                 response.raw_output_contents.append(data)
+                if name == OUTPUT_TRANSLATION:  # what the model could not place, per text (JSON lists)
+                    for key, value in self._doubts(call.engine, results).items():
+                        output.parameters[key].string_param = value
             self.runtime.check_size(response)
             return response
 
         with submit_job(self.runtime, context, prepare) as call:
             return await call.answer(build)
+
+    @staticmethod
+    def _doubts(engine: Engine, results: list[TextResult]) -> dict[str, str]:
+        """TRANSLATION's output parameters: per text, whether it is longer than any training sentence and
+        the words outside the vocabulary (translator.v1's longer_than_training and unknown_words)."""
+        translations = [result.translation for result in results]
+        return {
+            "longer_than_training": json.dumps(
+                [longer_than_training(engine, len(t.source_tokens)) for t in translations]
+            ),
+            "unknown_words": json.dumps([t.unknown_words for t in translations], ensure_ascii=False),
+        }
 
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
         if len(request.outputs) > len(OUTPUT_DATATYPES):

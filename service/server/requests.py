@@ -169,3 +169,10 @@ def check_selection(
 def repeated_values(values: Sequence[str] | Sequence[int]) -> list:
     """The values that occur more than once, sorted (one pass: client lists may be long)."""
     return sorted(value for value, count in Counter(values).items() if count > 1)
+
+
+def longer_than_training(engine: Engine, source_tokens: int) -> bool:
+    """Whether a source of `source_tokens` ids (</s> included) is longer than any the model was trained on
+    (False when the model does not record it)."""
+    longest = engine.model.max_training_source_tokens
+    return longest is not None and source_tokens > longest

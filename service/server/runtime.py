@@ -30,7 +30,7 @@ from service.scheduler.metrics import ServerMetrics
 from service.scheduler.status import RequestFailed, Status
 from service.server.answer_writes import UnreadAnswers
 from service.server.config import ServerConfig
-from service.server.requests import Limits
+from service.server.requests import Limits, longer_than_training
 from service.server.tracing import CALL_TIMES, CallTimes, enabled
 
 log = logging.getLogger("translator.rpc")
@@ -305,6 +305,11 @@ def submit_job(
         events=LoopEvents(asyncio.get_running_loop()) if stream else None,
     )
     batcher.submit(job)
+    for source in work.sources:  # what the model was not trained for, counted once per text for every API
+        if longer_than_training(engine, len(source.ids)):
+            runtime.metrics.beyond_training.labels(reason="longer").inc()
+        if source.unknown_words:
+            runtime.metrics.beyond_training.labels(reason="unknown_words").inc()
     times = None
     if enabled():
         times = CallTimes(job)

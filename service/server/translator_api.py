@@ -26,6 +26,7 @@ from service.server.requests import (
     check_selection,
     check_selection_sizes,
     encode_texts,
+    longer_than_training,
     make_options,
 )
 from service.server.runtime import Runtime, Work, submit_job
@@ -108,9 +109,12 @@ def attention_bytes(
     return 4 * total
 
 
-def translation_message(result: TextResult, selection: AttentionSelection, arrival: float) -> pb.Translation:
+def translation_message(
+    result: TextResult, selection: AttentionSelection, arrival: float, engine: Engine
+) -> pb.Translation:
     translation = result.translation
     return pb.Translation(
+        longer_than_training=longer_than_training(engine, len(translation.source_tokens)),
         text=translation.text,
         source_tokens=translation.source_tokens,
         target_tokens=translation.target_tokens,
@@ -204,7 +208,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                     for t in (result.translation for result in results)
                 ))
             response = pb.TranslateResponse(
-                translations=[translation_message(r, selection, arrival) for r in results]
+                translations=[translation_message(r, selection, arrival, call.engine) for r in results]
             )
             self.runtime.check_size(response)
             return response
@@ -224,7 +228,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         def build(results: list[TextResult]) -> tuple[TextResult, pb.TranslateStreamResponse]:
             (result,) = results
             message = pb.TranslateStreamResponse(
-                translation=translation_message(result, call.work.answer, call.job.arrival)
+                translation=translation_message(result, call.work.answer, call.job.arrival, call.engine)
             )
             self.runtime.check_size(message)
             return result, message

@@ -443,6 +443,7 @@ TRANSLATOR_LAYOUT: dict[str, dict[str, tuple[int, str]]] = {
         "unknown_words": (6, "repeated string"),
         "attention": (7, "repeated translator.v1.AttentionMap"),
         "timings": (8, "translator.v1.Timings"),
+        "longer_than_training": (9, "bool"),
     },
     "AttentionMap": {
         "kind": (1, "translator.v1.AttentionKind"),

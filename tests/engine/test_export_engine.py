@@ -52,6 +52,8 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
     assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json"}
     assert description["format"] == MODEL_FORMAT
+    # The longest training source (the server flags longer texts): this checkpoint has no training record.
+    assert description["training"]["max_source_tokens"] is None
     architecture = description["architecture"]
     layers = architecture["n_decoder_layers"]
     assert description["graphs"]["decoder"]["inputs"] == list(decoder_inputs(layers))
@@ -464,3 +466,13 @@ def test_cuda_asked_for_without_a_usable_cuda_provider_fails_loading(
     # `auto` carries on with the CPU, planned as for the CPU (a lane per thread, not the GPU's one).
     fallen_back = Engine.load(tiny_repository, "tiny", device="auto", threads=2)
     assert fallen_back.provider == "CPUExecutionProvider" and fallen_back.lanes == 2
+
+
+def test_the_longest_training_source_comes_from_the_training_record() -> None:
+    from model.export import training_max_source_tokens
+    from model.toy_language import TRAIN_MAX_WORDS
+
+    assert training_max_source_tokens({"kind": "tsv", "max_source_tokens": 57}) == 57
+    assert training_max_source_tokens({"kind": "toy"}) == TRAIN_MAX_WORDS + 1  # older: the sampler bound
+    assert training_max_source_tokens({"kind": "tsv"}) is None  # unknown: nothing is flagged
+    assert training_max_source_tokens({}) is None

@@ -122,6 +122,13 @@ def test_train_on_a_user_tsv_corpus_with_bpe(tmp_path: Path) -> None:
     )
     meta = json.loads((out / "config.json").read_text())
     assert meta["data"]["kind"] == "tsv"
+    # The longest training source in source ids (</s> included), what served answers are compared with.
+    from service.core.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.from_file(out / "tokenizer.json")
+    sources = [line.split("\t")[0] for line in corpus.read_text().splitlines()]
+    longest = max(len(vocabulary.encode_source(source).ids) for source in sources)
+    assert 1 < meta["data"]["max_source_tokens"] <= longest
     tokenizer = json.loads((out / "tokenizer.json").read_text())
     assert tokenizer["model"]["type"] == "BPE"
 

@@ -275,3 +275,36 @@ def test_a_request_joins_the_running_batch(slow: tuple[TranslatorServer, SlowBac
         assert len(short.translations[0].target_tokens) == 4
         assert len(long_call.result().translations[0].target_tokens) == 60
     client.close()
+
+
+def test_answers_say_what_the_model_was_not_trained_for() -> None:
+    """The default model was trained on sentences of at most 30 words (31 source ids with </s>): a longer
+    text is flagged in translator.v1 and KServe alike, unknown words are listed, /metrics counts both."""
+    from tests.support.kserve import infer_request
+
+    config = make_config(DEFAULT_REPOSITORY, model="toy-en-es", threads=1, lane_processes="off",
+                         max_tokens_per_text=256, max_length_limit=256)  # fmt: skip
+    words = "the big red dog sees the small cat".split()
+    short, unknown = "the dog sees the cat", "the zorblax sees the cat"
+    long = " ".join((words * 5)[:36])  # 36 words
+    with running(config) as server:
+        assert server.port and server.metrics_port
+        assert server.runtime.engine and server.runtime.engine.model.max_training_source_tokens == 31
+        before = scrape(server.metrics_port)
+        client = Client(server.port)
+        try:
+            answer = client.translator.Translate(pb.TranslateRequest(texts=[short, long, unknown]))
+            request = infer_request([short, long, unknown])
+            request.model_name = "toy-en-es"
+            response = client.kserve.ModelInfer(request)
+        finally:
+            client.close()
+        after = scrape(server.metrics_port)
+    assert [t.longer_than_training for t in answer.translations] == [False, True, False]
+    assert [list(t.unknown_words) for t in answer.translations] == [[], [], ["zorblax"]]
+    [translation] = [o for o in response.outputs if o.name == "TRANSLATION"]
+    assert json.loads(translation.parameters["longer_than_training"].string_param) == [False, True, False]
+    assert json.loads(translation.parameters["unknown_words"].string_param) == [[], [], ["zorblax"]]
+    name = "translator_texts_beyond_training_total"
+    for reason in ("longer", "unknown_words"):  # one text of each, in each of the two calls
+        assert value(after, name, reason=reason) - value(before, name, reason=reason) == 2

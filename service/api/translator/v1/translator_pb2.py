@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etranslator/v1/translator.proto\x12\rtranslator.v1\"S\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.translator.v1.TranslateOptions\"\xde\x01\n\x10TranslateOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10replace_unknowns\x18\x04 \x01(\x08\x12\x32\n\tattention\x18\x05 \x01(\x0b\x32\x1f.translator.v1.AttentionRequestB\x0c\n\n_beam_sizeB\r\n\x0b_max_lengthB\x11\n\x0f_length_penalty\"^\n\x10\x41ttentionRequest\x12+\n\x05kinds\x18\x01 \x03(\x0e\x32\x1c.translator.v1.AttentionKind\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05heads\x18\x03 \x03(\x05\"X\n\x16TranslateStreamRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.translator.v1.TranslateOptions\"\x15\n\x13GetModelInfoRequest\"E\n\x11TranslateResponse\x12\x30\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x1a.translator.v1.Translation\"\xda\x01\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x10\n\x08log_prob\x18\x05 \x01(\x02\x12\x15\n\runknown_words\x18\x06 \x03(\t\x12.\n\tattention\x18\x07 \x03(\x0b\x32\x1b.translator.v1.AttentionMap\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.translator.v1.Timings\"\xac\x01\n\x0c\x41ttentionMap\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.translator.v1.AttentionKind\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05heads\x18\x03 \x03(\x05\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.translator.v1.Tensor\x12\x12\n\nrow_tokens\x18\x05 \x03(\t\x12\x15\n\rcolumn_tokens\x18\x06 \x03(\t\")\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x10\n\x04\x64\x61ta\x18\x02 \x03(\x02\x42\x02\x10\x01\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x81\x01\n\x17TranslateStreamResponse\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x19.translator.v1.TokenEventH\x00\x12\x31\n\x0btranslation\x18\x02 \x01(\x0b\x32\x1a.translator.v1.TranslationH\x00\x42\x07\n\x05\x65vent\"<\n\nTokenEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\x8a\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x31\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x1b.translator.v1.Architecture\x12\x19\n\x11source_vocab_size\x18\x04 \x01(\x05\x12\x19\n\x11target_vocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x31\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1f.translator.v1.BatchingSettings\x12%\n\x06limits\x18\x08 \x01(\x0b\x32\x15.translator.v1.Limits\x12G\n\x10training_metrics\x18\t \x03(\x0b\x32-.translator.v1.ModelInfo.TrainingMetricsEntry\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"r\n\x0c\x41rchitecture\x12\x0f\n\x07\x64_model\x18\x01 \x01(\x05\x12\x0f\n\x07n_heads\x18\x02 \x01(\x05\x12\x18\n\x10n_encoder_layers\x18\x03 \x01(\x05\x12\x18\n\x10n_decoder_layers\x18\x04 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x05 \x01(\x05\"x\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x03 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\x05\"o\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13max_tokens_per_text\x18\x02 \x01(\x05\x12\x15\n\rmax_beam_size\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05*^\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x43ROSS\x10\x01\x12\x10\n\x0c\x44\x45\x43ODER_SELF\x10\x02\x12\x10\n\x0c\x45NCODER_SELF\x10\x03\x32\x8e\x02\n\nTranslator\x12N\n\tTranslate\x12\x1f.translator.v1.TranslateRequest\x1a .translator.v1.TranslateResponse\x12\x62\n\x0fTranslateStream\x12%.translator.v1.TranslateStreamRequest\x1a&.translator.v1.TranslateStreamResponse0\x01\x12L\n\x0cGetModelInfo\x12\".translator.v1.GetModelInfoRequest\x1a\x18.translator.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etranslator/v1/translator.proto\x12\rtranslator.v1\"S\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.translator.v1.TranslateOptions\"\xde\x01\n\x10TranslateOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x10replace_unknowns\x18\x04 \x01(\x08\x12\x32\n\tattention\x18\x05 \x01(\x0b\x32\x1f.translator.v1.AttentionRequestB\x0c\n\n_beam_sizeB\r\n\x0b_max_lengthB\x11\n\x0f_length_penalty\"^\n\x10\x41ttentionRequest\x12+\n\x05kinds\x18\x01 \x03(\x0e\x32\x1c.translator.v1.AttentionKind\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05heads\x18\x03 \x03(\x05\"X\n\x16TranslateStreamRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\x07options\x18\x02 \x01(\x0b\x32\x1f.translator.v1.TranslateOptions\"\x15\n\x13GetModelInfoRequest\"E\n\x11TranslateResponse\x12\x30\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x1a.translator.v1.Translation\"\xf8\x01\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x10\n\x08log_prob\x18\x05 \x01(\x02\x12\x15\n\runknown_words\x18\x06 \x03(\t\x12.\n\tattention\x18\x07 \x03(\x0b\x32\x1b.translator.v1.AttentionMap\x12\'\n\x07timings\x18\x08 \x01(\x0b\x32\x16.translator.v1.Timings\x12\x1c\n\x14longer_than_training\x18\t \x01(\x08\"\xac\x01\n\x0c\x41ttentionMap\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.translator.v1.AttentionKind\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\r\n\x05heads\x18\x03 \x03(\x05\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.translator.v1.Tensor\x12\x12\n\nrow_tokens\x18\x05 \x03(\t\x12\x15\n\rcolumn_tokens\x18\x06 \x03(\t\")\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x10\n\x04\x64\x61ta\x18\x02 \x03(\x02\x42\x02\x10\x01\"A\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x81\x01\n\x17TranslateStreamResponse\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x19.translator.v1.TokenEventH\x00\x12\x31\n\x0btranslation\x18\x02 \x01(\x0b\x32\x1a.translator.v1.TranslationH\x00\x42\x07\n\x05\x65vent\"<\n\nTokenEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\"\x8a\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x31\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x1b.translator.v1.Architecture\x12\x19\n\x11source_vocab_size\x18\x04 \x01(\x05\x12\x19\n\x11target_vocab_size\x18\x05 \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x31\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1f.translator.v1.BatchingSettings\x12%\n\x06limits\x18\x08 \x01(\x0b\x32\x15.translator.v1.Limits\x12G\n\x10training_metrics\x18\t \x03(\x0b\x32-.translator.v1.ModelInfo.TrainingMetricsEntry\x1a\x36\n\x14TrainingMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"r\n\x0c\x41rchitecture\x12\x0f\n\x07\x64_model\x18\x01 \x01(\x05\x12\x0f\n\x07n_heads\x18\x02 \x01(\x05\x12\x18\n\x10n_encoder_layers\x18\x03 \x01(\x05\x12\x18\n\x10n_decoder_layers\x18\x04 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x05 \x01(\x05\"x\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x02 \x01(\x05\x12\x1a\n\x12max_queue_delay_ms\x18\x03 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\x05\"o\n\x06Limits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\x05\x12\x1b\n\x13max_tokens_per_text\x18\x02 \x01(\x05\x12\x15\n\rmax_beam_size\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05*^\n\rAttentionKind\x12\x1e\n\x1a\x41TTENTION_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x43ROSS\x10\x01\x12\x10\n\x0c\x44\x45\x43ODER_SELF\x10\x02\x12\x10\n\x0c\x45NCODER_SELF\x10\x03\x32\x8e\x02\n\nTranslator\x12N\n\tTranslate\x12\x1f.translator.v1.TranslateRequest\x1a .translator.v1.TranslateResponse\x12\x62\n\x0fTranslateStream\x12%.translator.v1.TranslateStreamRequest\x1a&.translator.v1.TranslateStreamResponse0\x01\x12L\n\x0cGetModelInfo\x12\".translator.v1.GetModelInfoRequest\x1a\x18.translator.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR'].fields_by_name['data']._serialized_options = b'\020\001'
   _globals['_MODELINFO_TRAININGMETRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ATTENTIONKIND']._serialized_start=2087
-  _globals['_ATTENTIONKIND']._serialized_end=2181
+  _globals['_ATTENTIONKIND']._serialized_start=2117
+  _globals['_ATTENTIONKIND']._serialized_end=2211
   _globals['_TRANSLATEREQUEST']._serialized_start=49
   _globals['_TRANSLATEREQUEST']._serialized_end=132
   _globals['_TRANSLATEOPTIONS']._serialized_start=135
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSLATERESPONSE']._serialized_start=568
   _globals['_TRANSLATERESPONSE']._serialized_end=637
   _globals['_TRANSLATION']._serialized_start=640
-  _globals['_TRANSLATION']._serialized_end=858
-  _globals['_ATTENTIONMAP']._serialized_start=861
-  _globals['_ATTENTIONMAP']._serialized_end=1033
-  _globals['_TENSOR']._serialized_start=1035
-  _globals['_TENSOR']._serialized_end=1076
-  _globals['_TIMINGS']._serialized_start=1078
-  _globals['_TIMINGS']._serialized_end=1143
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1146
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1275
-  _globals['_TOKENEVENT']._serialized_start=1277
-  _globals['_TOKENEVENT']._serialized_end=1337
-  _globals['_MODELINFO']._serialized_start=1340
-  _globals['_MODELINFO']._serialized_end=1734
-  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_start=1680
-  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_end=1734
-  _globals['_ARCHITECTURE']._serialized_start=1736
-  _globals['_ARCHITECTURE']._serialized_end=1850
-  _globals['_BATCHINGSETTINGS']._serialized_start=1852
-  _globals['_BATCHINGSETTINGS']._serialized_end=1972
-  _globals['_LIMITS']._serialized_start=1974
-  _globals['_LIMITS']._serialized_end=2085
-  _globals['_TRANSLATOR']._serialized_start=2184
-  _globals['_TRANSLATOR']._serialized_end=2454
+  _globals['_TRANSLATION']._serialized_end=888
+  _globals['_ATTENTIONMAP']._serialized_start=891
+  _globals['_ATTENTIONMAP']._serialized_end=1063
+  _globals['_TENSOR']._serialized_start=1065
+  _globals['_TENSOR']._serialized_end=1106
+  _globals['_TIMINGS']._serialized_start=1108
+  _globals['_TIMINGS']._serialized_end=1173
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1176
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1305
+  _globals['_TOKENEVENT']._serialized_start=1307
+  _globals['_TOKENEVENT']._serialized_end=1367
+  _globals['_MODELINFO']._serialized_start=1370
+  _globals['_MODELINFO']._serialized_end=1764
+  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_start=1710
+  _globals['_MODELINFO_TRAININGMETRICSENTRY']._serialized_end=1764
+  _globals['_ARCHITECTURE']._serialized_start=1766
+  _globals['_ARCHITECTURE']._serialized_end=1880
+  _globals['_BATCHINGSETTINGS']._serialized_start=1882
+  _globals['_BATCHINGSETTINGS']._serialized_end=2002
+  _globals['_LIMITS']._serialized_start=2004
+  _globals['_LIMITS']._serialized_end=2115
+  _globals['_TRANSLATOR']._serialized_start=2214
+  _globals['_TRANSLATOR']._serialized_end=2484
 # @@protoc_insertion_point(module_scope)

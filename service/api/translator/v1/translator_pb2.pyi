@@ -69,7 +69,7 @@ class TranslateResponse(_message.Message):
     def __init__(self, translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ...) -> None: ...
 
 class Translation(_message.Message):
-    __slots__ = ("text", "source_tokens", "target_tokens", "score", "log_prob", "unknown_words", "attention", "timings")
+    __slots__ = ("text", "source_tokens", "target_tokens", "score", "log_prob", "unknown_words", "attention", "timings", "longer_than_training")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Translation(_message.Message):
     UNKNOWN_WORDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LONGER_THAN_TRAINING_FIELD_NUMBER: _ClassVar[int]
     text: str
     source_tokens: _containers.RepeatedScalarFieldContainer[str]
     target_tokens: _containers.RepeatedScalarFieldContainer[str]
@@ -86,7 +87,8 @@ class Translation(_message.Message):
     unknown_words: _containers.RepeatedScalarFieldContainer[str]
     attention: _containers.RepeatedCompositeFieldContainer[AttentionMap]
     timings: Timings
-    def __init__(self, text: _Optional[str] = ..., source_tokens: _Optional[_Iterable[str]] = ..., target_tokens: _Optional[_Iterable[str]] = ..., score: _Optional[float] = ..., log_prob: _Optional[float] = ..., unknown_words: _Optional[_Iterable[str]] = ..., attention: _Optional[_Iterable[_Union[AttentionMap, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    longer_than_training: bool
+    def __init__(self, text: _Optional[str] = ..., source_tokens: _Optional[_Iterable[str]] = ..., target_tokens: _Optional[_Iterable[str]] = ..., score: _Optional[float] = ..., log_prob: _Optional[float] = ..., unknown_words: _Optional[_Iterable[str]] = ..., attention: _Optional[_Iterable[_Union[AttentionMap, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., longer_than_training: _Optional[bool] = ...) -> None: ...
 
 class AttentionMap(_message.Message):
     __slots__ = ("kind", "layers", "heads", "weights", "row_tokens", "column_tokens")
