@@ -231,6 +231,11 @@ def infer_request(
     return request, binary_outputs
 
 
+def _parameter_value(value: pb.InferParameter) -> Any:
+    which = value.WhichOneof("parameter_choice")
+    return getattr(value, which) if which else None
+
+
 def infer_response(
     response: pb.ModelInferResponse, binary_outputs: set[str], limit: int | None = None
 ) -> web.Response:
@@ -241,13 +246,16 @@ def infer_response(
             "datatype": output.datatype,
             "shape": list(output.shape),
         }
+        parameters = {key: _parameter_value(value) for key, value in output.parameters.items()}
         if output.name in binary_outputs:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            parameters["binary_data_size"] = len(raw)
             tail.append(raw)
         elif output.datatype == "BYTES":
             entry["data"] = [e.decode("utf-8") for e in kserve.deserialize_bytes(raw, output.name)]
         else:
             entry["data"] = np.frombuffer(raw, dtype=NUMPY_TYPES[output.datatype]).tolist()
+        if parameters:
+            entry["parameters"] = parameters
         outputs.append(entry)
     document = {
         "model_name": response.model_name,

@@ -88,6 +88,9 @@ def test_rest_infer_json_matches_grpc(rest: int, client: Client) -> None:
     )
     expected = client.translator.Translate(pb.TranslateRequest(texts=TEXTS, options=options)).translations
     assert out["TRANSLATION"]["data"] == [t.text for t in expected]
+    # What the model was not trained for, per text (JSON lists in the output's parameters, as over gRPC).
+    unknown = json.loads(out["TRANSLATION"]["parameters"]["unknown_words"])
+    assert unknown == [list(t.unknown_words) for t in expected]
     assert out["TARGET_LENGTH"]["data"] == [len(t.target_tokens) for t in expected]
     maps = out["CROSS_ATTENTION"]
     cross = np.array(maps["data"], dtype=np.float32).reshape(maps["shape"])
