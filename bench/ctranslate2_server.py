@@ -26,10 +26,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bench.engine import load_translator, max_length_for
+from bench.ctranslate2_convert import source_tokens
+from bench.engine import ct2_greedy, load_translator, max_length_for
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
-from service.core.vocabulary import BOS, PAD, Vocabulary
+from service.core.vocabulary import Vocabulary
 
 
 def log(message: str, **fields: Any) -> None:
@@ -78,14 +79,9 @@ class MicroBatcher:
                     future.set_result(tokens)
 
     def _translate(self, sources: list[list[int]]) -> list[list[str]]:
-        tokens = [[self.vocabulary.tokenizer.id_to_token(i) for i in ids] for ids in sources]
+        tokens = [source_tokens(self.vocabulary, ids) for ids in sources]
         caps = [max_length_for(ids, self.max_positions) for ids in sources]
-        results = self.translator.translate_batch(
-            tokens, beam_size=1, max_decoding_length=max(caps), min_decoding_length=0,
-            suppress_sequences=[[PAD], [BOS]], max_input_length=0,
-            max_batch_size=-(-len(tokens) // self.workers),  # a part of the batch for each CTranslate2 worker
-        )  # fmt: skip
-        return [result.hypotheses[0][:cap] for result, cap in zip(results, caps, strict=True)]
+        return ct2_greedy(self.translator, tokens, caps, self.workers)
 
 
 class Translator(pb_grpc.TranslatorServicer):

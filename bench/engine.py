@@ -48,6 +48,7 @@ from typing import Any
 from bench.results import run_folder, write_run_json
 from service.core.cli import nonnegative_float, nonnegative_int, output_file, positive_int, positive_ints
 from service.core.options import max_steps
+from service.core.vocabulary import BOS, PAD
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES: dict[str, str] = {
@@ -214,18 +215,27 @@ def load_translator(path: str | Path, threads: int, compute_type: str, workers: 
     return holder["translator"]
 
 
+def ct2_greedy(
+    translator: Any, tokens: list[list[str]], caps: list[int], workers: int = 1
+) -> list[list[str]]:
+    """CTranslate2's greedy search as ours runs it: no <pad> or <s> produced, possibly empty (its
+    min_decoding_length defaults to 1), at most `caps[i]` steps for sentence i (our length rule), the batch
+    split between its `workers`."""
+    results = translator.translate_batch(tokens, beam_size=1, max_decoding_length=max(caps),
+                                         min_decoding_length=0, suppress_sequences=[[PAD], [BOS]],
+                                         max_batch_size=-(-len(tokens) // workers), max_input_length=0)
+    return [result.hypotheses[0][:cap] for result, cap in zip(results, caps, strict=True)]
+
+
 def _ct2_runner(engine: str, spec: dict) -> Runner:
     from bench.ctranslate2_convert import source_tokens
-    from service.core.vocabulary import BOS, PAD, Vocabulary
+    from service.core.vocabulary import Vocabulary
 
     vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
     compute_type = "int8" if engine == "ct2_int8" else "float32"
     workers = spec["threads"] if engine == "ct2_f32_workers" else 1
     translator = load_translator(spec["ct2_dir"], spec["threads"] // workers, compute_type, workers,
                                  spec["device"])
-    # Our search never produces <pad> or <s> and may stop at the first step (empty translation): ask the same
-    # of CTranslate2 (its min_decoding_length defaults to 1).
-    suppress = [[PAD], [BOS]]
     # Ids -> strings is this harness's doing, not CTranslate2's work: done before timing (prime), the batch
     # kept alongside so that a recycled id() can never hit a stale entry.
     tokens_of: dict[int, tuple[Batch, list[list[str]]]] = {}
@@ -241,12 +251,7 @@ def _ct2_runner(engine: str, spec: dict) -> Runner:
             tokens_for(batch)
 
     def run(batch: Batch) -> list[list[str]]:
-        results = translator.translate_batch(tokens_for(batch), beam_size=1,
-                                             max_decoding_length=max(batch.max_lengths),
-                                             min_decoding_length=0, suppress_sequences=suppress,
-                                             max_batch_size=-(-len(batch.ids) // workers),
-                                             max_input_length=0)
-        return [result.hypotheses[0][:cap] for result, cap in zip(results, batch.max_lengths, strict=True)]
+        return ct2_greedy(translator, tokens_for(batch), batch.max_lengths, workers)
 
     def to_ids(outputs: list[list[str]]) -> list[list[int]]:
         return [[vocabulary.tokenizer.token_to_id(token) for token in tokens] for tokens in outputs]

@@ -5,6 +5,7 @@ Loading checks everything it can before a request arrives, and every error names
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class ModelVersion:
         positions = self.description["architecture"].get("max_positions")
         return positions if isinstance(positions, int) else None
 
-    @property
+    @functools.cached_property
     def max_training_source_tokens(self) -> int | None:
         """The longest source the model was trained on, in source ids with </s> (None: not recorded): a
         longer text is beyond what it has seen, and answers say so."""

@@ -80,18 +80,24 @@ def _slot(runtime: Runtime, limited: bool) -> Any:
     return runtime.translation_slot() if limited else nullcontext()
 
 
+def _in_span(method: str, handler: Handler, call: Callable[..., Any]) -> Handler:
+    """`call` as the handler's wrapper, inside the call's trace span when tracing is on."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if tracing.enabled():
+            with tracing.call_span(method, context):
+                return await call(self, request, context)
+        return await call(self, request, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
     """For unary handlers `async def M(self, request, context)`, where `self.runtime` is the Runtime;
     `limited`: a translation call, which needs one of the --max-concurrent-rpcs slots."""
 
     def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if tracing.enabled():
-                with tracing.call_span(method, context):
-                    return await call(self, request, context)
-            return await call(self, request, context)
-
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
@@ -114,7 +120,7 @@ def tracked(method: str, limited: bool = False) -> Callable[[Handler], Handler]:
             _record(metrics, method, _failed_code(context, error), start)
             await _abort(context, error)
 
-        return wrapper  # type: ignore[return-value]
+        return _in_span(method, handler, call)
 
     return decorate
 
@@ -128,13 +134,6 @@ def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Ha
     once, without a traceback."""
 
     def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
-            if tracing.enabled():
-                with tracing.call_span(method, context):
-                    return await call(self, request, context)
-            return await call(self, request, context)
-
         async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
             runtime: Runtime = self.runtime
             metrics = runtime.metrics
@@ -176,6 +175,6 @@ def tracked_stream(method: str, limited: bool = False) -> Callable[[Handler], Ha
                 # client reads on (it gets it after the messages gRPC holds) or goes away.
                 await _abort(context, failed)
 
-        return wrapper  # type: ignore[return-value]
+        return _in_span(method, handler, call)
 
     return decorate

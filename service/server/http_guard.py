@@ -101,15 +101,10 @@ class _Guarded(asyncio.Protocol):
         if self._refused:
             return
         if self._timer is not None:
-            if not self._started:
-                content = data.lstrip(b"\r\n")
-                self._started = bool(content)
-                self._tail = b""
-                data_seen = content
-            else:
-                data_seen = data
-            seen = self._tail + data_seen
-            if self._started and _HEAD_END in seen:
+            chunk = data if self._started else data.lstrip(b"\r\n")
+            self._started = self._started or bool(chunk)
+            seen = self._tail + chunk
+            if _HEAD_END in seen:
                 self._head_done()
             else:
                 self._tail = seen[-(len(_HEAD_END) - 1) :]
