@@ -44,13 +44,15 @@ performance: $(STAMP)
 # Retrain the default model from scratch (fixed seeds: same data, same steps), evaluate it, and re-export it
 # with its PyTorch checkpoint into checkpoints/ and model_repository/.
 RUN := runs/default
+SPLITS := test user names long
 default-model: $(STAMP)
 	rm -rf $(RUN)
 	$(BIN)/translator-train --out-dir $(RUN)
-	$(BIN)/translator-eval --checkpoint $(RUN) --split test --json $(RUN)/eval-test.json
-	$(BIN)/translator-eval --checkpoint $(RUN) --split long --json $(RUN)/eval-long.json
+	for split in $(SPLITS); do \
+		$(BIN)/translator-eval --checkpoint $(RUN) --split $$split --json $(RUN)/eval-$$split.json || exit 1; \
+	done
 	mkdir -p checkpoints/toy-en-es
-	cp $(RUN)/model.safetensors $(RUN)/config.json $(RUN)/tokenizer.json $(RUN)/eval-test.json \
-		$(RUN)/eval-long.json checkpoints/toy-en-es/
+	cp $(RUN)/model.safetensors $(RUN)/config.json $(RUN)/tokenizer.json $(foreach s,$(SPLITS),$(RUN)/eval-$(s).json) \
+		checkpoints/toy-en-es/
 	$(BIN)/translator-export --checkpoint checkpoints/toy-en-es --repository model_repository --name toy-en-es \
-		--version 1 --metrics test=$(RUN)/eval-test.json --metrics long=$(RUN)/eval-long.json
+		--version 1 $(foreach s,$(SPLITS),--metrics $(s)=$(RUN)/eval-$(s).json)

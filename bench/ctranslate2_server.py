@@ -50,11 +50,14 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ct2")
         self.queue: asyncio.Queue[tuple[list[int], asyncio.Future[list[str]]]] = asyncio.Queue()
 
-    async def translate(self, text: str) -> list[str]:
-        ids = self.vocabulary.encode_source(text).ids
+    async def translate(self, text: str) -> pb.Translation:
+        source = self.vocabulary.encode_source(text)
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        await self.queue.put((ids, future))
-        return await future
+        await self.queue.put((source.ids, future))
+        tokens = await future
+        # The model's text rules (case, names, numbers, marks) apply to its answers whatever runs it.
+        ids = [self.vocabulary.tokenizer.token_to_id(token) for token in tokens]
+        return pb.Translation(text=self.vocabulary.decode(ids, source), target_tokens=tokens)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,9 +92,8 @@ class Translator(pb_grpc.TranslatorServicer):
         self.batcher = batcher
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> Any:
-        outputs = await asyncio.gather(*(self.batcher.translate(text) for text in request.texts))
         return pb.TranslateResponse(
-            translations=[pb.Translation(text=" ".join(tokens), target_tokens=tokens) for tokens in outputs]
+            translations=await asyncio.gather(*(self.batcher.translate(text) for text in request.texts))
         )
 
 

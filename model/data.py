@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from model import toy_language
+from service.core.text import SLOT_TOKENS, prepare_source, prepare_target
 from service.core.vocabulary import Vocabulary, without_invisible
 
 
@@ -41,20 +43,44 @@ def toy_split(name: str, size: int | None = None, seed: int | None = None) -> li
     return [Example(p.source, p.target, p.alignment) for p in pairs]
 
 
+def toy_model_texts(examples: list[Example]) -> Iterator[str]:
+    """Sources and targets as the model reads and writes them (service.core.text), names told apart from
+    words by the toy lexicon: what a word-level vocabulary with text rules is built from."""
+    english, target = toy_language.lexicon_words()
+    known = (english | target).__contains__
+    for example in examples:
+        source = prepare_source(example.source, known)
+        yield " ".join(source.tokens)
+        yield " ".join(prepare_target(example.target, source))
+
+
 @dataclass
 class EncodedPair:
     source: np.ndarray  # int64 word ids + </s>
     target: np.ndarray  # int64 <s> word ids </s>
 
 
-def encode_examples(vocabulary: Vocabulary, examples: list[Example]) -> list[EncodedPair]:
-    return [
-        EncodedPair(
-            np.asarray(vocabulary.encode_source(e.source).ids, dtype=np.int64),
-            np.asarray(vocabulary.encode_target(e.target), dtype=np.int64),
-        )
-        for e in examples
-    ]
+def encode_examples(
+    vocabulary: Vocabulary, examples: list[Example], seed: int | None = None
+) -> list[EncodedPair]:
+    """Ids of each pair. With a `seed`, each pair's slots are renumbered at random (the same way on both
+    sides): texts mostly hold one or two names, so without it the model would only learn to copy the first
+    slots, while a text may use them all."""
+    rng = random.Random(seed)
+    kinds = [[vocabulary.tokenizer.token_to_id(t) for t in sorted(SLOT_TOKENS) if t.startswith(prefix)]
+             for prefix in ("<name", "<num")] if vocabulary.text_rules else []
+    pairs = []
+    for example in examples:
+        source = vocabulary.encode_source(example.source)
+        pair = EncodedPair(np.asarray(source.ids, dtype=np.int64),
+                           np.asarray(vocabulary.encode_target(example.target, source), dtype=np.int64))
+        if seed is not None and source.prepared is not None and source.prepared.slots:
+            for ids in kinds:
+                mapping = dict(zip(ids, rng.sample(ids, len(ids)), strict=True))
+                for row in (pair.source, pair.target):
+                    row[:] = [mapping.get(int(i), int(i)) for i in row]
+        pairs.append(pair)
+    return pairs
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,11 @@ import torch
 from model.checkpoint import DEFAULT_CHECKPOINT, load_model
 from model.data import Example, read_tsv, toy_split
 from model.decoding import translate_ids
+from model.toy_language import SPLIT_SEEDS
 from model.transformer import Transformer
 from service.core.cli import finite_float, input_file, output_file, positive_int, run_command
 from service.core.search import Hypothesis
+from service.core.text import split_tokens
 from service.core.vocabulary import Vocabulary
 
 
@@ -37,7 +40,8 @@ def translate_texts(
     batch_size: int = 64,
 ) -> list[TextTranslation]:
     """Translate with the shared search; sentences are sorted by length so batches carry little padding."""
-    sources = [vocabulary.encode_source(text).ids for text in texts]
+    encoded = [vocabulary.encode_source(text) for text in texts]
+    sources = [source.ids for source in encoded]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     results: list[TextTranslation | None] = [None] * len(sources)
     for start in range(0, len(order), batch_size):
@@ -46,8 +50,32 @@ def translate_texts(
             model, [sources[i] for i in chunk], beam_size=beam_size, length_penalty=length_penalty
         )
         for i, hypothesis in zip(chunk, hypotheses, strict=True):
-            results[i] = TextTranslation(vocabulary.decode(hypothesis.tokens), hypothesis)
+            results[i] = TextTranslation(vocabulary.decode(hypothesis.tokens, encoded[i]), hypothesis)
     return [r for r in results if r is not None]
+
+
+def copy_scores(vocabulary: Vocabulary, sources: list[str], hypotheses: list[str]) -> dict[str, float | int]:
+    """How many of the sources' names and numbers (the text rules' slots) the translations carry unchanged."""
+    total = copied = 0
+    for source, hypothesis in zip(sources, hypotheses, strict=True):
+        prepared = vocabulary.encode_source(source).prepared
+        if prepared is None:
+            continue
+        words = Counter(token.text for token in split_tokens(hypothesis))
+        for value in prepared.slots.values():
+            total += 1
+            copied += words[value] > 0
+    return {"names_and_numbers": total, "copied": round(copied / total, 4) if total else 1.0}
+
+
+def exact_match_by_length(sources: list[str], hypotheses: list[str], references: list[str],
+                          width: int = 10) -> dict[str, float]:
+    """Exact match per band of source length in tokens (words and marks): "31-40": 0.97."""
+    bands: dict[int, list[bool]] = {}
+    for source, hypothesis, reference in zip(sources, hypotheses, references, strict=True):
+        bands.setdefault((len(split_tokens(source)) - 1) // width, []).append(hypothesis == reference)
+    return {f"{band * width + 1}-{band * width + width}": round(sum(hits) / len(hits), 4)
+            for band, hits in sorted(bands.items())}
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -63,8 +91,9 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, flo
 @torch.inference_mode()
 def forced_cross_attention(model: Transformer, vocabulary: Vocabulary, example: Example) -> np.ndarray:
     """Cross-attention [L, H, T, S] while the decoder reads the reference; row j predicts word j."""
-    src = torch.tensor([vocabulary.encode_source(example.source).ids])
-    target = vocabulary.encode_target(example.target)
+    source = vocabulary.encode_source(example.source)
+    src = torch.tensor([source.ids])
+    target = vocabulary.encode_target(example.target, source)
     memory, _ = model.encode(src)
     cross_key, cross_value = model.cross_keys_values(memory)
     n_layers, _, n_heads, _, head_dim = cross_key.shape
@@ -135,7 +164,7 @@ def _main(argv: list[str] | None) -> None:
         help="checkpoint folder from translator-train (default: the shipped default model's, "
         "checkpoints/toy-en-es)",
     )
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test", "long"])
+    parser.add_argument("--split", default="test", choices=list(SPLIT_SEEDS))
     parser.add_argument("--seed", type=int, help="sample the split from this seed instead of its own")
     parser.add_argument("--tsv", type=input_file,
                         help="evaluate on this `source<TAB>target` file instead of a toy split")
@@ -171,6 +200,11 @@ def _main(argv: list[str] | None) -> None:
     }
     unknown = sum(len(vocabulary.encode_source(e.source).unknown_words) for e in examples)
     results["unknown_source_words"] = unknown
+    hypotheses = [t.text for t in translations]
+    results.update(copy_scores(vocabulary, [e.source for e in examples], hypotheses))
+    results["exact_match_by_length"] = exact_match_by_length(
+        [e.source for e in examples], hypotheses, [e.target for e in examples]
+    )
     if examples and examples[0].alignment is not None:
         results.update(attention_alignment(model, vocabulary, examples[: args.aer_limit]))
     for key in (
@@ -178,6 +212,8 @@ def _main(argv: list[str] | None) -> None:
         "bleu",
         "chrf",
         "exact_match",
+        "copied",
+        "exact_match_by_length",
         "aer_best_head",
         "best_layer",
         "best_head",

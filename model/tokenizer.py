@@ -7,13 +7,19 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from service.core.text import MARKS, NAME_SLOTS, NUMBER_SLOTS
 from service.core.vocabulary import SPECIAL_TOKENS, UNK, Vocabulary
 
 
-def build_word_level(texts: Iterable[str], min_frequency: int = 1) -> Vocabulary:
-    """One id per whitespace-separated word; words are ordered by frequency so ids are stable for a corpus."""
+def build_word_level(texts: Iterable[str], min_frequency: int = 1, *, text_rules: bool = False) -> Vocabulary:
+    """One id per whitespace-separated word; words are ordered by frequency so ids are stable for a corpus.
+
+    `text_rules`: the texts are model tokens of service.core.text (lowercase, marks, slots), and every slot
+    and mark gets an id whether the texts hold it or not: the vocabulary then turns the text rules on."""
     counts = Counter(word for text in texts for word in text.split())
     words = sorted((w for w, c in counts.items() if c >= min_frequency), key=lambda w: (-counts[w], w))
+    if text_rules:
+        words += [token for token in (*sorted(MARKS), *NAME_SLOTS, *NUMBER_SLOTS) if token not in counts]
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])

@@ -41,6 +41,18 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 
+from service.core.text import (
+    MARKS,
+    SENTENCE_ENDS,
+    apply_case,
+    is_number,
+    join_tokens,
+    normal_word,
+    sentence_case,
+    sentence_spans,
+    split_tokens,
+)
+
 __all__ = [
     "ADJECTIVES", "CONJUNCTIONS", "DEFAULT_SAMPLER", "DEFAULT_SPLIT_SIZES", "DETERMINERS", "LONG_MAX_WORDS",
     "LONG_SAMPLER", "NOUNS", "NUMERALS", "PREPOSITIONS", "PRONOUNS", "SPLIT_SEEDS", "TRAIN_MAX_WORDS",
@@ -196,7 +208,19 @@ class Numeral:
 
     @property
     def number(self) -> Number:
-        return _SG if self.value == 1 else _PL
+        return _SG if self.value == 1 and self.english in ("one", "1") else _PL
+
+
+def _digits_numeral(word: str) -> Numeral:
+    """A number written in digits: copied into the target; only "1" is singular ("1 dog", "3 dogs")."""
+    return Numeral(word, int(word), (word, word))
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A proper name ("Maria"): a noun phrase of its own, third person singular, copied unchanged."""
+
+    word: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -728,6 +752,19 @@ _THE = _DETERMINER_WORDS["the"]
 _AND, _OR = _CONJUNCTION_WORDS["and"], _CONJUNCTION_WORDS["or"]
 
 
+def _numeral(word: str) -> Numeral | None:
+    """A numeral word ("three") or a number in digits ("3")."""
+    numeral = _NUMERAL_WORDS.get(word)
+    if numeral is None and is_number(word):
+        return _digits_numeral(word)
+    return numeral
+
+
+def _is_name(word: str) -> bool:
+    """The parser sees names as typed and every other word in lowercase."""
+    return word[:1].isupper() and normal_word(word) not in _ENGLISH_WORDS
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. The syntax tree
 # ---------------------------------------------------------------------------------------------------------
@@ -746,13 +783,13 @@ class NounPhrase:
 @dataclass(frozen=True, slots=True)
 class Coordination:
     conjunction: Conjunction
-    items: tuple[NounPhrase | Pronoun, ...]  # two or more; pronouns only in subjects
+    items: tuple[NounPhrase | Pronoun | Name, ...]  # two or more; pronouns only in subjects
 
 
 @dataclass(frozen=True, slots=True)
 class PrepositionalPhrase:
     preposition: Preposition
-    object: NounPhrase
+    object: NounPhrase | Name
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,20 +797,21 @@ class VerbPhrase:
     verb: Verb
     tense: Tense
     negated: bool
-    object: NounPhrase | Pronoun | Coordination | None = None
-    adjunct: PrepositionalPhrase | None = None  # only when there is no noun-phrase object
+    object: NounPhrase | Pronoun | Coordination | Name | None = None
+    adjunct: PrepositionalPhrase | None = None  # only when the object is not a (coordinated) noun phrase
 
 
 @dataclass(frozen=True, slots=True)
 class RelativeClause:
     pronoun: str  # "that" or "who"; both become "que"
-    subject: NounPhrase | Pronoun | None  # None: the antecedent is the subject ("the dog that sees me")
+    subject: NounPhrase | Pronoun | Name | None  # None: the antecedent is the subject ("the dog that sees
+    # me")
     predicate: VerbPhrase  # has no object when `subject` is given: the antecedent is the object
 
 
 @dataclass(frozen=True, slots=True)
 class Clause:
-    subject: NounPhrase | Pronoun | Coordination
+    subject: NounPhrase | Pronoun | Coordination | Name
     predicate: VerbPhrase
 
 
@@ -783,7 +821,9 @@ class Sentence:
     conjunctions: tuple[Conjunction, ...]  # one fewer than clauses
 
 
-def _agreement(subject: NounPhrase | Pronoun | Coordination) -> Agreement:
+def _agreement(subject: NounPhrase | Pronoun | Coordination | Name) -> Agreement:
+    if isinstance(subject, Name):
+        return _THIRD_SG
     if isinstance(subject, NounPhrase):
         return _THIRD_SG if subject.number is _SG else _THIRD_PL
     if isinstance(subject, Pronoun):
@@ -809,10 +849,11 @@ class _Renderer:
     """Walks the tree in English word order, so each English word gets its position as it is emitted;
     every constituent returns its target words, which the caller may reorder."""
 
-    __slots__ = ("source",)
+    __slots__ = ("clause_joins", "source")
 
     def __init__(self) -> None:
         self.source: list[str] = []
+        self.clause_joins: list[int] = []  # positions of the conjunctions that join clauses (commas go there)
 
     def emit(self, word: str) -> int:
         self.source.append(word)
@@ -821,7 +862,9 @@ class _Renderer:
     def sentence(self, sentence: Sentence) -> list[_Token]:
         out = self.clause(sentence.clauses[0])
         for conjunction, clause in zip(sentence.conjunctions, sentence.clauses[1:], strict=True):
-            self._join(out, conjunction, self.emit(conjunction.english), self.clause(clause))
+            position = self.emit(conjunction.english)
+            self.clause_joins.append(position)
+            self._join(out, conjunction, position, self.clause(clause))
         return out
 
     @staticmethod
@@ -838,7 +881,7 @@ class _Renderer:
                 dropped, out = position, []
             else:
                 out = [(subject.spanish, (position,))]
-        elif isinstance(subject, NounPhrase):
+        elif isinstance(subject, NounPhrase | Name):
             out = self.noun_phrase(subject)
         else:
             out = self.coordination(subject)
@@ -852,8 +895,8 @@ class _Renderer:
             self._join(out, coordination.conjunction, position, self.conjunct(item))
         return out
 
-    def conjunct(self, item: NounPhrase | Pronoun) -> list[_Token]:
-        if isinstance(item, NounPhrase):
+    def conjunct(self, item: NounPhrase | Pronoun | Name) -> list[_Token]:
+        if isinstance(item, NounPhrase | Name):
             return self.noun_phrase(item)
         return [(item.spanish or "", (self.emit(item.english),))]  # coordinated pronouns are never "it"
 
@@ -890,7 +933,7 @@ class _Renderer:
             out.append(spanish_verb)
         else:
             out.append(spanish_verb)
-            if isinstance(obj, NounPhrase):
+            if isinstance(obj, NounPhrase | Name):
                 out.extend(self.noun_phrase(obj))
             elif obj is not None:
                 out.extend(self.coordination(obj))
@@ -898,7 +941,9 @@ class _Renderer:
             out.extend(self.prepositional_phrase(phrase.adjunct))
         return out
 
-    def noun_phrase(self, phrase: NounPhrase) -> list[_Token]:
+    def noun_phrase(self, phrase: NounPhrase | Name) -> list[_Token]:
+        if isinstance(phrase, Name):
+            return [(phrase.word, (self.emit(phrase.word),))]
         noun, number = phrase.noun, phrase.number
         cell = _cell(noun.gender, number)
         out: list[_Token] = []
@@ -992,11 +1037,20 @@ class _Parser:
     def _possessive_her(self) -> bool:
         """"her" is a determiner when a noun phrase continues after it ("her big dog"), else a pronoun."""
         following = self.peek(1)
-        return following in _NOUN_FORMS or following in _ADJECTIVE_WORDS or following in _NUMERAL_WORDS
+        return (following in _NOUN_FORMS or following in _ADJECTIVE_WORDS
+                or _numeral(following or "") is not None)
 
     def _starts_object(self) -> bool:
-        word = self.peek()
-        return word in _OBJECT_PRONOUNS or word in _DETERMINER_WORDS or word in _NUMERAL_WORDS
+        word = self.peek() or ""
+        return (word in _OBJECT_PRONOUNS or word in _DETERMINER_WORDS or _numeral(word) is not None
+                or _is_name(word))
+
+    def noun_or_name(self) -> NounPhrase | Name:
+        word = self.peek() or ""
+        if _is_name(word):
+            self.pos += 1
+            return Name(word)
+        return self.noun_phrase()
 
     # -- sentences and clauses ----------------------------------------------------------------------------
 
@@ -1017,7 +1071,7 @@ class _Parser:
         subject = self.subject()
         return Clause(subject, self.verb_phrase(_agreement(subject), start, top_level=True))
 
-    def subject(self) -> NounPhrase | Pronoun | Coordination:
+    def subject(self) -> NounPhrase | Pronoun | Coordination | Name:
         start = self.pos
         first = self.nominal()
         word = self.peek()
@@ -1040,9 +1094,11 @@ class _Parser:
                                    "coordination")
         return Coordination(conjunction, tuple(items))
 
-    def nominal(self) -> NounPhrase | Pronoun:
-        """A single subject: a subject pronoun or a noun phrase."""
+    def nominal(self) -> NounPhrase | Pronoun | Name:
+        """A single subject: a subject pronoun, a name or a noun phrase."""
         word = self.peek()
+        if _is_name(word or ""):
+            return self.noun_or_name()
         pronoun = _SUBJECT_PRONOUNS.get(word or "")
         if pronoun is not None:
             self.pos += 1
@@ -1051,7 +1107,7 @@ class _Parser:
         if pronoun is not None and not (word in _DETERMINER_WORDS and self._possessive_her()):
             raise GrammarError(f"'{word}' at position {self.pos} cannot be a subject "
                                f"(use '{pronoun.english}')")
-        if not (word in _DETERMINER_WORDS or word in _NUMERAL_WORDS or word in _NOUN_FORMS
+        if not (word in _DETERMINER_WORDS or _numeral(word or "") is not None or word in _NOUN_FORMS
                 or word in _ADJECTIVE_WORDS):
             raise GrammarError(f"expected a subject at position {self.pos} but {self.found()}")
         return self.noun_phrase()
@@ -1101,7 +1157,7 @@ class _Parser:
         verb_position = self.pos
         self.pos += 1
 
-        obj: NounPhrase | Pronoun | Coordination | None = None
+        obj: NounPhrase | Pronoun | Coordination | Name | None = None
         if gap:
             # "the cat that the dog sees": the antecedent is the object, so the verb must be able to take one.
             if verb.valency is Valency.INTRANSITIVE:
@@ -1130,13 +1186,13 @@ class _Parser:
             adjunct = self.prepositional_phrase()
         return VerbPhrase(verb, tense, negated, obj, adjunct)
 
-    def object(self, top_level: bool) -> NounPhrase | Pronoun | Coordination:
+    def object(self, top_level: bool) -> NounPhrase | Pronoun | Coordination | Name:
         word = self.peek() or ""
         pronoun = _OBJECT_PRONOUNS.get(word)
         if pronoun is not None and not (word in _DETERMINER_WORDS and self._possessive_her()):
             self.pos += 1
             return pronoun
-        first = self.noun_phrase()
+        first = self.noun_or_name()
         word = self.peek()
         if not top_level or (word != "and" and word != "or") or self._clause_follows():
             return first
@@ -1144,7 +1200,7 @@ class _Parser:
         items = [first]
         while self.peek() == conjunction.english and not self._clause_follows():
             self.pos += 1
-            items.append(self.noun_phrase())
+            items.append(self.noun_or_name())
         return Coordination(conjunction, tuple(items))
 
     def _clause_follows(self) -> bool:
@@ -1169,13 +1225,13 @@ class _Parser:
         numeral = None
         if determiner is not None:
             self.pos += 1
-            numeral = _NUMERAL_WORDS.get(self.peek() or "")
+            numeral = _numeral(self.peek() or "")
             if numeral is not None:
                 if not determiner.takes_numeral or numeral.value == 1:
                     raise GrammarError(f"'{numeral.english}' at position {self.pos} cannot follow '{word}'")
                 self.pos += 1
         else:
-            numeral = _NUMERAL_WORDS.get(word or "")
+            numeral = _numeral(word or "")
             if numeral is None:
                 if word in _NOUN_FORMS or word in _ADJECTIVE_WORDS:
                     raise GrammarError(f"expected a determiner before '{word}' at position {self.pos}")
@@ -1216,7 +1272,7 @@ class _Parser:
     def prepositional_phrase(self) -> PrepositionalPhrase:
         preposition = _PREPOSITION_WORDS[self.peek() or ""]
         self.pos += 1
-        return PrepositionalPhrase(preposition, self.noun_phrase())
+        return PrepositionalPhrase(preposition, self.noun_or_name())
 
     def relative_clause(self, antecedent: Agreement, antecedent_start: int) -> RelativeClause:
         pronoun = self.peek() or ""
@@ -1247,12 +1303,85 @@ def parse(sentence: str) -> Sentence:
     return _Parser(words).sentence()
 
 
-def translate(sentence: str) -> Pair:
-    """The reference translation, with its gold alignment, of any sentence the grammar can produce.
+# "don't" and its kin are read as their full forms; the curly apostrophe is the straight one (normal_word).
+_CONTRACTED_NEGATIONS = {"don't": ("do", "not"), "doesn't": ("does", "not"), "didn't": ("did", "not"),
+                         "won't": ("will", "not")}
+_OPENING = {"?": "¿", "!": "¡"}  # a Spanish question or exclamation opens with its own mark
+
+
+def translate(text: str) -> Pair:
+    """The reference translation, with its gold alignment, of a text as people type it.
+
+    A text is one or more sentences of the grammar, each optionally ended by `.`, `!` or `?`, with commas
+    only before a conjunction that joins two clauses. Capitals are free: the target's sentence starts with a
+    capital (or is in capitals) when the source's does; a capitalised word outside the lexicon is a name and a
+    number in digits a numeral, both copied. Source and target are written as `service.core.text` writes
+    tokens, and the alignment indexes its tokens (words and marks).
 
     Raises `GrammarError` naming the first unknown word or the first construction the grammar lacks.
     """
-    return render(parse(sentence))
+    if not isinstance(text, str):
+        raise TypeError(f"expected a string, got {type(text).__name__}")
+    typed = [token.text for token in split_tokens(text)]
+    if not typed:
+        raise GrammarError("empty input: expected an English sentence")
+    target: list[str] = []
+    alignment: list[tuple[int, ...]] = []
+    for start, end in sentence_spans(typed):
+        tokens = _translate_sentence(typed, start, end)
+        names = {word for word in typed[start:end] if _is_name(word)}
+        words = [word for word, _ in tokens]
+        kept = [word in names for word in words]
+        target.extend(apply_case(words, sentence_case(typed[start:end]), keep=kept.__getitem__))
+        alignment.extend(sources for _, sources in tokens)
+    return Pair(join_tokens(typed), join_tokens(target), tuple(alignment))
+
+
+def _translate_sentence(typed: list[str], start: int, end: int) -> list[_Token]:
+    """Target tokens of typed[start:end] (one sentence), their sources indexing `typed`."""
+    mark = end - 1 if typed[end - 1] in SENTENCE_ENDS else None
+    words: list[str] = []  # what the parser reads: lowercase, contractions expanded, names as typed
+    origin: list[int] = []  # the typed token behind each of them
+    commas: list[int] = []
+    for index in range(start, end if mark is None else mark):
+        word = typed[index]
+        if word == ",":
+            commas.append(index)
+            continue
+        if word in MARKS:
+            where = "one mark ends a sentence" if word in SENTENCE_ENDS else "English has no opening marks"
+            raise GrammarError(f"unexpected '{word}' at position {index}: {where}")
+        normal = normal_word(word)
+        expanded = _CONTRACTED_NEGATIONS.get(normal)
+        if expanded is not None:
+            words.extend(expanded)
+            origin.extend((index, index))
+            continue
+        if _is_name(word):
+            words.append(word)
+        elif normal in _ENGLISH_WORDS or is_number(word):
+            words.append(normal)
+        else:
+            raise GrammarError(f"unknown word '{word}' at position {index}")
+        origin.append(index)
+    if not words:
+        raise GrammarError(f"expected a sentence before '{typed[end - 1]}' at position {end - 1}")
+    renderer = _Renderer()
+    tokens = [(word, tuple(sorted({origin[p] for p in sources})))
+              for word, sources in renderer.sentence(_Parser(words).sentence())]
+    joins = {origin[p] for p in renderer.clause_joins}
+    for comma in commas:
+        if comma + 1 not in joins:
+            raise GrammarError(f"a comma (position {comma}) may only come before a conjunction that joins "
+                               "two clauses ('the dog runs, but the cat sleeps')")
+        conjunction = next(i for i, (_, sources) in enumerate(tokens) if sources == (comma + 1,))
+        tokens.insert(conjunction, (",", (comma,)))
+    if mark is not None:
+        tokens.append((typed[mark], (mark,)))
+        opening = _OPENING.get(typed[mark])
+        if opening is not None:
+            tokens.insert(0, (opening, (mark,)))
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1260,10 +1389,30 @@ def translate(sentence: str) -> Pair:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Names for the sampler: capitalised, outside both lexicons. Training texts use the first list; the `names`
+# split uses the second, so its names (and its numbers, 100 and above) never occur in training.
+TRAIN_NAMES = (
+    "Maria", "John", "Ana", "Peter", "Lucia", "Carlos", "Emma", "David", "Sofia", "Daniel", "Laura", "Pablo",
+    "Elena", "Marco", "Julia", "Diego", "Clara", "Hugo", "Nora", "Ivan", "Olga", "Hector", "Rosa", "Tobias",
+    "Alba", "Bruno", "Carmen", "Felix", "Greta", "Lorenzo", "Marta", "Nico", "Paula", "Raul", "Sara",
+    "Victor",
+    "London", "Madrid", "Paris", "Berlin", "Lima", "Quito", "Oslo", "Rome",
+)
+HELD_OUT_NAMES = (
+    "Beatriz", "Gonzalo", "Ximena", "Wolfgang", "Kenji", "Amara", "Thandiwe", "Dmitri", "Fiona", "Yusuf",
+    "Ingrid", "Mateo", "Zoe", "Rafael", "Aiko", "Bogdan", "Catalina", "Eduardo", "Henrik", "Imani", "Jorge",
+    "Katya", "Leandro", "Mireille", "Octavio", "Priya", "Quentin", "Sven", "Tatiana", "Ulrich", "Valentina",
+    "Wanjiru", "Yolanda", "Zeynep", "Nairobi", "Toronto", "Bogota", "Kyoto", "Dublin", "Santiago",
+)
+TRAIN_NUMBERS = (0, 99)  # numbers in digits in training texts ("1" is singular, the rest plural)
+HELD_OUT_NUMBERS = (100, 99_999)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplerConfig:
     """Probabilities of the sampler.  Lengths are steered by `max_depth`, `p_modifier`, `modifier_decay`
-    and the clause / coordination probabilities, and bounded by rejection to [min_words, max_words]."""
+    and the clause / coordination probabilities, and bounded by rejection to [min_words, max_words] tokens
+    (words and marks) per text."""
 
     min_words: int = 3
     max_words: int = 40
@@ -1284,20 +1433,46 @@ class SamplerConfig:
     p_plural: float = 0.35
     p_numeral: float = 0.12
     p_negation: float = 0.2
+    # Names and numbers.
+    p_name: float = 0.0  # a subject, object or prepositional object is a name
+    p_digits: float = 0.0  # a numeral is written in digits
+    held_out: bool = False  # names and numbers from the held-out lists
+    # The surface: how people write the sentence.
+    p_capital: float = 0.0  # a sentence starts with a capital
+    p_upper: float = 0.0  # a sentence is written in capitals
+    p_final_mark: float = 0.0  # a sentence ends with a mark: "." mostly, "?" and "!" too
+    p_question: float = 0.2  # share of final marks that are "?" ...
+    p_exclamation: float = 0.1  # ... and "!"
+    p_comma: float = 0.0  # a comma before a conjunction that joins clauses
+    p_contraction: float = 0.0  # "do not" written "don't" (and kin)
+    p_curly: float = 0.25  # share of contractions typed with the curly apostrophe
+    p_more_sentences: float = 0.0  # after each sentence, chance of one more in the same text
+    max_sentences: int = 3
 
     def __post_init__(self) -> None:
-        # Sampling rejects sentences outside the bounds, so impossible bounds would never return.
+        # Sampling rejects texts outside the bounds, so impossible bounds would never return.
         if not 2 <= self.min_words <= self.max_words:
             raise ValueError(f"need 2 <= min_words <= max_words, got {self.min_words} and {self.max_words}")
 
 
 DEFAULT_SAMPLER = SamplerConfig()
-LONG_MAX_WORDS = 45
-TRAIN_MAX_WORDS = 30
-# Longer than anything in train: more clauses, deeper nesting, fewer pronouns.
-LONG_SAMPLER = SamplerConfig(min_words=TRAIN_MAX_WORDS + 1, max_words=LONG_MAX_WORDS, p_more_clauses=0.55,
-                             max_depth=4, p_modifier=0.55, modifier_decay=0.7, p_subject_pronoun=0.2,
-                             p_object_pronoun=0.15, p_coordination=0.25, p_adjective=0.4)
+TRAIN_MAX_WORDS = 40
+LONG_MIN_WORDS, LONG_MAX_WORDS = 50, 60  # 1.25-1.5x the longest training text
+# Text as people type it, in the proportions the training data holds them.
+_USER_SURFACE = {"p_capital": 0.6, "p_upper": 0.03, "p_final_mark": 0.6, "p_comma": 0.5,
+                 "p_contraction": 0.5, "p_more_sentences": 0.12}
+TRAIN_SAMPLER = SamplerConfig(max_words=TRAIN_MAX_WORDS, p_name=0.08, p_digits=0.35, **_USER_SURFACE)
+# Every text typed like a person would: capitals, marks, commas, contractions, often several sentences.
+USER_SAMPLER = SamplerConfig(max_words=TRAIN_MAX_WORDS, p_capital=0.9, p_upper=0.1, p_final_mark=1.0,
+                             p_comma=0.8, p_contraction=0.7, p_more_sentences=0.35, p_negation=0.35)
+# Names and numbers that training never saw, in texts typed like people do.
+NAMES_SAMPLER = SamplerConfig(max_words=TRAIN_MAX_WORDS, p_name=0.35, p_digits=1.0, p_numeral=0.3,
+                              held_out=True, **_USER_SURFACE)
+# Longer than anything in train (one sentence): more clauses, deeper nesting, fewer pronouns.
+LONG_SAMPLER = SamplerConfig(min_words=LONG_MIN_WORDS, max_words=LONG_MAX_WORDS, p_more_clauses=0.6,
+                             max_depth=4, p_modifier=0.6, modifier_decay=0.7, p_subject_pronoun=0.2,
+                             p_object_pronoun=0.15, p_coordination=0.25, p_adjective=0.4, p_name=0.08,
+                             p_digits=0.35, **{**_USER_SURFACE, "p_more_sentences": 0.0})
 
 _ANIMATE_NOUNS = tuple(noun for noun in NOUNS if noun.kind is not _THING)
 _VERBS_WITH_OBJECT = tuple(verb for verb in VERBS if verb.valency is not Valency.INTRANSITIVE)
@@ -1308,6 +1483,7 @@ _SINGULAR_DETERMINERS = tuple(d for d in DETERMINERS if d.number is not _PL)
 _PLURAL_DETERMINERS = tuple(d for d in DETERMINERS if d.number is not _SG)
 _NUMERAL_DETERMINERS = tuple(d for d in DETERMINERS if d.takes_numeral)
 _ONE, _PLURAL_NUMERALS = NUMERALS[0], NUMERALS[1:]
+_NEGATION_AUXILIARIES = {"do": "don't", "does": "doesn't", "did": "didn't", "will": "won't"}
 
 
 class _Sampler:
@@ -1317,6 +1493,8 @@ class _Sampler:
     def __init__(self, rng: random.Random, config: SamplerConfig) -> None:
         self.rng = rng
         self.config = config
+        self.names = HELD_OUT_NAMES if config.held_out else TRAIN_NAMES
+        self.numbers = HELD_OUT_NUMBERS if config.held_out else TRAIN_NUMBERS
 
     def sentence(self) -> Sentence:
         rng, config = self.rng, self.config
@@ -1329,20 +1507,23 @@ class _Sampler:
 
     def clause(self, last: bool) -> Clause:
         if self.rng.random() < self.config.p_coordination:
-            subject: NounPhrase | Pronoun | Coordination = self.coordinated_subject()
+            subject: NounPhrase | Pronoun | Coordination | Name = self.coordinated_subject()
         else:
             subject = self.nominal(0)
         return Clause(subject, self.verb_phrase(0, coordinate_object=last))
 
-    def nominal(self, depth: int) -> NounPhrase | Pronoun:
+    def name(self) -> Name | None:
+        return Name(self.rng.choice(self.names)) if self.rng.random() < self.config.p_name else None
+
+    def nominal(self, depth: int) -> NounPhrase | Pronoun | Name:
         if self.rng.random() < self.config.p_subject_pronoun:
             return self.rng.choice(PRONOUNS)
-        return self.noun_phrase(depth, _ANIMATE_NOUNS)
+        return self.name() or self.noun_phrase(depth, _ANIMATE_NOUNS)
 
     def coordinated_subject(self) -> Coordination:
         rng = self.rng
         conjunction = _AND if rng.random() < 0.75 else _OR
-        items: list[NounPhrase | Pronoun] = []
+        items: list[NounPhrase | Pronoun | Name] = []
         for _ in range(2 if rng.random() < 0.8 else 3):
             # Pronouns join only with "and": "or" would make English agreement ("you or i am") awkward.
             if conjunction is _AND and rng.random() < self.config.p_subject_pronoun / 2:
@@ -1350,7 +1531,7 @@ class _Sampler:
                 if pronoun not in items:
                     items.append(pronoun)
                     continue
-            items.append(self.noun_phrase(0, _ANIMATE_NOUNS))
+            items.append(self.name() or self.noun_phrase(0, _ANIMATE_NOUNS))
         if _I in items[:-1]:  # English puts the speaker last: "the dog and i"
             items.remove(_I)
             items.append(_I)
@@ -1363,7 +1544,7 @@ class _Sampler:
         negated = rng.random() < config.p_negation
         if gap:
             return VerbPhrase(verb, tense, negated)
-        obj: NounPhrase | Pronoun | Coordination | None = None
+        obj: NounPhrase | Pronoun | Coordination | Name | None = None
         valency = verb.valency
         if valency is Valency.TRANSITIVE or (valency is Valency.OPTIONAL and rng.random() < config.p_object):
             if rng.random() < config.p_object_pronoun:
@@ -1371,12 +1552,14 @@ class _Sampler:
             elif coordinate_object and rng.random() < config.p_coordination:
                 conjunction = _AND if rng.random() < 0.75 else _OR
                 count = 2 if rng.random() < 0.8 else 3
-                obj = Coordination(conjunction, tuple(self.noun_phrase(depth, NOUNS) for _ in range(count)))
+                obj = Coordination(conjunction, tuple(self.name() or self.noun_phrase(depth, NOUNS)
+                                                      for _ in range(count)))
             else:
-                obj = self.noun_phrase(depth, NOUNS)
+                obj = self.name() or self.noun_phrase(depth, NOUNS)
         adjunct = None
         if not isinstance(obj, NounPhrase | Coordination) and rng.random() < config.p_adjunct:
-            adjunct = PrepositionalPhrase(rng.choice(PREPOSITIONS), self.noun_phrase(depth + 1, NOUNS))
+            adjunct = PrepositionalPhrase(rng.choice(PREPOSITIONS),
+                                          self.name() or self.noun_phrase(depth + 1, NOUNS))
         return VerbPhrase(verb, tense, negated, obj, adjunct)
 
     def noun_phrase(self, depth: int, nouns: tuple[Noun, ...]) -> NounPhrase:
@@ -1393,15 +1576,22 @@ class _Sampler:
             if rng.random() < config.p_relative:
                 modifier = self.relative_clause(depth + 1, noun)
             else:
-                modifier = PrepositionalPhrase(rng.choice(PREPOSITIONS), self.noun_phrase(depth + 1, NOUNS))
+                modifier = PrepositionalPhrase(rng.choice(PREPOSITIONS),
+                                               self.name() or self.noun_phrase(depth + 1, NOUNS))
         return NounPhrase(determiner, numeral, adjectives, noun, number, modifier)
 
     def determiner(self, number: Number) -> tuple[Determiner | None, Numeral | None]:
         rng = self.rng
         if rng.random() < self.config.p_numeral:
+            digits = rng.random() < self.config.p_digits
             if number is _SG:
-                return None, _ONE
-            numeral = rng.choice(_PLURAL_NUMERALS)
+                return None, _digits_numeral("1") if digits else _ONE
+            if digits:
+                low, high = self.numbers
+                value = rng.randint(low, high)
+                numeral = _digits_numeral(str(value if value != 1 else 2))
+            else:
+                numeral = rng.choice(_PLURAL_NUMERALS)
             return (rng.choice(_NUMERAL_DETERMINERS) if rng.random() < 0.4 else None), numeral
         if rng.random() < 0.45:  # "the" is by far the most common determiner
             return _THE, None
@@ -1416,27 +1606,76 @@ class _Sampler:
             return RelativeClause(pronoun, subject, self.verb_phrase(depth, gap=True))
         return RelativeClause(pronoun, None, self.verb_phrase(depth))
 
+    def surface(self, sentence: Sentence) -> list[str]:
+        """The sentence's tokens as a person might type them."""
+        rng, config = self.rng, self.config
+        renderer = _Renderer()
+        renderer.sentence(sentence)
+        words, joins = renderer.source, set(renderer.clause_joins)
+        typed: list[str] = []
+        index = 0
+        while index < len(words):
+            word = words[index]
+            following = words[index + 1] if index + 1 < len(words) else None
+            if (following == _NOT and word in _NEGATION_AUXILIARIES
+                    and rng.random() < config.p_contraction):
+                contracted = _NEGATION_AUXILIARIES[word]
+                curly = rng.random() < config.p_curly
+                typed.append(contracted.replace("'", "\u2019") if curly else contracted)
+                index += 2
+                continue
+            if index in joins and rng.random() < config.p_comma:
+                typed.append(",")
+            typed.append(word)
+            index += 1
+        if rng.random() < config.p_upper:
+            typed = [word.upper() for word in typed]
+        elif rng.random() < config.p_capital:
+            typed[0] = typed[0][:1].upper() + typed[0][1:]
+        if rng.random() < config.p_final_mark:
+            draw = rng.random()
+            typed.append("?" if draw < config.p_question
+                         else "!" if draw < config.p_question + config.p_exclamation else ".")
+        return typed
 
-def _sample(rng: random.Random, config: SamplerConfig) -> tuple[Sentence, Pair]:
+    def text(self) -> str:
+        """One or more sentences as a person might type them."""
+        typed = self.surface(self.sentence())
+        count = 1
+        while count < self.config.max_sentences and self.rng.random() < self.config.p_more_sentences:
+            if typed[-1] not in SENTENCE_ENDS:  # a sentence that another follows needs its end mark
+                typed.append(".")
+            typed.extend(self.surface(self.sentence()))
+            count += 1
+        return join_tokens(typed)
+
+
+def _sample(rng: random.Random, config: SamplerConfig) -> Pair:
     while True:  # rejection keeps the length inside the configured bounds
-        tree = _Sampler(rng, config).sentence()
-        pair = render(tree)
-        length = pair.source.count(" ") + 1
-        if config.min_words <= length <= config.max_words:
-            return tree, pair
+        text = _Sampler(rng, config).text()
+        pair = translate(text)
+        length = len(split_tokens(pair.source))
+        # Held-out names and numbers are what such a text is for: one without any is drawn again.
+        copies = not config.held_out or any(is_number(w) or _is_name(w) for w in pair.source.split())
+        if config.min_words <= length <= config.max_words and copies:
+            return pair
 
 
 def sample_tree(rng: random.Random, config: SamplerConfig = DEFAULT_SAMPLER) -> Sentence:
-    return _sample(rng, config)[0]
+    """One sentence's tree (no surface: what `render` turns into lowercase words)."""
+    while True:
+        tree = _Sampler(rng, config).sentence()
+        if config.min_words <= len(render(tree).source.split()) <= config.max_words:
+            return tree
 
 
 def sample_pair(rng: random.Random, config: SamplerConfig = DEFAULT_SAMPLER) -> Pair:
-    """A random sentence pair; consumes `rng` exactly like `sample_tree` and `sample_sentence`."""
-    return _sample(rng, config)[1]
+    """A random text and its reference translation, typed as the config's surface probabilities say."""
+    return _sample(rng, config)
 
 
 def sample_sentence(rng: random.Random, config: SamplerConfig = DEFAULT_SAMPLER) -> str:
-    return _sample(rng, config)[1].source
+    return _sample(rng, config).source
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1444,17 +1683,20 @@ def sample_sentence(rng: random.Random, config: SamplerConfig = DEFAULT_SAMPLER)
 # ---------------------------------------------------------------------------------------------------------
 
 SPLIT_SEEDS: dict[str, int] = {"train": 20_240_101, "valid": 20_240_202, "test": 20_240_303,
-                               "long": 20_240_404}
-DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 200_000, "valid": 1_000, "test": 1_000, "long": 500}
+                               "long": 20_240_404, "user": 20_240_505, "names": 20_240_606}
+DEFAULT_SPLIT_SIZES: dict[str, int] = {"train": 200_000, "valid": 1_000, "test": 1_000, "long": 500,
+                                       "user": 1_000, "names": 1_000}
 _SPLIT_SAMPLERS: dict[str, SamplerConfig] = {
-    "train": SamplerConfig(max_words=TRAIN_MAX_WORDS),
-    "valid": SamplerConfig(max_words=TRAIN_MAX_WORDS),
-    "test": SamplerConfig(max_words=TRAIN_MAX_WORDS),
+    "train": TRAIN_SAMPLER,
+    "valid": TRAIN_SAMPLER,
+    "test": TRAIN_SAMPLER,
     "long": LONG_SAMPLER,
+    "user": USER_SAMPLER,
+    "names": NAMES_SAMPLER,
 }
-# Which held-out splits (at their default size and seed) a split must not share a sentence with.
-_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("valid", "test", "long"), "valid": (), "test": ("valid",),
-                                         "long": ()}
+# Which held-out splits (at their default size and seed) a split must not share a text with.
+_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("valid", "test", "long", "user", "names"), "valid": (),
+                                         "test": ("valid",), "long": (), "user": (), "names": ()}
 
 
 @cache
@@ -1466,13 +1708,13 @@ def _generate(name: str, size: int, seed: int) -> tuple[Pair, ...]:
     excluded: set[str] = set()
     for other in _EXCLUDES[name]:
         excluded |= _held_out_sources(other)
-    # Held-out splits hold distinct sentences; train keeps the natural repetition of short sentences.
+    # Held-out splits hold distinct texts; train keeps the natural repetition of short sentences.
     distinct = name != "train"
     rng = random.Random(seed)
     config = _SPLIT_SAMPLERS[name]
     pairs: list[Pair] = []
     while len(pairs) < size:
-        pair = _sample(rng, config)[1]
+        pair = _sample(rng, config)
         if pair.source in excluded:
             continue
         if distinct:
@@ -1482,11 +1724,11 @@ def _generate(name: str, size: int, seed: int) -> tuple[Pair, ...]:
 
 
 def generate_split(name: str, size: int | None = None, *, seed: int | None = None) -> list[Pair]:
-    """The fixed `train`, `valid`, `test` or `long` split (a smaller `size` gives a prefix of the default).
-
-    train/valid/test sentences have at most TRAIN_MAX_WORDS words, `long` ones more (up to LONG_MAX_WORDS).
-    Train holds no sentence of the default valid, test and long splits, and test none of valid.  `seed`
-    replaces the split's seed in SPLIT_SEEDS (the exclusions still refer to the default held-out splits).
+    """A fixed split (a smaller `size` gives a prefix of the default): `train`, `valid` and `test` mix plain
+    and user-typed text with names and numbers, up to TRAIN_MAX_WORDS tokens; `user` is all user-typed text;
+    `names` has names and numbers absent from training; `long` is LONG_MIN_WORDS..LONG_MAX_WORDS tokens long.
+    Train holds no text of the held-out splits, and test none of valid.  `seed` replaces the split's seed in
+    SPLIT_SEEDS (the exclusions still refer to the default held-out splits).
     """
     if name not in SPLIT_SEEDS:
         raise ValueError(f"unknown split '{name}': expected one of {', '.join(SPLIT_SEEDS)}")
@@ -1498,7 +1740,7 @@ def generate_split(name: str, size: int | None = None, *, seed: int | None = Non
 
 def lexicon_words() -> tuple[set[str], set[str]]:
     """Every word an English sentence and a target sentence can contain, for building vocabularies."""
-    english = set(_ENGLISH_WORDS)
+    english = {*_ENGLISH_WORDS, *_CONTRACTED_NEGATIONS}
     target = {_NEGATION_SPANISH, _RELATIVE_SPANISH, *_CONTRACTIONS.values()}
     for noun in NOUNS:
         target.update((noun.spanish, noun.spanish_plural))
@@ -1518,3 +1760,7 @@ def lexicon_words() -> tuple[set[str], set[str]]:
         target.add(conjunction.spanish)
     target.update(("e", "u"))  # "y"/"o" before /i/ and /o/ sounds
     return english, target
+
+
+if {name.lower() for name in TRAIN_NAMES + HELD_OUT_NAMES} & {w for words in lexicon_words() for w in words}:
+    raise RuntimeError("toy names: a name is also a word of the lexicon, so it would not read as a name")

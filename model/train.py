@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from model.checkpoint import load_optimizer, save_checkpoint, save_optimizer
-from model.data import Example, encode_examples, read_tsv, token_batches, toy_split
+from model.data import Example, encode_examples, read_tsv, token_batches, toy_model_texts, toy_split
 from model.evaluate import corpus_scores, translate_texts
 from model.tokenizer import build_bpe, build_word_level
 from model.toy_language import SPLIT_SEEDS
@@ -39,7 +39,7 @@ class TrainConfig:
     # Data: the toy language unless `train_tsv` names a corpus of `source<TAB>target` lines.
     train_tsv: str | None = None
     valid_tsv: str | None = None
-    train_size: int = 100_000
+    train_size: int = 120_000
     valid_size: int = 500
     bpe_vocab_size: int = 8000
     # Model.
@@ -53,10 +53,16 @@ class TrainConfig:
     max_tokens: int = 4096
     learning_rate: float = 2e-3
     warmup_steps: int = 300
+    # After warm-up: "linear" (down to 5% at the last planned step) or "inverse_sqrt" (lr / sqrt(step)).
+    schedule: str = "linear"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
+    # Each batch's source and target positions start at one random offset up to this (0: no shift), meant
+    # to let the model hold up beyond its longest training text; measured to slow learning several-fold
+    # here, so off by default (docs/decisions/long-sentences.md).
+    position_shift: int = 0
     epochs: int = 6
     max_minutes: float | None = None  # stop (after saving) once this much training time has passed
     seed: int = 1234
@@ -71,6 +77,10 @@ class TrainConfig:
                         "epochs", "threads")
         found = [f"--{name.replace('_', '-')} must be at least 1" for name in at_least_one
                  if getattr(self, name) < 1]
+        if self.schedule not in SCHEDULES:
+            found.append(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.position_shift < 0:
+            found.append("--position-shift must be at least 0")
         if self.d_model >= 1 and self.n_heads >= 1 and self.d_model % self.n_heads:
             found.append(f"--d-model ({self.d_model}) must be a multiple of --n-heads ({self.n_heads})")
         for name, low, high in (("dropout", 0.0, 1.0), ("label_smoothing", 0.0, 1.0)):
@@ -146,6 +156,18 @@ def inverse_sqrt_schedule(step: int, warmup_steps: int) -> float:
     return min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
+def linear_schedule(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1, then a straight line down to 0.05 at `total_steps`."""
+    step = max(step, 1)
+    if step <= warmup_steps:
+        return step / warmup_steps
+    done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - 0.95 * done
+
+
+SCHEDULES = ("inverse_sqrt", "linear")
+
+
 def main(argv: list[str] | None = None) -> None:
     run_command("translator-train", lambda: _main(argv))
 
@@ -171,10 +193,10 @@ def _main(argv: list[str] | None) -> None:
             (t for e in train_examples for t in (e.source, e.target)), config.bpe_vocab_size
         )
     else:
-        vocabulary = build_word_level(t for e in train_examples for t in (e.source, e.target))
+        vocabulary = build_word_level(toy_model_texts(train_examples), text_rules=True)
     if rank == 0:
         vocabulary.save(out_dir / "tokenizer.json")
-    train_pairs = encode_examples(vocabulary, train_examples)
+    train_pairs = encode_examples(vocabulary, train_examples, seed=config.seed)
     n_target = sum(len(p.target) - 1 for p in train_pairs)
     log(
         f"data: {len(train_pairs)} training pairs ({n_target} target tokens), "
@@ -243,19 +265,26 @@ def _main(argv: list[str] | None) -> None:
             dynamic_ncols=True,
         )
         epoch_start, tokens_seen, loss_sum = time.time(), 0, 0.0
+        shifts = random.Random(config.seed * 1_000_003 + epoch + 7)
         for batch in bar:
             src = torch.from_numpy(batch.src_ids)
             tgt = torch.from_numpy(batch.tgt_ids)
-            logits = trainable(src, tgt[:, :-1])
+            room = model_config.max_positions - max(src.shape[1], tgt.shape[1])
+            shift = min(config.position_shift, room)
+            offset = shifts.randint(0, shift)  # source and target alike: target j, source i stay j - i apart
+            logits = trainable(src, tgt[:, :-1], offset, offset)
             loss = F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)),
                 tgt[:, 1:].reshape(-1),
                 ignore_index=vocabulary.pad_id,
                 label_smoothing=config.label_smoothing,
             )
-            learning_rate = config.learning_rate * inverse_sqrt_schedule(
-                progress["step"] + 1, config.warmup_steps
-            )
+            if config.schedule == "linear":
+                total = len(batches) * config.epochs
+                factor = linear_schedule(progress["step"] + 1, config.warmup_steps, total)
+            else:
+                factor = inverse_sqrt_schedule(progress["step"] + 1, config.warmup_steps)
+            learning_rate = config.learning_rate * factor
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
             optimizer.zero_grad(set_to_none=True)

@@ -379,8 +379,8 @@ class Transformer(nn.Module):
 
     # -- encoder ---------------------------------------------------------------------------------------
 
-    def _encode(self, src_ids: Tensor, src_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x = self._embed(self.src_embed, src_ids)
+    def _encode(self, src_ids: Tensor, src_mask: Tensor, offset: int = 0) -> tuple[Tensor, list[Tensor]]:
+        x = self._embed(self.src_embed, src_ids, offset)
         weights = []
         for layer in self.encoder_layers:
             x, layer_weights = layer(x, src_mask)
@@ -444,10 +444,10 @@ class Transformer(nn.Module):
     # -- decoder ---------------------------------------------------------------------------------------
 
     def _decode(
-        self, tgt_in_ids: Tensor, memory: Tensor, src_mask: Tensor
+        self, tgt_in_ids: Tensor, memory: Tensor, src_mask: Tensor, offset: int = 0
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Whole prefix without cache -> (hidden [B,T,D], self weights, cross weights) per layer."""
-        x = self._embed(self.tgt_embed, tgt_in_ids)
+        x = self._embed(self.tgt_embed, tgt_in_ids, offset)
         # Causal mask only: target padding is on the right, so a real position never sees a pad anyway,
         # and the pad positions' outputs are ignored by the loss.
         tgt_mask = causal_mask(tgt_in_ids.shape[1], tgt_in_ids.device)
@@ -458,11 +458,17 @@ class Transformer(nn.Module):
             cross_weights.append(layer_cross)
         return self.decoder_norm(x), self_weights, cross_weights
 
-    def forward(self, src_ids: Tensor, tgt_in_ids: Tensor) -> Tensor:
-        """Training: src_ids [B,S], tgt_in_ids [B,T] (starting with <s>) -> logits [B,T,V]."""
+    def forward(
+        self, src_ids: Tensor, tgt_in_ids: Tensor, src_offset: int = 0, tgt_offset: int = 0
+    ) -> Tensor:
+        """Training: src_ids [B,S], tgt_in_ids [B,T] (starting with <s>) -> logits [B,T,V].
+
+        The offsets shift the positions of a batch's source and target (training only: inference always
+        starts at 0). Random shifts teach the model that only distances between positions matter, so that
+        positions past the longest training sentence hold up (docs/decisions/long-sentences.md)."""
         src_mask = self.padding_mask(src_ids)
-        memory, _ = self._encode(src_ids, src_mask)
-        hidden, _, _ = self._decode(tgt_in_ids, memory, src_mask)
+        memory, _ = self._encode(src_ids, src_mask, src_offset)
+        hidden, _, _ = self._decode(tgt_in_ids, memory, src_mask, tgt_offset)
         return self.generator(hidden)
 
     def decode_full(

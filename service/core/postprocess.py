@@ -36,9 +36,10 @@ def finish(
     lengths); maps computed for another reason (replace_unknowns, the quality metrics) are left out."""
     ids = list(hypothesis.tokens)
     target_tokens = vocabulary.tokens(ids) + ([EOS] if hypothesis.finished else [])
-    text = vocabulary.decode(ids)
+    words = None
     if options.replace_unknowns and vocabulary.unk_id in ids and hypothesis.cross_attention is not None:
-        text = replace_unknowns(vocabulary, ids, source, hypothesis.cross_attention)
+        words = replace_unknowns(vocabulary, ids, source, hypothesis.cross_attention)
+    text = vocabulary.decode(ids, source, words)
     wanted = options.attention
     return Translation(
         text=text,
@@ -56,8 +57,9 @@ def finish(
 
 def replace_unknowns(
     vocabulary: Vocabulary, ids: list[int], source: EncodedText, cross_attention: np.ndarray
-) -> str:
-    """Each generated <unk> becomes the source word its mean cross-attention points to most."""
+) -> list[str]:
+    """One word per id: each generated <unk> becomes the source word its mean cross-attention points to
+    most."""
     mean = cross_attention.mean(axis=(0, 1))[:, :-1]  # the source </s> is not a word to copy
     words = []
     for position, token_id in enumerate(ids):
@@ -65,4 +67,4 @@ def replace_unknowns(
             words.append(source.pieces[int(mean[position].argmax())])
         else:
             words.append(vocabulary.decode([token_id]))
-    return " ".join(w for w in words if w)
+    return words

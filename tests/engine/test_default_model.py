@@ -62,12 +62,13 @@ def test_the_repository_holds_the_checkpoint_it_was_exported_from(checkpoint: Ch
     assert metrics["test"]["bleu"] >= 98 and metrics["test"]["exact_match"] >= 0.95, metrics["test"]
 
 
-@pytest.mark.parametrize("beam_size", [1, 4])
-def test_engine_equals_pytorch_on_500_test_sentences(
-    engine: Engine, checkpoint: Checkpoint, beam_size: int
+@pytest.mark.parametrize(("split", "beam_size"), [("test", 1), ("test", 4), ("user", 1), ("names", 1),
+                                                  ("long", 1)])
+def test_engine_equals_pytorch_on_500_sentences_of_each_split(
+    engine: Engine, checkpoint: Checkpoint, split: str, beam_size: int
 ) -> None:
     model, vocabulary, _ = checkpoint
-    sources = [vocabulary.encode_source(e.source).ids for e in toy_split("test", PARITY_SENTENCES)]
+    sources = [vocabulary.encode_source(e.source).ids for e in toy_split(split, PARITY_SENTENCES)]
     ours: list = []
     reference: list = []
     for start in range(0, len(sources), 100):

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data import EncodedPair, read_tsv, token_batches
+from model.data import EncodedPair, encode_examples, read_tsv, token_batches, toy_model_texts, toy_split
 from model.tokenizer import build_bpe, build_word_level
+from model.toy_language import lexicon_words
+from service.core.text import SLOT_TOKENS
 from service.core.vocabulary import EmptyTextError, Vocabulary
 
 CORPUS = ["the big dog sees the cat", "el perro grande ve el gato", "i see her", "yo la veo"]
@@ -90,3 +92,33 @@ def test_a_source_of_invisible_characters_is_a_malformed_line(tmp_path: Path) ->
     path.write_text("the dog\tel perro\n\u200b\tla vaca\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"pairs.tsv:2: expected 'source<TAB>target'"):
         read_tsv(path)
+
+
+@pytest.mark.parametrize("split", ["test", "user", "names", "long"])
+def test_text_rules_round_trip_every_reference(split: str) -> None:
+    """Model tokens of a reference, turned back into text against its source, give the reference again:
+    training, evaluation and serving read and write text the same way."""
+    english, spanish = lexicon_words()
+    vocabulary = build_word_level([" ".join(sorted(english | spanish)), "1"], text_rules=True)
+    assert vocabulary.text_rules
+    for example in toy_split(split, 300):
+        source = vocabulary.encode_source(example.source)
+        ids = vocabulary.encode_target(example.target, source)
+        assert vocabulary.unk_id not in ids and not source.unknown_words, example
+        assert vocabulary.decode(ids, source) == example.target
+
+
+def test_slot_renumbering_is_the_same_on_both_sides() -> None:
+    examples = toy_split("names", 200)
+    vocabulary = build_word_level(toy_model_texts(examples), text_rules=True)
+    plain, shuffled = encode_examples(vocabulary, examples), encode_examples(vocabulary, examples, seed=3)
+    slot_ids = {vocabulary.tokenizer.token_to_id(t) for t in SLOT_TOKENS}
+    moved = 0
+    for before, after in zip(plain, shuffled, strict=True):
+        mapping: dict[int, int] = {}
+        for row_before, row_after in ((before.source, after.source), (before.target, after.target)):
+            for a, b in zip(row_before.tolist(), row_after.tolist(), strict=True):
+                assert (a in slot_ids) == (b in slot_ids) and (a in slot_ids or a == b)
+                assert mapping.setdefault(a, b) == b  # one renumbering per pair, on both sides
+        moved += any(a != b for a, b in mapping.items())
+    assert moved > 100

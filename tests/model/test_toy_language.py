@@ -14,6 +14,7 @@ import pytest
 
 from model import toy_language as tl
 from model.toy_language import GrammarError, Pair, translate
+from service.core.text import sentence_spans, split_tokens
 from tests.conftest import ROOT
 
 
@@ -121,7 +122,53 @@ def test_coordination_is_resolved_by_the_words() -> None:
 
 
 def test_whitespace_and_case_are_normalised() -> None:
-    assert translate("  I   See\tHER ") == translate("i see her")
+    assert translate("  i   See\tHER ") == translate("i see her")
+    assert translate("  I   See\tHER ").target == "Yo la veo"
+
+
+# -- text as people type it ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("The dog sees the cat.", "El perro ve el gato."),
+    ("I see her!", "¡Yo la veo!"),
+    ("She does not see me?", "¿Ella no me ve?"),
+    ("the dog doesn't see the cat", "el perro no ve el gato"),
+    ("the dog doesn\u2019t see the cat", "el perro no ve el gato"),
+    ("It won't run. They didn't see me!", "No correrá. ¡Ellos no me vieron!"),
+    ("THE DOG SEES THE CAT.", "EL PERRO VE EL GATO."),
+    ("The dog runs, but the cat sleeps.", "El perro corre, pero el gato duerme."),
+    ("Maria sees John and the 3 dogs.", "Maria ve John y los 3 perros."),
+    ("maria sees 1 dog", None),  # a lowercase unknown word is not a name
+    ("I see 1 dog and 12 cats.", "Yo veo 1 perro y 12 gatos."),
+    ("i see the dog. The dog sees Maria? MARIA RUNS!", "yo veo el perro. ¿El perro ve Maria? ¡MARIA CORRE!"),
+])
+def test_text_as_people_type_it(text: str, expected: str | None) -> None:
+    if expected is None:
+        with pytest.raises(GrammarError, match="unknown word 'maria'"):
+            translate(text)
+    else:
+        assert translate(text).target == expected
+
+
+def test_user_text_alignment_indexes_tokens() -> None:
+    pair = translate("Maria doesn't see 3 dogs, but I run?")
+    # ¿ Maria no ve 3 perros , pero yo corro ?
+    assert pair.alignment == ((9,), (0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("the dog, runs", "a comma (position 2) may only come before a conjunction that joins two clauses"),
+    ("i see the dog, and the cat", "may only come before a conjunction that joins two clauses"),
+    ("the dog runs?!", "unexpected '?' at position 3: one mark ends a sentence"),
+    ("¿the dog runs?", "English has no opening marks"),
+    ("the dog runs. .", "expected a sentence before '.'"),
+    ("the dog runs; the cat sleeps", "unknown word 'runs;'"),
+])
+def test_user_text_errors_name_the_problem(text: str, message: str) -> None:
+    with pytest.raises(GrammarError) as error:
+        translate(text)
+    assert message in str(error.value)
 
 
 # -- errors -------------------------------------------------------------------------------------------------
@@ -129,7 +176,7 @@ def test_whitespace_and_case_are_normalised() -> None:
 
 @pytest.mark.parametrize(("sentence", "message"), [
     ("the big xylophone runs", "unknown word 'xylophone' at position 2"),
-    ("the dog runs .", "unknown word '.' at position 3"),
+    ("the dog runs -", "unknown word '-' at position 3"),
     ("the dog table", "expected a verb after 'the dog' at position 2 but found 'table'"),
     ("the big red dog", "expected a verb after 'the big red dog' at position 4 but the sentence ended"),
     ("i see dog", "expected a determiner before 'dog' at position 2"),
@@ -178,19 +225,22 @@ def test_translate_reproduces_every_sampled_pair(config: tl.SamplerConfig, count
     for _ in range(count):
         tree = tl.sample_tree(rng, config)
         pair = tl.render(tree)
-        assert tl.parse(pair.source) == tree, pair.source
+        assert tl._Parser(pair.source.split()).sentence() == tree, pair.source  # names as typed
         assert translate(pair.source) == pair
 
 
 def test_sample_functions_consume_the_generator_alike() -> None:
     pair = tl.sample_pair(random.Random(5))
     assert tl.sample_sentence(random.Random(5)) == pair.source
-    assert tl.render(tl.sample_tree(random.Random(5))) == pair
+    assert tl.sample_pair(random.Random(5), tl.TRAIN_SAMPLER) == tl.sample_pair(random.Random(5),
+                                                                               tl.TRAIN_SAMPLER)
 
 
-def test_alignments_are_complete_and_valid() -> None:
-    for pair in _samples(2000, seed=3):
-        source, words = pair.source.split(), pair.target.split()
+@pytest.mark.parametrize("config", [tl.DEFAULT_SAMPLER, tl.TRAIN_SAMPLER, tl.USER_SAMPLER, tl.NAMES_SAMPLER])
+def test_alignments_are_complete_and_valid(config: tl.SamplerConfig) -> None:
+    for pair in _samples(2000, seed=3, config=config):
+        source = [t.text for t in split_tokens(pair.source)]
+        words = [t.text for t in split_tokens(pair.target)]
         assert len(pair.alignment) == len(words)
         covered = set()
         for sources in pair.alignment:
@@ -240,7 +290,9 @@ def test_lexicon_size_and_coverage() -> None:
     assert {"perro", "perros", "mesa", "vio", "verá", "no", "que", "del", "al", "veinte"} <= spanish
     seen_english: set[str] = set()
     seen_spanish: set[str] = set()
-    for pair in _samples(3000, seed=2) + _samples(200, seed=2, config=tl.LONG_SAMPLER):
+    plain_long = replace(tl.LONG_SAMPLER, p_name=0.0, p_digits=0.0, p_capital=0.0, p_upper=0.0,
+                         p_final_mark=0.0, p_comma=0.0, p_contraction=0.0)
+    for pair in _samples(3000, seed=2) + _samples(200, seed=2, config=plain_long):
         seen_english.update(pair.source.split())
         seen_spanish.update(pair.target.split())
     assert seen_english <= english and seen_spanish <= spanish
@@ -265,17 +317,48 @@ def test_lexicon_inflection() -> None:
 def test_splits_are_disjoint_and_bounded() -> None:
     train = tl.generate_split("train", size=20_000)
     valid, test, long = (tl.generate_split(name) for name in ("valid", "test", "long"))
-    assert [len(s) for s in (train, valid, test, long)] == [20_000, 1_000, 1_000, 500]
+    user, names = tl.generate_split("user"), tl.generate_split("names")
+    assert [len(s) for s in (train, valid, test, long, user, names)] == [20_000, 1_000, 1_000, 500, 1_000,
+                                                                         1_000]
     train_sources = {p.source for p in train}
     assert not train_sources & {p.source for p in test}
     assert not train_sources & {p.source for p in valid}
     assert not {p.source for p in valid} & {p.source for p in test}
     assert len({p.source for p in test}) == len(test)
-    for pair in train + valid + test:
-        assert 3 <= len(pair.source.split()) <= tl.TRAIN_MAX_WORDS
+    for pair in train + valid + test + user + names:
+        assert 3 <= len(split_tokens(pair.source)) <= tl.TRAIN_MAX_WORDS
     for pair in long:
-        assert tl.TRAIN_MAX_WORDS < len(pair.source.split()) <= tl.LONG_MAX_WORDS
+        assert tl.LONG_MIN_WORDS <= len(split_tokens(pair.source)) <= tl.LONG_MAX_WORDS
+    assert tl.LONG_MIN_WORDS >= 1.25 * tl.TRAIN_MAX_WORDS and tl.LONG_MAX_WORDS <= 1.5 * tl.TRAIN_MAX_WORDS
     assert any(len(p.source.split()) == 3 for p in train)
+    # names and numbers of the names split never occur in training
+    train_words = {w for p in train for w in p.source.replace(",", " ").split()}
+    held_out = {w.strip(".,!?") for p in names for w in p.source.split()} & set(tl.HELD_OUT_NAMES)
+    assert len(held_out) >= 30 and not held_out & train_words
+    words = [[w.strip(".,!?") for w in p.source.split()] for p in names]
+    assert all(any(w.isdigit() or w in tl.HELD_OUT_NAMES for w in text) for text in words)
+
+
+def test_train_holds_text_as_people_type_it_in_proportion() -> None:
+    train = tl.generate_split("train", size=5_000)
+    sources = [p.source for p in train]
+    share = {
+        "capital": sum(s[0].isupper() for s in sources) / len(sources),
+        "final mark": sum(s[-1] in ".!?" for s in sources) / len(sources),
+        "question": sum(s.endswith("?") for s in sources) / len(sources),
+        "comma": sum("," in s for s in sources) / len(sources),
+        "contraction": sum("n't" in s or "n\u2019t" in s for s in sources) / len(sources),
+        "several sentences": sum(len(sentence_spans([t.text for t in split_tokens(s)])) > 1
+                                 for s in sources) / len(sources),
+        "name": sum(any(w.strip(".,!?") in tl.TRAIN_NAMES for w in s.split())
+                    for s in sources) / len(sources),
+        "digits": sum(any(c.isdigit() for c in s) for s in sources) / len(sources),
+    }
+    assert 0.5 < share["capital"] < 0.8 and 0.55 < share["final mark"] < 0.8
+    assert 0.1 < share["question"] < 0.2 and share["comma"] > 0.03
+    assert share["contraction"] > 0.1 and 0.08 < share["several sentences"] < 0.2
+    assert share["name"] > 0.1 and share["digits"] > 0.02
+    assert sum(not any(c.isupper() or c in ".!?," for c in s) for s in sources) > 0.1 * len(sources)
 
 
 def test_splits_are_fixed_prefixes() -> None:
@@ -283,6 +366,7 @@ def test_splits_are_fixed_prefixes() -> None:
     assert tl.generate_split("train", 50) == tl.generate_split("train", 50)
     assert tl.generate_split("train", 50, seed=1) != tl.generate_split("train", 50)
     assert len(set(tl.SPLIT_SEEDS.values())) == len(tl.SPLIT_SEEDS)
-    assert tl.DEFAULT_SPLIT_SIZES == {"train": 200_000, "valid": 1_000, "test": 1_000, "long": 500}
+    assert tl.DEFAULT_SPLIT_SIZES == {"train": 200_000, "valid": 1_000, "test": 1_000, "long": 500,
+                                      "user": 1_000, "names": 1_000}
     with pytest.raises(ValueError, match="unknown split"):
         tl.generate_split("dev")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from model import evaluate, train
-from model.data import encode_examples, token_batches, toy_split
+from model.data import encode_examples, token_batches, toy_model_texts, toy_split
 from model.evaluate import alignment_error_rate, links_from_attention, translate_texts
 from model.tokenizer import build_word_level
 from model.train import inverse_sqrt_schedule
@@ -36,7 +36,7 @@ TINY = [
 def test_tiny_model_overfits_64_pairs_within_60_seconds() -> None:
     torch.manual_seed(0)
     examples = [e for e in toy_split("train", 400) if len(e.source.split()) <= 8][:64]
-    vocabulary = build_word_level(t for e in examples for t in (e.source, e.target))
+    vocabulary = build_word_level(toy_model_texts(examples), text_rules=True)
     pairs = encode_examples(vocabulary, examples)
     config = TransformerConfig(
         src_vocab_size=vocabulary.size,

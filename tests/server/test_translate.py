@@ -278,18 +278,20 @@ def test_a_request_joins_the_running_batch(slow: tuple[TranslatorServer, SlowBac
 
 
 def test_answers_say_what_the_model_was_not_trained_for() -> None:
-    """The default model was trained on sentences of at most 30 words (31 source ids with </s>): a longer
+    """The default model knows the longest text it was trained on (model.json): a longer
     text is flagged in translator.v1 and KServe alike, unknown words are listed, /metrics counts both."""
     from tests.support.kserve import infer_request
 
     config = make_config(DEFAULT_REPOSITORY, model="toy-en-es", threads=1, lane_processes="off",
                          max_tokens_per_text=256, max_length_limit=256)  # fmt: skip
+    description = json.loads((DEFAULT_REPOSITORY / "toy-en-es/1/model.json").read_text())
+    trained = description["training"]["max_source_tokens"]
     words = "the big red dog sees the small cat".split()
     short, unknown = "the dog sees the cat", "the zorblax sees the cat"
-    long = " ".join((words * 5)[:36])  # 36 words
+    long = " ".join((words * 10)[:trained + 4])  # longer than any training text
     with running(config) as server:
         assert server.port and server.metrics_port
-        assert server.runtime.engine and server.runtime.engine.model.max_training_source_tokens == 31
+        assert server.runtime.engine and server.runtime.engine.model.max_training_source_tokens == trained
         before = scrape(server.metrics_port)
         client = Client(server.port)
         try:
@@ -308,3 +310,38 @@ def test_answers_say_what_the_model_was_not_trained_for() -> None:
     name = "translator_texts_beyond_training_total"
     for reason in ("longer", "unknown_words"):  # one text of each, in each of the two calls
         assert value(after, name, reason=reason) - value(before, name, reason=reason) == 2
+
+
+# Text as a person types it, each case of the text rules and of the model: case, marks, contractions, names
+# and numbers never seen in training, several sentences.
+USER_TEXTS = [
+    "The dog sees the cat.",
+    "I see her!",
+    "She does not see me?",
+    "the dog doesn't see the cat",
+    "The girl won\u2019t eat the apple, but the boys will run.",
+    "THE CAT SEES ME.",
+    "Beatriz sees 4217 dogs with Gonzalo.",
+    "Kenji saw 1 bird. The bird did not see Kenji!",
+]
+
+
+def test_the_served_model_translates_text_as_people_type_it() -> None:
+    """Over translator.v1 and KServe, the default model gives the reference translation of user-typed text."""
+    from model.toy_language import translate
+    from tests.support.kserve import infer_request, outputs_of
+
+    expected = [translate(text).target for text in USER_TEXTS]
+    config = make_config(DEFAULT_REPOSITORY, model="toy-en-es", threads=1, lane_processes="off")
+    with running(config) as server:
+        client = Client(server.port)
+        try:
+            answer = client.translator.Translate(pb.TranslateRequest(texts=USER_TEXTS))
+            request = infer_request(USER_TEXTS)
+            request.model_name = "toy-en-es"
+            response = client.kserve.ModelInfer(request)
+        finally:
+            client.close()
+    assert [t.text for t in answer.translations] == expected
+    assert all(not t.unknown_words for t in answer.translations)
+    assert [b.decode() for b in outputs_of(response)["TRANSLATION"]] == expected
