@@ -20,7 +20,7 @@ from model.toy_language import SPLIT_SEEDS
 from model.transformer import Transformer
 from service.core.cli import finite_float, input_file, output_file, positive_int, run_command
 from service.core.search import Hypothesis
-from service.core.text import split_tokens
+from service.core.text import model_target_positions, split_tokens
 from service.core.vocabulary import Vocabulary
 
 
@@ -109,6 +109,14 @@ def forced_cross_attention(model: Transformer, vocabulary: Vocabulary, example: 
     return torch.stack(rows, dim=2).numpy()
 
 
+def gold_links(vocabulary: Vocabulary, example: Example) -> set[tuple[int, int]]:
+    """(source token, target row) links of a reference, rows counted as the model writes the target (with
+    text rules it does not write opening marks, so their rows are not its rows)."""
+    alignment = example.alignment or ()
+    rows = model_target_positions(example.target) if vocabulary.text_rules else range(len(alignment))
+    return {(i, row) for row, j in enumerate(rows) for i in alignment[j]}
+
+
 def alignment_error_rate(predicted: list[set[tuple[int, int]]], gold: list[set[tuple[int, int]]]) -> float:
     """AER with every gold link counted as sure: 1 - 2|A & S| / (|A| + |S|)."""
     hits = sum(len(a & s) for a, s in zip(predicted, gold, strict=True))
@@ -124,7 +132,7 @@ def links_from_attention(attention: np.ndarray) -> set[tuple[int, int]]:
 
 def attention_alignment(model: Transformer, vocabulary: Vocabulary, examples: list[Example]) -> dict:
     """AER of every layer/head and of the average of all heads, against the gold alignments."""
-    gold = [{(i, j) for j, sources in enumerate(e.alignment or ()) for i in sources} for e in examples]
+    gold = [gold_links(vocabulary, e) for e in examples]
     maps = [forced_cross_attention(model, vocabulary, e) for e in examples]
     n_layers, n_heads = maps[0].shape[:2]
     per_head = np.array(

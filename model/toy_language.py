@@ -11,9 +11,12 @@ The module reads like a small grammar book:
    noun, object pronouns move before the verb, "do/does/did/will not" collapse into "no", articles and
    adjectives agree with the noun, verbs agree with their subject, "de el"/"a el" contract.
 5. A deterministic recursive-descent parser from English words back to the tree, so that `translate`
-   handles any sentence the grammar can produce and names the first word it cannot handle.
-6. A random sampler of trees, whose depth is controlled by `SamplerConfig`.
-7. Fixed train / valid / test / long splits.
+   handles any sentence the grammar can produce and names the first word it cannot handle.  `translate`
+   takes text as people type it: capitals, final marks, commas before a clause's conjunction, contractions,
+   names and numbers in digits (copied), several sentences; it cuts text into tokens with the rules the
+   model's input and output go through (`service.core.text`).
+6. A random sampler of trees, whose depth is controlled by `SamplerConfig`, and of how a person types them.
+7. Fixed train / valid / test / user / names / long splits.
 
 The target follows Latin American usage: plural "you" (only reachable through coordination such as
 "you and he") is "ustedes", which agrees like the third person plural, so verb paradigms have five cells
@@ -43,6 +46,7 @@ from functools import cache
 
 from service.core.text import (
     MARKS,
+    OPENING,
     SENTENCE_ENDS,
     apply_case,
     is_number,
@@ -762,7 +766,8 @@ def _numeral(word: str) -> Numeral | None:
 
 def _is_name(word: str) -> bool:
     """The parser sees names as typed and every other word in lowercase."""
-    return word[:1].isupper() and normal_word(word) not in _ENGLISH_WORDS
+    normal = normal_word(word)
+    return word[:1].isupper() and normal not in _ENGLISH_WORDS and normal not in _CONTRACTED_NEGATIONS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1306,7 +1311,6 @@ def parse(sentence: str) -> Sentence:
 # "don't" and its kin are read as their full forms; the curly apostrophe is the straight one (normal_word).
 _CONTRACTED_NEGATIONS = {"don't": ("do", "not"), "doesn't": ("does", "not"), "didn't": ("did", "not"),
                          "won't": ("will", "not")}
-_OPENING = {"?": "¿", "!": "¡"}  # a Spanish question or exclamation opens with its own mark
 
 
 def translate(text: str) -> Pair:
@@ -1378,7 +1382,7 @@ def _translate_sentence(typed: list[str], start: int, end: int) -> list[_Token]:
         tokens.insert(conjunction, (",", (comma,)))
     if mark is not None:
         tokens.append((typed[mark], (mark,)))
-        opening = _OPENING.get(typed[mark])
+        opening = OPENING.get(typed[mark])  # a Spanish question or exclamation opens with its own mark
         if opening is not None:
             tokens.insert(0, (opening, (mark,)))
     return tokens
@@ -1460,7 +1464,7 @@ TRAIN_MAX_WORDS = 40
 LONG_MIN_WORDS, LONG_MAX_WORDS = 50, 60  # 1.25-1.5x the longest training text
 # Text as people type it, in the proportions the training data holds them.
 _USER_SURFACE = {"p_capital": 0.6, "p_upper": 0.03, "p_final_mark": 0.6, "p_comma": 0.5,
-                 "p_contraction": 0.5, "p_more_sentences": 0.12}
+                 "p_contraction": 0.5, "p_more_sentences": 0.2}
 TRAIN_SAMPLER = SamplerConfig(max_words=TRAIN_MAX_WORDS, p_name=0.08, p_digits=0.35, **_USER_SURFACE)
 # Every text typed like a person would: capitals, marks, commas, contractions, often several sentences.
 USER_SAMPLER = SamplerConfig(max_words=TRAIN_MAX_WORDS, p_capital=0.9, p_upper=0.1, p_final_mark=1.0,
@@ -1654,9 +1658,10 @@ def _sample(rng: random.Random, config: SamplerConfig) -> Pair:
     while True:  # rejection keeps the length inside the configured bounds
         text = _Sampler(rng, config).text()
         pair = translate(text)
-        length = len(split_tokens(pair.source))
+        tokens = [token.text for token in split_tokens(pair.source)]
+        length = len(tokens)
         # Held-out names and numbers are what such a text is for: one without any is drawn again.
-        copies = not config.held_out or any(is_number(w) or _is_name(w) for w in pair.source.split())
+        copies = not config.held_out or any(is_number(w) or _is_name(w) for w in tokens if w not in MARKS)
         if config.min_words <= length <= config.max_words and copies:
             return pair
 

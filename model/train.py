@@ -63,7 +63,7 @@ class TrainConfig:
     # to let the model hold up beyond its longest training text; measured to slow learning several-fold
     # here, so off by default (docs/decisions/long-sentences.md).
     position_shift: int = 0
-    epochs: int = 6
+    epochs: int = 5
     max_minutes: float | None = None  # stop (after saving) once this much training time has passed
     seed: int = 1234
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)

@@ -7,6 +7,8 @@ server, so that none of them can disagree:
   curly apostrophe is the straight one.
 * The model reads and writes lowercase. Case comes back from the source, sentence by sentence: an answer's
   sentence starts with a capital when the source's sentence does, and is in capitals when the source's is.
+* The model writes no `¿ ¡`: a sentence of the answer that ends with `?` or `!` gets its opening mark here.
+  Where it goes is decided by how the sentence ends, which the model would have to foresee from its start.
 * Names and numbers are copied, not translated: a capitalised word the model's vocabulary does not know, and
   a number written in digits (other than "1", which the grammar treats as a word), become slot tokens
   (`<name1>`, `<num1>`, ...), numbered by first appearance in the text. The model copies slots; the answer
@@ -23,6 +25,7 @@ from enum import Enum
 MARKS = frozenset(".,!?¿¡")
 SENTENCE_ENDS = frozenset(".!?")
 OPENING_MARKS = frozenset("¿¡")
+OPENING = {"?": "¿", "!": "¡"}  # the opening mark of a sentence that ends with the key
 SLOTS_PER_KIND = 8
 NAME_SLOTS = tuple(f"<name{i}>" for i in range(1, SLOTS_PER_KIND + 1))
 NUMBER_SLOTS = tuple(f"<num{i}>" for i in range(1, SLOTS_PER_KIND + 1))
@@ -155,9 +158,16 @@ def prepare_source(text: str, known: Callable[[str], bool]) -> PreparedText:
 
 
 def prepare_target(text: str, source: PreparedText) -> list[str]:
-    """Model tokens of a reference translation: the source's names and numbers become its slots."""
+    """Model tokens of a reference translation: the source's names and numbers become its slots, and opening
+    marks are left to `restore`."""
     by_text = {value: slot for slot, value in source.slots.items()}
-    return [by_text.get(token.text, normal_word(token.text)) for token in split_tokens(text)]
+    return [by_text.get(token.text, normal_word(token.text)) for token in split_tokens(text)
+            if token.text not in OPENING_MARKS]
+
+
+def model_target_positions(text: str) -> list[int]:
+    """Which tokens of a reference translation the model writes (all but the opening marks), by index."""
+    return [index for index, token in enumerate(split_tokens(text)) if token.text not in OPENING_MARKS]
 
 
 def restore(words: Sequence[str], source: PreparedText) -> str:
@@ -169,5 +179,9 @@ def restore(words: Sequence[str], source: PreparedText) -> str:
     out: list[str] = []
     for number, (start, end) in enumerate(sentence_spans(filled)):
         case = source.cases[min(number, len(source.cases) - 1)] if source.cases else Case.LOWER
-        out.extend(apply_case(filled[start:end], case, keep=lambda i, start=start: copied[start + i]))
+        sentence = apply_case(filled[start:end], case, keep=lambda i, start=start: copied[start + i])
+        opening = OPENING.get(sentence[-1]) if sentence else None
+        if opening is not None and sentence[0] not in OPENING_MARKS:
+            sentence.insert(0, opening)
+        out.extend(sentence)
     return join_tokens(out)

@@ -66,7 +66,8 @@ def test_slots_run_out_gracefully() -> None:
 def test_restore_fills_slots_and_takes_case_from_each_source_sentence() -> None:
     source = prepare_source("Maria sees 12 dogs? the dog runs. THE DOG SEES ZOE!", known)
     target = prepare_target("¿Maria ve 12 perros? el perro corre. ¡EL PERRO VE ZOE!", source)
-    assert target == ["¿", "<name1>", "ve", "<num1>", "perros", "?", "el", "perro", "corre", ".", "¡", "el",
+    # the model writes no opening marks: restore puts them where the sentence's end says
+    assert target == ["<name1>", "ve", "<num1>", "perros", "?", "el", "perro", "corre", ".", "el",
                       "perro", "ve", "<name2>", "!"]
     assert restore(target, source) == "¿Maria ve 12 perros? el perro corre. ¡EL PERRO VE ZOE!"
     # a slot the source lacks is dropped, not shown; names keep their case in a capitalised sentence

@@ -271,7 +271,9 @@ def test_replace_unknowns_copies_the_attended_source_word(tiny_repository: Path)
     attention[:, :, 0, 1] = 1.0  # target 0 looks at "Zorblax"
     attention[:, :, 1, 2] = 1.0
     dog = engine.vocabulary.tokenizer.token_to_id("perro")
-    assert replace_unknowns(engine.vocabulary, [unk, dog], source, attention) == "Zorblax perro"
+    words = replace_unknowns(engine.vocabulary, [unk, dog], source, attention)
+    assert words == ["Zorblax", "perro"]
+    assert engine.vocabulary.decode([unk, dog], source, words) == "Zorblax perro"
 
 
 def test_engine_imports_no_torch() -> None:

@@ -28,8 +28,8 @@ class FakeVocabulary:
     def tokens(self, ids: list[int]) -> list[str]:
         return [str(i) for i in ids]
 
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(map(str, ids))
+    def decode(self, ids: list[int], source: object = None, words: list[str] | None = None) -> str:
+        return " ".join(words if words is not None else map(str, ids))
 
 
 class FakeEngine:
