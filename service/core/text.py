@@ -18,6 +18,7 @@ server, so that none of them can disagree:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -56,8 +57,9 @@ def split_tokens(text: str) -> list[Token]:
 
 
 def normal_word(word: str) -> str:
-    """The form the vocabulary holds: lowercase, straight apostrophe."""
-    return word.replace("\u2019", "'").lower()
+    """The form the vocabulary holds: NFKC (full-width letters are letters), lowercase, straight
+    apostrophe."""
+    return unicodedata.normalize("NFKC", word).replace("\u2019", "'").lower()
 
 
 def is_number(word: str) -> bool:

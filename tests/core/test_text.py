@@ -52,7 +52,8 @@ def test_names_and_numbers_become_slots_numbered_by_first_appearance() -> None:
     assert prepared.cases == [Case.CAPITAL, Case.UPPER]
     # lowercase unknown words and known capitalised words are words, not names
     assert prepare_source("The zorblax sees Dog", known).tokens == ["the", "zorblax", "sees", "dog"]
-    # a slot typed by the user is only a word
+    # full-width letters are letters; a slot typed by the user is only a word
+    assert prepare_source("ｔｈｅ ｄｏｇ ｓｅｅｓ", known).tokens == ["the", "dog", "sees"]
     assert prepare_source("<name1> sees", known).slots == {}
 
 

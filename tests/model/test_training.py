@@ -14,7 +14,7 @@ from model import evaluate, train
 from model.data import encode_examples, token_batches, toy_model_texts, toy_split
 from model.evaluate import alignment_error_rate, links_from_attention, translate_texts
 from model.tokenizer import build_word_level
-from model.train import inverse_sqrt_schedule
+from model.train import inverse_sqrt_schedule, linear_schedule
 from model.transformer import Transformer, TransformerConfig
 
 TINY = [
@@ -70,6 +70,14 @@ def test_tiny_model_overfits_64_pairs_within_60_seconds() -> None:
             if exact == 1.0:
                 break
     assert exact == 1.0, f"exact match {exact:.0%} after {time.time() - started:.0f}s"
+
+
+def test_linear_schedule_warms_up_then_falls_to_five_percent_at_the_last_step() -> None:
+    assert linear_schedule(50, 100, 1100) == pytest.approx(0.5)
+    assert linear_schedule(100, 100, 1100) == pytest.approx(1.0)
+    assert linear_schedule(600, 100, 1100) == pytest.approx(0.525)
+    assert linear_schedule(1100, 100, 1100) == pytest.approx(0.05)
+    assert linear_schedule(5000, 100, 1100) == pytest.approx(0.05)  # a resumed run past its plan stays low
 
 
 def test_schedule_warms_up_then_decays_as_inverse_square_root() -> None:

@@ -349,3 +349,23 @@ def test_same_translation_alone_and_in_padded_batch(trained: Transformer, beam_s
         (alone,) = translate_ids(trained, [src], beam_size=beam_size, max_length=12)
         assert alone.tokens == in_batch.tokens
         assert alone.score == pytest.approx(in_batch.score, abs=1e-4)
+
+
+def test_position_shift_moves_source_and_target_positions(model: Transformer) -> None:
+    """`forward(..., src_offset, tgt_offset)` reads rows offset.. of the position table (training's
+    --position-shift); offset 0 is what inference and the exported graphs use."""
+    rng = random.Random(4)
+    src = padded([source(rng, 6)])
+    tgt = torch.tensor([[1, *[rng.choice(WORDS) for _ in range(4)]]])
+    with torch.no_grad():
+        plain = model(src, tgt)
+        assert torch.equal(model(src, tgt, 0, 0), plain)
+        shifted = model(src, tgt, 5, 5)
+        assert not torch.allclose(shifted, plain)
+        # the same as a model whose table starts 5 rows later
+        table = model.positions.table.clone()
+        try:
+            model.positions.table = table[5:]
+            assert torch.allclose(model(src, tgt), shifted, atol=1e-6)
+        finally:
+            model.positions.table = table
