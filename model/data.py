@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from model import toy_language
-from service.core.text import SLOT_TOKENS, prepare_source, prepare_target
+from service.core.text import NAME_SLOTS, NUMBER_SLOTS, prepare_source, prepare_target
 from service.core.vocabulary import Vocabulary, without_invisible
 
 
@@ -67,8 +67,8 @@ def encode_examples(
     sides): texts mostly hold one or two names, so without it the model would only learn to copy the first
     slots, while a text may use them all."""
     rng = random.Random(seed)
-    kinds = [[vocabulary.tokenizer.token_to_id(t) for t in sorted(SLOT_TOKENS) if t.startswith(prefix)]
-             for prefix in ("<name", "<num")] if vocabulary.text_rules else []
+    kinds = [[vocabulary.tokenizer.token_to_id(t) for t in slots]
+             for slots in (NAME_SLOTS, NUMBER_SLOTS)] if vocabulary.text_rules else []
     pairs = []
     for example in examples:
         source = vocabulary.encode_source(example.source)
