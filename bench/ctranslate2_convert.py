@@ -3,9 +3,13 @@
 The result must decode exactly like our engine (greedy tokens equal), so every difference between the two
 architectures is settled here rather than left to CTranslate2's defaults:
 
-* Positions: CTranslate2's built-in sinusoid is ``[sin | cos]`` concatenated and starts at position 1; ours
-  interleaves sin/cos from position 0. We store our own table in ``position_encodings.encodings``, which
-  CTranslate2 then indexes by step directly (encoder from 0, decoder step t at t, as ``decode_step`` does).
+* Absolute positions: CTranslate2's built-in sinusoid is ``[sin | cos]`` concatenated and starts at position
+  1; ours interleaves sin/cos from position 0. We store our own table in ``position_encodings.encodings``,
+  which CTranslate2 then indexes by step directly (encoder from 0, decoder step t at t, as ``decode_step``
+  does).
+* Relative positions: CTranslate2's T5 relative attention bias, per self-attention layer: the same
+  ``[buckets, heads]`` table, the same bucket function (bidirectional in the encoder, unidirectional in the
+  decoder, float32 logarithms, truncated) and the same maximum distance; no position table.
 * Layer norm epsilon: torch's ``nn.LayerNorm`` uses 1e-5; CTranslate2 uses 1e-5 for a norm with a beta when
   the config leaves ``layer_norm_epsilon`` unset (1e-6 only for RMS norms). They agree, but we write ours
   into the config so a future default change cannot silently diverge.
@@ -26,7 +30,7 @@ import numpy as np
 from ctranslate2.specs import common_spec, transformer_spec
 from torch import nn
 
-from model.transformer import MultiHeadAttention, Transformer
+from model.transformer import DecoderLayer, EncoderLayer, MultiHeadAttention, Transformer, TransformerConfig
 from service.core.vocabulary import BOS, EOS, UNK, Vocabulary
 
 # What CTranslate2 picks for a layer norm with beta when the config has no epsilon (src/layers/common.cc).
@@ -48,10 +52,13 @@ def _set_norm(spec, norm: nn.LayerNorm) -> None:
     spec.beta = _array(norm.bias)
 
 
-def _set_self_attention(spec, attention: MultiHeadAttention, norm: nn.LayerNorm) -> None:
-    _set_norm(spec.layer_norm, norm)
-    _set_linear(spec.linear[0], attention.query, attention.key, attention.value)
-    _set_linear(spec.linear[1], attention.output)
+def _set_self_attention(spec, layer: EncoderLayer | DecoderLayer, config: TransformerConfig) -> None:
+    _set_norm(spec.layer_norm, layer.norm1)
+    _set_linear(spec.linear[0], layer.self_attn.query, layer.self_attn.key, layer.self_attn.value)
+    _set_linear(spec.linear[1], layer.self_attn.output)
+    if layer.relative_bias is not None:
+        spec.relative_attention_bias = _array(layer.relative_bias.bias.weight)  # [buckets, heads]
+        spec.relative_attention_max_distance = np.dtype("int32").type(config.relative_max_distance)
 
 
 def _set_cross_attention(spec, attention: MultiHeadAttention, norm: nn.LayerNorm) -> None:
@@ -96,17 +103,20 @@ def build_spec(model: Transformer, vocabulary: Vocabulary) -> transformer_spec.T
         if ours != theirs:
             raise ValueError(f"{name} id {ours} in the model config, {theirs} in the tokenizer")
     # Our FeedForward is hard-wired to ReLU (model/transformer.py), CTranslate2's RELU is the same function.
+    relative = config.positions == "relative"
     spec = transformer_spec.TransformerSpec.from_config(
         (config.n_encoder_layers, config.n_decoder_layers), config.n_heads, pre_norm=True,
-        activation=common_spec.Activation.RELU)
+        activation=common_spec.Activation.RELU, relative_attention_bias=relative)
 
-    positions = _array(model.positions.table)  # [max_positions, D], interleaved sin/cos, position 0 first
     encoder, decoder = spec.encoder, spec.decoder
+    if model.positions is not None:
+        positions = _array(model.positions.table)  # [max_positions, D], interleaved sin/cos, position 0 first
+        encoder.position_encodings.encodings = positions
+        decoder.position_encodings.encodings = positions
     encoder.embeddings[0].weight = _array(model.src_embed.weight)
     encoder.scale_embeddings = True  # x sqrt(d_model), as Transformer._embed
-    encoder.position_encodings.encodings = positions
     for layer_spec, layer in zip(encoder.layer, model.encoder_layers, strict=True):
-        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        _set_self_attention(layer_spec.self_attention, layer, config)
         _set_norm(layer_spec.ffn.layer_norm, layer.norm2)
         _set_linear(layer_spec.ffn.linear_0, layer.feed_forward.linear1)
         _set_linear(layer_spec.ffn.linear_1, layer.feed_forward.linear2)
@@ -114,9 +124,8 @@ def build_spec(model: Transformer, vocabulary: Vocabulary) -> transformer_spec.T
 
     decoder.embeddings.weight = _array(model.tgt_embed.weight)
     decoder.scale_embeddings = True
-    decoder.position_encodings.encodings = positions
     for layer_spec, layer in zip(decoder.layer, model.decoder_layers, strict=True):
-        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
+        _set_self_attention(layer_spec.self_attention, layer, config)
         _set_cross_attention(layer_spec.attention, layer.cross_attn, layer.norm2)
         _set_norm(layer_spec.ffn.layer_norm, layer.norm3)
         _set_linear(layer_spec.ffn.linear_0, layer.feed_forward.linear1)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+POSITIONS = ("absolute", "relative")
+
 
 @dataclass
 class TransformerConfig:
@@ -43,6 +45,13 @@ class TransformerConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     max_positions: int = 512
+    # "absolute": sinusoids added to the embeddings (positions past the longest training text are unseen);
+    # "relative": no position table, a learned bias per head and bucket of key - query distance in every
+    # self-attention (T5's buckets), distances beyond `relative_max_distance` all in the last bucket
+    # (docs/decisions/long-sentences.md).
+    positions: str = "absolute"
+    relative_buckets: int = 32
+    relative_max_distance: int = 24
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -53,6 +62,13 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ValueError("d_model must be even for the sin/cos position table")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r} is not one of {', '.join(POSITIONS)}")
+        if self.relative_buckets < 4 or self.relative_buckets % 4:
+            raise ValueError(f"relative_buckets={self.relative_buckets} must be a multiple of 4 (at least 4)")
+        if self.relative_max_distance <= self.relative_buckets // 2:
+            raise ValueError(f"relative_max_distance={self.relative_max_distance} must exceed "
+                             f"relative_buckets / 2 = {self.relative_buckets // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +80,31 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
         return cls(**data)
+
+
+def relative_position_buckets(
+    distance: Tensor, bidirectional: bool, buckets: int, max_distance: int
+) -> Tensor:
+    """T5's bucket of each key - query distance (int64, same shape).
+
+    Half the buckets (or half of each direction's half, when bidirectional) are exact distances, the rest
+    logarithmically wider up to ``max_distance``; anything farther shares the last bucket. A decoder
+    (unidirectional) sees only keys at or before its query. Computed in float32 with truncation, the way
+    CTranslate2 computes it, so that a converted model attends exactly like ours (tests check that no
+    distance lands within float32 rounding of a bucket boundary).
+    """
+    bucket = torch.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        bucket = bucket + (distance > 0).long() * buckets
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)
+    exact = buckets // 2
+    far = exact + (
+        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)
+    ).long()
+    return bucket + torch.where(distance < exact, distance, far.clamp(max=buckets - 1))
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
@@ -121,9 +162,13 @@ class MultiHeadAttention(nn.Module):
         value: Tensor,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        position_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Attention on projected heads: ([B,H,Tq,Dh], [B,H,Tk,Dh] x2) -> ([B,Tq,D], weights [B,H,Tq,Tk])."""
+        """Attention on projected heads: ([B,H,Tq,Dh], [B,H,Tk,Dh] x2) -> ([B,Tq,D], weights [B,H,Tq,Tk]).
+        ``position_bias`` [H,Tq,Tk] is added to the scores (relative positions)."""
         scores = query @ key.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if position_bias is not None:
+            scores = scores + position_bias
         mask = self._combine_masks(key_padding_mask, attn_mask)
         if mask is not None:
             # The most negative finite value rather than -inf: a fully masked row then stays finite (no
@@ -203,10 +248,27 @@ class MultiHeadAttention(nn.Module):
         value: Tensor,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        position_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """query [B,Tq,D], key/value [B,Tk,D] -> (output [B,Tq,D], weights [B,H,Tq,Tk])."""
         key, value = self.project_key_value(key, value)
-        return self.attend(self.project_query(query), key, value, key_padding_mask, attn_mask)
+        return self.attend(self.project_query(query), key, value, key_padding_mask, attn_mask, position_bias)
+
+
+class RelativePositionBias(nn.Module):
+    """One learned score per (bucket of key - query distance, head), added to a self-attention's scores."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(config.relative_buckets, config.n_heads)
+
+    def forward(self, buckets: Tensor) -> Tensor:
+        """buckets [Tq,Tk] -> additive scores [H,Tq,Tk]."""
+        return self.bias(buckets).permute(2, 0, 1)
+
+
+def make_relative_bias(config: TransformerConfig) -> RelativePositionBias | None:
+    return RelativePositionBias(config) if config.positions == "relative" else None
 
 
 class FeedForward(nn.Module):
@@ -224,22 +286,29 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.relative_bias = make_relative_bias(config)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
         self.norm1 = nn.LayerNorm(config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B,S,D], src_mask [B,S] (True = padding) -> (x, self-attention weights [B,H,S,S])."""
+    def forward(self, x: Tensor, src_mask: Tensor, buckets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B,S,D], src_mask [B,S] (True = padding), buckets [S,S] (relative positions only)
+        -> (x, self-attention weights [B,H,S,S])."""
         h = self.norm1(x)
-        attended, weights = self.self_attn(h, h, h, key_padding_mask=src_mask)
+        position_bias = None if self.relative_bias is None else self.relative_bias(buckets)
+        attended, weights = self.self_attn(h, h, h, key_padding_mask=src_mask, position_bias=position_bias)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.feed_forward(self.norm2(x)))
         return x, weights
 
-    def rows_forward(self, x: Tensor, batch: int, length: int, src_bias: Tensor) -> tuple[Tensor, Tensor]:
-        """Inference on rows (see MultiHeadAttention.rows_self_attend): x [B*S, D], src_bias [B,1,1,S]
-        -> (x, self-attention weights [B,H,S,S])."""
+    def rows_forward(
+        self, x: Tensor, batch: int, length: int, src_bias: Tensor, buckets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Inference on rows (see MultiHeadAttention.rows_self_attend): x [B*S, D], src_bias [B,1,1,S],
+        buckets [S,S] (relative positions only) -> (x, self-attention weights [B,H,S,S])."""
+        if self.relative_bias is not None:
+            src_bias = src_bias + self.relative_bias(buckets)[None]
         attended, weights = self.self_attn.rows_self_attend(self.norm1(x), batch, length, src_bias)
         x = x + attended
         x = x + self.feed_forward(self.norm2(x))
@@ -250,6 +319,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.relative_bias = make_relative_bias(config)
         self.cross_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout)
         self.norm1 = nn.LayerNorm(config.d_model)
@@ -258,12 +328,13 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor
+        self, x: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor, buckets: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Whole prefix: x [B,T,D], memory [B,S,D], src_mask [B,S], tgt_mask [T,T] or [B,T,T]
-        -> (x, self weights [B,H,T,T], cross weights [B,H,T,S])."""
+        """Whole prefix: x [B,T,D], memory [B,S,D], src_mask [B,S], tgt_mask [T,T] or [B,T,T], buckets [T,T]
+        (relative positions only) -> (x, self weights [B,H,T,T], cross weights [B,H,T,S])."""
         h = self.norm1(x)
-        attended, self_weights = self.self_attn(h, h, h, attn_mask=tgt_mask)
+        position_bias = None if self.relative_bias is None else self.relative_bias(buckets)
+        attended, self_weights = self.self_attn(h, h, h, attn_mask=tgt_mask, position_bias=position_bias)
         x = x + self.dropout(attended)
         attended, cross_weights = self.cross_attn(self.norm2(x), memory, memory, key_padding_mask=src_mask)
         x = x + self.dropout(attended)
@@ -279,14 +350,18 @@ class DecoderLayer(nn.Module):
         cross_value: Tensor,
         src_bias: Tensor,
         self_bias: Tensor | None = None,
+        buckets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """One new position (inference: no dropout): x [B,D], self cache [B,H,t,Dh], cross keys/values
         [B,H,S,Dh], src_bias [B,1,1,S] (padding_bias), self_bias [B,1,1,t+1] for left-padded caches (None:
-        every cache entry is real)
+        every cache entry is real), buckets [1,t+1] of the new position's distances (relative positions)
         -> (x, self_key [B,H,t+1,Dh], self_value, self weights [B,H,1,t+1], cross weights [B,H,1,S])."""
         query, key, value = self.self_attn.step_query_key_value(self.norm1(x))
         self_key = torch.cat([self_key, key], dim=2)
         self_value = torch.cat([self_value, value], dim=2)
+        if self.relative_bias is not None:
+            position_bias = self.relative_bias(buckets)[None]  # [1,H,1,t+1]
+            self_bias = position_bias if self_bias is None else self_bias + position_bias
         # No causal mask needed: the cache holds only this and earlier positions.
         attended, self_weights = self.self_attn.step_attend(query, self_key, self_value, self_bias)
         x = x + attended
@@ -339,7 +414,18 @@ class Transformer(nn.Module):
         self.config = config
         self.src_embed = nn.Embedding(config.src_vocab_size, config.d_model)
         self.tgt_embed = nn.Embedding(config.tgt_vocab_size, config.d_model)
-        self.positions = SinusoidalPositions(config.d_model, config.max_positions)
+        absolute = config.positions == "absolute"
+        self.positions = SinusoidalPositions(config.d_model, config.max_positions) if absolute else None
+        if config.positions == "relative":
+            # The bucket of every key - query distance up to the longest text, looked up rather than computed
+            # so that the exported graphs hold a Gather instead of the logarithm's arithmetic. Not persistent:
+            # a pure function of the config.
+            distance = torch.arange(-(config.max_positions - 1), config.max_positions)
+            for name, bidirectional in (("encoder_buckets", True), ("decoder_buckets", False)):
+                table = relative_position_buckets(
+                    distance, bidirectional, config.relative_buckets, config.relative_max_distance
+                )
+                self.register_buffer(name, table, persistent=False)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(config.d_model)
@@ -374,16 +460,32 @@ class Transformer(nn.Module):
         return ids == self.config.pad_id
 
     def _embed(self, embedding: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
-        x = embedding(ids) * self.embed_scale + self.positions(ids.shape[1], offset)
+        x = embedding(ids) * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions(ids.shape[1], offset)
         return self.embed_dropout(x)
+
+    def _buckets(self, table_name: str, query: Tensor, key: Tensor) -> Tensor | None:
+        """Relative positions: the bucket of each (query, key) pair of positions [Tq], [Tk] -> [Tq,Tk];
+        None with absolute positions."""
+        if self.positions is not None:
+            return None
+        table = getattr(self, table_name)
+        return table[key[None, :] - query[:, None] + (self.config.max_positions - 1)]
+
+    def _square_buckets(self, table_name: str, length: int, device: torch.device) -> Tensor | None:
+        """Every position of a text of ``length`` against every other: [T,T] (see _buckets)."""
+        positions = torch.arange(length, device=device)
+        return self._buckets(table_name, positions, positions)
 
     # -- encoder ---------------------------------------------------------------------------------------
 
     def _encode(self, src_ids: Tensor, src_mask: Tensor, offset: int = 0) -> tuple[Tensor, list[Tensor]]:
         x = self._embed(self.src_embed, src_ids, offset)
+        buckets = self._square_buckets("encoder_buckets", src_ids.shape[1], src_ids.device)
         weights = []
         for layer in self.encoder_layers:
-            x, layer_weights = layer(x, src_mask)
+            x, layer_weights = layer(x, src_mask, buckets)
             weights.append(layer_weights)
         return self.encoder_norm(x), weights
 
@@ -428,9 +530,10 @@ class Transformer(nn.Module):
         batch, length = src_ids.shape
         x = self._embed(self.src_embed, src_ids).reshape(batch * length, self.config.d_model)
         src_bias = padding_bias(src_padding_mask, x.dtype)
+        buckets = self._square_buckets("encoder_buckets", length, src_ids.device)
         weights = []
         for layer in self.encoder_layers:
-            x, layer_weights = layer.rows_forward(x, batch, length, src_bias)
+            x, layer_weights = layer.rows_forward(x, batch, length, src_bias, buckets)
             weights.append(layer_weights)
         memory = self.encoder_norm(x)
         cross = [layer.cross_attn for layer in self.decoder_layers]
@@ -451,9 +554,10 @@ class Transformer(nn.Module):
         # Causal mask only: target padding is on the right, so a real position never sees a pad anyway,
         # and the pad positions' outputs are ignored by the loss.
         tgt_mask = causal_mask(tgt_in_ids.shape[1], tgt_in_ids.device)
+        buckets = self._square_buckets("decoder_buckets", tgt_in_ids.shape[1], tgt_in_ids.device)
         self_weights, cross_weights = [], []
         for layer in self.decoder_layers:
-            x, layer_self, layer_cross = layer(x, memory, src_mask, tgt_mask)
+            x, layer_self, layer_cross = layer(x, memory, src_mask, tgt_mask, buckets)
             self_weights.append(layer_self)
             cross_weights.append(layer_cross)
         return self.decoder_norm(x), self_weights, cross_weights
@@ -537,17 +641,19 @@ class Transformer(nn.Module):
         """
         # Inference only (no dropout); rows are [B, D] throughout (see MultiHeadAttention.step_attend).
         past = self_keys[0].shape[2]
-        embedded = self.tgt_embed(tokens) * self.embed_scale
-        if positions is None:
-            x, self_bias = embedded + self.positions.table[past], None
-        else:
-            x = embedded + self.positions.table[positions]
-            self_bias = cache_padding_bias(positions, past, embedded.dtype)
+        x = self.tgt_embed(tokens) * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions.table[past if positions is None else positions]
+        self_bias = None if positions is None else cache_padding_bias(positions, past, x.dtype)
+        # Relative positions: the new entry t against cache entries 0..t is the distance j - t for every row,
+        # whether or not its cache is left-padded (its entries are consecutive and end at t).
+        entries = torch.arange(past + 1, device=tokens.device)
+        buckets = self._buckets("decoder_buckets", entries[-1:], entries)
         src_bias = padding_bias(src_padding_mask, x.dtype)
         keys, values, self_weights, cross_weights = [], [], [], []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value, layer_self, layer_cross = layer.step(
-                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias, self_bias
+                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias, self_bias, buckets
             )
             keys.append(key)
             values.append(value)

@@ -22,8 +22,7 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def save_tiny_checkpoint(folder: Path, positions: str) -> Path:
     """A small randomly initialised model saved as translator-train saves one (untrained: fast)."""
     import torch
     from safetensors.torch import save_file
@@ -32,7 +31,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-checkpoint")
     vocabulary = build_word_level([" ".join(WORDS)])
     config = TransformerConfig(
         src_vocab_size=vocabulary.size,
@@ -43,12 +41,53 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         n_decoder_layers=2,
         d_ff=64,
         dropout=0.0,
+        positions=positions,
+        # Short texts still reach the logarithmic and the last buckets.
+        relative_buckets=16,
+        relative_max_distance=12,
     )
     model = Transformer(config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"model": config.to_dict(), "metrics": {}}))
     vocabulary.save(folder / "tokenizer.json")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with absolute (sinusoidal) positions."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "absolute")
+
+
+@pytest.fixture(scope="session")
+def tiny_relative_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with relative positions (T5 buckets), the kind the default model is."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-relative-checkpoint"), "relative")
+
+
+@pytest.fixture(scope="session")
+def tiny_relative_repository(
+    tiny_relative_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    from model.export import export_checkpoint
+
+    repository = tmp_path_factory.mktemp("relative-repository")
+    export_checkpoint(tiny_relative_checkpoint, repository, "tiny", 1)
+    return repository
+
+
+@pytest.fixture(params=["absolute", "relative"])
+def each_tiny_model(
+    request: pytest.FixtureRequest,
+    tiny_checkpoint: Path,
+    tiny_repository: Path,
+    tiny_relative_checkpoint: Path,
+    tiny_relative_repository: Path,
+) -> tuple[Path, Path]:
+    """(checkpoint, repository holding it as "tiny") for each kind of positions: parity tests run on both."""
+    if request.param == "absolute":
+        return tiny_checkpoint, tiny_repository
+    return tiny_relative_checkpoint, tiny_relative_repository
 
 
 @pytest.fixture(scope="session")

@@ -33,13 +33,16 @@ def ct2_greedy(translator, vocabulary, sources: list[list[int]], max_length: int
 
 
 @pytest.mark.parametrize("cap", [None, 6])
-def test_ctranslate2_conversion_decodes_our_greedy_tokens(tiny_checkpoint: Path, tiny_repository: Path,
-                                                           ct2_model: Path, cap: int | None) -> None:
-    """Token for token against PyTorch and our engine, one cap per batch; the random tiny model mostly runs
-    to the cap, so finished and cut-off hypotheses are both compared (cap 6 cuts nearly everything)."""
+def test_ctranslate2_conversion_decodes_our_greedy_tokens(each_tiny_model: tuple[Path, Path], tmp_path: Path,
+                                                           cap: int | None) -> None:
+    """Token for token against PyTorch and our engine, one cap per batch, for absolute and relative
+    positions; the random tiny model mostly runs to the cap, so finished and cut-off hypotheses are both
+    compared (cap 6 cuts nearly everything)."""
+    tiny_checkpoint, tiny_repository = each_tiny_model
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
-    translator = load_translator(ct2_model, threads=1, compute_type="float32")
+    translator = load_translator(convert_to_ctranslate2(tiny_checkpoint, tmp_path / "ct2"), threads=1,
+                                 compute_type="float32")
     sources = [vocabulary.encode_source(text).ids for text in sentences(24, seed=5, longest=14)]
     for start in range(0, len(sources), 8):
         batch = sources[start:start + 8]

@@ -65,7 +65,8 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert description["graphs"]["select"]["outputs"] == list(select_outputs(layers))
 
 
-def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_repository: Path) -> None:
+def test_graphs_match_pytorch_logits_and_attention(each_tiny_model: tuple[Path, Path]) -> None:
+    tiny_checkpoint, tiny_repository = each_tiny_model
     model, vocabulary, _ = load_model(tiny_checkpoint)
     config = model.config
     layers = config.n_decoder_layers
@@ -118,9 +119,10 @@ def test_graphs_match_pytorch_logits_and_attention(tiny_checkpoint: Path, tiny_r
                 past[f"past_self_value.{i}"] = out[f"present_self_value.{i}"]
 
 
-def test_a_row_joining_a_running_batch_decodes_as_alone(tiny_checkpoint: Path, tiny_repository: Path) -> None:
+def test_a_row_joining_a_running_batch_decodes_as_alone(each_tiny_model: tuple[Path, Path]) -> None:
     """Iteration-level batching: a row whose cache is left-padded to the batch's length (positions input)
     gets, in the graph, the log-probs and attention it gets decoded alone from the first step."""
+    tiny_checkpoint, tiny_repository = each_tiny_model
     model, vocabulary, _ = load_model(tiny_checkpoint)
     layers = model.config.n_decoder_layers
     decoder = ort.InferenceSession(
@@ -194,8 +196,8 @@ def test_a_stream_never_feeds_a_done_row_past_the_position_table() -> None:
     assert all(len(hypothesis.tokens) == 300 and not hypothesis.finished for hypothesis in done.values())
 
 
-def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> None:
-    model, _, _ = load_model(tiny_checkpoint)
+def test_decode_step_layers_is_decode_step_per_layer(each_tiny_model: tuple[Path, Path]) -> None:
+    model, _, _ = load_model(each_tiny_model[0])
     config = model.config
     generator = torch.Generator().manual_seed(0)
     shape = (config.n_decoder_layers, 2, config.n_heads, 3, config.head_dim)
@@ -216,7 +218,8 @@ def test_decode_step_layers_is_decode_step_per_layer(tiny_checkpoint: Path) -> N
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_engine_translates_like_pytorch(tiny_checkpoint: Path, tiny_repository: Path, beam_size: int) -> None:
+def test_engine_translates_like_pytorch(each_tiny_model: tuple[Path, Path], beam_size: int) -> None:
+    tiny_checkpoint, tiny_repository = each_tiny_model
     model, vocabulary, _ = load_model(tiny_checkpoint)
     engine = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     texts = sentences(40, longest=14)

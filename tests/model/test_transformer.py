@@ -3,6 +3,7 @@ incremental decoding against full recomputation, and translation through the sha
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -11,13 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.transformer import MultiHeadAttention, Transformer, TransformerConfig, causal_mask
+from model.transformer import (
+    MultiHeadAttention,
+    Transformer,
+    TransformerConfig,
+    causal_mask,
+    relative_position_buckets,
+)
 from tests.conftest import ROOT
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 16
 WORDS = range(4, VOCAB)  # ids 0-3 are special
 ATOL = 1e-5
+
+# Relative positions with a short maximum distance, so that short texts reach the far buckets too.
+RELATIVE: dict = dict(positions="relative", relative_buckets=16, relative_max_distance=12)
 
 torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared machine
 
@@ -31,8 +41,15 @@ def tiny_config(**overrides: object) -> TransformerConfig:
     return TransformerConfig(**values)
 
 
+@pytest.fixture(scope="module", params=["absolute", "relative"])
+def model(request: pytest.FixtureRequest) -> Transformer:
+    """Every property below holds for both kinds of positions."""
+    torch.manual_seed(0)
+    return Transformer(tiny_config(**(RELATIVE if request.param == "relative" else {}))).eval()
+
+
 @pytest.fixture(scope="module")
-def model() -> Transformer:
+def absolute_model() -> Transformer:
     torch.manual_seed(0)
     return Transformer(tiny_config()).eval()
 
@@ -351,9 +368,10 @@ def test_same_translation_alone_and_in_padded_batch(trained: Transformer, beam_s
         assert alone.score == pytest.approx(in_batch.score, abs=1e-4)
 
 
-def test_position_shift_moves_source_and_target_positions(model: Transformer) -> None:
+def test_position_shift_moves_source_and_target_positions(absolute_model: Transformer) -> None:
     """`forward(..., src_offset, tgt_offset)` reads rows offset.. of the position table (training's
     --position-shift); offset 0 is what inference and the exported graphs use."""
+    model = absolute_model
     rng = random.Random(4)
     src = padded([source(rng, 6)])
     tgt = torch.tensor([[1, *[rng.choice(WORDS) for _ in range(4)]]])
@@ -369,3 +387,82 @@ def test_position_shift_moves_source_and_target_positions(model: Transformer) ->
             assert torch.allclose(model(src, tgt), shifted, atol=1e-6)
         finally:
             model.positions.table = table
+
+
+# -- relative positions ----------------------------------------------------------------------------------
+
+
+def t5_bucket(distance: int, bidirectional: bool, buckets: int, max_distance: int) -> float:
+    """T5's bucket of key - query distance before truncation, in float64 (the unclipped real value)."""
+    offset = 0
+    if bidirectional:
+        buckets //= 2
+        offset = buckets if distance > 0 else 0
+        distance = abs(distance)
+    else:
+        distance = max(-distance, 0)
+    exact = buckets // 2
+    if distance < exact:
+        return offset + distance
+    far = exact + math.log(distance / exact) / math.log(max_distance / exact) * (buckets - exact)
+    return offset + min(far, buckets - 1)
+
+
+@pytest.mark.parametrize(("buckets", "max_distance"), [(32, 24), (16, 12)])  # the default, the tests'
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets_are_t5s_with_no_distance_near_a_boundary(
+    buckets: int, max_distance: int, bidirectional: bool
+) -> None:
+    """Our table is T5's (CTranslate2's) function, and no distance up to 512 lies within 0.02 of a bucket
+    boundary, so float32 logarithms in any library truncate to the same bucket (the CTranslate2 parity test
+    in tests/bench relies on it)."""
+    distance = torch.arange(-511, 512)
+    ours = relative_position_buckets(distance, bidirectional, buckets, max_distance)
+    for d, bucket in zip(distance.tolist(), ours.tolist(), strict=True):
+        real = t5_bucket(d, bidirectional, buckets, max_distance)
+        assert bucket == int(real), d
+        if real < buckets - 1 and real != int(real):
+            assert min(real - int(real), int(real) + 1 - real) > 0.02, d
+    far = buckets - 1  # everything beyond the maximum distance shares the last bucket (of its direction)
+    assert ours[: 512 - max_distance].unique().tolist() == [far // 2 if bidirectional else far]
+    if bidirectional:
+        assert ours[511 + max_distance :].unique().tolist() == [far]
+    else:
+        assert ours[511:].unique().tolist() == [0]  # the decoder never sees later keys
+
+
+def test_relative_positions_clip_beyond_the_maximum_distance() -> None:
+    """A relative model has no position table and one bias per self-attention layer; the bias of the last
+    bucket reaches only texts longer than the maximum distance, so a long text reads distances it was never
+    trained on through a bucket that shorter training texts did train."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(**RELATIVE)).eval()
+    assert model.positions is None
+    biases = [name for name, _ in model.named_parameters() if "relative_bias" in name]
+    assert len(biases) == model.config.n_encoder_layers + model.config.n_decoder_layers
+    rng = random.Random(9)
+    short, long = padded([source(rng, 6)]), padded([source(rng, 30)])
+    with torch.no_grad():
+        before = [model.encode(src)[0] for src in (short, long)]
+        for layer in model.encoder_layers:
+            layer.relative_bias.bias.weight[[7, 15]] += 3.0  # the last bucket of each direction
+        after = [model.encode(src)[0] for src in (short, long)]
+    assert torch.equal(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+
+
+def test_relative_positions_attend_to_distances_not_places() -> None:
+    """With relative positions a text's encoding does not depend on where it starts: the same six tokens
+    after four others encode (attention restricted to themselves) as they do alone."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(positions="relative")).eval()
+    rng = random.Random(10)
+    text = source(rng, 5)
+    prefix = [rng.choice(WORDS) for _ in range(4)]
+    src = torch.tensor([prefix + text])
+    mask = torch.zeros(1, len(src[0]), dtype=torch.bool)
+    mask[0, :4] = True  # the prefix is there but not attended to
+    with torch.no_grad():
+        alone, _ = model.encode(torch.tensor([text]))
+        shifted, _ = model.encode(src, mask)
+    torch.testing.assert_close(shifted[0, 4:], alone[0], atol=ATOL, rtol=0)
