@@ -1481,7 +1481,7 @@ LONG_SAMPLER = SamplerConfig(min_words=LONG_MIN_WORDS, max_words=LONG_MAX_WORDS,
 # texts near its longest (0.2% reach 40 tokens), and a model that has rarely read a text near its longest
 # does not hold up past it (docs/decisions/long-sentences.md).
 TRAIN_LONGER_SAMPLER = replace(LONG_SAMPLER, min_words=24, max_words=TRAIN_MAX_WORDS)
-TRAIN_LONGER_SHARE = 0.3
+TRAIN_LONGER_SHARE = 0.45
 
 _ANIMATE_NOUNS = tuple(noun for noun in NOUNS if noun.kind is not _THING)
 _VERBS_WITH_OBJECT = tuple(verb for verb in VERBS if verb.valency is not Valency.INTRANSITIVE)
