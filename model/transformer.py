@@ -465,16 +465,17 @@ class Transformer(nn.Module):
             x = x + self.positions(ids.shape[1], offset)
         return self.embed_dropout(x)
 
-    def _buckets(self, table_name: str, query: Tensor, key: Tensor) -> Tensor | None:
-        """Relative positions: the bucket of each (query, key) pair of positions [Tq], [Tk] -> [Tq,Tk];
-        None with absolute positions."""
-        if self.positions is not None:
-            return None
+    def _buckets(self, table_name: str, query: Tensor, key: Tensor) -> Tensor:
+        """Relative positions only: the bucket of each (query, key) pair of positions [Tq], [Tk] -> [Tq,Tk]
+        (query row, key column)."""
         table = getattr(self, table_name)
         return table[key[None, :] - query[:, None] + (self.config.max_positions - 1)]
 
     def _square_buckets(self, table_name: str, length: int, device: torch.device) -> Tensor | None:
-        """Every position of a text of ``length`` against every other: [T,T] (see _buckets)."""
+        """Every position of a text of ``length`` against every other: [T,T] (see _buckets); None with
+        absolute positions."""
+        if self.positions is not None:
+            return None
         positions = torch.arange(length, device=device)
         return self._buckets(table_name, positions, positions)
 
@@ -647,8 +648,10 @@ class Transformer(nn.Module):
         self_bias = None if positions is None else cache_padding_bias(positions, past, x.dtype)
         # Relative positions: the new entry t against cache entries 0..t is the distance j - t for every row,
         # whether or not its cache is left-padded (its entries are consecutive and end at t).
-        entries = torch.arange(past + 1, device=tokens.device)
-        buckets = self._buckets("decoder_buckets", entries[-1:], entries)
+        buckets = None
+        if self.positions is None:
+            entries = torch.arange(past + 1, device=tokens.device)
+            buckets = self._buckets("decoder_buckets", entries[-1:], entries)
         src_bias = padding_bias(src_padding_mask, x.dtype)
         keys, values, self_weights, cross_weights = [], [], [], []
         for i, layer in enumerate(self.decoder_layers):
