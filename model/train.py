@@ -29,7 +29,7 @@ from model.data import Example, encode_examples, read_tsv, token_batches, toy_mo
 from model.evaluate import corpus_scores, translate_texts
 from model.tokenizer import build_bpe, build_word_level
 from model.toy_language import SPLIT_SEEDS
-from model.transformer import POSITIONS, Transformer, TransformerConfig
+from model.transformer import Transformer, TransformerConfig, position_problems
 from service.core.cli import run_command
 from service.core.vocabulary import Vocabulary
 
@@ -80,30 +80,25 @@ class TrainConfig:
         at_least_one = ("train_size", "valid_size", "bpe_vocab_size", "d_model", "n_heads",
                         "n_encoder_layers", "n_decoder_layers", "d_ff", "max_tokens", "warmup_steps",
                         "epochs", "threads")
-        found = [f"--{name.replace('_', '-')} must be at least 1" for name in at_least_one
+        found = [f"{_flag(name)} must be at least 1" for name in at_least_one
                  if getattr(self, name) < 1]
         if self.schedule not in SCHEDULES:
             found.append(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.position_shift < 0:
             found.append("--position-shift must be at least 0")
-        if self.positions not in POSITIONS:
-            found.append(f"--positions must be one of {', '.join(POSITIONS)}")
-        elif self.position_shift and self.positions != "absolute":
+        found += position_problems(self.positions, self.relative_buckets, self.relative_max_distance, _flag)
+        if self.position_shift and self.positions != "absolute":
             found.append("--position-shift moves absolute positions: it needs --positions absolute")
-        if self.relative_buckets < 4 or self.relative_buckets % 4:
-            found.append("--relative-buckets must be a multiple of 4, at least 4")
-        elif self.relative_max_distance <= self.relative_buckets // 2:
-            found.append("--relative-max-distance must exceed --relative-buckets / 2")
         if self.d_model >= 1 and self.n_heads >= 1 and self.d_model % self.n_heads:
             found.append(f"--d-model ({self.d_model}) must be a multiple of --n-heads ({self.n_heads})")
         for name, low, high in (("dropout", 0.0, 1.0), ("label_smoothing", 0.0, 1.0)):
             if not low <= getattr(self, name) < high:
-                found.append(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g})")
+                found.append(f"{_flag(name)} must be in [{low:g}, {high:g})")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             found.append("--betas must be in [0, 1)")
         for name in ("learning_rate", "clip_norm"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                found.append(f"--{name.replace('_', '-')} must be a finite number above 0")
+                found.append(f"{_flag(name)} must be a finite number above 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             found.append("--weight-decay must be a finite number of at least 0")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
@@ -121,6 +116,10 @@ class TrainConfig:
         return cls(**values)
 
 
+def _flag(field: str) -> str:
+    return f"--{field.replace('_', '-')}"
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """Defaults come from the dataclass, then `--config FILE`, then flags, so a flag always wins."""
     parser = argparse.ArgumentParser(prog="translator-train", description=__doc__.splitlines()[0])
@@ -131,7 +130,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         if f.name == "betas":
             parser.add_argument("--betas", type=float, nargs=2)
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
+            parser.add_argument(_flag(f.name), dest=f.name, type=kind)
     args = parser.parse_args(argv)
     try:
         config = TrainConfig.from_json(args.config) if args.config else TrainConfig()

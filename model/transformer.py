@@ -24,6 +24,7 @@ H heads, Dh = D / H, L layers, V target vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +33,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 POSITIONS = ("absolute", "relative")
+
+
+def position_problems(
+    positions: str, relative_buckets: int, relative_max_distance: int, name: Callable[[str], str] = str
+) -> list[str]:
+    """What is wrong with a position setting, each field called ``name(field)`` (training names them as
+    flags): the one check behind TransformerConfig and translator-train's refusals."""
+    found = []
+    if positions not in POSITIONS:
+        found.append(f"{name('positions')} must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    if relative_buckets < 4 or relative_buckets % 4:
+        found.append(f"{name('relative_buckets')} must be a multiple of 4, at least 4, "
+                     f"got {relative_buckets}")
+    elif relative_max_distance <= relative_buckets // 2:
+        found.append(f"{name('relative_max_distance')} must exceed {name('relative_buckets')} / 2 "
+                     f"({relative_buckets // 2}), got {relative_max_distance}")
+    return found
 
 
 @dataclass
@@ -62,13 +80,8 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ValueError("d_model must be even for the sin/cos position table")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions={self.positions!r} is not one of {', '.join(POSITIONS)}")
-        if self.relative_buckets < 4 or self.relative_buckets % 4:
-            raise ValueError(f"relative_buckets={self.relative_buckets} must be a multiple of 4 (at least 4)")
-        if self.relative_max_distance <= self.relative_buckets // 2:
-            raise ValueError(f"relative_max_distance={self.relative_max_distance} must exceed "
-                             f"relative_buckets / 2 = {self.relative_buckets // 2}")
+        if problems := position_problems(self.positions, self.relative_buckets, self.relative_max_distance):
+            raise ValueError("; ".join(problems))
 
     @property
     def head_dim(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,19 @@ def test_config_round_trip_and_defaults() -> None:
     assert TransformerConfig.from_dict(config.to_dict()) == config
     assert (config.d_model, config.n_heads, config.n_encoder_layers, config.d_ff) == (256, 4, 3, 1024)
     assert (config.pad_id, config.bos_id, config.eos_id, config.unk_id) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"positions": "rotary"}, "positions must be one of absolute, relative, got 'rotary'"),
+        ({"relative_buckets": 30}, "relative_buckets must be a multiple of 4"),
+        ({"relative_max_distance": 16}, "relative_max_distance must exceed relative_buckets / 2 (16)"),
+    ],
+)
+def test_config_refuses_impossible_positions(overrides: dict, expected: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        TransformerConfig(src_vocab_size=100, tgt_vocab_size=100, **overrides)
 
 
 def test_state_dict_has_no_aliased_tensors_and_output_is_tied(model: Transformer) -> None:
