@@ -7,6 +7,8 @@ Engines (rows of the table):
 * ``torch_cache``: PyTorch with the key/value cache (TorchBackend + shared search, as ``translate_ids``).
 * ``ours``: our engine (onnxruntime graphs + shared search), no attention maps.
 * ``ours_attention``: our engine with every attention map requested (cross, decoder self, encoder self).
+* ``ours_int8``: our engine on the model's int8 graphs (``--precision int8``); its tokens may differ from
+  float32's, so it is compared with ``ct2_int8`` and its quality is reported.
 * ``ct2_f32``: CTranslate2 float32 on a conversion of the same checkpoint (the reference to beat), one
   worker using every thread (``intra_threads``).
 * ``ct2_f32_workers``: the same, with one single-threaded worker per thread (``inter_threads``) and each
@@ -15,7 +17,9 @@ Engines (rows of the table):
 * ``ct2_int8``: CTranslate2 with int8 weights, an extra row for context only (its tokens may differ).
 
 Method: every engine first translates the same sentences once and must produce our engine's tokens
-exactly (beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). Then, per round,
+exactly (beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). That run covers the
+whole test split (1,000 sentences), and each engine's BLEU and exact match against its references are
+reported beside, so a faster engine that translates worse shows it. Then, per round,
 each engine runs in a fresh subprocess (one process can swing by 40%), engines interleaved in a rotating
 order; in each, every batch size is timed over whole passes of the same batches until ``--min-seconds`` have
 passed. Reported figures are medians over rounds. Everybody gets the same batches (test-split order, mixed
@@ -56,13 +60,14 @@ ENGINES: dict[str, str] = {
     "torch_cache": "PyTorch eager, KV cache",
     "ours": "ours (onnxruntime)",
     "ours_attention": "ours + all attention maps",
+    "ours_int8": "ours, int8 weights",
     "ct2_f32": "CTranslate2 float32",
     "ct2_f32_workers": "CTranslate2 float32, worker per thread",
     "ct2_int8": "CTranslate2 int8 (extra, not reference)",
 }
 REFERENCE = "ours"
 # Engines whose tokens are allowed to differ from ours without stopping the benchmark.
-PARITY_EXEMPT = frozenset({"ct2_int8"})
+PARITY_EXEMPT = frozenset({"ct2_int8", "ours_int8"})
 MAX_LENGTH_LIMIT = 256  # service.engine.engine.Engine's default max_length_limit
 # "ct2_f32_best": per batch size, the faster of the two CTranslate2 float32 configurations.
 BEST_CT2_F32 = ("ct2_f32", "ct2_f32_workers")
@@ -70,7 +75,8 @@ RATIOS = (("ours/best ct2_f32", "ours", "ct2_f32_best"), ("ours/ct2_f32", "ours"
           ("ours/ct2_f32_workers", "ours", "ct2_f32_workers"),
           ("ours/torch_nocache", "ours", "torch_nocache"),
           ("ours/torch_cache", "ours", "torch_cache"), ("attention_on/off", "ours_attention", "ours"),
-          ("ours/ct2_int8", "ours", "ct2_int8"))
+          ("ours/ct2_int8", "ours", "ct2_int8"), ("ours_int8/ct2_int8", "ours_int8", "ct2_int8"),
+          ("ours_int8/best ct2_f32", "ours_int8", "ct2_f32_best"))
 
 
 @dataclass(frozen=True)
@@ -177,11 +183,13 @@ def _torch_runner(engine: str, spec: dict) -> Runner:
 
 
 def _ours_runner(engine: str, spec: dict) -> Runner:
+    from service.core.model_format import FLOAT32
     from service.core.options import ATTENTION_KINDS, TranslateOptions
     from service.engine.engine import Engine
 
     loaded = Engine.load(spec["repository"], spec["model"], spec.get("version"), device=spec["device"],
-                         threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT)
+                         threads=spec["threads"], max_length_limit=MAX_LENGTH_LIMIT,
+                         precision="int8" if engine == "ours_int8" else FLOAT32)
     attention = frozenset(ATTENTION_KINDS) if engine == "ours_attention" else frozenset()
     # No max_length: the engine applies its own per-sentence rule, which Batch.max_lengths mirrors for the
     # other engines (a drift between the two shows up in the parity check as soon as a sentence hits it).
@@ -261,7 +269,7 @@ def _ct2_runner(engine: str, spec: dict) -> Runner:
 def make_runner(engine: str, spec: dict) -> Runner:
     if engine in ("torch_nocache", "torch_cache"):
         return _torch_runner(engine, spec)
-    if engine in ("ours", "ours_attention"):
+    if engine in ("ours", "ours_attention", "ours_int8"):
         return _ours_runner(engine, spec)
     if engine in ("ct2_f32", "ct2_f32_workers", "ct2_int8"):
         return _ct2_runner(engine, spec)
@@ -281,13 +289,21 @@ def worker_prepare(spec: dict) -> dict:
         convert_to_ctranslate2(spec["checkpoint"], spec["ct2_dir"])
         print(f"  converted {spec['checkpoint']} for CTranslate2 in {time.perf_counter() - started:.1f}s",
               flush=True)
+    from model.evaluate import corpus_scores
+    from service.core.vocabulary import Vocabulary
+
+    vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
+    encoded = [vocabulary.encode_source(text) for text in spec["texts"]]
     batches = _batches_from(spec["batches"])
-    outputs = {}
+    outputs, quality = {}, {}
     for engine in spec["engines"]:
         runner = make_runner(engine, spec)
         outputs[engine] = [ids for batch in batches for ids in runner.to_ids(runner.run(batch))]
-        print(f"  parity run: {engine} done", flush=True)
-    return {"outputs": outputs}
+        texts = [vocabulary.decode(ids, source) for ids, source in zip(outputs[engine], encoded, strict=True)]
+        quality[engine] = {**corpus_scores(texts, spec["references"]), "pairs": len(texts)}
+        print(f"  parity run: {engine} done (BLEU {quality[engine]['bleu']:.2f}, exact match "
+              f"{quality[engine]['exact_match']:.1%})", flush=True)
+    return {"outputs": outputs, "quality": quality}
 
 
 def worker_time(spec: dict) -> dict:
@@ -512,7 +528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-seconds", type=nonnegative_float, default=3.0,
                         help="least time per measurement")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
-    parser.add_argument("--no-int8", action="store_true", help="leave out the CTranslate2 int8 row")
+    parser.add_argument("--no-int8", action="store_true",
+                        help="leave out the int8 rows (ours and CTranslate2)")
     parser.add_argument("--max-mismatches", type=nonnegative_int, default=0,
                         help="sentences an engine may translate differently from ours before timing "
                              "is refused")
@@ -526,7 +543,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.no_int8:
-        args.engines = [e for e in args.engines if e != "ct2_int8"]
+        args.engines = [e for e in args.engines if e not in ("ct2_int8", "ours_int8")]
     unknown = set(args.engines) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; choose from {list(ENGINES)}")
@@ -549,6 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     examples = toy_split("test")
     texts = [examples[i % len(examples)].source for i in range(args.sentences)]
     sources = [vocabulary.encode_source(text).ids for text in texts]
+    test_sources = [vocabulary.encode_source(example.source).ids for example in examples]
     max_positions = int(meta.get("max_positions", 512))
     batches_by_size = {str(size): [asdict(b) for b in make_batches(sources, size, max_positions)]
                        for size in args.batch_sizes}
@@ -587,25 +605,30 @@ def main(argv: list[str] | None = None) -> dict:
                   "version": args.version, "ct2_dir": str(ct2_dir), "threads": args.threads,
                   "device": args.device}
 
-        # Parity on the largest batch size's batches: the same sentences every timed pass translates.
-        parity_size = str(max(args.batch_sizes))
-        print(f"parity: every engine translates the {args.sentences} sentences (batch {parity_size})",
-              flush=True)
-        prepared = _run_worker("prepare", {**common, "engines": args.engines,
-                                           "batches": batches_by_size[parity_size]}, work_dir, "prepare",
-                               args.threads)
+        # Parity and quality on the whole test split (the timed sentences are among it), in batches of the
+        # largest size.
+        parity_size = max(args.batch_sizes)
+        print(f"parity: every engine translates the test split's {len(examples)} sentences (batch "
+              f"{parity_size})", flush=True)
+        parity_batches = [asdict(b) for b in make_batches(test_sources, parity_size, max_positions)]
+        prepared = _run_worker("prepare", {**common, "engines": args.engines, "batches": parity_batches,
+                                           "texts": [e.source for e in examples],
+                                           "references": [e.target for e in examples]},
+                               work_dir, "prepare", args.threads)
         outputs = prepared["outputs"]
+        report["quality"] = prepared["quality"]
         parity: dict[str, dict] = {}
         refused = []
         for engine in args.engines:
             if engine == REFERENCE:
                 continue
-            count, example = first_difference(outputs[REFERENCE], outputs[engine], sources, vocabulary.decode)
-            parity[engine] = {"mismatches": count, "compared": len(sources), "first_difference": example,
+            count, example = first_difference(outputs[REFERENCE], outputs[engine], test_sources,
+                                              vocabulary.decode)
+            parity[engine] = {"mismatches": count, "compared": len(test_sources), "first_difference": example,
                               "enforced": engine not in PARITY_EXEMPT}
             status = "OK" if count == 0 else ("differs (allowed, not a reference)" if engine in PARITY_EXEMPT
                                                else "DIFFERS")
-            print(f"  {ENGINES[engine]:<40} {count:>4} of {len(sources)} sentences differ from ours: "
+            print(f"  {ENGINES[engine]:<40} {count:>4} of {len(test_sources)} sentences differ from ours: "
                   f"{status}")
             if example is not None:
                 print(f"    first: sentence {example['sentence']} {example['source']!r}\n"

@@ -37,18 +37,23 @@ FOLDER_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2})_([^_]+)_([^_]+)_([^_]+)$")
 RAW_NAMES = ("bench-engine.json", "report.json", "phases.json")  # preferred raw JSON, in this order
 
 # Targets.
-CT2_RATIO_MIN = 1.1  # ours / faster CTranslate2 float32, at TARGET_BATCHES
+CT2_RATIO_MIN = 1.1  # ours / faster CTranslate2 float32, at CT2_BATCHES
+CT2_BATCHES = (8, 32, 128)
 NOCACHE_RATIO_MIN = 5.0  # ours / PyTorch without cache, at TARGET_BATCHES
 TARGET_BATCHES = (32, 128)
-ATTENTION_COST_MAX = 0.15  # 1 - ours with every attention map / ours, at ATTENTION_BATCH
-ATTENTION_BATCH = 128
+INT8_RATIO_MIN = 1.1  # ours int8 / CTranslate2 int8, at TARGET_BATCHES
+INT8_BLEU_DROP_MAX = 0.3  # test-split BLEU, float32 - int8 (points)
+INT8_EXACT_DROP_MAX = 0.01  # test-split exact match, float32 - int8 (fraction)
+ATTENTION_COST_MAX = 0.10  # 1 - ours with every attention map / ours, at TARGET_BATCHES
+ATTENTION_BATCH = 128  # the headline batch
 GAIN_MIN = 8.0  # requests/s with batching / batching off, at LOAD_CLIENTS closed-loop clients
 SVC_ENG_MIN = 0.8  # service / engine in-process throughput at the batch size the batcher formed
 LOAD_CLIENTS = 64
 BASELINE_RATIO_MIN = 1.3  # our service / the minimal CTranslate2 float32 server, LOAD_CLIENTS clients
 
 ENGINE_ORDER = (
-    "torch_nocache", "torch_cache", "ours", "ours_attention", "ct2_f32", "ct2_f32_workers", "ct2_int8"
+    "torch_nocache", "torch_cache", "ours", "ours_attention", "ours_int8", "ct2_f32", "ct2_f32_workers",
+    "ct2_int8",
 )
 CT2_F32 = ("ct2_f32", "ct2_f32_workers")
 
@@ -190,6 +195,11 @@ def percent(value: float | None) -> str:
     return DASH if value is None else f"{value * 100:.1f}%"
 
 
+def points(value: float | None) -> str:
+    """A difference of two fractions, in percentage points."""
+    return DASH if value is None else f"{value * 100:+.1f} pt"
+
+
 def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -240,6 +250,18 @@ class Engine:
 
     def vs_cache(self, batch: int) -> float | None:
         return self._ratio(self.rate("ours", batch), self.rate("torch_cache", batch))
+
+    def int8_vs_ct2_int8(self, batch: int) -> float | None:
+        return self._ratio(self.rate("ours_int8", batch), self.rate("ct2_int8", batch))
+
+    def quality(self, engine: str, key: str) -> float | None:
+        """Test-split BLEU or exact match of an engine's parity run (None: not in the report)."""
+        return _num(_get(self.data, "quality", engine, key))
+
+    def int8_drop(self, key: str) -> float | None:
+        """float32 - int8 test-split `bleu` or `exact_match`: what int8 costs in quality."""
+        ours, int8 = self.quality("ours", key), self.quality("ours_int8", key)
+        return None if ours is None or int8 is None else ours - int8
 
     def attention_cost(self, batch: int) -> float | None:
         ratio = self._ratio(self.rate("ours_attention", batch), self.rate("ours", batch))
@@ -339,9 +361,18 @@ def engine_section(run: Run) -> list[str]:
         ("ours / PyTorch without cache", engine.vs_nocache, times),
         ("ours / PyTorch with KV cache", engine.vs_cache, times),
         ("attention-map cost (1 − with maps / without)", engine.attention_cost, percent),
+        ("ours int8 / CTranslate2 int8", engine.int8_vs_ct2_int8, times),
     ]
     header = ["ratio"] + [f"batch {b:,}" for b in engine.batches]
     lines += table(header, ([name] + [show(f(b)) for b in engine.batches] for name, f, show in ratios))
+    scored = [e for e in engine.engines if engine.quality(e, "bleu") is not None]
+    if scored:
+        pairs = _get(run.data, "quality", scored[0], "pairs")
+        lines += ["", f"Quality of each engine's parity run: the test split ({fmt(_num(pairs), ',.0f')} "
+                  "pairs), greedy, against its references."]
+        lines += table(["engine", "BLEU", "exact match"],
+                       ([engine.label(e), fmt(engine.quality(e, "bleu"), ".2f"),
+                         percent(engine.quality(e, "exact_match"))] for e in scored))
     return lines
 
 
@@ -568,7 +599,7 @@ def target_rows(
         return show(value), "met" if ok(value) else "missed"
 
     engine = Engine(engine_run.data) if engine_run else None
-    for batch in TARGET_BATCHES:
+    for batch in CT2_BATCHES:
         figure, result = one(engine.vs_ct2(batch) if engine else None, lambda v: v >= CT2_RATIO_MIN, times)
         target = f"ours ≥ {CT2_RATIO_MIN:g}× the faster CTranslate2 float32, batch {batch}"
         rows.append([machine, target, figure, result, stamp(engine_run)])
@@ -577,10 +608,24 @@ def target_rows(
         figure, result = one(ratio, lambda v: v >= NOCACHE_RATIO_MIN, times)
         rows.append([machine, f"ours ≥ {NOCACHE_RATIO_MIN:g}× PyTorch without cache, batch {batch}", figure,
                      result, stamp(engine_run)])
-    cost = engine.attention_cost(ATTENTION_BATCH) if engine else None
-    figure, result = one(cost, lambda v: v <= ATTENTION_COST_MAX, percent)
-    rows.append([machine, f"attention maps cost ≤ {ATTENTION_COST_MAX:.0%}, batch {ATTENTION_BATCH}", figure,
+    for batch in TARGET_BATCHES:
+        cost = engine.attention_cost(batch) if engine else None
+        figure, result = one(cost, lambda v: v <= ATTENTION_COST_MAX, percent)
+        rows.append([machine, f"attention maps cost ≤ {ATTENTION_COST_MAX:.0%}, batch {batch}", figure,
+                     result, stamp(engine_run)])
+    for batch in TARGET_BATCHES:
+        ratio = engine.int8_vs_ct2_int8(batch) if engine else None
+        figure, result = one(ratio, lambda v: v >= INT8_RATIO_MIN, times)
+        rows.append([machine, f"ours int8 ≥ {INT8_RATIO_MIN:g}× CTranslate2 int8, batch {batch}", figure,
+                     result, stamp(engine_run)])
+    drop = engine.int8_drop("bleu") if engine else None
+    figure, result = one(drop, lambda v: v <= INT8_BLEU_DROP_MAX, lambda v: fmt(v, "+.2f"))
+    rows.append([machine, f"int8 test BLEU within {INT8_BLEU_DROP_MAX:g} of float32 (float32 − int8)", figure,
                  result, stamp(engine_run)])
+    drop = engine.int8_drop("exact_match") if engine else None
+    figure, result = one(drop, lambda v: v <= INT8_EXACT_DROP_MAX, points)
+    rows.append([machine, f"int8 test exact match within {100 * INT8_EXACT_DROP_MAX:g} point of float32",
+                 figure, result, stamp(engine_run)])
 
     settings = [s for s in _settings(load_run.data) if _batching(s)] if load_run else []
     gains: list[tuple[str, str, bool]] = []

@@ -2,13 +2,16 @@
 
 Layout, as in Triton: `<repository>/<model-name>/<version>/` holding `encoder.onnx`, `decoder.onnx`,
 `select.onnx` (the decoder state's row selection, so that caches on a GPU never cross to the host),
-`tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums).
+`tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums), and
+beside them `encoder.int8.onnx` and `decoder.int8.onnx`: the same graphs with int8 weights, for `--precision
+int8` on CPU (docs/decisions/int8.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -25,8 +28,11 @@ from model.transformer import Transformer
 from service.core.cli import positive_int, run_command
 from service.core.model_format import (
     ENCODER_INPUTS,
+    FLOAT32,
     GRAPH_FILES,
     MODEL_FORMAT,
+    PRECISION_GRAPHS,
+    PRECISIONS,
     decoder_inputs,
     decoder_outputs,
     encoder_outputs,
@@ -210,8 +216,46 @@ def training_max_source_tokens(data: dict[str, Any]) -> int | None:
     return None
 
 
+def quantize_int8(out_dir: Path) -> dict[str, str]:
+    """`encoder.int8.onnx` and `decoder.int8.onnx` beside the float32 graphs: every matrix product with a
+    weight (and the embedding tables) in int8, one scale per tensor, activations quantized as each product
+    runs (onnxruntime's dynamic quantization); attention scores and softmax stay float32. Returns
+    {graph: file}."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    files = {}
+    root = logging.getLogger()
+    # The quantizer advises its shape pre-processing on every call; measured on our graphs, it changes
+    # neither the tokens nor the speed (docs/decisions/int8.md), so the advice is not shown.
+    advice = _DropMessage("Please consider to run pre-processing")
+    root.addFilter(advice)
+    try:
+        for graph in PRECISION_GRAPHS:
+            files[graph] = f"{graph}.int8.onnx"
+            # MatMulConstBOnly: products of two activations (query x key, weights x value) stay float32.
+            quantize_dynamic(out_dir / f"{graph}.onnx", out_dir / files[graph], weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True})
+    finally:
+        root.removeFilter(advice)
+    return files
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def export_checkpoint(
-    checkpoint: str | Path, repository: str | Path, name: str, version: int, metrics: dict | None = None
+    checkpoint: str | Path,
+    repository: str | Path,
+    name: str,
+    version: int,
+    metrics: dict | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
 ) -> Path:
     model, vocabulary, meta = load_model(checkpoint)
     out_dir = Path(repository) / name / str(version)
@@ -223,6 +267,8 @@ def export_checkpoint(
     export_graphs(model, out_dir)
     onnx.save(select_graph(model.config.n_decoder_layers), str(out_dir / "select.onnx"))
     shutil.copyfile(Path(checkpoint) / "tokenizer.json", out_dir / "tokenizer.json")
+    variants = {"int8": quantize_int8(out_dir)} if "int8" in precisions else {}
+    variant_files = [file for files in variants.values() for file in files.values()]
     config = model.config
     description = {
         "format": MODEL_FORMAT,
@@ -259,7 +305,11 @@ def export_checkpoint(
             "config": meta.get("train", {}),
             "max_source_tokens": training_max_source_tokens(meta.get("data", {})),
         },
-        "checksums": {f: sha256(out_dir / f) for f in (*GRAPH_FILES, "tokenizer.json")},
+        "precisions": variants,
+        "checksums": {
+            f: sha256(out_dir / f)
+            for f in (*GRAPH_FILES, "tokenizer.json", *variant_files)
+        },
     }
     (out_dir / "model.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     print(
@@ -275,6 +325,14 @@ def model_name(text: str) -> str:
     return text
 
 
+def precision_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in PRECISIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"precisions are among {', '.join(PRECISIONS)}, got {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     run_command("translator-export", lambda: _main(argv))
 
@@ -287,6 +345,9 @@ def _main(argv: list[str] | None) -> None:
     parser.add_argument("--version", type=positive_int, default=1)
     parser.add_argument("--metrics", action="append", default=[], metavar="NAME=PATH",
                         help="evaluation results (translator-eval --json) to record in model.json under NAME")
+    parser.add_argument("--precisions", type=precision_list, default=PRECISIONS,
+                        help=f"precisions to export, separated by commas (default and choices: "
+                        f"{','.join(PRECISIONS)}; {FLOAT32} is always exported)")
     args = parser.parse_args(argv)
     metrics = {}
     for item in args.metrics:
@@ -300,7 +361,7 @@ def _main(argv: list[str] | None) -> None:
     target = Path(args.repository) / args.name / str(args.version)
     if target.exists():
         print(f"translator-export: replacing {target}", file=sys.stderr)
-    export_checkpoint(args.checkpoint, args.repository, args.name, args.version, metrics)
+    export_checkpoint(args.checkpoint, args.repository, args.name, args.version, metrics, args.precisions)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class ModelInfo:
     target_vocab_size: int
     execution_provider: str
     batching: dict[str, float]
+    precision: str
     limits: dict[str, int]
     training_metrics: dict[str, float]
 
@@ -266,6 +267,7 @@ class TranslatorClient:
         return ModelInfo(name=info.name, version=info.version, architecture=_fields(info.architecture),
                          source_vocab_size=info.source_vocab_size, target_vocab_size=info.target_vocab_size,
                          execution_provider=info.execution_provider, batching=_fields(info.batching),
+                         precision=info.precision or "float32",
                          limits=_fields(info.limits), training_metrics=dict(info.training_metrics))
 
 
@@ -322,7 +324,8 @@ def _print_info(info: ModelInfo, as_json: bool, out: TextIO) -> None:
         print(json.dumps({"model_info": info.to_dict()}, ensure_ascii=False), file=out)
         return
     a = info.architecture
-    print(f"model        {info.name} (version {info.version or '?'}) on {info.execution_provider}", file=out)
+    print(f"model        {info.name} (version {info.version or '?'}, {info.precision}) on "
+          f"{info.execution_provider}", file=out)
     print(f"architecture d_model={a.get('d_model')} heads={a.get('n_heads')} "
           f"encoder_layers={a.get('n_encoder_layers')} decoder_layers={a.get('n_decoder_layers')} "
           f"d_ff={a.get('d_ff')}", file=out)

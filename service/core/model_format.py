@@ -77,6 +77,12 @@ def select_outputs(n_layers: int) -> tuple[str, ...]:
 
 GRAPH_FILES = ("encoder.onnx", "decoder.onnx", "select.onnx")
 REQUIRED_FILES = ("model.json", *GRAPH_FILES, "tokenizer.json")
+# Precisions a model version may offer. float32 is the graphs above; every other one is a second encoder and
+# decoder beside them, named in model.json's "precisions" (`{"int8": {"encoder": FILE, "decoder": FILE}}`);
+# select.onnx only gathers and slices the caches, so one serves all.
+FLOAT32 = "float32"
+PRECISIONS = (FLOAT32, "int8")
+PRECISION_GRAPHS = ("encoder", "decoder")
 
 
 class ModelLoadError(RuntimeError):
@@ -105,9 +111,20 @@ class ModelVersion:
     path: Path
     description: dict[str, Any]
     architecture: Architecture
+    precision: str = FLOAT32
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def graph_file(self, graph: str) -> Path:
+        """The file of graph `encoder`, `decoder` or `select` at this version's precision."""
+        files = self.description.get("precisions", {}).get(self.precision, {})
+        return self.path / files.get(graph, f"{graph}.onnx")
+
+    @property
+    def precisions(self) -> list[str]:
+        """The precisions this version offers: float32 always, then those model.json names."""
+        return offered_precisions(self.description)
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -151,10 +168,19 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def offered_precisions(description: dict[str, Any]) -> list[str]:
+    return [FLOAT32, *(p for p in PRECISIONS if p in description.get("precisions", {}))]
+
+
 def resolve(
-    repository: str | Path, name: str, version: int | None = None, verify_checksums: bool = True
+    repository: str | Path,
+    name: str,
+    version: int | None = None,
+    verify_checksums: bool = True,
+    precision: str = FLOAT32,
 ) -> ModelVersion:
-    """Find a model version (the newest when none is named) and check its description and files."""
+    """Find a model version (the newest when none is named) at a precision it offers, and check its
+    description and files."""
     repository = Path(repository)
     versions = available_versions(repository, name)
     if version is None:
@@ -170,6 +196,15 @@ def resolve(
                 f"{path / file}: missing (a model version needs {', '.join(REQUIRED_FILES)})"
             )
     description = read_description(path / "model.json")
+    offered = offered_precisions(description)
+    if precision not in offered:
+        raise ModelLoadError(
+            f"{path / 'model.json'}: this version offers precisions {offered}, not {precision!r} "
+            "(translator-export writes them)"
+        )
+    for file in description.get("precisions", {}).get(precision, {}).values():
+        if not (path / file).is_file():
+            raise ModelLoadError(f"{path / file}: missing (model.json names it for precision {precision})")
     if verify_checksums:
         for file, expected in description["checksums"].items():
             if (path / file).is_file() and sha256(path / file) != expected:
@@ -177,7 +212,7 @@ def resolve(
                     f"{path / file}: checksum does not match model.json (corrupt or replaced)"
                 )
     architecture_fields = {k: description["architecture"][k] for k in Architecture.__dataclass_fields__}
-    return ModelVersion(name, version, path, description, Architecture(**architecture_fields))
+    return ModelVersion(name, version, path, description, Architecture(**architecture_fields), precision)
 
 
 def read_description(path: Path) -> dict[str, Any]:
@@ -194,7 +229,22 @@ def read_description(path: Path) -> dict[str, Any]:
         name = graph.removesuffix(".onnx")
         if not isinstance(description["graphs"].get(name), dict):
             raise ModelLoadError(f"{path}: missing or malformed 'graphs.{name}'")
-    unchecked = [file for file in (*GRAPH_FILES, "tokenizer.json") if file not in description["checksums"]]
+    precisions = description.get("precisions", {})
+    if not isinstance(precisions, dict):
+        raise ModelLoadError(f"{path}: malformed 'precisions' (an object of precision -> graph files)")
+    extra_files = []
+    for precision, files in precisions.items():
+        if precision not in PRECISIONS[1:]:
+            raise ModelLoadError(f"{path}: unknown precision {precision!r} (known: {list(PRECISIONS[1:])})")
+        if not isinstance(files, dict) or sorted(files) != sorted(PRECISION_GRAPHS) or not all(
+            isinstance(file, str) and file and "/" not in file for file in files.values()
+        ):
+            raise ModelLoadError(
+                f"{path}: 'precisions.{precision}' must name a file for each of {list(PRECISION_GRAPHS)}"
+            )
+        extra_files.extend(files.values())
+    checked = description["checksums"]
+    unchecked = [file for file in (*GRAPH_FILES, "tokenizer.json", *extra_files) if file not in checked]
     if unchecked:
         raise ModelLoadError(f"{path}: 'checksums' lacks {unchecked}")
     missing = [

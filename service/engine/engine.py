@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import wait
 from pathlib import Path
 
-from service.core.model_format import ModelLoadError, ModelVersion, resolve
+from service.core.model_format import FLOAT32, ModelLoadError, ModelVersion, resolve
 from service.core.options import TranslateOptions, max_steps
 from service.core.postprocess import Translation, finish
 from service.core.search import Hypothesis
@@ -96,9 +96,10 @@ class Engine:
         io_binding: bool | None = None,
         lanes: int | None = None,
         lane_processes: bool = False,
+        precision: str = FLOAT32,
     ) -> Engine:
         return cls(
-            resolve(repository, name, version),
+            resolve(repository, name, version, precision=precision),
             device=device,
             threads=threads,
             max_length_limit=max_length_limit,

@@ -49,9 +49,9 @@ class Runner:
     ) -> None:
         self.model = model
         self.special_ids = model.special_ids
-        self.encoder = make_session(model.file("encoder.onnx"), providers, threads, spinning)
-        self.decoder = make_session(model.file("decoder.onnx"), providers, threads, spinning)
-        self.selector = make_session(model.file("select.onnx"), providers, 1, spinning)
+        self.encoder = make_session(model.graph_file("encoder"), providers, threads, spinning)
+        self.decoder = make_session(model.graph_file("decoder"), providers, threads, spinning)
+        self.selector = make_session(model.graph_file("select"), providers, 1, spinning)
         self.provider = self.encoder.get_providers()[0]
         self._check_signatures()
         self._check_shapes()
@@ -131,33 +131,31 @@ class Runner:
         """The graphs must have the inputs/outputs the backend feeds and model.json promises."""
         architecture, graphs = self.model.architecture, self.model.description["graphs"]
         layers = architecture.n_decoder_layers
-        for session, file, inputs, outputs in (
-            (self.encoder, "encoder.onnx", ENCODER_INPUTS,
-             encoder_outputs(architecture.n_encoder_layers, layers)),
-            (self.decoder, "decoder.onnx", decoder_inputs(layers), decoder_outputs(layers)),
-            (self.selector, "select.onnx", select_inputs(layers), select_outputs(layers)),
+        for session, name, inputs, outputs in (
+            (self.encoder, "encoder", ENCODER_INPUTS, encoder_outputs(architecture.n_encoder_layers, layers)),
+            (self.decoder, "decoder", decoder_inputs(layers), decoder_outputs(layers)),
+            (self.selector, "select", select_inputs(layers), select_outputs(layers)),
         ):
-            name = file.removesuffix(".onnx")
-            check_signature(session, self.model.file(file), inputs, outputs, graphs.get(name, {}))
+            check_signature(session, self.model.graph_file(name), inputs, outputs, graphs.get(name, {}))
 
     def _check_shapes(self) -> None:
         """The graphs' fixed dimensions must be the ones model.json describes (layers, heads, vocabulary)."""
         architecture = self.model.architecture
         layers, heads, head_dim = architecture.n_decoder_layers, architecture.n_heads, architecture.head_dim
-        expected = {("decoder.onnx", "log_probs"): [None, architecture.tgt_vocab_size]}
+        expected = {("decoder", "log_probs"): [None, architecture.tgt_vocab_size]}
         for i in range(layers):
-            expected["encoder.onnx", f"cross_key.{i}"] = [None, heads, None, head_dim]
-            expected["encoder.onnx", f"cross_value.{i}"] = [None, heads, None, head_dim]
-            expected["decoder.onnx", f"past_self_key.{i}"] = [None, heads, None, head_dim]
-            expected["decoder.onnx", f"past_self_value.{i}"] = [None, heads, None, head_dim]
-        sessions = {"encoder.onnx": self.encoder, "decoder.onnx": self.decoder}
-        for (file, name), dims in expected.items():
-            session = sessions[file]
+            expected["encoder", f"cross_key.{i}"] = [None, heads, None, head_dim]
+            expected["encoder", f"cross_value.{i}"] = [None, heads, None, head_dim]
+            expected["decoder", f"past_self_key.{i}"] = [None, heads, None, head_dim]
+            expected["decoder", f"past_self_value.{i}"] = [None, heads, None, head_dim]
+        sessions = {"encoder": self.encoder, "decoder": self.decoder}
+        for (graph, name), dims in expected.items():
+            session = sessions[graph]
             values = {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
             actual = [d if isinstance(d, int) else None for d in values[name]]
             if actual != dims:
                 raise ModelLoadError(
-                    f"{self.model.file(file)}: '{name}' has dimensions {values[name]}, but "
+                    f"{self.model.graph_file(graph)}: '{name}' has dimensions {values[name]}, but "
                     f"model.json describes {layers} decoder layers, {heads} heads of size "
                     f"{head_dim} and a vocabulary of {architecture.tgt_vocab_size}"
                 )

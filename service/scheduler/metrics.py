@@ -33,7 +33,7 @@ GENERATED_TOKENS = "translator_generated_tokens_total"  # counter: target tokens
 DROPPED_SENTENCES = "translator_dropped_sentences_total"  # counter {reason, stage="queued"|"decoding"}
 INFLIGHT = "translator_inflight_requests"  # gauge: RPCs being handled
 QUEUE_DEPTH = "translator_queue_depth_sentences"  # gauge: sentences waiting for a batch
-MODEL_INFO = "translator_model_info"  # gauge = 1 {model, version, provider}
+MODEL_INFO = "translator_model_info"  # gauge = 1 {model, version, provider, precision}
 MEAN_LOGPROB = "translator_translation_mean_logprob"  # histogram: log_prob / steps per translation
 ATTENTION_ENTROPY = "translator_cross_attention_entropy_nats"  # histogram per translation
 UNREAD_ANSWERS = "translator_unread_answers_total"  # counter {method, reason="slow_reader"|"client_gone"}
@@ -168,7 +168,10 @@ class ServerMetrics:
         self.inflight = Gauge(INFLIGHT, "RPCs being handled right now.", registry=r)
         self.queue_depth = Gauge(QUEUE_DEPTH, "Sentences waiting for a batch.", registry=r)
         self.model_info = Gauge(
-            MODEL_INFO, "The served model (value 1).", ["model", "version", "provider"], registry=r
+            MODEL_INFO,
+            "The served model (value 1).",
+            ["model", "version", "provider", "precision"],
+            registry=r,
         )
         self.mean_logprob = Histogram(
             MEAN_LOGPROB,

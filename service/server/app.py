@@ -206,7 +206,7 @@ class TranslatorServer:
         config = self.config
         started = time.monotonic()
         engine = self._engine or Engine(
-            resolve(config.model_repository, config.model, config.model_version),
+            resolve(config.model_repository, config.model, config.model_version, precision=config.precision),
             device=config.device,
             threads=config.threads,
             max_length_limit=config.max_length_limit,
@@ -234,6 +234,7 @@ class TranslatorServer:
                 version=model.version,
                 path=str(model.path),
                 provider=engine.provider,
+                precision=model.precision,
                 lanes=engine.lanes,
                 batch_workers=settings.workers,
                 load_s=round(time.monotonic() - started, 3),
@@ -242,7 +243,7 @@ class TranslatorServer:
         )
         warm_up_ms = self._warm_up(engine, batcher)
         self.metrics.model_info.labels(
-            model=model.name, version=str(model.version), provider=engine.provider
+            model=model.name, version=str(model.version), provider=engine.provider, precision=model.precision
         ).set(1)
         if not self.runtime.become_ready():  # stop() began while it loaded: it stays draining
             return

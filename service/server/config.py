@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.core.model_format import FLOAT32, PRECISIONS
 from service.server.event_loop import EVENT_LOOPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,6 +169,13 @@ class ServerConfig:
     )
     device: str = _setting(
         "auto", "where onnxruntime runs the model: auto takes CUDA when available", str, choices=DEVICES
+    )
+    precision: str = _setting(
+        FLOAT32,
+        "which of the model's graphs to serve: float32, or int8 (int8 weights: faster on CPU, quality in "
+        "docs/PERFORMANCE.md); the model version must offer it (translator-export writes both)",
+        str,
+        choices=PRECISIONS,
     )
     threads: int | None = _setting(
         None,

@@ -243,6 +243,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             "max_length": limits.max_length,
             "max_batch_tokens": config.max_batch_tokens,
             "execution_provider": engine.provider,
+            "precision": engine.model.precision,
             "request_parameters": ",".join(PARAMETERS),
         }
         return pb.ModelConfigResponse(

@@ -164,6 +164,7 @@ def model_info(runtime: Runtime) -> pb.ModelInfo:
         source_vocab_size=architecture.src_vocab_size,
         target_vocab_size=architecture.tgt_vocab_size,
         execution_provider=engine.provider,
+        precision=model.precision,
         batching=pb.BatchingSettings(
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,

@@ -468,6 +468,7 @@ TRANSLATOR_LAYOUT: dict[str, dict[str, tuple[int, str]]] = {
         "batching": (7, "translator.v1.BatchingSettings"),
         "limits": (8, "translator.v1.Limits"),
         "training_metrics": (9, "map<string, double>"),
+        "precision": (10, "string"),
     },
     "Architecture": {"d_model": (1, "int32"), "n_heads": (2, "int32"), "n_encoder_layers": (3, "int32"),
                      "n_decoder_layers": (4, "int32"), "d_ff": (5, "int32")},

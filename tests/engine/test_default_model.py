@@ -15,6 +15,7 @@ import pytest
 from model.checkpoint import load_model
 from model.data import toy_split
 from model.decoding import translate_ids
+from model.evaluate import corpus_scores
 from model.transformer import Transformer
 from service.core.model_format import resolve, sha256
 from service.core.options import TranslateOptions
@@ -110,6 +111,21 @@ def test_the_default_model_translates_the_toy_language(engine: Engine) -> None:
     assert exact >= 0.95
     [result] = engine.translate(["the big red dog sees her"])
     assert result.text == "el perro grande rojo la ve"
+
+
+def test_the_int8_model_translates_the_test_split_within_the_quality_bounds(cpu_engine: Engine) -> None:
+    """int8 weights cost at most 0.3 BLEU and 1 point of exact match against float32 on the whole test split
+    (docs/decisions/int8.md), through the same engine and text rules."""
+    int8 = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, precision="int8")
+    examples = toy_split("test")
+    references = [e.target for e in examples]
+    scores = {}
+    for name, engine in (("float32", cpu_engine), ("int8", int8)):
+        texts = [t.text for t in engine.translate([e.source for e in examples])]
+        scores[name] = corpus_scores(texts, references)
+    assert scores["float32"]["bleu"] - scores["int8"]["bleu"] <= 0.3, scores
+    assert scores["float32"]["exact_match"] - scores["int8"]["exact_match"] <= 0.01, scores
+    assert scores["int8"]["exact_match"] >= 0.98, scores
 
 
 def test_model_json_records_the_evaluation() -> None:

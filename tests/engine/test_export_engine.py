@@ -36,7 +36,9 @@ from tests.support.texts import sentences
 def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     folder = tiny_repository / "tiny" / "1"
     assert sorted(p.name for p in folder.iterdir()) == [
+        "decoder.int8.onnx",
         "decoder.onnx",
+        "encoder.int8.onnx",
         "encoder.onnx",
         "model.json",
         "select.onnx",
@@ -50,7 +52,10 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert len({onnx.load(str(folder / g)).ir_version for g in graphs}) == 1
     description = json.loads((folder / "model.json").read_text())
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
-    assert set(description["checksums"]) == {"encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json"}
+    assert set(description["checksums"]) == {
+        "encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json", "encoder.int8.onnx",
+        "decoder.int8.onnx",
+    }
     assert description["format"] == MODEL_FORMAT
     # The longest training source (the server flags longer texts): this checkpoint has no training record.
     assert description["training"]["max_source_tokens"] is None

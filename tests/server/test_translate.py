@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.api.inference import grpc_service_pb2 as kpb
 from service.api.translator.v1 import translator_pb2 as pb
 from service.core.options import TranslateOptions
 from service.engine.engine import Engine
@@ -214,6 +215,7 @@ def test_invisible_format_characters_are_not_part_of_a_word(client: Client) -> N
 def test_model_info_reports_the_settings(client: Client, server: TranslatorServer) -> None:
     info = client.translator.GetModelInfo(pb.GetModelInfoRequest())
     assert (info.name, info.version, info.execution_provider) == ("tiny", "1", "CPUExecutionProvider")
+    assert info.precision == "float32"
     assert (info.architecture.d_model, info.architecture.n_heads, info.architecture.n_decoder_layers) == (
         32,
         4,
@@ -345,3 +347,34 @@ def test_the_served_model_translates_text_as_people_type_it() -> None:
     assert [t.text for t in answer.translations] == expected
     assert all(not t.unknown_words for t in answer.translations)
     assert [b.decode() for b in outputs_of(response)["TRANSLATION"]] == expected
+
+
+def test_the_server_serves_the_precision_asked_for(tiny_repository: Path) -> None:
+    """--precision int8 loads the int8 graphs: the answers are the int8 engine's, and GetModelInfo, the KServe
+    config and /metrics say which precision is served."""
+    texts = sentences(5, seed=11)
+    int8 = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, precision="int8")
+    float32 = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
+    options = TranslateOptions(max_length=12)
+    expected, unexpected = (engine.translate(texts, options) for engine in (int8, float32))
+    config = make_config(tiny_repository, precision="int8", lane_processes="off")
+    with running(config) as server:
+        assert server.port and server.metrics_port
+        client = Client(server.port)
+        try:
+            info = client.translator.GetModelInfo(pb.GetModelInfoRequest())
+            kserve_config = client.kserve.ModelConfig(kpb.ModelConfigRequest(name="tiny")).config
+            answer = client.translator.Translate(
+                pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(max_length=12))
+            )
+        finally:
+            client.close()
+        text = scrape(server.metrics_port)
+    assert info.precision == "int8"
+    assert kserve_config.parameters["precision"].string_value == "int8"
+    for served, mine, other in zip(answer.translations, expected, unexpected, strict=True):
+        assert list(served.target_tokens) == mine.target_tokens
+        assert served.log_prob == pytest.approx(mine.log_prob, abs=1e-4)
+        assert served.log_prob != pytest.approx(other.log_prob, abs=1e-4)  # int8's, not float32's
+    labels = {"model": "tiny", "version": "1", "provider": "CPUExecutionProvider"}
+    assert value(text, "translator_model_info", **labels, precision="int8") == 1

@@ -143,7 +143,7 @@ class TokenEvent(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "architecture", "source_vocab_size", "target_vocab_size", "execution_provider", "batching", "limits", "training_metrics")
+    __slots__ = ("name", "version", "architecture", "source_vocab_size", "target_vocab_size", "execution_provider", "batching", "limits", "training_metrics", "precision")
     class TrainingMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class ModelInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_METRICS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     architecture: Architecture
@@ -169,7 +170,8 @@ class ModelInfo(_message.Message):
     batching: BatchingSettings
     limits: Limits
     training_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., source_vocab_size: _Optional[int] = ..., target_vocab_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., source_vocab_size: _Optional[int] = ..., target_vocab_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., batching: _Optional[_Union[BatchingSettings, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class Architecture(_message.Message):
     __slots__ = ("d_model", "n_heads", "n_encoder_layers", "n_decoder_layers", "d_ff")
