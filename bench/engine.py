@@ -14,21 +14,21 @@ Engines (rows of the table):
 * ``ct2_f32_workers``: the same, with one single-threaded worker per thread (``inter_threads``) and each
   batch split over them (``max_batch_size`` = batch / threads; CTranslate2 sorts by length before
   splitting): the parallelism our engine's lanes use. The ratio to beat is against the faster of the two.
-* ``ct2_int8``: CTranslate2 with int8 weights, an extra row for context only (its tokens may differ).
+* ``ct2_int8``: CTranslate2 with int8 weights, the reference for ``ours_int8`` (its tokens may differ).
 
-Method: every engine first translates the same sentences once and must produce our engine's tokens
-exactly (beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). That run covers the
-whole test split (1,000 sentences), and each engine's BLEU and exact match against its references are
-reported beside, so a faster engine that translates worse shows it. Then, per round,
-each engine runs in a fresh subprocess (one process can swing by 40%), engines interleaved in a rotating
-order; in each, every batch size is timed over whole passes of the same batches until ``--min-seconds`` have
-passed. Reported figures are medians over rounds. Everybody gets the same batches (test-split order, mixed
-lengths) and the same thread count. Length cap: our engine's rule, per sentence, 2 x its source length
-(</s> included) + 10 generated tokens (</s> included), at most 256. CTranslate2 takes one cap per call, so
-it gets the batch's largest and its outputs are cut to each sentence's cap (greedy tokens do not depend on
-the cap, so they are the same; only a sentence that never emits </s> costs it a few extra steps). Target
-tokens/s counts generated tokens without </s>. Heavy libraries load only in the subprocesses, so the parent
-leaves no idle thread pools behind.
+Method: every engine first translates the same sentences once and must produce our engine's tokens exactly
+(beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). That run covers the whole
+test split (1,000 sentences; ``--parity-sentences`` for fewer), and each engine's BLEU and exact match against
+its references are reported beside, so a faster engine that translates worse shows it. Then, per round, each
+engine runs in a fresh subprocess (one process can swing by 40%), engines interleaved in a rotating order; in
+each, every batch size is timed over whole passes of the same batches until ``--min-seconds`` have passed.
+Reported figures are medians over rounds. Everybody gets the same batches (test-split order, mixed lengths)
+and the same thread count. Length cap: our engine's rule, per sentence, 2 x its source length (</s> included)
++ 10 generated tokens (</s> included), at most 256. CTranslate2 takes one cap per call, so it gets the batch's
+largest and its outputs are cut to each sentence's cap (greedy tokens do not depend on the cap, so they are
+the same; only a sentence that never emits </s> costs it a few extra steps). Target tokens/s counts generated
+tokens without </s>. Heavy libraries load only in the subprocesses, so the parent leaves no idle thread pools
+behind.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ ENGINES: dict[str, str] = {
     "ours_int8": "ours, int8 weights",
     "ct2_f32": "CTranslate2 float32",
     "ct2_f32_workers": "CTranslate2 float32, worker per thread",
-    "ct2_int8": "CTranslate2 int8 (extra, not reference)",
+    "ct2_int8": "CTranslate2 int8",
 }
 REFERENCE = "ours"
 # Engines whose tokens are allowed to differ from ours without stopping the benchmark.
@@ -530,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {list(ENGINES)}")
     parser.add_argument("--no-int8", action="store_true",
                         help="leave out the int8 rows (ours and CTranslate2)")
+    parser.add_argument("--parity-sentences", type=positive_int, default=None,
+                        help="test-split sentences of the parity and quality run (default: all 1,000)")
     parser.add_argument("--max-mismatches", type=nonnegative_int, default=0,
                         help="sentences an engine may translate differently from ours before timing "
                              "is refused")
@@ -566,7 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
     examples = toy_split("test")
     texts = [examples[i % len(examples)].source for i in range(args.sentences)]
     sources = [vocabulary.encode_source(text).ids for text in texts]
-    test_sources = [vocabulary.encode_source(example.source).ids for example in examples]
+    checked = examples[: args.parity_sentences] if args.parity_sentences else examples
+    test_sources = [vocabulary.encode_source(example.source).ids for example in checked]
     max_positions = int(meta.get("max_positions", 512))
     batches_by_size = {str(size): [asdict(b) for b in make_batches(sources, size, max_positions)]
                        for size in args.batch_sizes}
@@ -608,12 +611,12 @@ def main(argv: list[str] | None = None) -> dict:
         # Parity and quality on the whole test split (the timed sentences are among it), in batches of the
         # largest size.
         parity_size = max(args.batch_sizes)
-        print(f"parity: every engine translates the test split's {len(examples)} sentences (batch "
+        print(f"parity: every engine translates {len(checked)} sentences of the test split (batch "
               f"{parity_size})", flush=True)
         parity_batches = [asdict(b) for b in make_batches(test_sources, parity_size, max_positions)]
         prepared = _run_worker("prepare", {**common, "engines": args.engines, "batches": parity_batches,
-                                           "texts": [e.source for e in examples],
-                                           "references": [e.target for e in examples]},
+                                           "texts": [e.source for e in checked],
+                                           "references": [e.target for e in checked]},
                                work_dir, "prepare", args.threads)
         outputs = prepared["outputs"]
         report["quality"] = prepared["quality"]

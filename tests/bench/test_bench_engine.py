@@ -108,7 +108,7 @@ def test_bench_runs_end_to_end(tiny_checkpoint: Path, tiny_repository: Path, tmp
     out = tmp_path / "bench.json"
     main(["--checkpoint", str(tiny_checkpoint), "--repository", str(tiny_repository), "--model", "tiny",
           "--batch-sizes", "1,4", "--sentences", "6", "--rounds", "1", "--min-seconds", "0", "--threads", "1",
-          "--json", str(out)])
+          "--parity-sentences", "9", "--json", str(out)])
     report = json.loads(out.read_text())
     assert set(report["results"]) == set(ENGINES)
     for engine in ENGINES:
@@ -116,13 +116,19 @@ def test_bench_runs_end_to_end(tiny_checkpoint: Path, tiny_repository: Path, tmp
             entry = report["results"][engine][size]
             assert entry["sentences_per_s"] > 0 and entry["tokens_per_s"] > 0
     for engine, parity in report["parity"].items():
-        assert parity["compared"] == 6
+        assert parity["compared"] == 9
         if parity["enforced"]:
             assert parity["mismatches"] == 0, (engine, parity["first_difference"])
+    assert not report["parity"]["ours_int8"]["enforced"]
+    # Quality against the test split's references: the untrained tiny model translates nothing right.
+    for engine in ENGINES:
+        quality = report["quality"][engine]
+        assert quality["pairs"] == 9 and quality["exact_match"] == 0.0 and 0 <= quality["bleu"] < 5
     for size in ("1", "4"):
         ratios = report["ratios"][size]
         assert set(ratios) >= {"ours/best ct2_f32", "ours/ct2_f32", "ours/ct2_f32_workers",
-                               "ours/torch_nocache", "ours/torch_cache", "attention_on/off"}
+                               "ours/torch_nocache", "ours/torch_cache", "attention_on/off",
+                               "ours_int8/ct2_int8", "ours_int8/best ct2_f32"}
         assert all(value > 0 for value in ratios.values())
         # The target ratio is against the faster CTranslate2 float32 configuration.
         assert ratios["ours/best ct2_f32"] == pytest.approx(min(ratios["ours/ct2_f32"],

@@ -80,16 +80,23 @@ def test_a_new_run_gets_a_folder_of_its_own(tmp_path: Path) -> None:
 
 def test_a_baseline_run_has_its_section_and_target(tmp_path: Path) -> None:
     """A `load --baseline` run: its own bench (load-baseline), ours / CTranslate2 per setting, the 1.3x target
-    judged on it, while the latest load report keeps its own section."""
+    (p99 no worse) judged on our float32 settings and the 1.0x int8 target on our int8 ones against
+    CTranslate2 int8, while the latest load report keeps its own section."""
     results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
     source = next(p for p in sorted(RESULTS.iterdir()) if p.name.endswith("_cpu2_load-baseline"))
     folder = results / "2030-01-01_ccccccc_cpu2_load-baseline"
     shutil.copytree(source, folder)
     data = json.loads((folder / "report.json").read_text())
     ours = data["settings"][0]["points"][0]
-    ours["requests_per_s"] = 1400.0
+    ours["requests_per_s"], ours["latency_ms"]["p99"] = 1400.0, 90.0
+    int8_setting = json.loads(json.dumps(data["settings"][0]))
+    int8_setting["name"], int8_setting["values"]["precision"] = "b64-int8", "int8"
+    int8_setting["points"][0]["requests_per_s"] = 900.0
+    data["settings"].append(int8_setting)
     [theirs] = [b for b in data["baselines"] if b["name"] == "ctranslate2"]
-    theirs["points"][0]["requests_per_s"] = 1000.0
+    theirs["points"][0]["requests_per_s"], theirs["points"][0]["latency_ms"]["p99"] = 1000.0, 100.0
+    [theirs_int8] = [b for b in data["baselines"] if b["name"] == "ctranslate2-int8"]
+    theirs_int8["points"][0]["requests_per_s"] = 1000.0
     (folder / "report.json").write_text(json.dumps(data))
     assert performance.main(["--results", str(results), "--out", str(out)]) == 0
     text = out.read_text()
@@ -97,4 +104,31 @@ def test_a_baseline_run_has_its_section_and_target(tmp_path: Path) -> None:
     assert "#### load-baseline" in current and "| b64 | ctranslate2 | 1,400.0 | 1,000.0 | 1.40× |" in current
     targets = text.split("## Targets")[1].split("## History")[0]
     row = next(line for line in targets.splitlines() if "minimal CTranslate2 float32 server" in line)
-    assert "b64 1.40×" in row and "| met |" in row
+    assert "b64 1.40× (p99 90.0 / 100.0 ms)" in row and "| met |" in row and "b64-int8" not in row
+    row = next(line for line in targets.splitlines() if "minimal CTranslate2 int8 server" in line)
+    assert "b64-int8 0.90×" in row and "| missed |" in row and "b64 " not in row
+
+
+def test_int8_speed_and_quality_targets_are_judged(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
+    name = "2030-01-01_aaaaaaa_cpu2_engine"
+    _engine_run(results, name, ours_32=1000.0, best_ct2_32=1000.0)
+    data = json.loads((results / name / "bench-engine.json").read_text())
+    data["results"]["ours_int8"] = {"32": {"sentences_per_s": 1500.0}, "128": {"sentences_per_s": 2000.0}}
+    data["results"]["ct2_int8"] = {"32": {"sentences_per_s": 1000.0}, "128": {"sentences_per_s": 2000.0}}
+    data["quality"] = {"ours": {"bleu": 99.9, "exact_match": 0.997, "pairs": 1000},
+                       "ours_int8": {"bleu": 99.5, "exact_match": 0.990, "pairs": 1000}}
+    data["engine_labels"]["ours_int8"] = "ours, int8 weights"
+    (results / name / "bench-engine.json").write_text(json.dumps(data))
+    performance.main(["--results", str(results), "--out", str(out)])
+    targets = out.read_text().split("## Targets")[1].split("## History")[0]
+
+    def row(label: str) -> str:
+        return next(line for line in targets.splitlines() if label in line)
+
+    assert "1.50×" in row("CTranslate2 int8, batch 32") and "| met |" in row("CTranslate2 int8, batch 32")
+    assert "1.00×" in row("int8, batch 128") and "| missed |" in row("CTranslate2 int8, batch 128")
+    assert "+0.40" in row("int8 test BLEU within 0.3") and "| missed |" in row("int8 test BLEU within 0.3")
+    assert "+0.7 pt" in row("int8 test exact match") and "| met |" in row("int8 test exact match")
+    current = out.read_text().split("## Targets")[0]
+    assert "| ours, int8 weights | 99.50 | 99.0% |" in current

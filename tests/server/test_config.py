@@ -33,11 +33,14 @@ def test_settings_from_flags_environment_and_defaults() -> None:
     assert config.max_receive_message_bytes == 1000
     config = load_config(["--max-concurrent-rpcs", "4", "--grpc-max-calls", "5"], environ={})
     assert config.grpc_call_limit == 5
+    assert defaults.precision == "float32"
+    assert load_config([], environ={env_name("precision"): "int8"}).precision == "int8"
     for argv, environ in (
         ([], {env_name("port"): "eighty"}),
         (["--max-batch-size", "0"], {}),
         (["--tls-cert", "x.pem"], {}),
         (["--max-texts-per-request", "2000"], {}),
+        (["--precision", "float16"], {}),
     ):
         with pytest.raises(SystemExit):
             load_config(argv, environ=environ)
