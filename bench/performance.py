@@ -373,7 +373,7 @@ def engine_section(run: Run) -> list[str]:
     if scored:
         pairs = _get(run.data, "quality", scored[0], "pairs")
         lines += ["", f"Quality of each engine's parity run: the test split ({fmt(_num(pairs), ',.0f')} "
-                  "pairs), greedy, against its references."]
+                  "pairs), greedy, against its references.", ""]
         lines += table(["engine", "BLEU", "exact match"],
                        ([engine.label(e), fmt(engine.quality(e, "bleu"), ".2f"),
                          percent(engine.quality(e, "exact_match"))] for e in scored))
