@@ -56,9 +56,16 @@ def split_tokens(text: str) -> list[Token]:
     return [Token(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(text)]
 
 
+def split_words(text: str) -> list[str]:
+    """The texts of `split_tokens(text)`, without offsets (every request's source takes this path)."""
+    return _TOKEN.findall(text)
+
+
 def normal_word(word: str) -> str:
     """The form the vocabulary holds: NFKC (full-width letters are letters), lowercase, straight
     apostrophe."""
+    if word.isascii():  # NFKC leaves ASCII as it is, and ASCII has no curly apostrophe
+        return word.lower()
     return unicodedata.normalize("NFKC", word).replace("\u2019", "'").lower()
 
 
@@ -86,11 +93,12 @@ def sentence_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
 
 def sentence_case(words: Sequence[str]) -> Case:
     """How a sentence (its tokens as typed) is written: capitals throughout need two letters or more in it."""
-    lettered = [w for w in words if any(c.isalpha() for c in w)]
+    lettered = [w for w in words if w.isalpha() or any(map(str.isalpha, w))]
     if not lettered:
         return Case.LOWER
-    letters = "".join(c for w in lettered for c in w if c.isalpha())
-    if len(letters) >= 2 and letters.isupper():
+    # isupper() looks only at cased characters, so the words' other characters do not change its answer.
+    joined = "".join(lettered)
+    if joined.isupper() and sum(map(str.isalpha, joined)) >= 2:
         return Case.UPPER
     return Case.CAPITAL if lettered[0][:1].isupper() else Case.LOWER
 
@@ -135,7 +143,7 @@ class PreparedText:
 
 def prepare_source(text: str, known: Callable[[str], bool]) -> PreparedText:
     """Model tokens of a text; `known(word)` says whether the vocabulary holds a (normal) word."""
-    typed = [token.text for token in split_tokens(text)]
+    typed = split_words(text)
     tokens: list[str] = []
     slots: dict[str, str] = {}
     by_text: dict[str, str] = {}
@@ -163,13 +171,12 @@ def prepare_target(text: str, source: PreparedText) -> list[str]:
     """Model tokens of a reference translation: the source's names and numbers become its slots, and opening
     marks are left to `restore`."""
     by_text = {value: slot for slot, value in source.slots.items()}
-    return [by_text.get(token.text, normal_word(token.text)) for token in split_tokens(text)
-            if token.text not in OPENING_MARKS]
+    return [by_text.get(word, normal_word(word)) for word in split_words(text) if word not in OPENING_MARKS]
 
 
 def model_target_positions(text: str) -> list[int]:
     """Which tokens of a reference translation the model writes (all but the opening marks), by index."""
-    return [index for index, token in enumerate(split_tokens(text)) if token.text not in OPENING_MARKS]
+    return [index for index, word in enumerate(split_words(text)) if word not in OPENING_MARKS]
 
 
 def restore(words: Sequence[str], source: PreparedText) -> str:

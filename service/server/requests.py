@@ -47,6 +47,9 @@ class AttentionSelection:
     heads: tuple[int, ...] = ()  # empty: all heads
 
 
+NO_SELECTION = AttentionSelection()
+
+
 def encode_texts(
     engine: Engine, texts: Sequence[str], limits: Limits, field: str = "texts"
 ) -> list[EncodedText]:

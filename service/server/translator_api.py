@@ -13,6 +13,7 @@ import numpy as np
 from service.api.kinds import KIND_ENUMS, KIND_NAMES
 from service.api.translator.v1 import translator_pb2 as pb
 from service.api.translator.v1 import translator_pb2_grpc as pb_grpc
+from service.core.model_format import Architecture
 from service.core.options import TranslateOptions
 from service.core.postprocess import Translation
 from service.core.vocabulary import BOS
@@ -21,6 +22,7 @@ from service.scheduler.job import TextResult
 from service.scheduler.status import invalid
 from service.server.accounting import tracked, tracked_stream
 from service.server.requests import (
+    NO_SELECTION,
     AttentionSelection,
     Limits,
     check_selection,
@@ -38,7 +40,21 @@ def parse_options(
     options: pb.TranslateOptions, limits: Limits, engine: Engine
 ) -> tuple[TranslateOptions, AttentionSelection]:
     attention = options.attention
-    architecture = engine.model.architecture
+    selection = NO_SELECTION
+    if attention.kinds or attention.layers or attention.heads:  # most calls ask for no maps: nothing to check
+        selection = parse_selection(attention, engine.model.architecture)
+    translate_options = make_options(
+        limits,
+        beam_size=options.beam_size if options.HasField("beam_size") else None,
+        max_length=options.max_length if options.HasField("max_length") else None,
+        length_penalty=options.length_penalty if options.HasField("length_penalty") else None,
+        replace_unknowns=options.replace_unknowns,
+        attention=selection.kinds,
+    )
+    return translate_options, selection
+
+
+def parse_selection(attention: pb.AttentionRequest, architecture: Architecture) -> AttentionSelection:
     check_selection_sizes(
         len(attention.kinds), len(attention.layers), len(attention.heads), architecture, "options.attention"
     )
@@ -53,15 +69,7 @@ def parse_options(
         kinds.append(KIND_NAMES[kind])
     selection = AttentionSelection(tuple(kinds), tuple(attention.layers), tuple(attention.heads))
     check_selection(selection, architecture, where="options.attention")
-    translate_options = make_options(
-        limits,
-        beam_size=options.beam_size if options.HasField("beam_size") else None,
-        max_length=options.max_length if options.HasField("max_length") else None,
-        length_penalty=options.length_penalty if options.HasField("length_penalty") else None,
-        replace_unknowns=options.replace_unknowns,
-        attention=kinds,
-    )
-    return translate_options, selection
+    return selection
 
 
 def attention_maps(translation: Translation, selection: AttentionSelection) -> list[pb.AttentionMap]:
