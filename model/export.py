@@ -3,8 +3,8 @@
 Layout, as in Triton: `<repository>/<model-name>/<version>/` holding `encoder.onnx`, `decoder.onnx`,
 `select.onnx` (the decoder state's row selection, so that caches on a GPU never cross to the host),
 `tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums), and
-beside them `encoder.int8.onnx` and `decoder.int8.onnx`: the same graphs with int8 weights, for `--precision
-int8` on CPU (docs/decisions/int8.md).
+beside them the same two graphs with int8 weights (`encoder.int8.onnx`, `decoder.int8.onnx`: `--precision
+int8` on CPU, docs/decisions/precisions.md) and in float16 (`*.float16.onnx`: `--precision float16`, for GPUs).
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def quantize_int8(out_dir: Path) -> dict[str, str]:
     files = {}
     root = logging.getLogger()
     # The quantizer advises its shape pre-processing on every call; measured on our graphs, it changes
-    # neither the tokens nor the speed (docs/decisions/int8.md), so the advice is not shown.
+    # neither the tokens nor the speed (docs/decisions/precisions.md), so the advice is not shown.
     advice = _DropMessage("Please consider to run pre-processing")
     root.addFilter(advice)
     try:
@@ -238,6 +238,39 @@ def quantize_int8(out_dir: Path) -> dict[str, str]:
     finally:
         root.removeFilter(advice)
     return files
+
+
+def convert_float16(out_dir: Path) -> dict[str, str]:
+    """`encoder.float16.onnx` and `decoder.float16.onnx`: weights and computation in float16, inputs and
+    outputs float32, so that the engine feeds and reads them as it does the float32 graphs (each step casts
+    its caches at the edges). Returns {graph: file}."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    files = {}
+    for graph in PRECISION_GRAPHS:
+        files[graph] = f"{graph}.float16.onnx"
+        converted = convert_float_to_float16(onnx.load(str(out_dir / f"{graph}.onnx")), keep_io_types=True)
+        sort_nodes(converted.graph)  # the converter appends its input casts after the nodes that read them
+        onnx.checker.check_model(converted, full_check=True)
+        onnx.save(converted, str(out_dir / files[graph]))
+    return files
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order a graph's nodes so that each comes after the nodes whose outputs it reads, as ONNX requires
+    (stable: nodes already in order keep it)."""
+    available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise ValueError(f"graph {graph.name}: a cycle or an undefined input among {len(pending)} nodes")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        pending = [node for node in pending if all(node is not done for done in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 class _DropMessage(logging.Filter):
@@ -267,7 +300,11 @@ def export_checkpoint(
     export_graphs(model, out_dir)
     onnx.save(select_graph(model.config.n_decoder_layers), str(out_dir / "select.onnx"))
     shutil.copyfile(Path(checkpoint) / "tokenizer.json", out_dir / "tokenizer.json")
-    variants = {"int8": quantize_int8(out_dir)} if "int8" in precisions else {}
+    variants = {}
+    if "int8" in precisions:
+        variants["int8"] = quantize_int8(out_dir)
+    if "float16" in precisions:
+        variants["float16"] = convert_float16(out_dir)
     variant_files = [file for files in variants.values() for file in files.values()]
     config = model.config
     description = {

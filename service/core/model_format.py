@@ -79,9 +79,9 @@ GRAPH_FILES = ("encoder.onnx", "decoder.onnx", "select.onnx")
 REQUIRED_FILES = ("model.json", *GRAPH_FILES, "tokenizer.json")
 # Precisions a model version may offer. float32 is the graphs above; every other one is a second encoder and
 # decoder beside them, named in model.json's "precisions" (`{"int8": {"encoder": FILE, "decoder": FILE}}`);
-# select.onnx only gathers and slices the caches, so one serves all.
+# select.onnx only gathers and slices the caches, so one serves all. int8 is for CPUs, float16 for GPUs.
 FLOAT32 = "float32"
-PRECISIONS = (FLOAT32, "int8")
+PRECISIONS = (FLOAT32, "int8", "float16")
 PRECISION_GRAPHS = ("encoder", "decoder")
 
 

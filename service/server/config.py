@@ -172,8 +172,9 @@ class ServerConfig:
     )
     precision: str = _setting(
         FLOAT32,
-        "which of the model's graphs to serve: float32, or int8 (int8 weights: faster on CPU, quality in "
-        "docs/PERFORMANCE.md); the model version must offer it (translator-export writes both)",
+        "which of the model's graphs to serve: float32, int8 (int8 weights: faster on CPU, quality in "
+        "docs/PERFORMANCE.md) or float16 (for GPUs); the model version must offer it (translator-export "
+        "writes all three)",
         str,
         choices=PRECISIONS,
     )

@@ -35,7 +35,7 @@ def failure(main: Main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> 
     [
         (export.main, ["--name", "../../elsewhere"], "a model name is one folder name"),
         (export.main, ["--version", "-1"], "expected an integer of at least 1"),
-        (export.main, ["--precisions", "fp8"], "precisions are among float32, int8, got 'fp8'"),
+        (export.main, ["--precisions", "fp8"], "among float32, int8, float16, got 'fp8'"),
         (evaluate.main, ["--json", "/proc/new/x.json"], "cannot write /proc/new/x.json"),
         (evaluate.main, ["--aer-limit", "0"], "expected an integer of at least 1"),
         (evaluate.main, ["--length-penalty", "nan"], "expected a finite number"),

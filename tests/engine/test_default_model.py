@@ -113,19 +113,22 @@ def test_the_default_model_translates_the_toy_language(engine: Engine) -> None:
     assert result.text == "el perro grande rojo la ve"
 
 
-def test_the_int8_model_translates_the_test_split_within_the_quality_bounds(cpu_engine: Engine) -> None:
-    """int8 weights cost at most 0.3 BLEU and 1 point of exact match against float32 on the whole test split
-    (docs/decisions/int8.md), through the same engine and text rules."""
-    int8 = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, precision="int8")
+@pytest.mark.parametrize("precision", ["int8", "float16"])
+def test_reduced_precision_translates_the_test_split_within_the_quality_bounds(
+    cpu_engine: Engine, precision: str
+) -> None:
+    """int8 and float16 graphs cost at most 0.3 BLEU and 1 point of exact match against float32 on the whole
+    test split (docs/decisions/precisions.md), through the same engine and text rules."""
+    reduced = Engine.load(DEFAULT_REPOSITORY, DEFAULT_MODEL, device="cpu", threads=2, precision=precision)
     examples = toy_split("test")
     references = [e.target for e in examples]
     scores = {}
-    for name, engine in (("float32", cpu_engine), ("int8", int8)):
+    for name, engine in (("float32", cpu_engine), (precision, reduced)):
         texts = [t.text for t in engine.translate([e.source for e in examples])]
         scores[name] = corpus_scores(texts, references)
-    assert scores["float32"]["bleu"] - scores["int8"]["bleu"] <= 0.3, scores
-    assert scores["float32"]["exact_match"] - scores["int8"]["exact_match"] <= 0.01, scores
-    assert scores["int8"]["exact_match"] >= 0.98, scores
+    assert scores["float32"]["bleu"] - scores[precision]["bleu"] <= 0.3, scores
+    assert scores["float32"]["exact_match"] - scores[precision]["exact_match"] <= 0.01, scores
+    assert scores[precision]["exact_match"] >= 0.98, scores
 
 
 def test_model_json_records_the_evaluation() -> None:

@@ -36,8 +36,10 @@ from tests.support.texts import sentences
 def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     folder = tiny_repository / "tiny" / "1"
     assert sorted(p.name for p in folder.iterdir()) == [
+        "decoder.float16.onnx",
         "decoder.int8.onnx",
         "decoder.onnx",
+        "encoder.float16.onnx",
         "encoder.int8.onnx",
         "encoder.onnx",
         "model.json",
@@ -54,7 +56,7 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
     assert set(description["checksums"]) == {
         "encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json", "encoder.int8.onnx",
-        "decoder.int8.onnx",
+        "decoder.int8.onnx", "encoder.float16.onnx", "decoder.float16.onnx",
     }
     assert description["format"] == MODEL_FORMAT
     # The longest training source (the server flags longer texts): this checkpoint has no training record.

@@ -1,4 +1,5 @@
-"""The int8 precision: graphs exported beside float32's, chosen at load, refused clearly when not offered."""
+"""The int8 and float16 precisions: graphs exported beside float32's, chosen at load, refused clearly when not
+offered."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def test_int8_graphs_quantize_every_weight_product_and_no_activation_product(tin
     folder = tiny_repository / "tiny" / "1"
     description = json.loads((folder / "model.json").read_text())
     files = {"encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx"}
-    assert description["precisions"] == {"int8": files}
+    assert description["precisions"] == {
+        "int8": files, "float16": {"encoder": "encoder.float16.onnx", "decoder": "decoder.float16.onnx"}
+    }
     for graph in ("encoder", "decoder"):
         float32, int8 = onnx.load(str(folder / f"{graph}.onnx")), onnx.load(str(folder / files[graph]))
         onnx.checker.check_model(int8, full_check=True)
@@ -47,8 +50,28 @@ def test_int8_graphs_quantize_every_weight_product_and_no_activation_product(tin
         assert (folder / files[graph]).stat().st_size < (folder / f"{graph}.onnx").stat().st_size
 
 
-def test_int8_outputs_follow_float32(each_tiny_model: tuple[Path, Path]) -> None:
-    """Per-tensor int8 weights move the encoder's outputs by a few percent of their range, not more."""
+def test_float16_graphs_hold_float16_weights_behind_float32_inputs_and_outputs(tiny_repository: Path) -> None:
+    """The engine feeds and reads the float16 graphs as the float32 ones: same signature, same types."""
+    folder = tiny_repository / "tiny" / "1"
+    for graph in ("encoder", "decoder"):
+        float32 = onnx.load(str(folder / f"{graph}.onnx"))
+        float16 = onnx.load(str(folder / f"{graph}.float16.onnx"))
+        onnx.checker.check_model(float16, full_check=True)
+        types = {tensor.data_type for tensor in float16.graph.initializer if tensor.dims}
+        assert types == {onnx.TensorProto.FLOAT16}, graph
+        for kind in ("input", "output"):
+            ours, theirs = getattr(float32.graph, kind), getattr(float16.graph, kind)
+            assert [(v.name, v.type.tensor_type.elem_type) for v in ours] == [
+                (v.name, v.type.tensor_type.elem_type) for v in theirs
+            ]
+
+
+@pytest.mark.parametrize(("precision", "largest_drift"), [("int8", 0.06), ("float16", 0.005)])
+def test_reduced_precision_outputs_follow_float32(
+    each_tiny_model: tuple[Path, Path], precision: str, largest_drift: float
+) -> None:
+    """Per-tensor int8 weights move the encoder's outputs by a few percent of their range, float16 weights by
+    a fraction of a percent; neither leaves them where float32 puts them."""
     _, repository = each_tiny_model
     folder = repository / "tiny" / "1"
     rng = np.random.default_rng(0)
@@ -56,19 +79,24 @@ def test_int8_outputs_follow_float32(each_tiny_model: tuple[Path, Path]) -> None
     src[1, 6:] = 0
     feeds = {"src_ids": src, "src_padding_mask": src == 0}
     float32 = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(str(folder / "encoder.int8.onnx"), providers=["CPUExecutionProvider"])
+    reduced = ort.InferenceSession(
+        str(folder / f"encoder.{precision}.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [output.name for output in float32.get_outputs()]
-    for name, exact, quantized in zip(names, float32.run(None, feeds), int8.run(None, feeds), strict=True):
-        assert exact.shape == quantized.shape
-        drift = np.abs(exact - quantized).max() / np.abs(exact).max()
-        assert 0 < drift < 0.06, name  # 0: the int8 graph would not be quantized at all
+    for name, exact, close in zip(names, float32.run(None, feeds), reduced.run(None, feeds), strict=True):
+        assert exact.shape == close.shape and close.dtype == np.float32
+        drift = np.abs(exact - close).max() / np.abs(exact).max()
+        assert 0 < drift < largest_drift, name  # 0: the graph would not be reduced at all
 
 
-def test_an_int8_engine_translates_with_attention_maps(each_tiny_model: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("precision", ["int8", "float16"])
+def test_a_reduced_precision_engine_translates_with_attention_maps(
+    each_tiny_model: tuple[Path, Path], precision: str
+) -> None:
     _, repository = each_tiny_model
-    engine = Engine.load(repository, "tiny", device="cpu", threads=1, precision="int8")
-    assert engine.model.precision == "int8"
-    assert engine.model.graph_file("decoder").name == "decoder.int8.onnx"
+    engine = Engine.load(repository, "tiny", device="cpu", threads=1, precision=precision)
+    assert engine.model.precision == precision
+    assert engine.model.graph_file("decoder").name == f"decoder.{precision}.onnx"
     assert engine.model.graph_file("select").name == "select.onnx"
     texts = sentences(6, seed=3)
     options = TranslateOptions(beam_size=2, attention=frozenset(ATTENTION_KINDS))
@@ -87,7 +115,7 @@ def copy_version(repository: Path, tmp_path: Path) -> Path:
 def test_a_precision_the_version_does_not_offer_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     export_checkpoint(tiny_checkpoint, tmp_path, "tiny", 1, precisions=(FLOAT32,))
     folder = tmp_path / "tiny" / "1"
-    assert not list(folder.glob("*.int8.onnx"))
+    assert not list(folder.glob("*.int8.onnx")) and not list(folder.glob("*.float16.onnx"))
     assert resolve(tmp_path, "tiny").precisions == [FLOAT32]
     with pytest.raises(ModelLoadError, match=r"model\.json: this version offers precisions \['float32'\], "
                                              r"not 'int8'"):
