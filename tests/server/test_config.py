@@ -40,7 +40,7 @@ def test_settings_from_flags_environment_and_defaults() -> None:
         (["--max-batch-size", "0"], {}),
         (["--tls-cert", "x.pem"], {}),
         (["--max-texts-per-request", "2000"], {}),
-        (["--precision", "float16"], {}),
+        (["--precision", "bfloat16"], {}),
     ):
         with pytest.raises(SystemExit):
             load_config(argv, environ=environ)
