@@ -20,7 +20,7 @@ from model.toy_language import SPLIT_SEEDS
 from model.transformer import Transformer
 from service.core.cli import finite_float, input_file, output_file, positive_int, run_command
 from service.core.search import Hypothesis
-from service.core.text import model_target_positions, split_tokens
+from service.core.text import model_target_positions, split_words
 from service.core.vocabulary import Vocabulary
 
 
@@ -61,7 +61,7 @@ def copy_scores(vocabulary: Vocabulary, sources: list[str], hypotheses: list[str
         prepared = vocabulary.encode_source(source).prepared
         if prepared is None:
             continue
-        words = Counter(token.text for token in split_tokens(hypothesis))
+        words = Counter(split_words(hypothesis))
         for value in prepared.slots.values():
             total += 1
             copied += words[value] > 0
@@ -73,7 +73,7 @@ def exact_match_by_length(sources: list[str], hypotheses: list[str], references:
     """Exact match per band of source length in tokens (words and marks): "31-40": 0.97."""
     bands: dict[int, list[bool]] = {}
     for source, hypothesis, reference in zip(sources, hypotheses, references, strict=True):
-        bands.setdefault((len(split_tokens(source)) - 1) // width, []).append(hypothesis == reference)
+        bands.setdefault((len(split_words(source)) - 1) // width, []).append(hypothesis == reference)
     return {f"{band * width + 1}-{band * width + width}": round(sum(hits) / len(hits), 4)
             for band, hits in sorted(bands.items())}
 

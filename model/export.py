@@ -3,8 +3,9 @@
 Layout, as in Triton: `<repository>/<model-name>/<version>/` holding `encoder.onnx`, `decoder.onnx`,
 `select.onnx` (the decoder state's row selection, so that caches on a GPU never cross to the host),
 `tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums), and
-beside them the same two graphs with int8 weights (`encoder.int8.onnx`, `decoder.int8.onnx`: `--precision
-int8` on CPU, docs/decisions/precisions.md) and in float16 (`*.float16.onnx`: `--precision float16`, for GPUs).
+beside them the same two graphs with int8 weights (`encoder.int8.onnx`, `decoder.int8.onnx`:
+`--precision int8` on CPU, docs/decisions/precisions.md) and in float16 (`*.float16.onnx`: `--precision
+float16`, for GPUs).
 """
 
 from __future__ import annotations

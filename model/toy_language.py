@@ -54,7 +54,7 @@ from service.core.text import (
     normal_word,
     sentence_case,
     sentence_spans,
-    split_tokens,
+    split_words,
 )
 
 __all__ = [
@@ -1326,7 +1326,7 @@ def translate(text: str) -> Pair:
     """
     if not isinstance(text, str):
         raise TypeError(f"expected a string, got {type(text).__name__}")
-    typed = [token.text for token in split_tokens(text)]
+    typed = split_words(text)
     if not typed:
         raise GrammarError("empty input: expected an English sentence")
     target: list[str] = []
@@ -1663,7 +1663,7 @@ def _sample(rng: random.Random, config: SamplerConfig) -> Pair:
     while True:  # rejection keeps the length inside the configured bounds
         text = _Sampler(rng, config).text()
         pair = translate(text)
-        tokens = [token.text for token in split_tokens(pair.source)]
+        tokens = split_words(pair.source)
         length = len(tokens)
         # Held-out names and numbers are what such a text is for: one without any is drawn again.
         copies = not config.held_out or any(is_number(w) or _is_name(w) for w in tokens if w not in MARKS)

@@ -44,20 +44,8 @@ class Case(Enum):
     UPPER = "upper"  # every letter upper case
 
 
-@dataclass(frozen=True)
-class Token:
-    text: str  # as typed
-    start: int
-    end: int
-
-
-def split_tokens(text: str) -> list[Token]:
-    """Words and marks, with their offsets in `text`."""
-    return [Token(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(text)]
-
-
 def split_words(text: str) -> list[str]:
-    """The texts of `split_tokens(text)`, without offsets (every request's source takes this path)."""
+    """Words and marks, as typed."""
     return _TOKEN.findall(text)
 
 
@@ -96,9 +84,8 @@ def sentence_case(words: Sequence[str]) -> Case:
     lettered = [w for w in words if w.isalpha() or any(map(str.isalpha, w))]
     if not lettered:
         return Case.LOWER
-    # isupper() looks only at cased characters, so the words' other characters do not change its answer.
-    joined = "".join(lettered)
-    if joined.isupper() and sum(map(str.isalpha, joined)) >= 2:
+    letters = "".join(filter(str.isalpha, "".join(lettered)))  # some cased characters are not letters (Ⓐ)
+    if len(letters) >= 2 and letters.isupper():
         return Case.UPPER
     return Case.CAPITAL if lettered[0][:1].isupper() else Case.LOWER
 

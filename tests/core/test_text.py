@@ -7,12 +7,13 @@ import pytest
 from service.core.text import (
     Case,
     join_tokens,
+    normal_word,
     prepare_source,
     prepare_target,
     restore,
     sentence_case,
     sentence_spans,
-    split_tokens,
+    split_words,
 )
 
 LEXICON = {"the", "dog", "sees", "i", "see", "her", "runs", "and", "but", "1", "dogs", "don't", "el", "perro"}
@@ -24,11 +25,10 @@ def known(word: str) -> bool:
 
 def test_tokens_separate_marks_and_keep_apostrophes() -> None:
     text = "¿The dog, Maria's dog, doesn’t run?! Then..."
-    tokens = split_tokens(text)
-    assert [t.text for t in tokens] == ["¿", "The", "dog", ",", "Maria's", "dog", ",", "doesn’t", "run", "?",
-                                        "!", "Then", ".", ".", "."]
-    assert all(text[t.start:t.end] == t.text for t in tokens)
-    assert join_tokens([t.text for t in tokens]) == "¿The dog, Maria's dog, doesn’t run?! Then..."
+    words = split_words(text)
+    assert words == ["¿", "The", "dog", ",", "Maria's", "dog", ",", "doesn’t", "run", "?", "!", "Then",
+                     ".", ".", "."]
+    assert join_tokens(words) == "¿The dog, Maria's dog, doesn’t run?! Then..."
     assert sentence_spans(["a", "b", "?", "!", "c", ".", "d"]) == [(0, 4), (4, 6), (6, 7)]
 
 
@@ -39,9 +39,26 @@ def test_tokens_separate_marks_and_keep_apostrophes() -> None:
     (["I", "see", "her"], Case.CAPITAL),
     (["I"], Case.CAPITAL),  # one letter is no evidence of capitals throughout
     (["3", "."], Case.LOWER),
+    # Cased characters that are not letters (circled letters, Roman numerals, the iota subscript) do not
+    # decide anything: only letters do.
+    (["HOLAⓐ"], Case.UPPER),
+    (["HOLA\u0345"], Case.UPPER),
+    (["É", "Ⓐ"], Case.CAPITAL),
 ])
 def test_sentence_case(words: list[str], case: Case) -> None:
     assert sentence_case(words) is case
+
+
+@pytest.mark.parametrize(("word", "normal"), [
+    ("Dog", "dog"),
+    ("DON'T", "don't"),
+    ("Doesn\u2019t", "doesn't"),  # curly apostrophe
+    ("ＤＯＧ", "dog"),  # full-width letters are letters
+    ("Ärger", "ärger"),
+    ("ﬁsh", "fish"),  # a ligature NFKC splits
+])
+def test_normal_word(word: str, normal: str) -> None:
+    assert normal_word(word) == normal
 
 
 def test_names_and_numbers_become_slots_numbered_by_first_appearance() -> None:

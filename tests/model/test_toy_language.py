@@ -14,7 +14,7 @@ import pytest
 
 from model import toy_language as tl
 from model.toy_language import GrammarError, Pair, translate
-from service.core.text import sentence_spans, split_tokens
+from service.core.text import sentence_spans, split_words
 from tests.conftest import ROOT
 
 
@@ -236,8 +236,8 @@ def test_sample_functions_consume_the_generator_alike() -> None:
 @pytest.mark.parametrize("config", [tl.DEFAULT_SAMPLER, tl.TRAIN_SAMPLER, tl.USER_SAMPLER, tl.NAMES_SAMPLER])
 def test_alignments_are_complete_and_valid(config: tl.SamplerConfig) -> None:
     for pair in _samples(2000, seed=3, config=config):
-        source = [t.text for t in split_tokens(pair.source)]
-        words = [t.text for t in split_tokens(pair.target)]
+        source = split_words(pair.source)
+        words = split_words(pair.target)
         assert len(pair.alignment) == len(words)
         covered = set()
         for sources in pair.alignment:
@@ -322,9 +322,9 @@ def test_splits_are_disjoint_and_bounded() -> None:
     assert not {p.source for p in valid} & {p.source for p in test}
     assert len({p.source for p in test}) == len(test)
     for pair in train + valid + test + user + names:
-        assert 3 <= len(split_tokens(pair.source)) <= tl.TRAIN_MAX_WORDS
+        assert 3 <= len(split_words(pair.source)) <= tl.TRAIN_MAX_WORDS
     for pair in long:
-        assert tl.LONG_MIN_WORDS <= len(split_tokens(pair.source)) <= tl.LONG_MAX_WORDS
+        assert tl.LONG_MIN_WORDS <= len(split_words(pair.source)) <= tl.LONG_MAX_WORDS
     assert tl.LONG_MIN_WORDS >= 1.25 * tl.TRAIN_MAX_WORDS and tl.LONG_MAX_WORDS <= 1.5 * tl.TRAIN_MAX_WORDS
     assert any(len(p.source.split()) == 3 for p in train)
     # names and numbers of the names split never occur in training
@@ -345,7 +345,7 @@ def test_train_holds_text_as_people_type_it_in_proportion() -> None:
         "question": sum(s.endswith("?") for s in sources) / len(sources),
         "comma": sum("," in s for s in sources) / len(sources),
         "contraction": sum("n't" in s or "n\u2019t" in s for s in sources) / len(sources),
-        "several sentences": sum(len(sentence_spans([t.text for t in split_tokens(s)])) > 1
+        "several sentences": sum(len(sentence_spans(split_words(s))) > 1
                                  for s in sources) / len(sources),
         "name": sum(any(w.strip(".,!?") in tl.TRAIN_NAMES for w in s.split())
                     for s in sources) / len(sources),
