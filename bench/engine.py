@@ -14,7 +14,8 @@ Engines (rows of the table):
 * ``ct2_f32_workers``: the same, with one single-threaded worker per thread (``inter_threads``) and each
   batch split over them (``max_batch_size`` = batch / threads; CTranslate2 sorts by length before
   splitting): the parallelism our engine's lanes use. The ratio to beat is against the faster of the two.
-* ``ct2_int8``: CTranslate2 with int8 weights, the reference for ``ours_int8`` (its tokens may differ).
+* ``ct2_int8``, ``ct2_int8_workers``: CTranslate2 with int8 weights in the same two configurations; the
+  faster of the two is the reference for ``ours_int8`` (their tokens may differ from float32's).
 
 Method: every engine first translates the same sentences once and must produce our engine's tokens exactly
 (beyond ``--max-mismatches`` differing sentences the benchmark refuses to time). That run covers the whole
@@ -64,18 +65,23 @@ ENGINES: dict[str, str] = {
     "ct2_f32": "CTranslate2 float32",
     "ct2_f32_workers": "CTranslate2 float32, worker per thread",
     "ct2_int8": "CTranslate2 int8",
+    "ct2_int8_workers": "CTranslate2 int8, worker per thread",
 }
 REFERENCE = "ours"
 # Engines whose tokens are allowed to differ from ours without stopping the benchmark.
-PARITY_EXEMPT = frozenset({"ct2_int8", "ours_int8"})
+PARITY_EXEMPT = frozenset({"ct2_int8", "ct2_int8_workers", "ours_int8"})
+INT8_ENGINES = ("ours_int8", "ct2_int8", "ct2_int8_workers")
 MAX_LENGTH_LIMIT = 256  # service.engine.engine.Engine's default max_length_limit
 # "ct2_f32_best": per batch size, the faster of the two CTranslate2 float32 configurations.
 BEST_CT2_F32 = ("ct2_f32", "ct2_f32_workers")
+BEST_CT2_INT8 = ("ct2_int8", "ct2_int8_workers")  # "ct2_int8_best", likewise
 RATIOS = (("ours/best ct2_f32", "ours", "ct2_f32_best"), ("ours/ct2_f32", "ours", "ct2_f32"),
           ("ours/ct2_f32_workers", "ours", "ct2_f32_workers"),
           ("ours/torch_nocache", "ours", "torch_nocache"),
           ("ours/torch_cache", "ours", "torch_cache"), ("attention_on/off", "ours_attention", "ours"),
-          ("ours/ct2_int8", "ours", "ct2_int8"), ("ours_int8/ct2_int8", "ours_int8", "ct2_int8"),
+          ("ours/ct2_int8", "ours", "ct2_int8"), ("ours_int8/best ct2_int8", "ours_int8", "ct2_int8_best"),
+          ("ours_int8/ct2_int8", "ours_int8", "ct2_int8"),
+          ("ours_int8/ct2_int8_workers", "ours_int8", "ct2_int8_workers"),
           ("ours_int8/best ct2_f32", "ours_int8", "ct2_f32_best"))
 
 
@@ -240,8 +246,8 @@ def _ct2_runner(engine: str, spec: dict) -> Runner:
     from service.core.vocabulary import Vocabulary
 
     vocabulary = Vocabulary.from_file(Path(spec["checkpoint"]) / "tokenizer.json")
-    compute_type = "int8" if engine == "ct2_int8" else "float32"
-    workers = spec["threads"] if engine == "ct2_f32_workers" else 1
+    compute_type = "int8" if engine in BEST_CT2_INT8 else "float32"
+    workers = spec["threads"] if engine.endswith("_workers") else 1
     translator = load_translator(spec["ct2_dir"], spec["threads"] // workers, compute_type, workers,
                                  spec["device"])
     # Ids -> strings is this harness's doing, not CTranslate2's work: done before timing (prime), the batch
@@ -271,7 +277,7 @@ def make_runner(engine: str, spec: dict) -> Runner:
         return _torch_runner(engine, spec)
     if engine in ("ours", "ours_attention", "ours_int8"):
         return _ours_runner(engine, spec)
-    if engine in ("ct2_f32", "ct2_f32_workers", "ct2_int8"):
+    if engine in (*BEST_CT2_F32, *BEST_CT2_INT8):
         return _ct2_runner(engine, spec)
     raise ValueError(f"unknown engine {engine!r}; expected one of {list(ENGINES)}")
 
@@ -349,7 +355,7 @@ def worker_main(argv: list[str]) -> None:
 def openmp_threads(engine: str, threads: int) -> int:
     """OpenMP pool size of an engine's process: per worker for CTranslate2's worker-per-thread setting
     (each of its workers would otherwise start an OpenMP team of `threads` and oversubscribe the cores)."""
-    return 1 if engine == "ct2_f32_workers" else threads
+    return 1 if engine.endswith("_workers") else threads
 
 
 def _run_worker(kind: str, spec: dict, work_dir: Path, name: str, threads: int) -> dict:
@@ -423,9 +429,11 @@ def gpu_info() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def check_same_model(checkpoint: Path, repository: Path, name: str, version: int | None) -> Path:
-    """The repository version must be an export of the checkpoint: same architecture and tokenizer."""
-    from service.core.model_format import resolve
+def check_same_model(checkpoint: Path, repository: Path, name: str, version: int | None,
+                     engines: Sequence[str] = ()) -> Path:
+    """The repository version must be an export of the checkpoint: same architecture and tokenizer; and have
+    the int8 graphs when `engines` time ours at int8."""
+    from service.core.model_format import offered_precisions, resolve
 
     model_version = resolve(repository, name, version)
     exported = model_version.description.get("architecture", {})
@@ -435,6 +443,9 @@ def check_same_model(checkpoint: Path, repository: Path, name: str, version: int
                          f"{trained}: not the same model")
     if (checkpoint / "tokenizer.json").read_bytes() != model_version.file("tokenizer.json").read_bytes():
         raise SystemExit(f"{checkpoint}/tokenizer.json differs from {model_version.path}/tokenizer.json")
+    if "ours_int8" in engines and "int8" not in offered_precisions(model_version.description):
+        raise SystemExit(f"{model_version.path} has no int8 graphs: export it again with translator-export, "
+                         "or leave the int8 rows out with --no-int8")
     return model_version.path
 
 
@@ -475,9 +486,10 @@ def ratios(summary: dict, batch_sizes: list[int]) -> dict:
     for size in batch_sizes:
         key = str(size)
         speeds = {engine: entry[key]["sentences_per_s"] for engine, entry in summary.items() if key in entry}
-        measured_ct2 = [speeds[engine] for engine in BEST_CT2_F32 if engine in speeds]
-        if measured_ct2:
-            speeds["ct2_f32_best"] = max(measured_ct2)
+        for best, engines in (("ct2_f32_best", BEST_CT2_F32), ("ct2_int8_best", BEST_CT2_INT8)):
+            measured = [speeds[engine] for engine in engines if engine in speeds]
+            if measured:
+                speeds[best] = max(measured)
         out[key] = {label: speeds[numerator] / speeds[denominator]
                     for label, numerator, denominator in RATIOS
                     if numerator in speeds and denominator in speeds}
@@ -545,7 +557,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.no_int8:
-        args.engines = [e for e in args.engines if e not in ("ct2_int8", "ours_int8")]
+        args.engines = [e for e in args.engines if e not in INT8_ENGINES]
     unknown = set(args.engines) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; choose from {list(ENGINES)}")
@@ -562,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
     from service.core.vocabulary import Vocabulary
 
     checkpoint, repository = Path(args.checkpoint).resolve(), Path(args.repository).resolve()
-    version_dir = check_same_model(checkpoint, repository, args.model, args.version)
+    version_dir = check_same_model(checkpoint, repository, args.model, args.version, args.engines)
     meta = json.loads((checkpoint / "config.json").read_text())["model"]
     vocabulary = Vocabulary.from_file(checkpoint / "tokenizer.json")
     examples = toy_split("test")
@@ -608,8 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "version": args.version, "ct2_dir": str(ct2_dir), "threads": args.threads,
                   "device": args.device}
 
-        # Parity and quality on the whole test split (the timed sentences are among it), in batches of the
-        # largest size.
+        # Parity and quality on the test split (by default all of it, which holds the timed sentences), in
+        # batches of the largest size.
         parity_size = max(args.batch_sizes)
         print(f"parity: every engine translates {len(checked)} sentences of the test split (batch "
               f"{parity_size})", flush=True)

@@ -498,7 +498,10 @@ def _add_comparisons(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     point["gain_vs_off"] = round(
                         (point["sentences_per_s"] or 0) / reference["sentences_per_s"], 3
                     )
-            measured = engine_rate(engine, point.get("server", {}).get("mean_batch_size"))
+            # The in-process engine runs float32: a setting at another precision has nothing to compare with.
+            float32 = setting.get("values", {}).get("precision", "float32") == "float32"
+            batch = point.get("server", {}).get("mean_batch_size")
+            measured = engine_rate(engine, batch) if float32 else None
             if measured:
                 point["engine_batch_size"] = measured["batch_size"]
                 point["engine_sentences_per_s"] = measured["sentences_per_s"]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.core.model_format import FLOAT32
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "docs" / "results"
 DEFAULT_OUT = ROOT / "docs" / "PERFORMANCE.md"
@@ -52,14 +54,14 @@ LOAD_CLIENTS = 64
 # Our service / the minimal CTranslate2 server at LOAD_CLIENTS clients: float32 against float32 (p99 no worse
 # too), int8 against int8.
 BASELINE_RATIO_MIN = {"ctranslate2": 1.3, "ctranslate2-int8": 1.0}
-BASELINE_OF = {"float32": "ctranslate2", "int8": "ctranslate2-int8"}
-FLOAT32 = "float32"
+BASELINE_OF = {FLOAT32: "ctranslate2", "int8": "ctranslate2-int8"}
 
 ENGINE_ORDER = (
     "torch_nocache", "torch_cache", "ours", "ours_attention", "ours_int8", "ct2_f32", "ct2_f32_workers",
-    "ct2_int8",
+    "ct2_int8", "ct2_int8_workers",
 )
 CT2_F32 = ("ct2_f32", "ct2_f32_workers")
+CT2_INT8 = ("ct2_int8", "ct2_int8_workers")
 
 
 @dataclass(frozen=True)
@@ -238,8 +240,9 @@ class Engine:
     def label(self, engine: str) -> str:
         return str(_get(self.data, "engine_labels", engine) or engine)
 
-    def best_ct2(self, batch: int) -> float | None:
-        rates = [r for r in (self.rate(e, batch) for e in CT2_F32) if r is not None]
+    def best_ct2(self, batch: int, engines: tuple[str, ...] = CT2_F32) -> float | None:
+        """The faster CTranslate2 configuration at `batch` (float32's by default)."""
+        rates = [r for r in (self.rate(e, batch) for e in engines) if r is not None]
         return max(rates) if rates else None
 
     @staticmethod
@@ -256,7 +259,7 @@ class Engine:
         return self._ratio(self.rate("ours", batch), self.rate("torch_cache", batch))
 
     def int8_vs_ct2_int8(self, batch: int) -> float | None:
-        return self._ratio(self.rate("ours_int8", batch), self.rate("ct2_int8", batch))
+        return self._ratio(self.rate("ours_int8", batch), self.best_ct2(batch, CT2_INT8))
 
     def quality(self, engine: str, key: str) -> float | None:
         """Test-split BLEU or exact match of an engine's parity run (None: not in the report)."""
@@ -365,7 +368,7 @@ def engine_section(run: Run) -> list[str]:
         ("ours / PyTorch without cache", engine.vs_nocache, times),
         ("ours / PyTorch with KV cache", engine.vs_cache, times),
         ("attention-map cost (1 − with maps / without)", engine.attention_cost, percent),
-        ("ours int8 / CTranslate2 int8", engine.int8_vs_ct2_int8, times),
+        ("ours int8 / faster CTranslate2 int8", engine.int8_vs_ct2_int8, times),
     ]
     header = ["ratio"] + [f"batch {b:,}" for b in engine.batches]
     lines += table(header, ([name] + [show(f(b)) for b in engine.batches] for name, f, show in ratios))
@@ -622,8 +625,8 @@ def target_rows(
     for batch in TARGET_BATCHES:
         ratio = engine.int8_vs_ct2_int8(batch) if engine else None
         figure, result = one(ratio, lambda v: v >= INT8_RATIO_MIN, times)
-        rows.append([machine, f"ours int8 ≥ {INT8_RATIO_MIN:g}× CTranslate2 int8, batch {batch}", figure,
-                     result, stamp(engine_run)])
+        target = f"ours int8 ≥ {INT8_RATIO_MIN:g}× the faster CTranslate2 int8, batch {batch}"
+        rows.append([machine, target, figure, result, stamp(engine_run)])
     drop = engine.int8_drop("bleu") if engine else None
     figure, result = one(drop, lambda v: v <= INT8_BLEU_DROP_MAX, lambda v: fmt(v, "+.2f"))
     rows.append([machine, f"int8 test BLEU within {INT8_BLEU_DROP_MAX:g} of float32 (float32 − int8)", figure,

@@ -258,8 +258,8 @@ def convert_float16(out_dir: Path) -> dict[str, str]:
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:
-    """Order a graph's nodes so that each comes after the nodes whose outputs it reads, as ONNX requires
-    (stable: nodes already in order keep it)."""
+    """Order a graph's nodes so that each comes after the nodes whose outputs it reads, as ONNX requires:
+    by rounds, each taking (in their old order) the nodes whose inputs are all available."""
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
     pending, ordered = list(graph.node), []
     while pending:

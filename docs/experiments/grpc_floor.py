@@ -1,9 +1,7 @@
 """The floor of a call's server CPU: a grpc.aio translator.v1 server that answers every Translate with a fixed
-text (no model, no checks, no metrics), on 127.0.0.1:18101. Measured like our server with
-docs/experiments/server_cpu_per_call.sh's method (docs/decisions/serving-cpu.md).
+text (no model, no checks, no metrics), on 127.0.0.1:18101 (docs/decisions/serving-cpu.md):
 
-    .venv/bin/python docs/experiments/grpc_floor.py &
-    .venv/bin/translator-bench load --server 127.0.0.1:18101 --concurrency 64 --duration 16 --warmup 3
+    docs/experiments/server_tree_cpu.sh floor -- .venv/bin/python docs/experiments/grpc_floor.py
 """
 
 import asyncio

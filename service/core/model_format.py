@@ -118,13 +118,9 @@ class ModelVersion:
 
     def graph_file(self, graph: str) -> Path:
         """The file of graph `encoder`, `decoder` or `select` at this version's precision."""
-        files = self.description.get("precisions", {}).get(self.precision, {})
-        return self.path / files.get(graph, f"{graph}.onnx")
-
-    @property
-    def precisions(self) -> list[str]:
-        """The precisions this version offers: float32 always, then those model.json names."""
-        return offered_precisions(self.description)
+        if self.precision not in offered_precisions(self.description):
+            raise ModelLoadError(f"{self.path / 'model.json'}: no graphs for precision {self.precision!r}")
+        return self.path / graph_file(self.description, self.precision, graph)
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -172,6 +168,18 @@ def offered_precisions(description: dict[str, Any]) -> list[str]:
     return [FLOAT32, *(p for p in PRECISIONS if p in description.get("precisions", {}))]
 
 
+def graph_file(description: dict[str, Any], precision: str, graph: str) -> str:
+    """The file of `graph` at `precision` (select.onnx, and every float32 graph, by their own names)."""
+    return description.get("precisions", {}).get(precision, {}).get(graph, f"{graph}.onnx")
+
+
+def loaded_files(description: dict[str, Any], precision: str) -> list[str]:
+    """The files a version at `precision` reads: its encoder and decoder, select.onnx and tokenizer.json."""
+    return [graph_file(description, precision, graph) for graph in ("encoder", "decoder", "select")] + [
+        "tokenizer.json"
+    ]
+
+
 def resolve(
     repository: str | Path,
     name: str,
@@ -205,14 +213,23 @@ def resolve(
     for file in description.get("precisions", {}).get(precision, {}).values():
         if not (path / file).is_file():
             raise ModelLoadError(f"{path / file}: missing (model.json names it for precision {precision})")
-    if verify_checksums:
-        for file, expected in description["checksums"].items():
+    if verify_checksums:  # the files this precision loads: another precision's graphs may be absent or stale
+        for file in loaded_files(description, precision):
+            expected = description["checksums"][file]
             if (path / file).is_file() and sha256(path / file) != expected:
                 raise ModelLoadError(
                     f"{path / file}: checksum does not match model.json (corrupt or replaced)"
                 )
     architecture_fields = {k: description["architecture"][k] for k in Architecture.__dataclass_fields__}
     return ModelVersion(name, version, path, description, Architecture(**architecture_fields), precision)
+
+
+def graph_file_name(file: object) -> bool:
+    """A reduced-precision graph is a `.onnx` file in the version folder itself, not a float32 one."""
+    return (
+        isinstance(file, str) and file.endswith(".onnx") and file not in GRAPH_FILES
+        and Path(file).name == file and "\\" not in file
+    )
 
 
 def read_description(path: Path) -> dict[str, Any]:
@@ -233,11 +250,12 @@ def read_description(path: Path) -> dict[str, Any]:
     if not isinstance(precisions, dict):
         raise ModelLoadError(f"{path}: malformed 'precisions' (an object of precision -> graph files)")
     extra_files = []
+    reduced = [p for p in PRECISIONS if p != FLOAT32]
     for precision, files in precisions.items():
-        if precision not in PRECISIONS[1:]:
-            raise ModelLoadError(f"{path}: unknown precision {precision!r} (known: {list(PRECISIONS[1:])})")
+        if precision not in reduced:
+            raise ModelLoadError(f"{path}: unknown precision {precision!r} (known: {reduced})")
         if not isinstance(files, dict) or sorted(files) != sorted(PRECISION_GRAPHS) or not all(
-            isinstance(file, str) and file and "/" not in file for file in files.values()
+            graph_file_name(file) for file in files.values()
         ):
             raise ModelLoadError(
                 f"{path}: 'precisions.{precision}' must name a file for each of {list(PRECISION_GRAPHS)}"

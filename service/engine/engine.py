@@ -82,6 +82,9 @@ class Engine:
             if self.lanes > 1:
                 self._lane_threads = LaneThreads(self.lanes, "engine-lane", flush_denormals_on_this_thread)
                 weakref.finalize(self, self._lane_threads.close)  # an engine nobody closes keeps no threads
+        if model.precision == "float16" and self.provider == CPU:
+            log.warning("float16 graphs on the CPU: onnxruntime computes most of them in float32 there, at "
+                        "float32's speed; float16 is meant for GPUs (int8 is the CPU's faster precision)")
 
     @classmethod
     def load(

@@ -128,11 +128,14 @@ def test_bench_runs_end_to_end(tiny_checkpoint: Path, tiny_repository: Path, tmp
         ratios = report["ratios"][size]
         assert set(ratios) >= {"ours/best ct2_f32", "ours/ct2_f32", "ours/ct2_f32_workers",
                                "ours/torch_nocache", "ours/torch_cache", "attention_on/off",
-                               "ours_int8/ct2_int8", "ours_int8/best ct2_f32"}
+                               "ours_int8/ct2_int8", "ours_int8/ct2_int8_workers", "ours_int8/best ct2_int8",
+                               "ours_int8/best ct2_f32"}
         assert all(value > 0 for value in ratios.values())
         # The target ratio is against the faster CTranslate2 float32 configuration.
         assert ratios["ours/best ct2_f32"] == pytest.approx(min(ratios["ours/ct2_f32"],
                                                                 ratios["ours/ct2_f32_workers"]))
+        assert ratios["ours_int8/best ct2_int8"] == pytest.approx(min(ratios["ours_int8/ct2_int8"],
+                                                                      ratios["ours_int8/ct2_int8_workers"]))
     machine = report["machine"]
     assert machine["threads"] == 1 and machine["cpu_model"]
     assert set(machine["versions"]) >= {"onnxruntime", "ctranslate2", "torch"}

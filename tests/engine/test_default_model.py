@@ -126,6 +126,7 @@ def test_reduced_precision_translates_the_test_split_within_the_quality_bounds(
     for name, engine in (("float32", cpu_engine), (precision, reduced)):
         texts = [t.text for t in engine.translate([e.source for e in examples])]
         scores[name] = corpus_scores(texts, references)
+    reduced.close()
     assert scores["float32"]["bleu"] - scores[precision]["bleu"] <= 0.3, scores
     assert scores["float32"]["exact_match"] - scores[precision]["exact_match"] <= 0.01, scores
     assert scores[precision]["exact_match"] >= 0.98, scores

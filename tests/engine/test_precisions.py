@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from model.export import export_checkpoint
-from service.core.model_format import FLOAT32, ModelLoadError, resolve, sha256
+from service.core.model_format import FLOAT32, ModelLoadError, offered_precisions, resolve, sha256
 from service.core.options import ATTENTION_KINDS, TranslateOptions
 from service.engine.engine import Engine
 from tests.support.texts import sentences
@@ -116,7 +116,7 @@ def test_a_precision_the_version_does_not_offer_is_refused(tiny_checkpoint: Path
     export_checkpoint(tiny_checkpoint, tmp_path, "tiny", 1, precisions=(FLOAT32,))
     folder = tmp_path / "tiny" / "1"
     assert not list(folder.glob("*.int8.onnx")) and not list(folder.glob("*.float16.onnx"))
-    assert resolve(tmp_path, "tiny").precisions == [FLOAT32]
+    assert offered_precisions(resolve(tmp_path, "tiny").description) == [FLOAT32]
     with pytest.raises(ModelLoadError, match=r"model\.json: this version offers precisions \['float32'\], "
                                              r"not 'int8'"):
         Engine.load(tmp_path, "tiny", precision="int8")
@@ -129,6 +129,9 @@ def test_a_missing_or_replaced_int8_graph_is_named(tiny_repository: Path, tmp_pa
     (folder / "decoder.int8.onnx").write_bytes((folder / "decoder.onnx").read_bytes())
     with pytest.raises(ModelLoadError, match=r"decoder\.int8\.onnx: checksum does not match"):
         Engine.load(tmp_path, "tiny", precision="int8")
+    # Only what a precision loads is checked: a stale int8 graph does not stop float32 or float16.
+    for precision in (FLOAT32, "float16"):
+        assert resolve(tmp_path, "tiny", precision=precision).precision == precision
     (folder / "decoder.int8.onnx").unlink()
     with pytest.raises(ModelLoadError, match=r"decoder\.int8\.onnx: missing \(model\.json names it for "
                                              r"precision int8\)"):
@@ -144,6 +147,8 @@ def test_a_missing_or_replaced_int8_graph_is_named(tiny_repository: Path, tmp_pa
         ({"int4": {"encoder": "e.onnx", "decoder": "d.onnx"}}, r"unknown precision 'int4'"),
         ({"int8": {"encoder": "encoder.int8.onnx"}}, r"'precisions\.int8' must name a file for each of"),
         ({"int8": {"encoder": "../e.onnx", "decoder": "decoder.int8.onnx"}}, r"'precisions\.int8' must"),
+        ({"int8": {"encoder": "encoder.onnx", "decoder": "decoder.int8.onnx"}}, r"'precisions\.int8' must"),
+        ({"float16": {"encoder": "model.json", "decoder": "d.onnx"}}, r"'precisions\.float16' must"),
     ],
 )
 def test_a_malformed_precisions_entry_is_named(

@@ -349,15 +349,18 @@ def test_the_served_model_translates_text_as_people_type_it() -> None:
     assert [b.decode() for b in outputs_of(response)["TRANSLATION"]] == expected
 
 
-def test_the_server_serves_the_precision_asked_for(tiny_repository: Path) -> None:
-    """--precision int8 loads the int8 graphs: the answers are the int8 engine's, and GetModelInfo, the KServe
-    config and /metrics say which precision is served."""
+@pytest.mark.parametrize("lane_processes", ["on", "off"])
+def test_the_server_serves_the_precision_asked_for(tiny_repository: Path, lane_processes: str) -> None:
+    """--precision int8 loads the int8 graphs (in the lane processes too): the answers are the int8 engine's,
+    and GetModelInfo, the KServe config and /metrics say which precision is served."""
     texts = sentences(5, seed=11)
     int8 = Engine.load(tiny_repository, "tiny", device="cpu", threads=1, precision="int8")
     float32 = Engine.load(tiny_repository, "tiny", device="cpu", threads=1)
     options = TranslateOptions(max_length=12)
     expected, unexpected = (engine.translate(texts, options) for engine in (int8, float32))
-    config = make_config(tiny_repository, precision="int8", lane_processes="off")
+    int8.close()
+    float32.close()
+    config = make_config(tiny_repository, precision="int8", lane_processes=lane_processes)
     with running(config) as server:
         assert server.port and server.metrics_port
         client = Client(server.port)
