@@ -185,9 +185,13 @@ def test_a_stream_never_feeds_a_done_row_past_the_position_table() -> None:
     joined later kept it there until its position passed the model's 512 (onnxruntime's Gather then failed
     the whole batch: INTERNAL for 20 rows in the probe that found it). Row A runs 300 steps; four rows join
     at step 250 and run 300 more, so A, done at 300 (1 of 5 done: no compaction), would reach 550."""
-    engine = Engine.load(DEFAULT_REPOSITORY, "toy-en-es", threads=1, lanes=1)
+    engine = Engine.load(DEFAULT_REPOSITORY, "toy-en-es", threads=1, lanes=1, max_length_limit=512)
     assert engine.model.description["architecture"]["max_positions"] == 512
-    source = engine.vocabulary.encode_source("and " * 60).ids  # never ends with </s>: rows run to their max
+    # A text the model never ends with </s> within 300 steps, so that every row runs to its maximum: which
+    # one depends on the trained weights, hence the candidates.
+    candidates = [engine.vocabulary.encode_source(word * 60).ids for word in ("and ", "that ", "with ", ", ")]
+    long_runs = TranslateOptions(max_length=300)
+    source = next(ids for ids in candidates if not engine.search_ids([ids], long_runs)[0].finished)
     done: dict[object, Hypothesis] = {}
     stream = engine.running_batch(TranslateOptions(), on_done=lambda key, found: done.setdefault(key, found))
     try:
