@@ -35,8 +35,13 @@ from service.api.translator.v1 import translator_pb2 as pb, translator_pb2_grpc 
 address, count, text = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 options = pb.TranslateOptions(max_length=250, attention=pb.AttentionRequest(kinds=[1, 2, 3]))
 calls = []
-for _ in range(count):  # a connection each, as separate clients would
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+# A connection each, as separate clients would; with a fixed 64 KiB receive window (no BDP probing), so that
+# gRPC's buffers can never take a whole answer and the server's write timeout always has answers to end (with
+# probing, the window of an idle connection sometimes grew past a 6 MB answer: every call then ended OK).
+for _ in range(count):
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+    )
     request = pb.TranslateStreamRequest(text=text, options=options)
     calls.append(g.TranslatorStub(channel).TranslateStream(request))
 for call in calls:
