@@ -217,44 +217,40 @@ def training_max_source_tokens(data: dict[str, Any]) -> int | None:
     return None
 
 
-def quantize_int8(out_dir: Path) -> dict[str, str]:
-    """`encoder.int8.onnx` and `decoder.int8.onnx` beside the float32 graphs: every matrix product with a
-    weight (and the embedding tables) in int8, one scale per tensor, activations quantized as each product
-    runs (onnxruntime's dynamic quantization); attention scores and softmax stay float32. Returns
-    {graph: file}."""
+def quantize_int8(source: Path, target: Path) -> None:
+    """A graph with int8 weights (onnxruntime's dynamic quantization): every matrix product with a constant
+    weight in int8, one scale per tensor, its activations quantized as it runs; the tables read by a lookup
+    (token embeddings, relative-position biases) stored in uint8. Products of two activations (query x key,
+    weights x value), softmax and layer norms stay float32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    files = {}
     root = logging.getLogger()
     # The quantizer advises its shape pre-processing on every call; measured on our graphs, it changes
     # neither the tokens nor the speed (docs/decisions/precisions.md), so the advice is not shown.
     advice = _DropMessage("Please consider to run pre-processing")
     root.addFilter(advice)
     try:
-        for graph in PRECISION_GRAPHS:
-            files[graph] = f"{graph}.int8.onnx"
-            # MatMulConstBOnly: products of two activations (query x key, weights x value) stay float32.
-            quantize_dynamic(out_dir / f"{graph}.onnx", out_dir / files[graph], weight_type=QuantType.QInt8,
-                             extra_options={"MatMulConstBOnly": True})
+        # MatMulConstBOnly: products of two activations stay float32.
+        quantize_dynamic(
+            source, target, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}
+        )
     finally:
         root.removeFilter(advice)
-    return files
 
 
-def convert_float16(out_dir: Path) -> dict[str, str]:
-    """`encoder.float16.onnx` and `decoder.float16.onnx`: weights and computation in float16, inputs and
-    outputs float32, so that the engine feeds and reads them as it does the float32 graphs (each step casts
-    its caches at the edges). Returns {graph: file}."""
+def convert_float16(source: Path, target: Path) -> None:
+    """A graph with weights and computation in float16, its inputs and outputs float32, so that the engine
+    feeds and reads it as it does the float32 graph (each step casts its caches at the edges)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    files = {}
-    for graph in PRECISION_GRAPHS:
-        files[graph] = f"{graph}.float16.onnx"
-        converted = convert_float_to_float16(onnx.load(str(out_dir / f"{graph}.onnx")), keep_io_types=True)
-        sort_nodes(converted.graph)  # the converter appends its input casts after the nodes that read them
-        onnx.checker.check_model(converted, full_check=True)
-        onnx.save(converted, str(out_dir / files[graph]))
-    return files
+    converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    sort_nodes(converted.graph)  # the converter appends its input casts after the nodes that read them
+    onnx.checker.check_model(converted, full_check=True)
+    onnx.save(converted, str(target))
+
+
+# How each reduced precision is made from a float32 graph (`<graph>.onnx` -> `<graph>.<precision>.onnx`).
+CONVERTERS = {"int8": quantize_int8, "float16": convert_float16}
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:
@@ -269,7 +265,8 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
         for node in ready:
             available.update(node.output)
         ordered += ready
-        pending = [node for node in pending if all(node is not done for done in ready)]
+        taken = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in taken]
     del graph.node[:]
     graph.node.extend(ordered)
 
@@ -301,11 +298,13 @@ def export_checkpoint(
     export_graphs(model, out_dir)
     onnx.save(select_graph(model.config.n_decoder_layers), str(out_dir / "select.onnx"))
     shutil.copyfile(Path(checkpoint) / "tokenizer.json", out_dir / "tokenizer.json")
-    variants = {}
-    if "int8" in precisions:
-        variants["int8"] = quantize_int8(out_dir)
-    if "float16" in precisions:
-        variants["float16"] = convert_float16(out_dir)
+    variants = {
+        precision: {graph: f"{graph}.{precision}.onnx" for graph in PRECISION_GRAPHS}
+        for precision in CONVERTERS if precision in precisions
+    }
+    for precision, files in variants.items():
+        for graph, file in files.items():
+            CONVERTERS[precision](out_dir / f"{graph}.onnx", out_dir / file)
     variant_files = [file for files in variants.values() for file in files.values()]
     config = model.config
     description = {
