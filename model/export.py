@@ -2,7 +2,9 @@
 
 Layout, as in Triton: `<repository>/<model-name>/<version>/` holding `encoder.onnx`, `decoder.onnx`,
 `select.onnx` (the decoder state's row selection, so that caches on a GPU never cross to the host),
-`tokenizer.json` and `model.json` (architecture, special ids, graph signatures, metrics, checksums), and
+`decoder_fixed.onnx` (the decoder step on caches of a fixed size written in place, every shape fixed for a
+batch: what a GPU's captured CUDA graphs run, service/engine/fixed_step.py), `tokenizer.json` and
+`model.json` (architecture, special ids, graph signatures, metrics, checksums), and
 beside them the same two graphs with int8 weights (`encoder.int8.onnx`, `decoder.int8.onnx`:
 `--precision int8` on CPU, docs/decisions/precisions.md) and in float16 (`*.float16.onnx`: `--precision
 float16`, for GPUs).
@@ -29,6 +31,7 @@ from model.transformer import Transformer
 from service.core.cli import positive_int, run_command
 from service.core.model_format import (
     ENCODER_INPUTS,
+    FIXED_STEP,
     FLOAT32,
     GRAPH_FILES,
     MODEL_FORMAT,
@@ -37,6 +40,8 @@ from service.core.model_format import (
     decoder_inputs,
     decoder_outputs,
     encoder_outputs,
+    fixed_step_inputs,
+    fixed_step_outputs,
     select_inputs,
     select_outputs,
     sha256,
@@ -95,6 +100,30 @@ class DecoderStepGraph(nn.Module):
         )
 
 
+class DecoderFixedStepGraph(nn.Module):
+    """The decoder step on caches of a fixed capacity, written in place (Transformer.
+    decode_step_in_place_layers); signature: service.core.model_format's fixed_step_inputs / outputs."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layers = self.model.config.n_decoder_layers
+        caches, cross = rest[: 2 * layers], rest[2 * layers : 4 * layers]
+        src_padding_mask, positions, cache_entries, cache_slots = rest[4 * layers :]
+        log_probs, keys, values, cross_attention, self_attention = self.model.decode_step_in_place_layers(
+            tokens, list(caches[0::2]), list(caches[1::2]), list(cross[0::2]), list(cross[1::2]),
+            src_padding_mask, positions, cache_entries, cache_slots,
+        )
+        return (
+            log_probs,
+            *[t for pair in zip(keys, values, strict=True) for t in pair],
+            *cross_attention,
+            *self_attention,
+        )
+
+
 def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: int = 3) -> dict[str, tuple]:
     config = model.config
     layers = config.n_decoder_layers
@@ -103,6 +132,8 @@ def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: in
     src_padding_mask[0, -1] = True
     cache = (batch, config.n_heads, past, config.head_dim)
     cross = (batch, config.n_heads, source, config.head_dim)
+    capacity = (batch, config.n_heads, past + 4, config.head_dim)
+    fixed_positions = torch.tensor([past, 1] + [past] * (batch - 2))
     return {
         "encoder": (src_ids, src_padding_mask),
         "decoder": (
@@ -111,6 +142,17 @@ def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: in
             *[torch.randn(cross) for _ in range(2 * layers)],
             src_padding_mask,
             torch.tensor([past, 1] + [past] * (batch - 2)),  # row 1 joined later: left-padded cache
+        ),
+        FIXED_STEP: (
+            torch.randint(4, config.tgt_vocab_size, (batch,)),
+            *[torch.randn(capacity) for _ in range(2 * layers)],
+            *[torch.randn(cross) for _ in range(2 * layers)],
+            src_padding_mask,
+            fixed_positions,
+            torch.arange(capacity[2]),
+            torch.stack(torch.broadcast_tensors(
+                torch.arange(batch)[:, None], torch.arange(config.n_heads)[None, :], fixed_positions[:, None]
+            ), dim=-1),
         ),
     }
 
@@ -133,6 +175,12 @@ def dynamic_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
         "present_self_value": {0: "batch", 2: "present"},
         "cross_attention": {0: "batch", 3: "source"},
         "self_attention": {0: "batch", 3: "present"},
+        "cache_self_key": {0: "batch", 2: "capacity"},
+        "cache_self_value": {0: "batch", 2: "capacity"},
+        "written_self_key": {0: "batch", 2: "capacity"},
+        "written_self_value": {0: "batch", 2: "capacity"},
+        "cache_entries": {0: "capacity"},
+        "cache_slots": {0: "batch"},
     }
     return {name: by_kind[name.split(".")[0]] for name in names}
 
@@ -145,10 +193,15 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
     signatures = {
         "encoder": (ENCODER_INPUTS, encoder_outputs(config.n_encoder_layers, config.n_decoder_layers)),
         "decoder": (decoder_inputs(config.n_decoder_layers), decoder_outputs(config.n_decoder_layers)),
+        FIXED_STEP: (fixed_step_inputs(config.n_decoder_layers), fixed_step_outputs(config.n_decoder_layers)),
     }
     # The wrappers are put in eval mode too: the exporter restores the wrapper's training flag on every
     # submodule afterwards, which would otherwise switch dropout back on in the caller's model.
-    modules = {"encoder": EncoderGraph(model).eval(), "decoder": DecoderStepGraph(model).eval()}
+    modules = {
+        "encoder": EncoderGraph(model).eval(),
+        "decoder": DecoderStepGraph(model).eval(),
+        FIXED_STEP: DecoderFixedStepGraph(model).eval(),
+    }
     with torch.inference_mode():
         for name, module in modules.items():
             input_names, output_names = signatures[name]
@@ -335,6 +388,11 @@ def export_checkpoint(
                 "inputs": list(select_inputs(config.n_decoder_layers)),
                 "outputs": list(select_outputs(config.n_decoder_layers)),
             },
+            FIXED_STEP: {
+                "file": f"{FIXED_STEP}.onnx",
+                "inputs": list(fixed_step_inputs(config.n_decoder_layers)),
+                "outputs": list(fixed_step_outputs(config.n_decoder_layers)),
+            },
         },
         "training": {
             "metrics": {**meta.get("metrics", {}), **(metrics or {})},
@@ -345,7 +403,7 @@ def export_checkpoint(
         "precisions": variants,
         "checksums": {
             f: sha256(out_dir / f)
-            for f in (*GRAPH_FILES, "tokenizer.json", *variant_files)
+            for f in (*GRAPH_FILES, f"{FIXED_STEP}.onnx", "tokenizer.json", *variant_files)
         },
     }
     (out_dir / "model.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,8 @@ Three ways to run the decoder, all computing the same function (tests/model/test
   wrap, so they take and return plain tensors, branch only on shapes, and never modify their inputs. The
   graphs call their per-layer variants (``encode_layers``, ``cross_keys_values_layers``,
   ``decode_step_layers``: one tensor per layer instead of stacked ``[L, ...]`` ones), which the stacked
-  calls are built on.
+  calls are built on. ``decode_step_in_place_layers`` is the same step on caches of a fixed capacity, each
+  row's new entry written at its own position (the fixed-shape graph).
 
 Shape letters: B batch, S source length, T target length, t cache length (tokens decoded so far), D d_model,
 H heads, Dh = D / H, L layers, V target vocabulary.
@@ -279,6 +280,10 @@ class RelativePositionBias(nn.Module):
         """buckets [Tq,Tk] -> additive scores [H,Tq,Tk]."""
         return self.bias(buckets).permute(2, 0, 1)
 
+    def rows(self, buckets: Tensor) -> Tensor:
+        """One query per row: buckets [B,Tk] -> additive scores [B,H,1,Tk]."""
+        return self.bias(buckets).permute(0, 2, 1).unsqueeze(2)
+
 
 def make_relative_bias(config: TransformerConfig) -> RelativePositionBias | None:
     return RelativePositionBias(config) if config.positions == "relative" else None
@@ -377,12 +382,67 @@ class DecoderLayer(nn.Module):
             self_bias = position_bias if self_bias is None else self_bias + position_bias
         # No causal mask needed: the cache holds only this and earlier positions.
         attended, self_weights = self.self_attn.step_attend(query, self_key, self_value, self_bias)
-        x = x + attended
+        x, cross_weights = self._step_cross_feed_forward(x + attended, cross_key, cross_value, src_bias)
+        return x, self_key, self_value, self_weights, cross_weights
+
+    def step_in_place(
+        self,
+        x: Tensor,
+        cache_key: Tensor,
+        cache_value: Tensor,
+        cross_key: Tensor,
+        cross_value: Tensor,
+        src_bias: Tensor,
+        self_bias: Tensor,
+        slots: Tensor,
+        buckets: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``step`` on a cache of fixed capacity C: x [B,D], cache [B,H,C,Dh] (row b's entries 0..p_b - 1
+        written), slots [B,H,3] (b, h, p_b: where the new entry goes), self_bias [B,1,1,C] (entries after
+        p_b masked), buckets [B,C] of each entry's distance to p_b (relative positions)
+        -> (x, cache_key and cache_value with the new entries written, self weights [B,H,1,C], cross
+        weights [B,H,1,S]). Nothing else of the cache is copied when the caller lets the written cache be
+        the one it passed (see write_entries)."""
+        query, key, value = self.self_attn.step_query_key_value(self.norm1(x))
+        entry_shape = (-1, self.self_attn.n_heads, self.self_attn.head_dim)  # constant: no shape arithmetic
+        cache_key = write_entries(cache_key, slots, key.view(entry_shape))
+        cache_value = write_entries(cache_value, slots, value.view(entry_shape))
+        if self.relative_bias is not None:
+            self_bias = self_bias + self.relative_bias.rows(buckets)
+        attended, self_weights = self.self_attn.step_attend(query, cache_key, cache_value, self_bias)
+        x, cross_weights = self._step_cross_feed_forward(x + attended, cross_key, cross_value, src_bias)
+        return x, cache_key, cache_value, self_weights, cross_weights
+
+    def _step_cross_feed_forward(
+        self, x: Tensor, cross_key: Tensor, cross_value: Tensor, src_bias: Tensor
+    ) -> tuple[Tensor, Tensor]:
         query = self.cross_attn.step_query(self.norm2(x))
         attended, cross_weights = self.cross_attn.step_attend(query, cross_key, cross_value, src_bias)
         x = x + attended
-        x = x + self.feed_forward(self.norm3(x))
-        return x, self_key, self_value, self_weights, cross_weights
+        return x + self.feed_forward(self.norm3(x)), cross_weights
+
+
+class WriteEntries(torch.autograd.Function):
+    """ONNX ScatterND of one new entry per row and head into a cache; inference only (no backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, cache: Tensor, slots: Tensor, entries: Tensor) -> Tensor:  # noqa: ARG004
+        written = cache.clone()
+        written[slots[..., 0], slots[..., 1], slots[..., 2]] = entries
+        return written
+
+    @staticmethod
+    def symbolic(g: Any, cache: Any, slots: Any, entries: Any) -> Any:
+        return g.op("ScatterND", cache, slots, entries)
+
+
+def write_entries(cache: Tensor, slots: Tensor, entries: Tensor) -> Tensor:
+    """cache [B,H,C,Dh] with entries [B,H,Dh] written at slots [B,H,3] = (row, head, entry index).
+
+    A new tensor here; in the exported graph a ScatterND, which onnxruntime runs in place when the caller
+    binds its output to the cache it passed (the fixed-shape step of service/engine/fixed_step.py).
+    """
+    return WriteEntries.apply(cache, slots, entries)
 
 
 def cache_padding_bias(positions: Tensor, past: int | Tensor, dtype: torch.dtype) -> Tensor:
@@ -666,17 +726,60 @@ class Transformer(nn.Module):
             entries = torch.arange(past + 1, device=tokens.device)
             buckets = self._buckets("decoder_buckets", entries[-1:], entries)
         src_bias = padding_bias(src_padding_mask, x.dtype)
+        return self._step_layers(x, lambda i, layer, x: layer.step(
+            x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias, self_bias, buckets
+        ))
+
+    def _step_layers(
+        self, x: Tensor, step: Callable[[int, DecoderLayer, Tensor], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """x through every decoder layer's `step(i, layer, x)` -> (x, key, value, self weights, cross
+        weights), then the output distribution -> (log_probs, keys, values, cross weights, self weights)."""
         keys, values, self_weights, cross_weights = [], [], [], []
         for i, layer in enumerate(self.decoder_layers):
-            x, key, value, layer_self, layer_cross = layer.step(
-                x, self_keys[i], self_values[i], cross_keys[i], cross_values[i], src_bias, self_bias, buckets
-            )
+            x, key, value, layer_self, layer_cross = step(i, layer, x)
             keys.append(key)
             values.append(value)
             self_weights.append(layer_self)
             cross_weights.append(layer_cross)
         log_probs = F.log_softmax(self.generator(self.decoder_norm(x)), dim=-1)
         return log_probs, keys, values, cross_weights, self_weights
+
+    def decode_step_in_place_layers(
+        self,
+        tokens: Tensor,
+        cache_keys: list[Tensor],
+        cache_values: list[Tensor],
+        cross_keys: list[Tensor],
+        cross_values: list[Tensor],
+        src_padding_mask: Tensor,
+        positions: Tensor,
+        cache_entries: Tensor,
+        cache_slots: Tensor,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``decode_step_layers`` on caches of a fixed capacity C, every shape fixed for a batch.
+
+        Row b's entry for position p is at index p of its cache whatever the other rows' positions (no left
+        padding); the new entry of step p_b = positions[b] is written at p_b, and entries after it are
+        masked. cache_keys/cache_values: L tensors [B,H,C,Dh]; cache_entries [C] = 0..C-1 and cache_slots
+        [B,H,3] = (b, h, p_b) are inputs rather than computed from shapes, so that the graph holds no
+        shape arithmetic (a GPU's captured graph cannot have it).
+        -> (log_probs [B,V], L caches [B,H,C,Dh] with the new entries, L values, L cross-attention maps
+            [B,H,1,S], L self-attention maps [B,H,1,C] whose entries after p_b are 0).
+        """
+        x = self.tgt_embed(tokens) * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions.table[positions]
+        distance = cache_entries[None, :] - positions[:, None]  # [B,C]: key entry - query position
+        self_bias = padding_bias(distance > 0, x.dtype)
+        buckets = None
+        if self.positions is None:
+            buckets = self.decoder_buckets[distance.clamp(max=0) + (self.config.max_positions - 1)]
+        src_bias = padding_bias(src_padding_mask, x.dtype)
+        return self._step_layers(x, lambda i, layer, x: layer.step_in_place(
+            x, cache_keys[i], cache_values[i], cross_keys[i], cross_values[i], src_bias, self_bias,
+            cache_slots, buckets,
+        ))
 
     def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """The (self_key, self_value) cache before the first step: [L,B,H,0,Dh] each."""

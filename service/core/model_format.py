@@ -23,6 +23,12 @@ MODEL_FORMAT = "translator-onnx-v4"
 #   decoder outputs  present_self_key.{i}, present_self_value.{i}  [B, H, t+1, Dh]
 #                    cross_attention.{i}                       [B, H, 1, S]
 #                    self_attention.{i}                        [B, H, 1, t+1]
+#   decoder_fixed    (optional) the decoder step on caches of a fixed capacity C, written in place:
+#     inputs         cache_self_key.{i}, cache_self_value.{i}  [B, H, C, Dh]; cache_entries [C] = 0..C-1;
+#                    cache_slots [B, H, 3] = (b, h, positions[b]); the decoder's other inputs
+#     outputs        written_self_key.{i}, written_self_value.{i}  [B, H, C, Dh]: the caches with the new
+#                    entries (a ScatterND: bound to the input cache, nothing else is copied);
+#                    self_attention.{i} [B, H, 1, C]; log_probs, cross_attention as the decoder's
 #   select inputs    rows [N] int64, cache_start [1] int64, source_width [1] int64,
 #                    self_key.{i}, self_value.{i} [B, H, t, Dh], cross_key.{i}, cross_value.{i} [B, H, S, Dh]
 #   select outputs   kept_self_key.{i}, kept_self_value.{i}    [N, H, t - cache_start, Dh]
@@ -62,6 +68,27 @@ def decoder_outputs(n_layers: int) -> tuple[str, ...]:
     )
 
 
+def fixed_step_inputs(n_layers: int) -> tuple[str, ...]:
+    return (
+        "tokens",
+        *per_layer(("cache_self_key", "cache_self_value"), n_layers),
+        *per_layer(("cross_key", "cross_value"), n_layers),
+        "src_padding_mask",
+        "positions",
+        "cache_entries",
+        "cache_slots",
+    )
+
+
+def fixed_step_outputs(n_layers: int) -> tuple[str, ...]:
+    return (
+        "log_probs",
+        *per_layer(("written_self_key", "written_self_value"), n_layers),
+        *per_layer(("cross_attention",), n_layers),
+        *per_layer(("self_attention",), n_layers),
+    )
+
+
 def select_inputs(n_layers: int) -> tuple[str, ...]:
     return (
         "rows",
@@ -76,6 +103,11 @@ def select_outputs(n_layers: int) -> tuple[str, ...]:
 
 
 GRAPH_FILES = ("encoder.onnx", "decoder.onnx", "select.onnx")
+# Optional, float32 only: the step whose shapes are fixed for a batch (service/engine/fixed_step.py).
+FIXED_STEP = "decoder_fixed"
+# The decoder steps an engine can run: `dynamic` (decoder.onnx, caches grown by one entry per step) or
+# `fixed` (decoder_fixed.onnx).
+STEP_GRAPHS = ("dynamic", "fixed")
 REQUIRED_FILES = ("model.json", *GRAPH_FILES, "tokenizer.json")
 # Precisions a model version may offer. float32 is the graphs above; every other one is a second encoder and
 # decoder beside them, named in model.json's "precisions" (`{"int8": {"encoder": FILE, "decoder": FILE}}`);
@@ -121,6 +153,22 @@ class ModelVersion:
         if self.precision not in offered_precisions(self.description):
             raise ModelLoadError(f"{self.path / 'model.json'}: no graphs for precision {self.precision!r}")
         return self.path / graph_file(self.description, self.precision, graph)
+
+    def fixed_step_file(self) -> Path:
+        """decoder_fixed.onnx, checked against model.json; a clear error where this version has none."""
+        path = self.path / f"{FIXED_STEP}.onnx"
+        if FIXED_STEP not in self.description["graphs"]:
+            raise ModelLoadError(
+                f"{self.path / 'model.json'}: this version has no fixed-shape step graph ({path.name}; "
+                "translator-export writes it)"
+            )
+        if self.precision != FLOAT32:
+            raise ModelLoadError(f"{path}: the fixed-shape step is float32 only, not {self.precision}")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing (model.json names it)")
+        if sha256(path) != self.description["checksums"][path.name]:
+            raise ModelLoadError(f"{path}: checksum does not match model.json (corrupt or replaced)")
+        return path
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -261,6 +309,11 @@ def read_description(path: Path) -> dict[str, Any]:
                 f"{path}: 'precisions.{precision}' must name a file for each of {list(PRECISION_GRAPHS)}"
             )
         extra_files.extend(files.values())
+    if FIXED_STEP in description["graphs"]:
+        fixed = description["graphs"][FIXED_STEP]
+        if not isinstance(fixed, dict) or fixed.get("file") != f"{FIXED_STEP}.onnx":
+            raise ModelLoadError(f"{path}: malformed 'graphs.{FIXED_STEP}' (its file is {FIXED_STEP}.onnx)")
+        extra_files.append(fixed["file"])
     checked = description["checksums"]
     unchecked = [file for file in (*GRAPH_FILES, "tokenizer.json", *extra_files) if file not in checked]
     if unchecked:

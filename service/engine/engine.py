@@ -50,8 +50,10 @@ class Engine:
         io_binding: bool | None = None,
         lanes: int | None = None,
         lane_processes: bool = False,
+        step_graph: str = "dynamic",
     ) -> None:
         self.model = model
+        self.step_graph = step_graph
         self.vocabulary = self._load_vocabulary(model)
         threads = threads or os.cpu_count() or 1
         providers = choose_providers(device)
@@ -72,11 +74,15 @@ class Engine:
             self.provider = self.lane_processes.provider
             self.io_binding = self.lane_processes.io_binding
         else:
-            self.runner = Runner(model, providers, max(1, threads // self.lanes), spinning, io_binding)
+            self.runner = Runner(
+                model, providers, max(1, threads // self.lanes), spinning, io_binding, step_graph
+            )
             if self.runner.provider != providers[0]:
                 self._cuda_failed(device)
                 self.lanes = plan_lanes(CPU, threads, lanes)
-                self.runner = Runner(model, [CPU], max(1, threads // self.lanes), spinning, io_binding)
+                self.runner = Runner(
+                    model, [CPU], max(1, threads // self.lanes), spinning, io_binding, step_graph
+                )
             self.provider = self.runner.provider
             self.io_binding = self.runner.io_binding
             if self.lanes > 1:
@@ -100,6 +106,7 @@ class Engine:
         lanes: int | None = None,
         lane_processes: bool = False,
         precision: str = FLOAT32,
+        step_graph: str = "dynamic",
     ) -> Engine:
         return cls(
             resolve(repository, name, version, precision=precision),
@@ -110,6 +117,7 @@ class Engine:
             io_binding=io_binding,
             lanes=lanes,
             lane_processes=lane_processes,
+            step_graph=step_graph,
         )
 
     @staticmethod
@@ -137,7 +145,9 @@ class Engine:
     def _start_lane_processes(
         self, device: str, threads: int, spinning: bool, io_binding: bool | None
     ) -> ProcessLanes:
-        load = msg.Load(self.model, device, max(1, threads // self.lanes), spinning, io_binding)
+        load = msg.Load(
+            self.model, device, max(1, threads // self.lanes), spinning, io_binding, self.step_graph
+        )
         return ProcessLanes(load, self.lanes)
 
     def _cuda_failed(self, device: str) -> None:

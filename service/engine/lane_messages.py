@@ -29,6 +29,7 @@ class Load:
     threads: int
     spinning: bool
     io_binding: bool | None
+    step_graph: str = "dynamic"
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,7 +143,9 @@ class ProcessLanes:
             self.provider = self._all[0].provider
             self.io_binding = self._all[0].io_binding
             device = "cuda" if self.provider == CUDA else "cpu"
-            self._load = msg.Load(load.model, device, load.threads, load.spinning, load.io_binding)
+            self._load = msg.Load(
+                load.model, device, load.threads, load.spinning, load.io_binding, load.step_graph
+            )
             for _ in range(count - 1):
                 self._all.append(self._start())
         except BaseException:

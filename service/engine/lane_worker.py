@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     assert isinstance(load, msg.Load)
     try:
         runner = Runner(
-            load.model, choose_providers(load.device), load.threads, load.spinning, load.io_binding
+            load.model, choose_providers(load.device), load.threads, load.spinning, load.io_binding,
+            load.step_graph,
         )
     except Exception as error:  # reported to the parent, which raises it as the load error it is
         conn.send(msg.Failed(f"{type(error).__name__}: {error}"))

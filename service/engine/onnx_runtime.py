@@ -113,7 +113,7 @@ CPU_MEMORY_ARENA = False
 
 
 def make_session(
-    path: Path, providers: list[str], threads: int | None, spinning: bool = False
+    path: Path, providers: list[str], threads: int | None, spinning: bool = False, cuda_graph: bool = False
 ) -> ort.InferenceSession:
     """An onnxruntime session; `spinning` lets idle intra-op workers busy-wait for the next operator.
 
@@ -130,7 +130,10 @@ def make_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if providers[0] == CPU:
         options.enable_cpu_mem_arena = CPU_MEMORY_ARENA
-    provider_options = [CUDA_OPTIONS if name == CUDA else {} for name in providers]
+    # `cuda_graph`: onnxruntime captures the graph's kernels once per shape and replays them (its inputs and
+    # outputs must then stay at the same addresses: service.engine.fixed_step).
+    cuda_options = {**CUDA_OPTIONS, "enable_cuda_graph": "1"} if cuda_graph else CUDA_OPTIONS
+    provider_options = [cuda_options if name == CUDA else {} for name in providers]
     try:
         return ort.InferenceSession(
             str(path), sess_options=options, providers=providers, provider_options=provider_options

@@ -14,18 +14,23 @@ import numpy as np
 
 from service.core.model_format import (
     ENCODER_INPUTS,
+    FIXED_STEP,
+    STEP_GRAPHS,
     ModelLoadError,
     ModelVersion,
     decoder_inputs,
     decoder_outputs,
     encoder_outputs,
+    fixed_step_inputs,
+    fixed_step_outputs,
     select_inputs,
     select_outputs,
 )
 from service.core.options import TranslateOptions, max_steps
 from service.core.running_batch import RunningBatch
-from service.core.search import Hypothesis, padded, search
+from service.core.search import Hypothesis, StepBackend, padded, search
 from service.engine.backend import OnnxBackend
+from service.engine.fixed_step import FixedStepBackend
 from service.engine.onnx_runtime import CUDA, check_signature, make_session
 from service.engine.timing import Searched, StageTimes, TimedBackend
 
@@ -46,8 +51,12 @@ class Runner:
         threads: int,
         spinning: bool = False,
         io_binding: bool | None = None,
+        step_graph: str = "dynamic",
     ) -> None:
+        if step_graph not in STEP_GRAPHS:
+            raise ValueError(f"step_graph must be one of {STEP_GRAPHS}, got {step_graph!r}")
         self.model = model
+        self.step_graph = step_graph
         self.special_ids = model.special_ids
         self.encoder = make_session(model.graph_file("encoder"), providers, threads, spinning)
         self.decoder = make_session(model.graph_file("decoder"), providers, threads, spinning)
@@ -73,6 +82,19 @@ class Runner:
             device_type="cuda" if on_cuda else "cpu",
             device_id=0,
         )
+        # What the search steps: the backend above, or the fixed-shape step over its encoder.
+        self.step_backend: StepBackend = self.backend
+        if step_graph == "fixed":
+            path = model.fixed_step_file()
+            fixed = make_session(path, providers, threads, spinning, cuda_graph=on_cuda)
+            layers = architecture.n_decoder_layers
+            check_signature(fixed, path, fixed_step_inputs(layers), fixed_step_outputs(layers),
+                            model.description["graphs"][FIXED_STEP])
+            self.step_backend = FixedStepBackend(
+                self.backend, fixed, architecture.tgt_vocab_size, self.special_ids["pad"],
+                max_capacity=model.max_positions, device_type="cuda" if on_cuda else "cpu",
+                cuda_graph=on_cuda,
+            )
 
     def search(
         self,
@@ -87,7 +109,7 @@ class Runner:
         times = StageTimes()
         ids = self.special_ids
         hypotheses = search(
-            TimedBackend(self.backend, times),
+            TimedBackend(self.step_backend, times),
             padded(sources, ids["pad"]),
             pad_id=ids["pad"],
             bos_id=ids["bos"],
@@ -115,7 +137,7 @@ class Runner:
         times = StageTimes()
         ids = self.special_ids
         batch = RunningBatch(
-            TimedBackend(self.backend, times),
+            TimedBackend(self.step_backend, times),
             pad_id=ids["pad"],
             bos_id=ids["bos"],
             eos_id=ids["eos"],

@@ -212,6 +212,7 @@ class TranslatorServer:
             max_length_limit=config.max_length_limit,
             lanes=config.lanes,
             lane_processes=config.lane_processes == "on",
+            step_graph=config.step_graph,
         )
         limits = self._limits(engine)
         settings = BatchingSettings(
@@ -235,6 +236,7 @@ class TranslatorServer:
                 path=str(model.path),
                 provider=engine.provider,
                 precision=model.precision,
+                step_graph=engine.step_graph,
                 lanes=engine.lanes,
                 batch_workers=settings.workers,
                 load_s=round(time.monotonic() - started, 3),

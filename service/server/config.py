@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service.core.model_format import FLOAT32, PRECISIONS
+from service.core.model_format import FLOAT32, PRECISIONS, STEP_GRAPHS
 from service.server.event_loop import EVENT_LOOPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,6 +177,14 @@ class ServerConfig:
         "writes all three)",
         str,
         choices=PRECISIONS,
+    )
+    step_graph: str = _setting(
+        "dynamic",
+        "the decoder step: dynamic (caches grown each step: fastest on CPU) or fixed (caches of a fixed size "
+        "written in place, every shape fixed for a batch: what a GPU's captured CUDA graphs need, and "
+        "captured there; docs/decisions/fixed-step.md)",
+        str,
+        choices=STEP_GRAPHS,
     )
     threads: int | None = _setting(
         None,

@@ -39,6 +39,7 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
         "decoder.float16.onnx",
         "decoder.int8.onnx",
         "decoder.onnx",
+        "decoder_fixed.onnx",
         "encoder.float16.onnx",
         "encoder.int8.onnx",
         "encoder.onnx",
@@ -56,7 +57,7 @@ def test_repository_layout_and_checker(tiny_repository: Path) -> None:
     assert description["vocabulary_size"]["source"] == description["architecture"]["src_vocab_size"]
     assert set(description["checksums"]) == {
         "encoder.onnx", "decoder.onnx", "select.onnx", "tokenizer.json", "encoder.int8.onnx",
-        "decoder.int8.onnx", "encoder.float16.onnx", "decoder.float16.onnx",
+        "decoder.int8.onnx", "encoder.float16.onnx", "decoder.float16.onnx", "decoder_fixed.onnx",
     }
     assert description["format"] == MODEL_FORMAT
     # The longest training source (the server flags longer texts): this checkpoint has no training record.

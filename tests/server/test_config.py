@@ -35,12 +35,16 @@ def test_settings_from_flags_environment_and_defaults() -> None:
     assert config.grpc_call_limit == 5
     assert defaults.precision == "float32"
     assert load_config([], environ={env_name("precision"): "int8"}).precision == "int8"
+    assert (defaults.step_graph, load_config(["--step-graph", "fixed"], environ={}).step_graph) == (
+        "dynamic", "fixed"
+    )
     for argv, environ in (
         ([], {env_name("port"): "eighty"}),
         (["--max-batch-size", "0"], {}),
         (["--tls-cert", "x.pem"], {}),
         (["--max-texts-per-request", "2000"], {}),
         (["--precision", "bfloat16"], {}),
+        (["--step-graph", "static"], {}),
     ):
         with pytest.raises(SystemExit):
             load_config(argv, environ=environ)

@@ -381,3 +381,30 @@ def test_the_server_serves_the_precision_asked_for(tiny_repository: Path, lane_p
         assert served.log_prob != pytest.approx(other.log_prob, abs=1e-4)  # int8's, not float32's
     labels = {"model": "tiny", "version": "1", "provider": "CPUExecutionProvider"}
     assert value(text, "translator_model_info", **labels, precision="int8") == 1
+
+
+def test_the_server_serves_with_the_fixed_step(tiny_relative_repository: Path) -> None:
+    """--step-graph fixed (in the lane processes): the dynamic step's answers, attention maps included."""
+    texts = sentences(6, seed=12)
+    reference = Engine.load(tiny_relative_repository, "tiny", device="cpu", threads=1)
+    options = TranslateOptions(max_length=12, attention=frozenset({"cross"}))
+    expected = reference.translate(texts, options)
+    reference.close()
+    config = make_config(tiny_relative_repository, step_graph="fixed", lane_processes="on")
+    with running(config) as server:
+        assert server.port
+        assert server.runtime.engine is not None and server.runtime.engine.step_graph == "fixed"
+        client = Client(server.port)
+        try:
+            answer = client.translator.Translate(pb.TranslateRequest(
+                texts=texts,
+                options=pb.TranslateOptions(max_length=12, attention=pb.AttentionRequest(kinds=[pb.CROSS])),
+            ))
+        finally:
+            client.close()
+    for served, mine in zip(answer.translations, expected, strict=True):
+        assert list(served.target_tokens) == mine.target_tokens
+        assert served.log_prob == pytest.approx(mine.log_prob, abs=1e-5)
+        weights = served.attention[0].weights
+        served_map = np.array(weights.data, dtype=np.float32).reshape(list(weights.shape))
+        np.testing.assert_allclose(served_map, mine.cross_attention, atol=1e-5)

@@ -1,0 +1,250 @@
+"""`FixedStepBackend`: the search's `StepBackend` over decoder_fixed.onnx, whose shapes are fixed for a batch.
+
+Every tensor a batch's steps read or write is allocated once where the session runs (host or GPU), at a
+bucketed size (rows: a power of two; cache capacity: doubling from `FIRST_CAPACITY`; source width: a
+multiple of `SOURCE_STEP`), and bound once. A step moves only what changed: the tokens and positions in,
+each row's new cache entries (the graph's ScatterND, whose output is bound to the very cache it reads, so
+onnxruntime writes in place and copies nothing else), the log-probs out. The same shapes and addresses at
+every step are what a GPU's captured graph needs: with `cuda_graph`, the session is made with onnxruntime's
+`enable_cuda_graph` and each bucket is its own captured graph (`gpu_graph_id`). On the CPU the same
+graph and the same code run without capture; tests/engine/test_fixed_step.py checks them against the
+dynamic step token for token.
+
+Rows beyond a batch's real ones (up to its bucket) decode padding and are never read. Row b's cache entry for
+position p is at index p whatever the other rows' positions, so rows that join a running batch need no left
+padding. Moving rows (`select`, `merge`, a capacity bucket outgrown) goes through the host: rare in greedy
+search (service.core.search compacts seldom), a cost on a GPU that beam search pays every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from service.core.model_format import fixed_step_outputs
+from service.engine.backend import OnnxBackend, layers_stacked, to_host
+
+FIRST_CAPACITY = 32  # cache entries of a new batch; doubled (a new bucket) when a row reaches it
+SOURCE_STEP = 8  # source widths are bucketed to a multiple of this
+# The inputs the host writes before each step (small: a row's token, position and cache slots).
+STEP_INPUTS = ("tokens", "positions", "cache_slots")
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest power of two holding `rows`."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def capacity_bucket(entries: int, limit: int | None) -> int:
+    capacity = FIRST_CAPACITY
+    while capacity < entries:
+        capacity *= 2
+    return capacity if limit is None else max(entries, min(capacity, limit))
+
+
+def width_bucket(width: int) -> int:
+    return max(SOURCE_STEP, -(-width // SOURCE_STEP) * SOURCE_STEP)
+
+
+@dataclass
+class FixedState:
+    """A batch of `rows` real rows: the first `rows` of tensors sized for its bucket, and their binding.
+
+    `host` holds the arrays the host writes or reads (tokens, positions, cache_slots, src_padding_mask,
+    cache_entries), `device` every bound tensor by graph name (caches under their input names)."""
+
+    rows: int
+    host: dict[str, np.ndarray]
+    device: dict[str, ort.OrtValue]
+    binding: ort.IOBinding
+    graph_id: int = 0
+    positions: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.positions = self.host["positions"]
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        """(rows, capacity, source width) of its tensors."""
+        return (len(self.positions), len(self.host["cache_entries"]), self.host["src_padding_mask"].shape[1])
+
+
+class FixedStepBackend:
+    """`StepBackend` with the encoder of an `OnnxBackend` and the decoder step of decoder_fixed.onnx.
+
+    `max_capacity`: the longest cache a row may need (the model's position table; None: unbounded).
+    """
+
+    def __init__(
+        self,
+        encoder_backend: OnnxBackend,
+        decoder: ort.InferenceSession,
+        vocabulary_size: int,
+        pad_id: int,
+        max_capacity: int | None = None,
+        device_type: str = "cpu",
+        device_id: int = 0,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.encoder_backend = encoder_backend
+        self.decoder = decoder
+        self.n_layers = encoder_backend.n_layers
+        self.n_heads = encoder_backend.n_heads
+        self.head_dim = encoder_backend.head_dim
+        self.vocabulary_size = vocabulary_size
+        self.pad_id = pad_id
+        self.max_capacity = max_capacity
+        self.device_type = device_type
+        self.device_id = device_id
+        self.cuda_graph = cuda_graph
+        self.graph_ids: dict[tuple[int, int, int], int] = {}  # bucket -> its captured graph
+        layers = range(self.n_layers)
+        self.cache_names = [f"cache_self_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        self.cross_names = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        outputs = fixed_step_outputs(self.n_layers)
+        self.map_names = list(outputs[1 + 2 * self.n_layers :])  # cross_attention.*, then self_attention.*
+
+    # -- tensors -----------------------------------------------------------------------------------------
+
+    def _on_device(self, array: np.ndarray) -> ort.OrtValue:
+        # On the CPU the OrtValue wraps the array (no copy); on a GPU it is a copy in device memory.
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def _state(self, host: dict[str, np.ndarray], tensors: dict[str, np.ndarray], rows: int) -> FixedState:
+        """A state whose bound tensors start as `host` (kept on the host too) and `tensors` (device only)."""
+        device = {name: self._on_device(array) for name, array in {**host, **tensors}.items()}
+        binding = self.decoder.io_binding()
+        for name, value in device.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.cache_names:  # the written caches are the caches read: onnxruntime writes in place
+            binding.bind_ortvalue_output(name.replace("cache_", "written_"), device[name])
+        # Outputs into tensors of their own too: a captured graph writes where it wrote when captured.
+        bucket_rows, capacity = len(host["tokens"]), len(host["cache_entries"])
+        width = host["src_padding_mask"].shape[1]
+        outputs = {"log_probs": np.zeros((bucket_rows, self.vocabulary_size), np.float32)}
+        for name in self.map_names:
+            keys = width if name.startswith("cross") else capacity
+            outputs[name] = np.zeros((bucket_rows, self.n_heads, 1, keys), np.float32)
+        for name, array in outputs.items():
+            device[name] = self._on_device(array)
+            binding.bind_ortvalue_output(name, device[name])
+        state = FixedState(rows, host, device, binding)
+        if self.cuda_graph:
+            state.graph_id = self.graph_ids.setdefault(state.bucket, len(self.graph_ids))
+        return state
+
+    def _fresh(
+        self, rows: int, capacity: int, width: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Host arrays and device tensors (zeros) of a bucket of `rows` rows, all rows padding."""
+        heads, head_dim = self.n_heads, self.head_dim
+        slots = np.zeros((rows, heads, 3), dtype=np.int64)
+        slots[:, :, 0] = np.arange(rows)[:, None]
+        slots[:, :, 1] = np.arange(heads)[None, :]
+        mask = np.ones((rows, width), dtype=bool)
+        mask[:, 0] = False  # a padding row attends to one (zero) key: finite, never read
+        host = {
+            "tokens": np.full(rows, self.pad_id, dtype=np.int64),
+            "positions": np.zeros(rows, dtype=np.int64),
+            "cache_slots": slots,
+            "cache_entries": np.arange(capacity, dtype=np.int64),
+            "src_padding_mask": mask,
+        }
+        # Zeros, not uninitialised memory: entries not yet written are masked, but a NaN there would still
+        # poison the products.
+        tensors = {name: np.zeros((rows, heads, capacity, head_dim), np.float32) for name in self.cache_names}
+        tensors |= {name: np.zeros((rows, heads, width, head_dim), np.float32) for name in self.cross_names}
+        return host, tensors
+
+    def _moved(self, state: FixedState, rows: np.ndarray, capacity: int | None = None,
+               width: int | None = None) -> FixedState:
+        """A state whose row i is `state`'s row rows[i] (its bucket, capacity and width may change)."""
+        _, old_capacity, old_width = state.bucket
+        capacity = old_capacity if capacity is None else capacity
+        width = old_width if width is None else width
+        count = len(rows)
+        host, tensors = self._fresh(row_bucket(count), capacity, width)
+        kept, columns = min(capacity, old_capacity), min(width, old_width)
+        for name in ("tokens", "positions"):
+            host[name][:count] = state.host[name][rows]
+        host["src_padding_mask"][:count] = True
+        host["src_padding_mask"][:count, :columns] = state.host["src_padding_mask"][rows, :columns]
+        for name in self.cache_names:
+            tensors[name][:count, :, :kept] = state.device[name].numpy()[rows, :, :kept]
+        for name in self.cross_names:
+            tensors[name][:count, :, :columns] = state.device[name].numpy()[rows, :, :columns]
+        return self._state(host, tensors, count)
+
+    def _read(self, value: ort.OrtValue) -> np.ndarray:
+        """A step's output as a new host array (the search keeps it; the bound buffer is reused)."""
+        array = value.numpy()
+        return array.copy() if self.device_type == "cpu" else array
+
+    # -- StepBackend -------------------------------------------------------------------------------------
+
+    def encode(self, src_ids: np.ndarray, with_attention: bool) -> tuple[FixedState, np.ndarray | None]:
+        encoded, encoder_attention = self.encoder_backend.encode(src_ids, with_attention)
+        rows, width = src_ids.shape
+        capacity = capacity_bucket(1, self.max_capacity)
+        host, tensors = self._fresh(row_bucket(rows), capacity, width_bucket(width))
+        host["src_padding_mask"][:rows] = True
+        host["src_padding_mask"][:rows, :width] = encoded.src_padding_mask
+        for i in range(self.n_layers):
+            for kind, values in (("key", encoded.cross_key), ("value", encoded.cross_value)):
+                tensors[f"cross_{kind}.{i}"][:rows, :, :width] = to_host(values[i])
+        return self._state(host, tensors, rows), encoder_attention
+
+    def step(
+        self, state: FixedState, tokens: np.ndarray, with_attention: bool
+    ) -> tuple[FixedState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        rows = state.rows
+        entries = int(state.positions[:rows].max()) + 1  # cache entries the step's rows use
+        if entries > state.bucket[1]:  # a row reached the capacity: the next bucket
+            state = self._moved(state, np.arange(rows), capacity_bucket(entries, self.max_capacity))
+        host = state.host
+        host["tokens"][:rows] = tokens
+        host["cache_slots"][:, :, 2] = state.positions[:, None]
+        for name in STEP_INPUTS:
+            state.device[name].update_inplace(host[name])
+        options = None
+        if self.cuda_graph:
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(state.graph_id))
+        self.decoder.run_with_iobinding(state.binding, options)
+        log_probs = self._read(state.device["log_probs"])[:rows]
+        cross = self_attention = None
+        if with_attention:
+            maps = [self._read(state.device[name])[:rows] for name in self.map_names]
+            cross = layers_stacked(maps[: self.n_layers])
+            self_attention = layers_stacked([m[..., :entries] for m in maps[self.n_layers :]])
+        state.positions[:rows] += 1
+        return state, log_probs, cross, self_attention
+
+    def select(self, state: FixedState, rows: np.ndarray) -> FixedState:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == state.rows and np.array_equal(rows, np.arange(state.rows)):
+            return state
+        # The source width shrinks to what the kept rows use, as in OnnxBackend.select.
+        mask = state.host["src_padding_mask"][rows]
+        used = int((~mask).sum(axis=1).max()) if len(rows) else 1
+        return self._moved(state, rows, width=width_bucket(used))
+
+    def merge(self, first: FixedState, second: FixedState) -> FixedState:
+        """`first`'s rows then `second`'s (rows joining a running batch): each keeps its own positions."""
+        capacity = max(first.bucket[1], second.bucket[1])
+        width = max(first.bucket[2], second.bucket[2])
+        count = first.rows + second.rows
+        host, tensors = self._fresh(row_bucket(count), capacity, width)
+        host["src_padding_mask"][:count] = True
+        for offset, part in ((0, first), (first.rows, second)):
+            rows, (_, part_capacity, part_width) = slice(offset, offset + part.rows), part.bucket
+            for name in ("tokens", "positions"):
+                host[name][rows] = part.host[name][: part.rows]
+            host["src_padding_mask"][rows, :part_width] = part.host["src_padding_mask"][: part.rows]
+            for name in self.cache_names:
+                tensors[name][rows, :, :part_capacity] = part.device[name].numpy()[: part.rows]
+            for name in self.cross_names:
+                tensors[name][rows, :, :part_width] = part.device[name].numpy()[: part.rows]
+        return self._state(host, tensors, count)
