@@ -51,11 +51,11 @@ class TrainConfig:
     # "relative" (T5-style buckets in self-attention) or "absolute" (sinusoids): see TransformerConfig and
     # docs/decisions/long-sentences.md for why relative is the default.
     positions: str = "relative"
-    # 24 buckets, every distance beyond 13 in the last one of its direction: that bucket is then common in
-    # training texts (up to 40 tokens), so a longer text meets no distance class training rarely saw
-    # (docs/decisions/long-sentences.md).
-    relative_buckets: int = 24
-    relative_max_distance: int = 13
+    # 16 buckets (8 per direction: 4 exact distances, 4 logarithmic), every distance beyond 10 in the last
+    # one: that bucket is then common in training texts (up to 40 tokens), so a longer text meets no distance
+    # class training rarely saw (docs/decisions/long-sentences.md).
+    relative_buckets: int = 16
+    relative_max_distance: int = 10
     dropout: float = 0.0  # the toy data is plentiful and noise-free: dropout only slows learning
     # Optimisation.
     max_tokens: int = 4096

@@ -28,7 +28,7 @@ from service.core.model_format import (
 )
 from service.core.options import TranslateOptions, max_steps
 from service.core.running_batch import RunningBatch
-from service.core.search import Hypothesis, StepBackend, padded, search
+from service.core.search import Hypothesis, padded, search
 from service.engine.backend import OnnxBackend
 from service.engine.fixed_step import FixedStepBackend
 from service.engine.onnx_runtime import CUDA, check_signature, make_session
@@ -69,7 +69,7 @@ class Runner:
         # copy to spare, so plain numpy feeds stay the default there (`io_binding=True` forces it, for tests).
         self.io_binding = on_cuda if io_binding is None else bool(io_binding)
         architecture = model.architecture
-        self.backend = OnnxBackend(
+        graphs = OnnxBackend(
             self.encoder,
             self.decoder,
             self.selector,
@@ -83,15 +83,15 @@ class Runner:
             device_id=0,
         )
         # What the search steps: the backend above, or the fixed-shape step over its encoder.
-        self.step_backend: StepBackend = self.backend
+        self.backend: OnnxBackend | FixedStepBackend = graphs
         if step_graph == "fixed":
             path = model.fixed_step_file()
             fixed = make_session(path, providers, threads, spinning, cuda_graph=on_cuda)
             layers = architecture.n_decoder_layers
             check_signature(fixed, path, fixed_step_inputs(layers), fixed_step_outputs(layers),
                             model.description["graphs"][FIXED_STEP])
-            self.step_backend = FixedStepBackend(
-                self.backend, fixed, architecture.tgt_vocab_size, self.special_ids["pad"],
+            self.backend = FixedStepBackend(
+                graphs, fixed, architecture.tgt_vocab_size, self.special_ids["pad"],
                 max_capacity=model.max_positions, device_type="cuda" if on_cuda else "cpu",
                 cuda_graph=on_cuda,
             )
@@ -109,7 +109,7 @@ class Runner:
         times = StageTimes()
         ids = self.special_ids
         hypotheses = search(
-            TimedBackend(self.step_backend, times),
+            TimedBackend(self.backend, times),
             padded(sources, ids["pad"]),
             pad_id=ids["pad"],
             bos_id=ids["bos"],
@@ -137,7 +137,7 @@ class Runner:
         times = StageTimes()
         ids = self.special_ids
         batch = RunningBatch(
-            TimedBackend(self.step_backend, times),
+            TimedBackend(self.backend, times),
             pad_id=ids["pad"],
             bos_id=ids["bos"],
             eos_id=ids["eos"],

@@ -47,7 +47,7 @@ def failure(main: Main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> 
         (train.main, ["--positions", "rotary"], "--positions must be one of absolute, relative"),
         (train.main, ["--position-shift", "8"], "--position-shift moves absolute positions"),
         (train.main, ["--relative-buckets", "30"], "--relative-buckets must be a multiple of 4"),
-        (train.main, ["--relative-max-distance", "12"], "--relative-max-distance must exceed"),
+        (train.main, ["--relative-max-distance", "8"], "--relative-max-distance must exceed"),
         (evaluate.main, ["--split", "dev"], "invalid choice: 'dev'"),
         (bench.main, ["load", "--rate", "inf"], "expected positive numbers separated by commas"),
         (bench.main, ["load", "--concurrency", "1,,2"], "expected positive numbers separated by commas"),

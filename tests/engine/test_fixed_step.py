@@ -83,7 +83,7 @@ def test_the_step_writes_its_cache_entries_in_place(tiny_relative_repository: Pa
     """The written cache is the cache read (same tensor, same address): the step copies nothing else, and
     the new entry lands at each row's own position."""
     runner = Runner(resolve(tiny_relative_repository, "tiny"), [CPU], 1, step_graph="fixed")
-    backend = runner.step_backend
+    backend = runner.backend
     assert isinstance(backend, FixedStepBackend)
     state, _ = backend.encode(np.array([[5, 6, 7, 2], [8, 2, 0, 0]]), False)
     cache = state.device["cache_self_key.0"]

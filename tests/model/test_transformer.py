@@ -422,8 +422,8 @@ def t5_bucket(distance: int, bidirectional: bool, buckets: int, max_distance: in
     return offset + min(far, buckets - 1)
 
 
-# translator-train's default, TransformerConfig's default, the tests' tiny models
-@pytest.mark.parametrize(("buckets", "max_distance"), [(24, 13), (32, 24), (16, 12)])
+# translator-train's default, TransformerConfig's default, the tests' tiny models, the model shipped before
+@pytest.mark.parametrize(("buckets", "max_distance"), [(16, 10), (32, 24), (16, 12), (24, 13)])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_relative_buckets_are_t5s_with_no_distance_near_a_boundary(
     buckets: int, max_distance: int, bidirectional: bool
