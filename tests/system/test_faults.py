@@ -186,32 +186,37 @@ def test_unary_calls_cancelled_mid_decode_under_load(tiny_repository: Path, tmp_
             finally:
                 own.close()
 
-        steady = [threading.Thread(target=steady_client) for _ in range(4)]
+        # Daemon threads, stopped however the test ends: a failure must not leave them calling forever.
+        steady = [threading.Thread(target=steady_client, daemon=True) for _ in range(4)]
         for thread in steady:
             thread.start()
-        # 12 calls that would decode 200 steps (2 s of sleeping) each, all in one batch.
-        victims = [
-            translator.Translate.future(request("the small red cat", 200), timeout=60) for _ in range(12)
-        ]
-        wait_for(lambda: metrics.now("translator_inflight_requests") >= 12, message="12 calls in flight")
-        time.sleep(0.3)  # decoding under way
-        for victim in victims:
-            victim.cancel()
-        cancelled_at = time.monotonic()
-        assert all(v.cancelled() or v.exception().code() == grpc.StatusCode.CANCELLED for v in victims)
-        wait_for(
-            lambda: metrics.delta("translator_dropped_sentences_total", reason="cancelled") == 12,
-            message="12 sentences dropped as cancelled",
-        )
-        # The worker left the cancelled rows at the next step: the steady clients get answers again long
-        # before the 200 steps (2 s) would have ended.
-        baseline = sum(good.values())
-        wait_for(lambda: sum(good.values()) > baseline, timeout=1.5, message="a steady client to be answered")
-        assert time.monotonic() - cancelled_at < 1.5
-        stop.set()
-        for thread in steady:
-            thread.join(timeout=30)
-        channel.close()
+        try:
+            # 12 calls that would decode 200 steps (2 s of sleeping) each, all in one batch.
+            victims = [
+                translator.Translate.future(request("the small red cat", 200), timeout=60) for _ in range(12)
+            ]
+            wait_for(lambda: metrics.now("translator_inflight_requests") >= 12, message="12 calls in flight")
+            time.sleep(0.3)  # decoding under way
+            for victim in victims:
+                victim.cancel()
+            cancelled_at = time.monotonic()
+            assert all(v.cancelled() or v.exception().code() == grpc.StatusCode.CANCELLED for v in victims)
+            wait_for(
+                lambda: metrics.delta("translator_dropped_sentences_total", reason="cancelled") == 12,
+                message="12 sentences dropped as cancelled",
+            )
+            # The worker left the cancelled rows at the next step: the steady clients get answers again long
+            # before the 200 steps (2 s) would have ended.
+            baseline = sum(good.values())
+            wait_for(
+                lambda: sum(good.values()) > baseline, timeout=1.5, message="a steady client to be answered"
+            )
+            assert time.monotonic() - cancelled_at < 1.5
+            channel.close()
+        finally:
+            stop.set()
+            for thread in steady:
+                thread.join(timeout=30)
         assert set(good) == {"OK"} and good["OK"] > 0, good
         assert_idle(metrics)
         wait_for(
@@ -429,7 +434,7 @@ def test_sigterm_while_clients_keep_sending(tiny_repository: Path, tmp_path: Pat
             finally:
                 own.close()
 
-        threads = [threading.Thread(target=client) for _ in range(8)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
         for thread in threads:
             thread.start()
         wait_for(lambda: metrics.now("translator_inflight_requests") == 8, message="8 calls in flight")
