@@ -774,8 +774,8 @@ class Transformer(nn.Module):
         self_bias = padding_bias(distance > 0, x.dtype)
         buckets = None
         if self.positions is None:
-            # Entries after p_b (masked anyway) look up the table's future side: no clamp, whose int64 form
-            # a GPU provider may lack. C <= max_positions keeps every distance inside the table.
+            # No clamp: C <= max_positions keeps every distance inside the table, and entries after p_b
+            # (masked anyway) read its future side.
             buckets = self.decoder_buckets[distance + (self.config.max_positions - 1)]
         src_bias = padding_bias(src_padding_mask, x.dtype)
         return self._step_layers(x, lambda i, layer, x: layer.step_in_place(

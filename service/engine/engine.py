@@ -23,7 +23,13 @@ from service.core.vocabulary import EncodedText, Vocabulary
 from service.engine import lane_messages as msg
 from service.engine.lane_process import ProcessLanes, ProcessRunningBatch
 from service.engine.lanes import LaneThreads, lane_parts, plan_lanes
-from service.engine.onnx_runtime import CPU, CUDA_FAILED, choose_providers, flush_denormals_on_this_thread
+from service.engine.onnx_runtime import (
+    CPU,
+    CUDA,
+    CUDA_FAILED,
+    choose_providers,
+    flush_denormals_on_this_thread,
+)
 from service.engine.runner import Runner, TimedRunningBatch
 from service.engine.timing import Searched, StageTimes
 
@@ -88,6 +94,11 @@ class Engine:
             if self.lanes > 1:
                 self._lane_threads = LaneThreads(self.lanes, "engine-lane", flush_denormals_on_this_thread)
                 weakref.finalize(self, self._lane_threads.close)  # an engine nobody closes keeps no threads
+        if step_graph == "fixed" and self.provider == CUDA and self.runner is not None and self.lanes > 1:
+            # Its captured graphs replay on pooled tensors, one search at a time (service.engine.fixed_step).
+            raise ModelLoadError(
+                "--step-graph fixed on CUDA runs one lane per process: ask for --lanes 1 or lane processes"
+            )
         if model.precision == "float16" and self.provider == CPU:
             log.warning("float16 graphs on the CPU: onnxruntime computes most of them in float32 there, at "
                         "float32's speed; float16 is meant for GPUs (int8 is the CPU's faster precision)")

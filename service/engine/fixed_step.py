@@ -6,9 +6,9 @@ multiple of `SOURCE_STEP`), and bound once. A step moves only what changed: the 
 each row's new cache entries (the graph's ScatterND, whose output is bound to the very cache it reads, so
 onnxruntime writes in place and copies nothing else), the log-probs out. The same shapes and addresses at
 every step are what a GPU's captured graph needs: with `cuda_graph`, the session is made with onnxruntime's
-`enable_cuda_graph` and each bucket is its own captured graph (`gpu_graph_id`). On the CPU the same
-graph and the same code run without capture; tests/engine/test_fixed_step.py checks them against the
-dynamic step token for token.
+`enable_cuda_graph`, and each pooled set of tensors is its own captured graph (`gpu_graph_id`). On the CPU
+the same graph and the same code run without capture, pooled or not; tests/engine/test_fixed_step.py checks
+them against the dynamic step token for token.
 
 Rows beyond a batch's real ones (up to its bucket) decode padding and are never read. Row b's cache entry for
 position p is at index p whatever the other rows' positions, so rows that join a running batch need no left
@@ -18,7 +18,9 @@ search (service.core.search compacts seldom), a cost on a GPU that beam search p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -49,32 +51,56 @@ def width_bucket(width: int) -> int:
 
 
 @dataclass
-class FixedState:
-    """A batch of `rows` real rows: the first `rows` of tensors sized for its bucket, and their binding.
+class BoundTensors:
+    """One bucket's tensors and their binding: `host` holds the arrays the host writes or reads (tokens,
+    positions, cache_slots, src_padding_mask, cache_entries), `device` every bound tensor by graph name
+    (caches under their input names), `graph_id` the captured graph that replays on exactly these tensors."""
 
-    `host` holds the arrays the host writes or reads (tokens, positions, cache_slots, src_padding_mask,
-    cache_entries), `device` every bound tensor by graph name (caches under their input names)."""
-
-    rows: int
     host: dict[str, np.ndarray]
     device: dict[str, ort.OrtValue]
     binding: ort.IOBinding
     graph_id: int = 0
-    positions: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.positions = self.host["positions"]
 
     @property
     def bucket(self) -> tuple[int, int, int]:
         """(rows, capacity, source width) of its tensors."""
-        return (len(self.positions), len(self.host["cache_entries"]), self.host["src_padding_mask"].shape[1])
+        host = self.host
+        return (len(host["tokens"]), len(host["cache_entries"]), host["src_padding_mask"].shape[1])
+
+
+@dataclass
+class FixedState:
+    """A batch of `rows` real rows: the first `rows` of a bucket's bound tensors."""
+
+    rows: int
+    tensors: BoundTensors
+
+    @property
+    def host(self) -> dict[str, np.ndarray]:
+        return self.tensors.host
+
+    @property
+    def device(self) -> dict[str, ort.OrtValue]:
+        return self.tensors.device
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.tensors.host["positions"]
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return self.tensors.bucket
 
 
 class FixedStepBackend:
     """`StepBackend` with the encoder of an `OnnxBackend` and the decoder step of decoder_fixed.onnx.
 
     `max_capacity`: the longest cache a row may need (the model's position table; None: unbounded).
+    `cuda_graph`: capture each set of tensors' step once and replay it. A captured graph reads and writes the
+    addresses it was captured on, so then (`persistent`, also testable on the CPU) every state takes a set
+    of tensors from a pool kept per bucket and gives it back when it is dropped: a new batch copies into a
+    set instead of allocating, and a set in use is never another state's. One search at a time per backend
+    in that mode (the engine refuses in-process lanes beside it).
     """
 
     def __init__(
@@ -99,7 +125,10 @@ class FixedStepBackend:
         self.device_type = device_type
         self.device_id = device_id
         self.cuda_graph = cuda_graph
-        self.graph_ids: dict[tuple[int, int, int], int] = {}  # bucket -> its captured graph
+        self.persistent = cuda_graph
+        self._free: dict[tuple[int, int, int], list[BoundTensors]] = {}  # bucket -> sets no state holds
+        self._sets = 0  # sets made so far: the next one's graph id
+        self._pool_lock = threading.Lock()  # states are dropped (and their sets freed) on any thread
         layers = range(self.n_layers)
         self.cache_names = [f"cache_self_{kind}.{i}" for i in layers for kind in ("key", "value")]
         self.cross_names = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
@@ -112,8 +141,11 @@ class FixedStepBackend:
         # On the CPU the OrtValue wraps the array (no copy); on a GPU it is a copy in device memory.
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
 
-    def _state(self, host: dict[str, np.ndarray], tensors: dict[str, np.ndarray], rows: int) -> FixedState:
-        """A state whose bound tensors start as `host` (kept on the host too) and `tensors` (device only)."""
+    def _bind(
+        self, host: dict[str, np.ndarray], tensors: dict[str, np.ndarray], graph_id: int
+    ) -> BoundTensors:
+        """Tensors where the session runs, starting as `host` (kept on the host too) and `tensors` (device
+        only), and outputs of their own, all bound."""
         device = {name: self._on_device(array) for name, array in {**host, **tensors}.items()}
         binding = self.decoder.io_binding()
         for name, value in device.items():
@@ -130,10 +162,31 @@ class FixedStepBackend:
         for name, array in outputs.items():
             device[name] = self._on_device(array)
             binding.bind_ortvalue_output(name, device[name])
-        state = FixedState(rows, host, device, binding)
-        if self.cuda_graph:
-            state.graph_id = self.graph_ids.setdefault(state.bucket, len(self.graph_ids))
+        return BoundTensors(host, device, binding, graph_id)
+
+    def _state(self, host: dict[str, np.ndarray], tensors: dict[str, np.ndarray], rows: int) -> FixedState:
+        """A state of `rows` real rows whose tensors hold `host` and `tensors`."""
+        if not self.persistent:
+            return FixedState(rows, self._bind(host, tensors, 0))
+        bucket = (len(host["tokens"]), len(host["cache_entries"]), host["src_padding_mask"].shape[1])
+        with self._pool_lock:
+            free = self._free.get(bucket)
+            bound = free.pop() if free else None
+            if bound is None:
+                bound = self._bind(*self._fresh(*bucket), graph_id=self._sets)
+                self._sets += 1
+        for name, array in host.items():
+            np.copyto(bound.host[name], array)
+            bound.device[name].update_inplace(bound.host[name])
+        for name, array in tensors.items():
+            bound.device[name].update_inplace(np.ascontiguousarray(array))
+        state = FixedState(rows, bound)
+        weakref.finalize(state, self._give_back, bound)
         return state
+
+    def _give_back(self, bound: BoundTensors) -> None:
+        with self._pool_lock:
+            self._free.setdefault(bound.bucket, []).append(bound)
 
     def _fresh(
         self, rows: int, capacity: int, width: int
@@ -200,19 +253,20 @@ class FixedStepBackend:
         self, state: FixedState, tokens: np.ndarray, with_attention: bool
     ) -> tuple[FixedState, np.ndarray, np.ndarray | None, np.ndarray | None]:
         rows = state.rows
-        entries = int(state.positions[:rows].max()) + 1  # cache entries the step's rows use
+        entries = int(state.positions[:rows].max(initial=0)) + 1  # cache entries the step's rows use
         if entries > state.bucket[1]:  # a row reached the capacity: the next bucket
             state = self._moved(state, np.arange(rows), capacity_bucket(entries, self.max_capacity))
         host = state.host
         host["tokens"][:rows] = tokens
         host["cache_slots"][:, :, 2] = state.positions[:, None]
-        for name in STEP_INPUTS:
-            state.device[name].update_inplace(host[name])
+        if self.device_type != "cpu":  # on the CPU the bound tensors are these arrays
+            for name in STEP_INPUTS:
+                state.device[name].update_inplace(host[name])
         options = None
         if self.cuda_graph:
             options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(state.graph_id))
-        self.decoder.run_with_iobinding(state.binding, options)
+            options.add_run_config_entry("gpu_graph_id", str(state.tensors.graph_id))
+        self.decoder.run_with_iobinding(state.tensors.binding, options)
         log_probs = self._read(state.device["log_probs"])[:rows]
         cross = self_attention = None
         if with_attention:

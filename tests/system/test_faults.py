@@ -212,8 +212,8 @@ def test_unary_calls_cancelled_mid_decode_under_load(tiny_repository: Path, tmp_
                 lambda: sum(good.values()) > baseline, timeout=1.5, message="a steady client to be answered"
             )
             assert time.monotonic() - cancelled_at < 1.5
-            channel.close()
         finally:
+            channel.close()
             stop.set()
             for thread in steady:
                 thread.join(timeout=30)
