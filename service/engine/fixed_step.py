@@ -211,23 +211,25 @@ class FixedStepBackend:
         tensors |= {name: np.zeros((rows, heads, width, head_dim), np.float32) for name in self.cross_names}
         return host, tensors
 
-    def _moved(self, state: FixedState, rows: np.ndarray, capacity: int | None = None,
-               width: int | None = None) -> FixedState:
-        """A state whose row i is `state`'s row rows[i] (its bucket, capacity and width may change)."""
-        _, old_capacity, old_width = state.bucket
-        capacity = old_capacity if capacity is None else capacity
-        width = old_width if width is None else width
-        count = len(rows)
+    def _gathered(self, parts: list[tuple[FixedState, np.ndarray]], capacity: int, width: int) -> FixedState:
+        """A state of each part's rows in turn (`(state, rows)`: rows of that state, in that order), at
+        `capacity` and `width`; every row keeps its position and cache entries."""
+        count = sum(len(rows) for _, rows in parts)
         host, tensors = self._fresh(row_bucket(count), capacity, width)
-        kept, columns = min(capacity, old_capacity), min(width, old_width)
-        for name in ("tokens", "positions"):
-            host[name][:count] = state.host[name][rows]
         host["src_padding_mask"][:count] = True
-        host["src_padding_mask"][:count, :columns] = state.host["src_padding_mask"][rows, :columns]
-        for name in self.cache_names:
-            tensors[name][:count, :, :kept] = state.device[name].numpy()[rows, :, :kept]
-        for name in self.cross_names:
-            tensors[name][:count, :, :columns] = state.device[name].numpy()[rows, :, :columns]
+        offset = 0
+        for state, rows in parts:
+            _, part_capacity, part_width = state.bucket
+            kept, columns = min(capacity, part_capacity), min(width, part_width)
+            target = slice(offset, offset + len(rows))
+            for name in ("tokens", "positions"):
+                host[name][target] = state.host[name][rows]
+            host["src_padding_mask"][target, :columns] = state.host["src_padding_mask"][rows, :columns]
+            for name in self.cache_names:
+                tensors[name][target, :, :kept] = state.device[name].numpy()[rows, :, :kept]
+            for name in self.cross_names:
+                tensors[name][target, :, :columns] = state.device[name].numpy()[rows, :, :columns]
+            offset += len(rows)
         return self._state(host, tensors, count)
 
     def _read(self, value: ort.OrtValue) -> np.ndarray:
@@ -255,7 +257,8 @@ class FixedStepBackend:
         rows = state.rows
         entries = int(state.positions[:rows].max(initial=0)) + 1  # cache entries the step's rows use
         if entries > state.bucket[1]:  # a row reached the capacity: the next bucket
-            state = self._moved(state, np.arange(rows), capacity_bucket(entries, self.max_capacity))
+            capacity = capacity_bucket(entries, self.max_capacity)
+            state = self._gathered([(state, np.arange(rows))], capacity, state.bucket[2])
         host = state.host
         host["tokens"][:rows] = tokens
         host["cache_slots"][:, :, 2] = state.positions[:, None]
@@ -283,22 +286,12 @@ class FixedStepBackend:
         # The source width shrinks to what the kept rows use, as in OnnxBackend.select.
         mask = state.host["src_padding_mask"][rows]
         used = int((~mask).sum(axis=1).max()) if len(rows) else 1
-        return self._moved(state, rows, width=width_bucket(used))
+        return self._gathered([(state, rows)], state.bucket[1], width_bucket(used))
 
     def merge(self, first: FixedState, second: FixedState) -> FixedState:
         """`first`'s rows then `second`'s (rows joining a running batch): each keeps its own positions."""
         capacity = max(first.bucket[1], second.bucket[1])
         width = max(first.bucket[2], second.bucket[2])
-        count = first.rows + second.rows
-        host, tensors = self._fresh(row_bucket(count), capacity, width)
-        host["src_padding_mask"][:count] = True
-        for offset, part in ((0, first), (first.rows, second)):
-            rows, (_, part_capacity, part_width) = slice(offset, offset + part.rows), part.bucket
-            for name in ("tokens", "positions"):
-                host[name][rows] = part.host[name][: part.rows]
-            host["src_padding_mask"][rows, :part_width] = part.host["src_padding_mask"][: part.rows]
-            for name in self.cache_names:
-                tensors[name][rows, :, :part_capacity] = part.device[name].numpy()[: part.rows]
-            for name in self.cross_names:
-                tensors[name][rows, :, :part_width] = part.device[name].numpy()[: part.rows]
-        return self._state(host, tensors, count)
+        return self._gathered(
+            [(first, np.arange(first.rows)), (second, np.arange(second.rows))], capacity, width
+        )
