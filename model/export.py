@@ -73,6 +73,22 @@ class EncoderGraph(nn.Module):
         )
 
 
+def flat_step_outputs(
+    log_probs: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    cross_attention: list[torch.Tensor],
+    self_attention: list[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """A step's results in the graphs' output order: log-probs, each layer's key and value, the maps."""
+    return (
+        log_probs,
+        *[t for pair in zip(keys, values, strict=True) for t in pair],
+        *cross_attention,
+        *self_attention,
+    )
+
+
 class DecoderStepGraph(nn.Module):
     """One decoding step with a key/value cache: the past goes in, the present (one longer) comes out.
 
@@ -88,16 +104,10 @@ class DecoderStepGraph(nn.Module):
         layers = self.model.config.n_decoder_layers
         past, cross = rest[: 2 * layers], rest[2 * layers : 4 * layers]
         src_padding_mask, positions = rest[-2], rest[-1]
-        log_probs, keys, values, cross_attention, self_attention = self.model.decode_step_layers(
+        return flat_step_outputs(*self.model.decode_step_layers(
             tokens, list(past[0::2]), list(past[1::2]), list(cross[0::2]), list(cross[1::2]),
             src_padding_mask, positions,
-        )
-        return (
-            log_probs,
-            *[t for pair in zip(keys, values, strict=True) for t in pair],
-            *cross_attention,
-            *self_attention,
-        )
+        ))
 
 
 class DecoderFixedStepGraph(nn.Module):
@@ -112,16 +122,10 @@ class DecoderFixedStepGraph(nn.Module):
         layers = self.model.config.n_decoder_layers
         caches, cross = rest[: 2 * layers], rest[2 * layers : 4 * layers]
         src_padding_mask, positions, cache_entries, cache_slots = rest[4 * layers :]
-        log_probs, keys, values, cross_attention, self_attention = self.model.decode_step_in_place_layers(
+        return flat_step_outputs(*self.model.decode_step_in_place_layers(
             tokens, list(caches[0::2]), list(caches[1::2]), list(cross[0::2]), list(cross[1::2]),
             src_padding_mask, positions, cache_entries, cache_slots,
-        )
-        return (
-            log_probs,
-            *[t for pair in zip(keys, values, strict=True) for t in pair],
-            *cross_attention,
-            *self_attention,
-        )
+        ))
 
 
 def example_inputs(model: Transformer, batch: int = 2, source: int = 5, past: int = 3) -> dict[str, tuple]:

@@ -131,7 +131,7 @@ class FixedStepBackend:
         self._pool_lock = threading.Lock()  # states are dropped (and their sets freed) on any thread
         layers = range(self.n_layers)
         self.cache_names = [f"cache_self_{kind}.{i}" for i in layers for kind in ("key", "value")]
-        self.cross_names = [f"cross_{kind}.{i}" for i in layers for kind in ("key", "value")]
+        self.cross_names = encoder_backend.cross_names  # the encoder's outputs are the step's inputs
         outputs = fixed_step_outputs(self.n_layers)
         self.map_names = list(outputs[1 + 2 * self.n_layers :])  # cross_attention.*, then self_attention.*
 
