@@ -210,6 +210,9 @@ class ServerMetrics:
             self.beyond_training.labels(reason=reason)
         for stage in STAGES:  # series exist (at 0) before the first batch: dashboards and alerts see them
             self.compute_duration.labels(stage=stage)
+        for method, reason in (("TranslateStream", "slow_reader"), ("TranslateStream", "client_gone"),
+                               ("REST", "slow_reader")):  # likewise before the first unread answer
+            self.unread_answers.labels(method=method, reason=reason)
 
     def observe_translation(self, log_prob: float, steps: int, cross_attention: np.ndarray | None) -> None:
         self.generated_tokens.inc(steps)
