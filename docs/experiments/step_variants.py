@@ -3,7 +3,8 @@
     .venv/bin/python docs/experiments/step_variants.py [--rounds 9]
 
 Each variant is exported from the default checkpoint (or converted from the shipped graph) into a temporary
-folder and timed at 1, 4 and 16 rows (past 20, source 14) against the graph it would replace:
+folder and timed at 1, 4 and 16 rows (past 16, source 14: step_floor.py's feeds) against the graph it
+would replace:
 - float32, attention as elementwise products and sums (Mul + ReduceSum) instead of batched matrix products;
 - float32, attention with the heads side by side: one product per row against all heads' keys and values,
   the other heads' blocks masked (4x fewer, 4x larger products);
@@ -25,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
+from step_floor import session, step_feeds  # this folder's step_floor.py (scripts run from here)
 
 import model.export as export
 from model.checkpoint import load_model
@@ -35,15 +36,6 @@ from model.transformer import DecoderLayer, MultiHeadAttention
 
 CHECKPOINT = "checkpoints/toy-en-es"
 SHIPPED = Path("model_repository/toy-en-es/1")
-PAST, SOURCE = 20, 14
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def elementwise_attend(self: MultiHeadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -144,21 +136,11 @@ def large_products_int8(folder: Path) -> Path:
     return target
 
 
-def feeds_for(decoder: ort.InferenceSession, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    feeds = {"tokens": rng.integers(4, 1900, rows), "positions": np.full(rows, PAST, dtype=np.int64),
-             "src_padding_mask": np.zeros((rows, SOURCE), dtype=bool)}
-    for item in decoder.get_inputs():
-        if item.name.startswith(("past_self_", "cross_")):
-            length = PAST if item.name.startswith("past") else SOURCE
-            feeds[item.name] = rng.standard_normal((rows, 4, length, 32)).astype(np.float32)
-    return {item.name: feeds[item.name] for item in decoder.get_inputs()}
-
-
 def compare(label: str, reference: Path, variant: Path, rounds: int) -> None:
-    sessions = [session(reference), session(variant)]
+    sessions = [session(str(reference)), session(str(variant))]
     rng = np.random.default_rng(0)
     for rows in (1, 4, 16):
-        feeds = [feeds_for(s, rows, rng) for s in sessions]
+        feeds = [step_feeds(s, rows, rng) for s in sessions]
         times: list[list[float]] = [[], []]
         for _ in range(rounds):
             for i, decoder in enumerate(sessions):
