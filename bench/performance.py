@@ -31,7 +31,8 @@ from typing import Any
 from service.core.model_format import FLOAT32
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = ROOT / "docs" / "results"
+DOCS = ROOT / "docs"
+DEFAULT_RESULTS = DOCS / "results"
 DEFAULT_OUT = ROOT / "docs" / "PERFORMANCE.md"
 COMMAND = "translator-bench performance"
 DASH = "—"
@@ -55,6 +56,18 @@ LOAD_CLIENTS = 64
 # too), int8 against int8.
 BASELINE_RATIO_MIN = {"ctranslate2": 1.3, "ctranslate2-int8": 1.0}
 BASELINE_OF = {FLOAT32: "ctranslate2", "int8": "ctranslate2-int8"}
+# Where the docs say why a target is missed, by target and kind of machine (docs/ paths): the targets table
+# links it beside every target not met, so that a miss says by how much (its figure) and why.
+WHY_MISSED = {
+    ("ct2", "cpu"): "decisions/step-floor.md",
+    ("int8", "cpu"): "decisions/step-floor.md",
+    ("ct2", "gpu"): "ENGINE.md#on-a-gpu",
+    ("nocache", "gpu"): "ENGINE.md#on-a-gpu",
+    ("attention", "gpu"): "ENGINE.md#on-a-gpu",
+    ("load", "cpu"): "LOAD.md#results",
+    ("load", "gpu"): "LOAD.md#on-a-gpu-h100",
+    ("baseline", "cpu"): "decisions/serving-cpu.md",
+}
 
 ENGINE_ORDER = (
     "torch_nocache", "torch_cache", "ours", "ours_attention", "ours_int8", "ct2_f32", "ct2_f32_workers",
@@ -592,13 +605,28 @@ def _verdict(figures: list[tuple[str, str, bool]]) -> tuple[str, str]:
     return ", ".join(f"{name} {text}" for name, text, _ in figures), result
 
 
+def _why(machine: str, key: str, result: str, base: Path) -> str:
+    """For a target not met, a link to where the docs say why (WHY_MISSED); "—" otherwise."""
+    kind = "cpu" if machine.startswith("cpu") else "gpu"
+    where = WHY_MISSED.get((key, kind))
+    if result in ("met", "not measured") or where is None:
+        return DASH
+    page, _, anchor = where.partition("#")
+    target = Path(os.path.relpath(DOCS / page, base)).as_posix() + (f"#{anchor}" if anchor else "")
+    return f"[{Path(page).stem}]({target})"
+
+
 def target_rows(
-    machine: str, engine_run: Run | None, load_run: Run | None, baseline_run: Run | None = None
+    machine: str, engine_run: Run | None, load_run: Run | None, baseline_run: Run | None = None,
+    base: Path = DOCS,
 ) -> list[list[str]]:
+    """One row per target: machine, target, figure, result, why (when missed: a link to the reason), run;
+    `base` is the folder of the page the links are written in."""
     rows: list[list[str]] = []
 
-    def stamp(run: Run | None) -> str:
-        return DASH if run is None else f"{run.date} {run.commit}"
+    def add(key: str, target: str, figure: str, result: str, run: Run | None) -> None:
+        stamp = DASH if run is None else f"{run.date} {run.commit}"
+        rows.append([machine, target, figure, result, _why(machine, key, result, base), stamp])
 
     def one(
         value: float | None, ok: Callable[[float], bool], show: Callable[[float | None], str]
@@ -610,31 +638,31 @@ def target_rows(
     engine = Engine(engine_run.data) if engine_run else None
     for batch in CT2_BATCHES:
         figure, result = one(engine.vs_ct2(batch) if engine else None, lambda v: v >= CT2_RATIO_MIN, times)
-        target = f"ours ≥ {CT2_RATIO_MIN:g}× the faster CTranslate2 float32, batch {batch}"
-        rows.append([machine, target, figure, result, stamp(engine_run)])
+        add("ct2", f"ours ≥ {CT2_RATIO_MIN:g}× the faster CTranslate2 float32, batch {batch}", figure, result,
+            engine_run)
     for batch in TARGET_BATCHES:
         ratio = engine.vs_nocache(batch) if engine else None
         figure, result = one(ratio, lambda v: v >= NOCACHE_RATIO_MIN, times)
-        rows.append([machine, f"ours ≥ {NOCACHE_RATIO_MIN:g}× PyTorch without cache, batch {batch}", figure,
-                     result, stamp(engine_run)])
+        add("nocache", f"ours ≥ {NOCACHE_RATIO_MIN:g}× PyTorch without cache, batch {batch}", figure, result,
+            engine_run)
     for batch in TARGET_BATCHES:
         cost = engine.attention_cost(batch) if engine else None
         figure, result = one(cost, lambda v: v <= ATTENTION_COST_MAX, percent)
-        rows.append([machine, f"attention maps cost ≤ {ATTENTION_COST_MAX:.0%}, batch {batch}", figure,
-                     result, stamp(engine_run)])
+        add("attention", f"attention maps cost ≤ {ATTENTION_COST_MAX:.0%}, batch {batch}", figure, result,
+            engine_run)
     for batch in TARGET_BATCHES:
         ratio = engine.int8_vs_ct2_int8(batch) if engine else None
         figure, result = one(ratio, lambda v: v >= INT8_RATIO_MIN, times)
-        target = f"ours int8 ≥ {INT8_RATIO_MIN:g}× the faster CTranslate2 int8, batch {batch}"
-        rows.append([machine, target, figure, result, stamp(engine_run)])
+        add("int8", f"ours int8 ≥ {INT8_RATIO_MIN:g}× the faster CTranslate2 int8, batch {batch}", figure,
+            result, engine_run)
     drop = engine.int8_drop("bleu") if engine else None
     figure, result = one(drop, lambda v: v <= INT8_BLEU_DROP_MAX, lambda v: fmt(v, "+.2f"))
-    rows.append([machine, f"int8 test BLEU within {INT8_BLEU_DROP_MAX:g} of float32 (float32 − int8)", figure,
-                 result, stamp(engine_run)])
+    add("int8_quality", f"int8 test BLEU within {INT8_BLEU_DROP_MAX:g} of float32 (float32 − int8)", figure,
+        result, engine_run)
     drop = engine.int8_drop("exact_match") if engine else None
     figure, result = one(drop, lambda v: v <= INT8_EXACT_DROP_MAX, points)
-    rows.append([machine, f"int8 test exact match within {100 * INT8_EXACT_DROP_MAX:g} point of float32",
-                 figure, result, stamp(engine_run)])
+    add("int8_quality", f"int8 test exact match within {100 * INT8_EXACT_DROP_MAX:g} point of float32",
+        figure, result, engine_run)
 
     settings = [s for s in _settings(load_run.data) if _batching(s)] if load_run else []
     gains: list[tuple[str, str, bool]] = []
@@ -650,12 +678,10 @@ def target_rows(
         p99, bound, within = _half(s)
         if p99 is not None and within is not None:
             tails.append((name, f"{p99:,.1f} ({fmt(bound)})", within))
-    rows.append([machine, f"batching gain ≥ {GAIN_MIN:g}× batching off, {LOAD_CLIENTS} clients",
-                 *_verdict(gains), stamp(load_run)])
-    rows.append([machine, f"service / engine ≥ {SVC_ENG_MIN:g}, {LOAD_CLIENTS} clients",
-                 *_verdict(svc), stamp(load_run)])
-    rows.append([machine, "p99 at half of saturation ≤ its bound, ms (bound)", *_verdict(tails),
-                 stamp(load_run)])
+    add("load", f"batching gain ≥ {GAIN_MIN:g}× batching off, {LOAD_CLIENTS} clients", *_verdict(gains),
+        load_run)
+    add("load", f"service / engine ≥ {SVC_ENG_MIN:g}, {LOAD_CLIENTS} clients", *_verdict(svc), load_run)
+    add("load", "p99 at half of saturation ≤ its bound, ms (bound)", *_verdict(tails), load_run)
     versus: dict[str, list[tuple[str, str, bool]]] = {"ctranslate2": [], "ctranslate2-int8": []}
     for name, baseline, ours, theirs in _baseline_rows(baseline_run.data) if baseline_run else []:
         mine, other = _num(ours.get("requests_per_s")), _num(theirs.get("requests_per_s"))
@@ -667,13 +693,12 @@ def target_rows(
         tail = f" (p99 {fmt(p99s[0])} / {fmt(p99s[1])} ms)" if baseline == "ctranslate2" else ""
         versus[baseline].append((name, times(mine / other) + tail,
                                  mine / other >= BASELINE_RATIO_MIN[baseline] and tail_ok))
-    rows.append([machine, f"service ≥ {BASELINE_RATIO_MIN['ctranslate2']:g}× the minimal CTranslate2 float32 "
-                 f"server with p99 no worse, {LOAD_CLIENTS} clients", *_verdict(versus["ctranslate2"]),
-                 stamp(baseline_run)])
+    float32_min = BASELINE_RATIO_MIN["ctranslate2"]
+    add("baseline", f"service ≥ {float32_min:g}× the minimal CTranslate2 float32 server with p99 no worse, "
+        f"{LOAD_CLIENTS} clients", *_verdict(versus["ctranslate2"]), baseline_run)
     int8_min = BASELINE_RATIO_MIN["ctranslate2-int8"]
-    rows.append([machine, f"int8 service ≥ {int8_min:g}× the minimal CTranslate2 int8 server, {LOAD_CLIENTS} "
-                 "clients", *_verdict(versus["ctranslate2-int8"]),
-                 stamp(baseline_run)])
+    add("baseline", f"int8 service ≥ {int8_min:g}× the minimal CTranslate2 int8 server, "
+        f"{LOAD_CLIENTS} clients", *_verdict(versus["ctranslate2-int8"]), baseline_run)
     return rows
 
 
@@ -742,8 +767,8 @@ def render(runs: Sequence[Run], base: Path, results: Path) -> str:
         engine_run, load_run = current.get((machine, "engine")), current.get((machine, "load"))
         baseline_run = current.get((machine, "load-baseline"))
         if engine_run or load_run or baseline_run:
-            target_table += target_rows(machine, engine_run, load_run, baseline_run)
-    out += table(["machine", "target", "figure", "result", "run (date, commit)"], target_table)
+            target_table += target_rows(machine, engine_run, load_run, baseline_run, base)
+    out += table(["machine", "target", "figure", "result", "why", "run (date, commit)"], target_table)
     out += ["", "## History", "", "Every run, newest first.", ""]
     history = [
         [r.date, code(r.commit), r.machine, r.bench, headline(r), _link(r, base)]

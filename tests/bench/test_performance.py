@@ -109,6 +109,25 @@ def test_a_baseline_run_has_its_section_and_target(tmp_path: Path) -> None:
     assert "b64-int8 0.90×" in row and "| missed |" in row and "b64 " not in row
 
 
+def test_a_missed_target_links_to_why(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "pages" / "PERFORMANCE.md"
+    out.parent.mkdir()
+    _engine_run(results, "2030-01-01_aaaaaaa_cpu2_engine", ours_32=1000.0, best_ct2_32=2000.0)
+    assert performance.main(["--results", str(results), "--out", str(out)]) == 0
+    targets = out.read_text().split("## Targets")[1].split("## History")[0]
+    header = next(line for line in targets.splitlines() if line.startswith("| machine"))
+    assert "| why |" in header
+    missed = next(line for line in targets.splitlines() if "CTranslate2 float32, batch 32" in line)
+    assert "| missed |" in missed
+    link = re.search(r"\[[^]]+\]\(([^)#]+)(#[^)]*)?\)", missed)
+    assert link is not None, missed
+    # The link is relative to the page and leads to a page of the docs that exists.
+    page = (out.parent / link.group(1)).resolve()
+    assert page == (performance.DOCS / "decisions" / "step-floor.md").resolve() and page.is_file()
+    met = [line for line in targets.splitlines() if "| met |" in line]
+    assert met and all("| met | — |" in line for line in met)  # a met target has no reason to give
+
+
 def test_int8_speed_and_quality_targets_are_judged(tmp_path: Path) -> None:
     results, out = tmp_path / "results", tmp_path / "PERFORMANCE.md"
     name = "2030-01-01_aaaaaaa_cpu2_engine"
