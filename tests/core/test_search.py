@@ -331,11 +331,23 @@ def test_beam_score_at_least_greedy_score() -> None:
         assert improved >= 1
 
 
-@pytest.mark.parametrize("beam_size", [1, 3])
-def test_attention_maps_follow_the_chosen_hypothesis(beam_size: int) -> None:
-    backend = RecurrentBackend(vocab=10, seed=11)
+@pytest.mark.parametrize(
+    ("beam_size", "max_length", "eos_bias"),
+    # The long greedy case runs 20-odd steps with rows finishing and leaving the state (compaction), so a
+    # map taken from the wrong row after a compaction would show.
+    [(1, 8, -1.0), (3, 8, -1.0), (1, 40, -3.0)],
+)
+def test_attention_maps_follow_the_chosen_hypothesis(
+    beam_size: int, max_length: int, eos_bias: float
+) -> None:
+    backend = RecurrentBackend(vocab=10, seed=11, eos_bias=eos_bias)
     src = make_batch(LENGTHS, 10, seed=11)
-    results = search(backend, src, **SPECIALS, beam_size=beam_size, max_length=8, with_attention=True)
+    results = search(
+        backend, src, **SPECIALS, beam_size=beam_size, max_length=max_length, with_attention=True
+    )
+    if max_length > 16:
+        lengths = [len(done(result).tokens) for result in results]
+        assert max(lengths) > 16 and min(lengths) < max(lengths) and backend.selects, lengths
     if beam_size > 1:
         # The beams really were reordered, so a history copied along the wrong path would show.
         assert any(np.any(np.diff(rows) < 0) for rows in backend.selects)
