@@ -186,7 +186,7 @@ def _is_int(value: object) -> bool:
 
 @dataclass
 class _History:
-    """What each step produced, for tracing a hypothesis back once it is done.
+    """What each step of a beam search produced, for tracing a hypothesis back once it is done.
 
     Rows are only ever kept, reordered or repeated by ``select``, so a back-pointer per row and step
     (``parents[k][i]``: row of step ``k-1`` that row ``i`` of step ``k`` continues) recovers any path in
@@ -194,7 +194,7 @@ class _History:
     """
 
     parents: list[np.ndarray | None] = field(default_factory=list)  # None: same rows as the step before
-    fed: list[np.ndarray] = field(default_factory=list)  # token fed at step k (beam search only)
+    fed: list[np.ndarray] = field(default_factory=list)  # token fed at step k
     cross: list[np.ndarray] = field(default_factory=list)  # [N_k,L,H,S]
     self_: list[np.ndarray] = field(default_factory=list)  # [N_k,L,H,k+1]
 
@@ -218,6 +218,74 @@ class _History:
         for k, i in enumerate(rows):
             cross[:, :, k] = self.cross[k][i, :, :, :src_length]
             self_att[:, :, k, : k + 1] = self.self_[k][i]
+        return cross, self_att
+
+
+@dataclass
+class _Segment:
+    """Steps of a greedy search between two compactions, whose state rows stay the same: their maps in one
+    buffer per kind, a step per leading index."""
+
+    first: int  # the first step
+    alive: np.ndarray  # [N] original row of each state row
+    position: dict[int, int]  # state row of each original row in `alive`
+    cross: np.ndarray  # [capacity, N, L, H, S]
+    self_: np.ndarray  # [capacity, N, L, H, W], zero past each step's own entries
+    steps: int = 0
+
+
+class _GreedyMaps:
+    """Greedy search's attention maps. A greedy row continues itself, and its state row changes only when
+    the state is compacted; so each stretch between compactions keeps its steps' maps together (one
+    contiguous write per step), and a finished row's maps are one slice per stretch instead of a copy per
+    step along a path (what beam search needs, _History). Buffers grow by doubling."""
+
+    def __init__(self) -> None:
+        self.segments: list[_Segment] = []
+
+    def add(self, step: int, alive: np.ndarray, cross: np.ndarray, self_att: np.ndarray) -> None:
+        """Step `step`'s maps for the state's rows (`alive`: their original rows; a new array after every
+        compaction): cross [N,L,H,S], self [N,L,H,step+1]."""
+        segment = self.segments[-1] if self.segments else None
+        if segment is None or segment.alive is not alive or segment.cross.shape[4] != cross.shape[3]:
+            shape = (16, *cross.shape)
+            position = {row: i for i, row in enumerate(alive.tolist())}
+            segment = _Segment(step, alive, position, np.empty(shape, cross.dtype),
+                               np.zeros((*shape[:4], max(32, step + 1)), self_att.dtype))
+            self.segments.append(segment)
+        if segment.steps == segment.cross.shape[0] or step + 1 > segment.self_.shape[4]:
+            self._grow(segment, step)
+        segment.cross[segment.steps] = cross
+        segment.self_[segment.steps, ..., : step + 1] = self_att
+        segment.steps += 1
+
+    @staticmethod
+    def _grow(segment: _Segment, step: int) -> None:
+        capacity = segment.cross.shape[0] * (2 if segment.steps == segment.cross.shape[0] else 1)
+        width = max(segment.self_.shape[4], 2 * (step + 1))
+        cross = np.empty((capacity, *segment.cross.shape[1:]), segment.cross.dtype)
+        cross[: segment.steps] = segment.cross[: segment.steps]
+        self_att = np.zeros((capacity, *segment.self_.shape[1:4], width), segment.self_.dtype)
+        self_att[: segment.steps, ..., : segment.self_.shape[4]] = segment.self_[: segment.steps]
+        segment.cross, segment.self_ = cross, self_att
+
+    def of(self, row: int, steps: int, src_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Original row `row`'s maps over steps 0..steps-1: (cross [L,H,steps,src_length], self
+        [L,H,steps,steps], zero above the diagonal)."""
+        first = self.segments[0].cross
+        layers, heads = first.shape[2:4]
+        cross = np.empty((layers, heads, steps, src_length), first.dtype)
+        self_att = np.zeros((layers, heads, steps, steps), self.segments[0].self_.dtype)
+        for segment in self.segments:
+            if segment.first >= steps:
+                break
+            taken = min(segment.steps, steps - segment.first)
+            position = segment.position[row]
+            span = slice(segment.first, segment.first + taken)
+            # [taken, L, H, *] -> [L, H, taken, *]
+            cross[:, :, span] = segment.cross[:taken, position, :, :, :src_length].transpose(1, 2, 0, 3)
+            width = min(steps, segment.self_.shape[4])
+            self_att[:, :, span, :width] = segment.self_[:taken, position, :, :, :width].transpose(1, 2, 0, 3)
         return cross, self_att
 
 
@@ -275,10 +343,10 @@ class _Run:
         log_prob: float,
         finished: bool,
         n_steps: int,
-        history: _History | None,
-        path: list[int] | None,
+        maps: tuple[np.ndarray, np.ndarray] | None,
         encoder_attention: np.ndarray | None,
     ) -> Hypothesis:
+        """`maps`: the row's (cross [L,H,T,S_real], self [L,H,T,T]) attention along its path; None without."""
         hypothesis = Hypothesis(
             tokens=tokens,
             log_prob=log_prob,
@@ -286,9 +354,9 @@ class _Run:
             finished=finished,
             encoded_at=self.encoded_at,
         )
-        if history is not None and path is not None:
+        if maps is not None:
             src_length = int(self.src_lengths[row])
-            hypothesis.cross_attention, hypothesis.self_attention = history.attention(path, src_length)
+            hypothesis.cross_attention, hypothesis.self_attention = maps
             if encoder_attention is not None:
                 # A copy, so a kept result does not pin the whole batch's encoder attention in memory.
                 hypothesis.encoder_attention = encoder_attention[row, :, :, :src_length, :src_length].copy()
@@ -305,7 +373,7 @@ class _Run:
         batch = src.shape[0]
         results: list[Hypothesis | None] = [None] * batch
         state, encoder_attention = self._encode(src)
-        history = _History() if self.with_attention else None
+        maps = _GreedyMaps() if self.with_attention else None
         alive = np.arange(batch, dtype=np.int64)  # original row of each row of the state
         # Rows of the state still decoding. A done row stays in the state, its outputs ignored, until
         # compacting pays (see GREEDY_COMPACT_FRACTION).
@@ -321,7 +389,6 @@ class _Run:
             alive, tokens, running = alive[kept], tokens[kept], running[kept]
             if kept.size:
                 state = self.backend.select(state, kept)
-        parents: np.ndarray | None = None
 
         for k in range(int(self.max_lengths.max())):
             if not running.any():
@@ -334,10 +401,8 @@ class _Run:
             if k >= generated.shape[1]:
                 generated = np.concatenate([generated, np.zeros_like(generated)], axis=1)
             generated[rows, k] = chosen[live]
-            if history is not None:
-                history.parents.append(parents)
-                history.cross.append(np.asarray(cross))
-                history.self_.append(np.asarray(self_att))
+            if maps is not None:
+                maps.add(k, alive, np.asarray(cross), np.asarray(self_att))
             is_eos = chosen == self.eos_id
             if self.on_token is not None:
                 real = running & ~is_eos
@@ -355,8 +420,7 @@ class _Run:
                     float(log_prob_sum[row]),
                     finished,
                     k + 1,
-                    history,
-                    history.path(k, position) if history is not None else None,
+                    None if maps is None else maps.of(row, k + 1, int(self.src_lengths[row])),
                     encoder_attention,
                 )
                 self._done(row, results[row])
@@ -364,12 +428,11 @@ class _Run:
             tokens = chosen
             n_running = int(running.sum())
             if n_running and n_running > (1 - GREEDY_COMPACT_FRACTION) * alive.size:
-                parents = None
                 continue
-            parents = np.flatnonzero(running)
-            alive, tokens, running = alive[parents], chosen[parents], running[parents]
-            if parents.size:
-                state = self.backend.select(state, parents)
+            kept = np.flatnonzero(running)
+            alive, tokens, running = alive[kept], chosen[kept], running[kept]
+            if kept.size:
+                state = self.backend.select(state, kept)
         return results
 
     def beam(self, src: np.ndarray, beam_size: int) -> list[Hypothesis | None]:
@@ -514,8 +577,7 @@ class _Run:
             log_prob,
             finished,
             last_step + 1,
-            history if self.with_attention else None,
-            path,
+            history.attention(path, int(self.src_lengths[sentence])) if self.with_attention else None,
             encoder_attention,
         )
         if self.on_token is not None:

@@ -108,10 +108,10 @@ class OnnxBackend:
         padding = src_ids == self.pad_id
         wanted = self.cross_names + (self.encoder_attention_names if with_attention else [])
         groups = encoder_groups((~padding).sum(axis=1)) if self.group_encoder_by_length else []
+        encoder_attention = None
         if len(groups) > 1:
             # (Grouping is on only for the CPU provider: with IO binding the arrays are wrapped, not copied.)
-            outputs = self._encode_groups(src_ids, groups, wanted)
-            cross = outputs[: 2 * self.n_layers]
+            cross, encoder_attention = self._encode_groups(src_ids, groups, wanted)
             if self.io_binding:
                 cross = [self._to_device(a) for a in cross]
         elif self.io_binding:
@@ -129,6 +129,8 @@ class OnnxBackend:
         else:
             outputs = self.encoder.run(wanted, {"src_ids": src_ids, "src_padding_mask": padding})
             cross = outputs[: 2 * self.n_layers]
+        if with_attention and encoder_attention is None:
+            encoder_attention = np.stack(outputs[2 * self.n_layers :], axis=1)  # L x [B,H,S,S] -> [B,L,H,S,S]
         empty = np.zeros((len(src_ids), self.n_heads, 0, self.head_dim), dtype=np.float32)
         state = DecoderState(
             [empty] * self.n_layers,
@@ -138,36 +140,35 @@ class OnnxBackend:
             padding,
             np.zeros(len(src_ids), dtype=np.int64),
         )
-        # L x [B, H, S, S] -> [B, L, H, S, S]
-        encoder_attention = np.stack(outputs[2 * self.n_layers :], axis=1) if with_attention else None
         return state, encoder_attention
 
     def _encode_groups(self, src_ids: np.ndarray, groups: list[np.ndarray], wanted: list[str]
-                       ) -> list[np.ndarray]:
-        """The encoder run per group of rows, each cut to its own longest source, put back at full width.
+                       ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The encoder run per group of rows, each cut to its own longest source, put back at full width:
+        (cross keys and values, L x 2 arrays [B,H,S,Dh]; encoder attention [B,L,H,S,S] if wanted, else None).
 
         A real position's outputs do not depend on the padding after it (padded keys get exactly zero
         weight), so the tokens and attention maps are those of one whole-batch run (bitwise on the toy
         test split). Columns beyond a row's own length stay zero: they are masked everywhere downstream,
-        and the search trims the encoder attention to each sentence's length.
+        and the search trims the encoder attention to each sentence's length. The maps go straight into
+        their layer of one [B,L,H,S,S] array: stacking per-layer arrays afterwards copied all of it again
+        (about 15 MB at batch 128), most of what the maps cost a batch.
         """
         batch, width = src_ids.shape
         n_cross = len(self.cross_names)
-        outputs = [
-            np.zeros((batch, self.n_heads, width, self.head_dim), dtype=np.float32) for _ in range(n_cross)
-        ] + [
-            np.zeros((batch, self.n_heads, width, width), dtype=np.float32)
-            for _ in range(len(wanted) - n_cross)
-        ]
+        heads, n_maps = self.n_heads, len(wanted) - n_cross
+        cross = [np.zeros((batch, heads, width, self.head_dim), dtype=np.float32) for _ in range(n_cross)]
+        attention = np.zeros((batch, n_maps, heads, width, width), dtype=np.float32) if n_maps else None
         for rows in groups:
             group_width = int((src_ids[rows] != self.pad_id).sum(axis=1).max())
             ids = np.ascontiguousarray(src_ids[rows, :group_width])
             results = self.encoder.run(wanted, {"src_ids": ids, "src_padding_mask": ids == self.pad_id})
-            for output, result in zip(outputs[:n_cross], results[:n_cross], strict=True):
+            for output, result in zip(cross, results[:n_cross], strict=True):
                 output[rows, :, :group_width] = result
-            for output, result in zip(outputs[n_cross:], results[n_cross:], strict=True):
-                output[rows, :, :group_width, :group_width] = result
-        return outputs
+            if attention is not None:
+                for layer, result in enumerate(results[n_cross:]):
+                    attention[rows, layer, :, :group_width, :group_width] = result
+        return cross, attention
 
     def step(
         self, state: DecoderState, tokens: np.ndarray, with_attention: bool
