@@ -32,7 +32,21 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Hypothesis", "StepBackend", "greedy_choice", "score", "search"]
+__all__ = ["Hypothesis", "Maps", "StepBackend", "greedy_choice", "layers_stacked", "score", "search"]
+
+
+Maps = np.ndarray | Sequence[np.ndarray]  # one step's maps: [N,L,H,K], or L arrays [N,H,1,K] (one per layer)
+
+
+def layers_stacked(maps: Maps) -> np.ndarray:
+    """One step's maps as [N,L,H,K], from either form a backend's step may give them in."""
+    if isinstance(maps, np.ndarray):
+        return maps
+    first = maps[0]
+    stacked = np.empty((first.shape[0], len(maps), first.shape[1], first.shape[3]), dtype=first.dtype)
+    for layer, weights in enumerate(maps):
+        stacked[:, layer] = weights[:, :, 0]
+    return stacked
 
 
 class StepBackend(Protocol):
@@ -48,8 +62,9 @@ class StepBackend(Protocol):
 
     def step(
         self, state: object, tokens: np.ndarray, with_attention: bool
-    ) -> tuple[object, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """tokens int64 [N] -> (state, log_probs float32 [N,V], cross [N,L,H,S], self [N,L,H,t+1])."""
+    ) -> tuple[object, np.ndarray, Maps | None, Maps | None]:
+        """tokens int64 [N] -> (state, log_probs float32 [N,V], cross [N,L,H,S], self [N,L,H,t+1]); the
+        maps either stacked or one array [N,H,1,*] per layer (Maps)."""
         ...
 
     def select(self, state: object, rows: np.ndarray) -> object:
@@ -224,68 +239,86 @@ class _History:
 @dataclass
 class _Segment:
     """Steps of a greedy search between two compactions, whose state rows stay the same: their maps in one
-    buffer per kind, a step per leading index."""
+    buffer per kind, laid out by row as a finished row's maps are ([L,H,steps,*] per row)."""
 
     first: int  # the first step
     alive: np.ndarray  # [N] original row of each state row
     position: dict[int, int]  # state row of each original row in `alive`
-    cross: np.ndarray  # [capacity, N, L, H, S]
-    self_: np.ndarray  # [capacity, N, L, H, W], zero past each step's own entries
+    cross: np.ndarray  # [N, L, H, capacity, S]
+    self_: np.ndarray  # [N, L, H, capacity, W], zero past each step's own entries
     steps: int = 0
 
 
 class _GreedyMaps:
     """Greedy search's attention maps. A greedy row continues itself, and its state row changes only when
-    the state is compacted; so each stretch between compactions keeps its steps' maps together (one
-    contiguous write per step), and a finished row's maps are one slice per stretch instead of a copy per
-    step along a path (what beam search needs, _History). Buffers grow by doubling."""
+    the state is compacted; so each stretch between compactions keeps its steps' maps together, and a
+    finished row's maps are one slice per stretch instead of a copy per step along a path (what beam search
+    needs, _History). A step's maps are written layer by layer as the backend gives them, without stacking
+    them first. Buffers grow by doubling."""
 
     def __init__(self) -> None:
         self.segments: list[_Segment] = []
 
-    def add(self, step: int, alive: np.ndarray, cross: np.ndarray, self_att: np.ndarray) -> None:
+    def add(self, step: int, alive: np.ndarray, cross: Maps, self_att: Maps) -> None:
         """Step `step`'s maps for the state's rows (`alive`: their original rows; a new array after every
-        compaction): cross [N,L,H,S], self [N,L,H,step+1]."""
+        compaction): cross [N,L,H,S], self [N,L,H,step+1], each stacked or per layer (Maps)."""
+        per_layer = not isinstance(cross, np.ndarray)
+        if per_layer:
+            rows, heads, _, width = cross[0].shape
+            layers, dtype = len(cross), cross[0].dtype
+        else:
+            rows, layers, heads, width = cross.shape
+            dtype = cross.dtype
         segment = self.segments[-1] if self.segments else None
-        if segment is None or segment.alive is not alive or segment.cross.shape[4] != cross.shape[3]:
-            shape = (16, *cross.shape)
+        if segment is None or segment.alive is not alive or segment.cross.shape[4] != width:
             position = {row: i for i, row in enumerate(alive.tolist())}
-            segment = _Segment(step, alive, position, np.empty(shape, cross.dtype),
-                               np.zeros((*shape[:4], max(32, step + 1)), self_att.dtype))
+            segment = _Segment(step, alive, position, np.empty((rows, layers, heads, 16, width), dtype),
+                               np.zeros((rows, layers, heads, 16, max(32, step + 1)), dtype))
             self.segments.append(segment)
-        if segment.steps == segment.cross.shape[0] or step + 1 > segment.self_.shape[4]:
+        if segment.steps == segment.cross.shape[3] or step + 1 > segment.self_.shape[4]:
             self._grow(segment, step)
-        segment.cross[segment.steps] = cross
-        segment.self_[segment.steps, ..., : step + 1] = self_att
+        at = segment.steps
+        if per_layer:
+            for layer, weights in enumerate(cross):
+                segment.cross[:, layer, :, at] = weights[:, :, 0]
+            for layer, weights in enumerate(self_att):
+                segment.self_[:, layer, :, at, : step + 1] = weights[:, :, 0]
+        else:
+            segment.cross[:, :, :, at] = cross
+            segment.self_[:, :, :, at, : step + 1] = self_att
         segment.steps += 1
 
     @staticmethod
     def _grow(segment: _Segment, step: int) -> None:
-        capacity = segment.cross.shape[0] * (2 if segment.steps == segment.cross.shape[0] else 1)
+        held = segment.steps
+        capacity = segment.cross.shape[3] * (2 if held == segment.cross.shape[3] else 1)
         width = max(segment.self_.shape[4], 2 * (step + 1))
-        cross = np.empty((capacity, *segment.cross.shape[1:]), segment.cross.dtype)
-        cross[: segment.steps] = segment.cross[: segment.steps]
-        self_att = np.zeros((capacity, *segment.self_.shape[1:4], width), segment.self_.dtype)
-        self_att[: segment.steps, ..., : segment.self_.shape[4]] = segment.self_[: segment.steps]
+        cross = np.empty((*segment.cross.shape[:3], capacity, segment.cross.shape[4]), segment.cross.dtype)
+        cross[:, :, :, :held] = segment.cross[:, :, :, :held]
+        self_att = np.zeros((*segment.self_.shape[:3], capacity, width), segment.self_.dtype)
+        self_att[:, :, :, :held, : segment.self_.shape[4]] = segment.self_[:, :, :, :held]
         segment.cross, segment.self_ = cross, self_att
 
     def of(self, row: int, steps: int, src_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Original row `row`'s maps over steps 0..steps-1: (cross [L,H,steps,src_length], self
+        """Original row `row`'s maps over steps 0..steps-1, new arrays: (cross [L,H,steps,src_length], self
         [L,H,steps,steps], zero above the diagonal)."""
-        first = self.segments[0].cross
-        layers, heads = first.shape[2:4]
-        cross = np.empty((layers, heads, steps, src_length), first.dtype)
-        self_att = np.zeros((layers, heads, steps, steps), self.segments[0].self_.dtype)
+        first = self.segments[0]
+        if first.first + first.steps >= steps:  # all in one stretch: one slice of each
+            position = first.position[row]
+            return (first.cross[position, :, :, :steps, :src_length].copy(),
+                    first.self_[position, :, :, :steps, :steps].copy())
+        layers, heads = first.cross.shape[1:3]
+        cross = np.empty((layers, heads, steps, src_length), first.cross.dtype)
+        self_att = np.zeros((layers, heads, steps, steps), first.self_.dtype)
         for segment in self.segments:
             if segment.first >= steps:
                 break
             taken = min(segment.steps, steps - segment.first)
             position = segment.position[row]
             span = slice(segment.first, segment.first + taken)
-            # [taken, L, H, *] -> [L, H, taken, *]
-            cross[:, :, span] = segment.cross[:taken, position, :, :, :src_length].transpose(1, 2, 0, 3)
+            cross[:, :, span] = segment.cross[position, :, :, :taken, :src_length]
             width = min(steps, segment.self_.shape[4])
-            self_att[:, :, span, :width] = segment.self_[:taken, position, :, :, :width].transpose(1, 2, 0, 3)
+            self_att[:, :, span, :width] = segment.self_[position, :, :, :taken, :width]
         return cross, self_att
 
 
@@ -402,7 +435,7 @@ class _Run:
                 generated = np.concatenate([generated, np.zeros_like(generated)], axis=1)
             generated[rows, k] = chosen[live]
             if maps is not None:
-                maps.add(k, alive, np.asarray(cross), np.asarray(self_att))
+                maps.add(k, alive, cross, self_att)
             is_eos = chosen == self.eos_id
             if self.on_token is not None:
                 real = running & ~is_eos
@@ -470,8 +503,8 @@ class _Run:
             history.parents.append(parents)
             history.fed.append(tokens)
             if self.with_attention:
-                history.cross.append(np.asarray(cross))
-                history.self_.append(np.asarray(self_att))
+                history.cross.append(layers_stacked(cross))
+                history.self_.append(layers_stacked(self_att))
 
             top, cand_log_probs = _top_candidates(log_probs, beam_log_probs, n_candidates)
             beam_of = top // vocab

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.model_format import decoder_outputs, select_outputs
+from service.core.search import Maps
 from service.engine.onnx_runtime import CPU
 
 # A cache tensor: a numpy array (plain mode, and the empty past of step 0), or in the IO-binding mode an
@@ -32,16 +33,6 @@ class DecoderState:
     # [N] int64: each row's own position (= its real cache entries; the cache of a row that joined later is
     # left-padded to the shared length t)
     positions: np.ndarray
-
-
-def layers_stacked(maps: list[np.ndarray]) -> np.ndarray:
-    """L x [N, H, 1, K] (one step's maps, one per layer) -> [N, L, H, K]; filled in place, which costs less
-    per step than np.stack's generic path."""
-    first = maps[0]
-    stacked = np.empty((first.shape[0], len(maps), first.shape[1], first.shape[3]), dtype=first.dtype)
-    for layer, weights in enumerate(maps):
-        stacked[:, layer] = weights[:, :, 0]
-    return stacked
 
 
 def cache_length(value: Cache) -> int:
@@ -173,7 +164,7 @@ class OnnxBackend:
 
     def step(
         self, state: DecoderState, tokens: np.ndarray, with_attention: bool
-    ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    ) -> tuple[DecoderState, np.ndarray, Maps | None, Maps | None]:
         if self.io_binding:
             return self._step_bound(state, tokens, with_attention)
         feeds = {"tokens": tokens, "src_padding_mask": state.src_padding_mask, "positions": state.positions}
@@ -185,10 +176,9 @@ class OnnxBackend:
             feeds[self.cross_names[2 * i + 1]] = state.cross_value[i]
         if with_attention:
             outputs = self.decoder.run(self.step_outputs_with_attention, feeds)
-            # L x [N, H, 1, *] -> [N, L, H, *]
+            # Per layer, L x [N, H, 1, *] (search.Maps): the search writes them where it keeps them.
             first = 1 + 2 * layers
-            cross = layers_stacked(outputs[first : first + layers])
-            self_attention = layers_stacked(outputs[first + layers :])
+            cross, self_attention = outputs[first : first + layers], outputs[first + layers :]
         else:
             outputs = self.decoder.run(self.step_outputs, feeds)
             cross = self_attention = None
@@ -199,7 +189,7 @@ class OnnxBackend:
 
     def _step_bound(
         self, state: DecoderState, tokens: np.ndarray, with_attention: bool
-    ) -> tuple[DecoderState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    ) -> tuple[DecoderState, np.ndarray, Maps | None, Maps | None]:
         """`step` with IO binding: caches in and out as device OrtValues, the rest through the host."""
         binding = self.decoder.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
@@ -224,9 +214,7 @@ class OnnxBackend:
         state.positions = state.positions + 1
         if with_attention:
             maps = [v.numpy() for v in values[1 + 2 * layers :]]
-            # L x [N, H, 1, *] -> [N, L, H, *]
-            cross = layers_stacked(maps[:layers])
-            self_attention = layers_stacked(maps[layers:])
+            cross, self_attention = maps[:layers], maps[layers:]  # per layer (search.Maps)
         else:
             cross = self_attention = None
         return state, values[0].numpy(), cross, self_attention

@@ -26,7 +26,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.core.model_format import fixed_step_outputs
-from service.engine.backend import OnnxBackend, layers_stacked, to_host
+from service.core.search import Maps
+from service.engine.backend import OnnxBackend, to_host
 
 FIRST_CAPACITY = 32  # cache entries of a new batch; doubled (a new bucket) when a row reaches it
 SOURCE_STEP = 8  # source widths are bucketed to a multiple of this
@@ -253,7 +254,7 @@ class FixedStepBackend:
 
     def step(
         self, state: FixedState, tokens: np.ndarray, with_attention: bool
-    ) -> tuple[FixedState, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    ) -> tuple[FixedState, np.ndarray, Maps | None, Maps | None]:
         rows = state.rows
         entries = int(state.positions[:rows].max(initial=0)) + 1  # cache entries the step's rows use
         if entries > state.bucket[1]:  # a row reached the capacity: the next bucket
@@ -274,8 +275,8 @@ class FixedStepBackend:
         cross = self_attention = None
         if with_attention:
             maps = [self._read(state.device[name])[:rows] for name in self.map_names]
-            cross = layers_stacked(maps[: self.n_layers])
-            self_attention = layers_stacked([m[..., :entries] for m in maps[self.n_layers :]])
+            cross = maps[: self.n_layers]  # per layer (search.Maps)
+            self_attention = [m[..., :entries] for m in maps[self.n_layers :]]
         state.positions[:rows] += 1
         return state, log_probs, cross, self_attention
 
