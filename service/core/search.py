@@ -49,6 +49,13 @@ def layers_stacked(maps: Maps) -> np.ndarray:
     return stacked
 
 
+def _per_layer(maps: Maps) -> Sequence[np.ndarray]:
+    """One step's maps as L arrays [N,H,1,K] (views of a stacked [N,L,H,K])."""
+    if isinstance(maps, np.ndarray):
+        return [maps[:, layer, :, None] for layer in range(maps.shape[1])]
+    return maps
+
+
 class StepBackend(Protocol):
     """The model, seen one decoder step at a time.
 
@@ -262,13 +269,9 @@ class _GreedyMaps:
     def add(self, step: int, alive: np.ndarray, cross: Maps, self_att: Maps) -> None:
         """Step `step`'s maps for the state's rows (`alive`: their original rows; a new array after every
         compaction): cross [N,L,H,S], self [N,L,H,step+1], each stacked or per layer (Maps)."""
-        per_layer = not isinstance(cross, np.ndarray)
-        if per_layer:
-            rows, heads, _, width = cross[0].shape
-            layers, dtype = len(cross), cross[0].dtype
-        else:
-            rows, layers, heads, width = cross.shape
-            dtype = cross.dtype
+        cross, self_att = _per_layer(cross), _per_layer(self_att)
+        rows, heads, _, width = cross[0].shape
+        layers, dtype = len(cross), cross[0].dtype
         segment = self.segments[-1] if self.segments else None
         if segment is None or segment.alive is not alive or segment.cross.shape[4] != width:
             position = {row: i for i, row in enumerate(alive.tolist())}
@@ -278,14 +281,10 @@ class _GreedyMaps:
         if segment.steps == segment.cross.shape[3] or step + 1 > segment.self_.shape[4]:
             self._grow(segment, step)
         at = segment.steps
-        if per_layer:
-            for layer, weights in enumerate(cross):
-                segment.cross[:, layer, :, at] = weights[:, :, 0]
-            for layer, weights in enumerate(self_att):
-                segment.self_[:, layer, :, at, : step + 1] = weights[:, :, 0]
-        else:
-            segment.cross[:, :, :, at] = cross
-            segment.self_[:, :, :, at, : step + 1] = self_att
+        for layer, weights in enumerate(cross):
+            segment.cross[:, layer, :, at] = weights[:, :, 0]
+        for layer, weights in enumerate(self_att):
+            segment.self_[:, layer, :, at, : step + 1] = weights[:, :, 0]
         segment.steps += 1
 
     @staticmethod
